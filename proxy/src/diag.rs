@@ -1,0 +1,305 @@
+//! Configuration diagnostics: every problem found in a file, each with
+//! file, line, column and a hint, so `tollgate check` can list them all.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: error: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )?;
+        if let Some(hint) = &self.hint {
+            write!(f, "\n  hint: {hint}")?;
+        }
+        Ok(())
+    }
+}
+
+/// All problems found while loading; loading fails if there is any.
+#[derive(Debug, Default, Clone)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+impl Diagnostics {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn extend(&mut self, other: Diagnostics) {
+        self.0.extend(other.0);
+    }
+}
+
+/// A YAML source with an index from value paths (`plans.free.limits[1].per`)
+/// to where they stand, so errors found after deserialising can be located.
+#[derive(Debug)]
+pub struct Source {
+    pub file: PathBuf,
+    pub text: String,
+    positions: HashMap<String, (usize, usize)>,
+    /// Where each mapping key itself stands (for "unknown field" errors).
+    key_positions: HashMap<String, (usize, usize)>,
+}
+
+impl Source {
+    pub fn new(file: &Path, text: String) -> Self {
+        let mut index = Indexer::default();
+        let mut parser = Parser::new_from_str(&text);
+        // A syntax error leaves a partial index; serde_yaml reports the error itself.
+        let _ = parser.load(&mut index, false);
+        Self {
+            file: file.to_path_buf(),
+            text,
+            positions: index.positions,
+            key_positions: index.key_positions,
+        }
+    }
+
+    /// Where `path` stands, or its nearest located ancestor, or the file start.
+    pub fn locate(&self, path: &str) -> (usize, usize) {
+        let mut p = path;
+        loop {
+            if let Some(pos) = self.positions.get(p) {
+                return *pos;
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p = &p[..i],
+                None => return (1, 1),
+            }
+        }
+    }
+
+    /// A diagnostic at the place `path` stands.
+    pub fn error(&self, path: &str, message: impl Into<String>, hint: Option<&str>) -> Diagnostic {
+        let (line, column) = self.locate(path);
+        Diagnostic {
+            file: self.file.clone(),
+            line,
+            column,
+            message: message.into(),
+            hint: hint.map(str::to_owned),
+        }
+    }
+
+    /// Deserialises one item found at `path` on its own, so a broken item is
+    /// reported at its own line and the other items are still checked.
+    pub fn typed<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        value: &serde_yaml::Value,
+        diags: &mut Diagnostics,
+    ) -> Option<T> {
+        // Round-tripping through text makes serde_yaml name the failing field.
+        let text = match serde_yaml::to_string(value) {
+            Ok(t) => t,
+            Err(e) => {
+                diags.0.push(self.error(path, e.to_string(), None));
+                return None;
+            }
+        };
+        match serde_yaml::from_str::<T>(&text) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                diags.0.push(self.serde_error(path, &e));
+                None
+            }
+        }
+    }
+
+    /// Locates a serde_yaml error whose message starts with a path relative to `base`.
+    pub fn serde_error(&self, base: &str, e: &serde_yaml::Error) -> Diagnostic {
+        let msg = e.to_string();
+        let msg = match msg.rfind(" at line ") {
+            Some(i) => &msg[..i],
+            None => &msg[..],
+        };
+        let (rel, text) = match msg.split_once(": ") {
+            Some((p, rest)) if !p.contains(' ') => (p, rest),
+            _ => ("", msg),
+        };
+        let mut path = base.to_owned();
+        if !rel.is_empty() && rel != "." {
+            if !path.is_empty() && !rel.starts_with('[') {
+                path.push('.');
+            }
+            path.push_str(rel);
+        }
+        // An unknown field is reported at the field itself.
+        if let Some(field) = text
+            .strip_prefix("unknown field `")
+            .and_then(|r| r.split('`').next())
+        {
+            let candidate = if path.is_empty() {
+                field.to_owned()
+            } else {
+                format!("{path}.{field}")
+            };
+            if let Some(&(line, column)) = self.key_positions.get(&candidate) {
+                return Diagnostic {
+                    file: self.file.clone(),
+                    line,
+                    column,
+                    message: text.to_owned(),
+                    hint: Some(
+                        "remove it or check its spelling against the config reference".into(),
+                    ),
+                };
+            }
+        }
+        self.error(&path, text, None)
+    }
+
+    /// A syntax error from serde_yaml for the whole file.
+    pub fn syntax_error(&self, e: &serde_yaml::Error) -> Diagnostic {
+        match e.location() {
+            Some(loc) if e.to_string().contains(" at line ") => {
+                let msg = e.to_string();
+                let msg = msg
+                    .rfind(" at line ")
+                    .map_or(&msg[..], |i| &msg[..i])
+                    .to_owned();
+                Diagnostic {
+                    file: self.file.clone(),
+                    line: loc.line(),
+                    column: loc.column(),
+                    message: msg,
+                    hint: Some("the file is not valid YAML".into()),
+                }
+            }
+            _ => self.serde_error("", e),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Indexer {
+    positions: HashMap<String, (usize, usize)>,
+    key_positions: HashMap<String, (usize, usize)>,
+    stack: Vec<Frame>,
+}
+
+enum Frame {
+    /// A mapping; `key` is Some while its value is awaited.
+    Map {
+        path: String,
+        key: Option<String>,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
+}
+
+impl Indexer {
+    /// The path of the node starting now, advancing the parent's state.
+    fn child_path(&mut self) -> Option<String> {
+        match self.stack.last_mut() {
+            None => Some(String::new()),
+            Some(Frame::Map { path, key }) => key.take().map(|k| join(path, &k)),
+            Some(Frame::Seq { path, next }) => {
+                let p = format!("{path}[{next}]");
+                *next += 1;
+                Some(p)
+            }
+        }
+    }
+}
+
+fn join(base: &str, key: &str) -> String {
+    if base.is_empty() {
+        key.to_owned()
+    } else {
+        format!("{base}.{key}")
+    }
+}
+
+impl MarkedEventReceiver for Indexer {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let pos = (mark.line(), mark.col() + 1);
+        match ev {
+            Event::Scalar(value, ..) => {
+                if let Some(Frame::Map { path, key }) = self.stack.last_mut() {
+                    if key.is_none() {
+                        let p = join(path, &value);
+                        self.positions.insert(p.clone(), pos);
+                        self.key_positions.insert(p, pos);
+                        *key = Some(value);
+                        return;
+                    }
+                }
+                if let Some(p) = self.child_path() {
+                    // Values point at the value itself, more precise than the key.
+                    self.positions.insert(p, pos);
+                }
+            }
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                let path = self.child_path().unwrap_or_default();
+                self.positions.entry(path.clone()).or_insert(pos);
+                self.stack.push(if matches!(ev, Event::MappingStart(..)) {
+                    Frame::Map { path, key: None }
+                } else {
+                    Frame::Seq { path, next: 0 }
+                });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            Event::Alias(_) => {
+                let _ = self.child_path();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn index_locates_nested_values() {
+        let src = "a: 1\nplans:\n  free:\n    limits:\n      - { name: burst, per: second }\n      - name: daily\n        per: dey\n";
+        let s = Source::new(Path::new("p.yaml"), src.into());
+        assert_eq!(s.locate("a"), (1, 4));
+        assert_eq!(s.locate("plans.free.limits[0].per"), (5, 29));
+        assert_eq!(s.locate("plans.free.limits[1].per"), (7, 14));
+        // Unknown paths fall back to the nearest ancestor.
+        assert_eq!(
+            s.locate("plans.free.limits[1].nope"),
+            s.locate("plans.free.limits[1]")
+        );
+        assert_eq!(s.locate("zzz"), (1, 1));
+    }
+}
