@@ -181,21 +181,22 @@ impl Source {
         self.error(&path, text, None)
     }
 
-    /// A syntax error from serde_yaml for the whole file.
+    /// An error from deserialising the whole file: a type or field error is
+    /// located by its path, anything else (bad YAML) by serde_yaml's mark.
     pub fn syntax_error(&self, e: &serde_yaml::Error) -> Diagnostic {
+        let msg = e.to_string();
+        let typed = msg
+            .split_once(": ")
+            .is_some_and(|(p, _)| !p.contains(' ') && !p.is_empty());
         match e.location() {
-            Some(loc) if e.to_string().contains(" at line ") => {
-                let msg = e.to_string();
-                let msg = msg
-                    .rfind(" at line ")
-                    .map_or(&msg[..], |i| &msg[..i])
-                    .to_owned();
+            Some(loc) if !typed => {
+                let text = msg.rfind(" at line ").map_or(&msg[..], |i| &msg[..i]);
                 Diagnostic {
                     file: self.file.clone(),
                     line: loc.line(),
                     column: loc.column(),
-                    message: msg,
-                    hint: Some("the file is not valid YAML".into()),
+                    message: text.to_owned(),
+                    hint: Some("the file is not valid YAML, or a value has the wrong type".into()),
                 }
             }
             _ => self.serde_error("", e),

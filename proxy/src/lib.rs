@@ -6,10 +6,18 @@
 //! [`usage`] (the ledger) and [`problem`] (the one place errors become
 //! HTTP responses).
 
+pub mod admin;
 pub mod clock;
+pub mod config;
 pub mod diag;
+pub mod gate;
 pub mod headers;
 pub mod keys;
 pub mod limiter;
+pub mod metrics;
 pub mod plans;
+pub mod problem;
+pub mod proxy;
+pub mod server;
 pub mod store;
+pub mod usage;

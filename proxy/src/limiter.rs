@@ -349,6 +349,7 @@ impl Limiter for MemoryLimiter {
 /// A conformance suite of window semantics, run against every backend so
 /// they cannot drift apart. `make` builds a limiter on the given clock.
 #[cfg(any(test, feature = "conformance"))]
+#[allow(clippy::panic)] // test support: a failed case must fail the test
 pub mod conformance {
     use super::*;
     use crate::clock::{days_from_civil, Date, ManualClock, HOUR, MINUTE, SECOND};

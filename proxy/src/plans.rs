@@ -383,6 +383,9 @@ impl Plans {
 }
 
 fn known(plans: &BTreeMap<String, serde_yaml::Value>) -> String {
+    if plans.is_empty() {
+        return "define it under `plans:`".into();
+    }
     let names: Vec<&str> = plans.keys().map(String::as_str).collect();
     format!("known plans: {}", names.join(", "))
 }
@@ -481,8 +484,7 @@ mod tests {
 
     fn errors(text: &str) -> Vec<String> {
         parse(text)
-            .err()
-            .expect("should fail")
+            .expect_err("should fail")
             .0
             .iter()
             .map(|d| d.to_string())

@@ -133,6 +133,11 @@ impl Snapshot {
         s
     }
 
+    /// A customer's plan name (None: default) and suspension.
+    pub fn customer(&self, id: &str) -> Option<(Option<Arc<str>>, bool)> {
+        self.customers.get(id).cloned()
+    }
+
     pub fn lookup(&self, hash: &KeyHash, now: Millis) -> Result<Identity, KeyRejection> {
         let mut found = None;
         for e in self.keys.get(&bucket(hash)).into_iter().flatten() {

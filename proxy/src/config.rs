@@ -1,0 +1,650 @@
+//! `tollgate.yaml`: read into serde structs (`deny_unknown_fields`), then
+//! validated into [`Config`]. Every problem is collected with file, line,
+//! column and a hint; secrets are read only from the env vars the file names;
+//! relative paths resolve against the config file; the upstream address is
+//! resolved here, once, so nothing resolves DNS on the request path.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::diag::{Diagnostic, Diagnostics, Source};
+use crate::plans::Plans;
+
+// ---- the file as written ---------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    tls: Option<RawTls>,
+    upstream: Option<String>,
+    plans: Option<String>,
+    keys: Option<RawKeys>,
+    limits: Option<RawLimits>,
+    redis: Option<serde_yaml::Value>,
+    admin: Option<RawAdmin>,
+    metering: Option<RawMetering>,
+    billing_webhooks: Option<serde_yaml::Value>,
+    cors: Option<RawCors>,
+    timeouts: Option<RawTimeouts>,
+    threads: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: String,
+    key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeys {
+    store: Option<String>,
+    path: Option<String>,
+    prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    backend: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token_env: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetering {
+    spool_dir: Option<String>,
+    flush_interval: Option<String>,
+    #[serde(default)]
+    sinks: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCors {
+    #[serde(default)]
+    allow_origins: Vec<String>,
+    allow_headers: Option<Vec<String>>,
+    expose_headers: Option<Vec<String>>,
+    max_age: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    connect: Option<String>,
+    read: Option<String>,
+    write: Option<String>,
+}
+
+// ---- the validated form ------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Resolved at load.
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cors {
+    /// `*` allows any origin.
+    pub allow_origins: Vec<String>,
+    pub allow_headers: String,
+    pub expose_headers: String,
+    pub max_age_secs: u64,
+}
+
+impl Cors {
+    /// The `Access-Control-Allow-Origin` value for a request's `Origin`.
+    pub fn allow_origin<'a>(&'a self, origin: Option<&'a str>) -> Option<&'a str> {
+        if self.allow_origins.iter().any(|o| o == "*") {
+            return Some("*");
+        }
+        let origin = origin?;
+        self.allow_origins
+            .iter()
+            .any(|o| o == origin)
+            .then_some(origin)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub token_env: String,
+    /// None: the `/admin` JSON API is disabled (metrics and health still serve).
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Metering {
+    pub spool_dir: PathBuf,
+    pub flush_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub upstream: Upstream,
+    pub plans_file: PathBuf,
+    pub plans: Arc<Plans>,
+    pub keys_path: PathBuf,
+    pub key_prefix: String,
+    pub admin: Admin,
+    pub metering: Metering,
+    pub cors: Option<Cors>,
+    pub timeouts: Timeouts,
+    pub threads: usize,
+}
+
+/// Parses `500ms`, `30s`, `5m`, `24h`, `90d`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
+        _ => return None,
+    };
+    Some(Duration::from_millis(ms))
+}
+
+const DURATION_HINT: &str = "write a number and a unit: ms, s, m, h or d (e.g. 30s)";
+
+/// Where environment variables come from (the process, or a test's map).
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment.
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+struct Ctx<'a> {
+    src: &'a Source,
+    dir: PathBuf,
+    d: Diagnostics,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, path: &str, msg: impl Into<String>, hint: Option<&str>) {
+        self.d.0.push(self.src.error(path, msg, hint));
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.dir.join(p)
+        }
+    }
+    fn addr(&mut self, path: &str, value: &str) -> Option<SocketAddr> {
+        match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(
+                    path,
+                    format!("`{value}` is not an address like 0.0.0.0:8080"),
+                    Some("give an IP and a port; use 0.0.0.0 for all interfaces"),
+                );
+                None
+            }
+        }
+    }
+    fn duration(&mut self, path: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(v) => match parse_duration(v).filter(|d| !d.is_zero()) {
+                Some(d) => d,
+                None => {
+                    self.err(
+                        path,
+                        format!("`{v}` is not a duration"),
+                        Some(DURATION_HINT),
+                    );
+                    default
+                }
+            },
+        }
+    }
+}
+
+impl Config {
+    /// Loads and validates the config file and the plans it names.
+    pub fn load(file: &Path) -> Result<Config, Diagnostics> {
+        Self::load_with_env(file, &process_env)
+    }
+
+    pub fn load_with_env(file: &Path, env: Env<'_>) -> Result<Config, Diagnostics> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            Diagnostics(vec![Diagnostic {
+                file: file.to_path_buf(),
+                line: 1,
+                column: 1,
+                message: format!("cannot read config file: {e}"),
+                hint: Some("pass the path with -c or TOLLGATE_CONFIG".into()),
+            }])
+        })?;
+        let src = Source::new(file, text);
+        Self::parse(&src, env)
+    }
+
+    pub fn parse(src: &Source, env: Env<'_>) -> Result<Config, Diagnostics> {
+        let raw: RawConfig =
+            serde_yaml::from_str(&src.text).map_err(|e| Diagnostics(vec![src.syntax_error(&e)]))?;
+        let dir = src
+            .file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let mut cx = Ctx {
+            src,
+            dir,
+            d: Diagnostics::default(),
+        };
+
+        let listen = cx.addr("listen", raw.listen.as_deref().unwrap_or("0.0.0.0:8080"));
+
+        let tls = raw.tls.as_ref().map(|t| {
+            let files = TlsFiles {
+                cert: cx.path(&t.cert),
+                key: cx.path(&t.key),
+            };
+            for (field, p) in [("cert", &files.cert), ("key", &files.key)] {
+                if !p.is_file() {
+                    cx.err(
+                        &format!("tls.{field}"),
+                        format!("{} does not exist", p.display()),
+                        Some("paths are relative to the config file"),
+                    );
+                }
+            }
+            files
+        });
+
+        let upstream = match raw.upstream.as_deref() {
+            None => {
+                cx.err(
+                    "",
+                    "`upstream` is missing",
+                    Some("the API to protect, e.g. upstream: http://127.0.0.1:8000"),
+                );
+                None
+            }
+            Some(u) => match parse_upstream(u) {
+                Ok(up) => Some(up),
+                Err((msg, hint)) => {
+                    cx.err("upstream", msg, Some(hint));
+                    None
+                }
+            },
+        };
+
+        let plans_file = cx.path(raw.plans.as_deref().unwrap_or("plans.yaml"));
+        let plans = match Plans::load(&plans_file) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(d) => {
+                cx.d.extend(d);
+                None
+            }
+        };
+
+        let keys = raw.keys.as_ref();
+        match keys.and_then(|k| k.store.as_deref()) {
+            None | Some("file") => {}
+            Some("redis") => cx.err(
+                "keys.store",
+                "the redis key store is not available in this version",
+                Some("use store: file; shared Redis keys are planned (see CHANGELOG.md)"),
+            ),
+            Some(other) => cx.err(
+                "keys.store",
+                format!("unknown key store `{other}`"),
+                Some("use file"),
+            ),
+        }
+        let keys_path = cx.path(keys.and_then(|k| k.path.as_deref()).unwrap_or("keys.db"));
+        let key_prefix = keys
+            .and_then(|k| k.prefix.clone())
+            .unwrap_or_else(|| "tg_live_".into());
+        if !crate::keys::valid_prefix(&key_prefix) {
+            cx.err(
+                "keys.prefix",
+                format!("key prefix `{key_prefix}` must be 1-32 letters, digits, `_` or `-`"),
+                Some("e.g. sk_live_"),
+            );
+        }
+
+        match raw.limits.as_ref().and_then(|l| l.backend.as_deref()) {
+            None | Some("memory") => {}
+            Some("redis") => cx.err(
+                "limits.backend",
+                "the redis limiter is not available in this version",
+                Some("use backend: memory"),
+            ),
+            Some(other) => cx.err(
+                "limits.backend",
+                format!("unknown limiter backend `{other}`"),
+                Some("use memory"),
+            ),
+        }
+        if raw.redis.is_some() {
+            cx.err(
+                "redis",
+                "`redis` is not available in this version",
+                Some("remove the section; the embedded default needs no Redis"),
+            );
+        }
+        if raw.billing_webhooks.is_some() {
+            cx.err(
+                "billing_webhooks",
+                "billing webhooks are not available in this version",
+                Some("change plans with `tollgate customers set-plan` for now"),
+            );
+        }
+
+        let admin_listen = raw
+            .admin
+            .as_ref()
+            .and_then(|a| a.listen.clone())
+            .unwrap_or_else(|| "127.0.0.1:9090".into());
+        let admin_listen = cx.addr("admin.listen", &admin_listen);
+        let token_env = raw
+            .admin
+            .as_ref()
+            .and_then(|a| a.token_env.clone())
+            .unwrap_or_else(|| "TOLLGATE_ADMIN_TOKEN".into());
+        let token = env(&token_env).filter(|t| !t.is_empty());
+
+        let metering = raw.metering.as_ref();
+        let spool_dir = cx.path(
+            metering
+                .and_then(|m| m.spool_dir.as_deref())
+                .unwrap_or("data/spool"),
+        );
+        let flush_interval = cx.duration(
+            "metering.flush_interval",
+            metering.and_then(|m| m.flush_interval.as_deref()),
+            Duration::from_secs(60),
+        );
+        if metering.is_some_and(|m| !m.sinks.is_empty()) {
+            cx.err(
+                "metering.sinks",
+                "usage sinks are not available in this version; usage is counted in process only",
+                Some("remove `sinks`; `GET /_tollgate/usage` and `tollgate usage` show usage"),
+            );
+        }
+
+        let cors = raw.cors.as_ref().map(|c| {
+            if c.allow_origins.is_empty() {
+                cx.err("cors.allow_origins", "`allow_origins` is empty", Some("list origins like https://app.example.com, or \"*\""));
+            }
+            for (i, o) in c.allow_origins.iter().enumerate() {
+                if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                    cx.err(&format!("cors.allow_origins[{i}]"), format!("`{o}` is not an origin"), Some("an origin is scheme://host[:port], e.g. https://app.example.com"));
+                }
+            }
+            let max_age = cx.duration("cors.max_age", c.max_age.as_deref(), Duration::from_secs(600));
+            Cors {
+                allow_origins: c.allow_origins.clone(),
+                allow_headers: c.allow_headers.as_ref().map_or_else(|| "authorization, x-api-key, content-type".into(), |h| h.join(", ")),
+                expose_headers: c.expose_headers.as_ref().map_or_else(
+                    || "x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset, ratelimit, ratelimit-policy, retry-after".into(),
+                    |h| h.join(", "),
+                ),
+                max_age_secs: max_age.as_secs(),
+            }
+        });
+
+        let t = raw.timeouts.as_ref();
+        let timeouts = Timeouts {
+            connect: cx.duration(
+                "timeouts.connect",
+                t.and_then(|t| t.connect.as_deref()),
+                Duration::from_secs(5),
+            ),
+            read: cx.duration(
+                "timeouts.read",
+                t.and_then(|t| t.read.as_deref()),
+                Duration::from_secs(60),
+            ),
+            write: cx.duration(
+                "timeouts.write",
+                t.and_then(|t| t.write.as_deref()),
+                Duration::from_secs(60),
+            ),
+        };
+        let threads = match raw.threads {
+            Some(0) => {
+                cx.err("threads", "`threads` must be at least 1", None);
+                1
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        };
+
+        match (listen, upstream, plans, admin_listen) {
+            (Some(listen), Some(upstream), Some(plans), Some(admin_listen)) if cx.d.is_empty() => {
+                Ok(Config {
+                    file: src.file.clone(),
+                    listen,
+                    tls,
+                    upstream,
+                    plans_file,
+                    plans,
+                    keys_path,
+                    key_prefix,
+                    admin: Admin {
+                        listen: admin_listen,
+                        token_env,
+                        token,
+                    },
+                    metering: Metering {
+                        spool_dir,
+                        flush_interval,
+                    },
+                    cors,
+                    timeouts,
+                    threads,
+                })
+            }
+            _ => Err(cx.d),
+        }
+    }
+}
+
+/// `http(s)://host[:port]`, resolved now. No path: Tollgate forwards the
+/// request path as it came.
+fn parse_upstream(u: &str) -> Result<Upstream, (String, &'static str)> {
+    const HINT: &str = "e.g. upstream: http://127.0.0.1:8000 or https://api.internal:443";
+    let (tls, rest) = if let Some(r) = u.strip_prefix("http://") {
+        (false, r)
+    } else if let Some(r) = u.strip_prefix("https://") {
+        (true, r)
+    } else {
+        return Err((
+            format!("upstream `{u}` must start with http:// or https://"),
+            HINT,
+        ));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') || authority.contains('@') {
+        return Err((
+            format!("upstream `{u}` must be scheme://host[:port] with no path or credentials"),
+            HINT,
+        ));
+    }
+    let default_port = if tls { 443 } else { 80 };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) if !h.contains(':') || h.starts_with('[') => (h.to_owned(), port),
+            _ if authority.starts_with('[') && authority.ends_with(']') => {
+                (authority.to_owned(), default_port)
+            }
+            _ => return Err((format!("upstream `{u}` has a bad port"), HINT)),
+        },
+        _ => (authority.to_owned(), default_port),
+    };
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let addr = (bare.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| {
+            (
+                format!("cannot resolve upstream host `{bare}`: {e}"),
+                "check the name, or use an IP address",
+            )
+        })?
+        .next()
+        .ok_or_else(|| {
+            (
+                format!("upstream host `{bare}` has no address"),
+                "check the name, or use an IP address",
+            )
+        })?;
+    Ok(Upstream {
+        tls,
+        host: bare,
+        port,
+        addr,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const PLANS: &str = "default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 5, per: second }\n";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "plans.yaml", PLANS);
+        let f = write(
+            dir.path(),
+            "tollgate.yaml",
+            "upstream: http://127.0.0.1:8000\n",
+        );
+        let c = Config::load_with_env(&f, &|k| {
+            (k == "TOLLGATE_ADMIN_TOKEN").then(|| "s3cret".into())
+        })
+        .unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(c.upstream.addr.to_string(), "127.0.0.1:8000");
+        assert_eq!(c.keys_path, dir.path().join("keys.db"));
+        assert_eq!(c.key_prefix, "tg_live_");
+        assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.timeouts.connect, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn all_errors_of_both_files_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "plans.yaml", "default_plan: nope\nplans: {}\n");
+        let f = write(
+            dir.path(),
+            "tollgate.yaml",
+            "listen: everywhere\nupstream: ftp://x\nkeys: { store: file, prefix: \"bad prefix\" }\ntimeouts: { connect: soon }\ncors: { allow_origins: [app.example.com] }\n",
+        );
+        let d = Config::load_with_env(&f, &no_env).unwrap_err();
+        let all = d.to_string();
+        let cfg = f.display().to_string();
+        for needle in [
+            format!("{cfg}:1:9: error: `everywhere` is not an address"),
+            format!("{cfg}:2:11: error: upstream `ftp://x` must start with http:// or https://"),
+            format!("{cfg}:3:30: error: key prefix `bad prefix`"),
+            format!("{cfg}:4:22: error: `soon` is not a duration"),
+            format!("{cfg}:5:25: error: `app.example.com` is not an origin"),
+            "plans.yaml:1:15: error: `default_plan` names unknown plan `nope`".to_string(),
+        ] {
+            assert!(all.contains(&needle), "missing `{needle}` in:\n{all}");
+        }
+        assert_eq!(d.0.len(), 6, "{all}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_at_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "plans.yaml", PLANS);
+        let f = write(dir.path(), "tollgate.yaml", "upstream: http://127.0.0.1:1\nlisten: 0.0.0.0:1\nadmin:\n  listen: 127.0.0.1:2\n  tokenenv: X\n");
+        let all = Config::load_with_env(&f, &no_env).unwrap_err().to_string();
+        assert!(
+            all.contains(":5:3: error: unknown field `tokenenv`"),
+            "{all}"
+        );
+        assert!(all.contains("hint:"), "{all}");
+    }
+
+    #[test]
+    fn upstream_forms() {
+        let u = parse_upstream("https://localhost:8443/").unwrap();
+        assert!(u.tls && u.port == 8443 && u.host == "localhost");
+        assert_eq!(parse_upstream("http://127.0.0.1").unwrap().port, 80);
+        assert_eq!(
+            parse_upstream("http://[::1]:81").unwrap().addr.to_string(),
+            "[::1]:81"
+        );
+        assert!(parse_upstream("http://host/path").is_err());
+        assert!(parse_upstream("http://127.0.0.1:99999").is_err());
+        assert!(parse_upstream("http://no-such-host.invalid").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration("90d"),
+            Some(Duration::from_secs(90 * 86_400))
+        );
+        assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("10"), None);
+    }
+}

@@ -1,0 +1,208 @@
+//! The per-request decision, free of sockets: which route, whose key, which
+//! plan, and whether the limiter admits it. The proxy calls this; the
+//! criterion bench measures exactly this.
+
+use std::sync::Arc;
+
+use http::header::{HeaderMap, AUTHORIZATION};
+
+use crate::clock::Clock;
+use crate::keys;
+use crate::limiter::{Decision, Limiter, LimiterError};
+use crate::plans::{Plan, Plans, Route, DEFAULT_COST};
+use crate::problem::Rejection;
+use crate::store::{Identity, KeyRejection, KeyStore};
+
+pub const X_API_KEY: &str = "x-api-key";
+
+/// Which request header(s) carried the key; those are removed upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Bearer,
+    ApiKey,
+    /// The same key in both headers.
+    Both,
+}
+
+/// What the route table says about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteInfo<'a> {
+    pub public: bool,
+    pub cost: u64,
+    pub route: Option<&'a Route>,
+}
+
+/// Finds the API key among the request headers without allocating.
+/// `Ok(None)`: no key at all.
+pub fn extract_key(headers: &HeaderMap) -> Result<Option<(&str, KeySource)>, Rejection> {
+    let mut bearer = None;
+    let mut auth = headers.get_all(AUTHORIZATION).iter();
+    if let Some(v) = auth.next() {
+        if auth.next().is_some() {
+            return Err(Rejection::AmbiguousKey);
+        }
+        let v = v.to_str().map_err(|_| Rejection::MalformedKey)?;
+        // Another scheme (e.g. Basic for the upstream) is not ours; leave it.
+        if let Some((scheme, token)) = v.split_once(' ') {
+            if scheme.eq_ignore_ascii_case("bearer") {
+                bearer = Some(token.trim());
+            }
+        }
+    }
+    let mut api = headers.get_all(X_API_KEY).iter();
+    let api_key = match api.next() {
+        Some(v) => {
+            if api.next().is_some() {
+                return Err(Rejection::AmbiguousKey);
+            }
+            Some(v.to_str().map_err(|_| Rejection::MalformedKey)?.trim())
+        }
+        None => None,
+    };
+    Ok(match (bearer, api_key) {
+        (None, None) => None,
+        (Some(b), None) => Some((b, KeySource::Bearer)),
+        (None, Some(a)) => Some((a, KeySource::ApiKey)),
+        (Some(b), Some(a)) if keys::hashes_equal(&keys::hash(a), &keys::hash(b)) => {
+            Some((b, KeySource::Both))
+        }
+        (Some(_), Some(_)) => return Err(Rejection::AmbiguousKey),
+    })
+}
+
+/// The parts a decision needs.
+pub struct Gate<L> {
+    pub plans: Arc<Plans>,
+    pub keys: Arc<dyn KeyStore>,
+    pub limiter: Arc<L>,
+    pub clock: Arc<dyn Clock>,
+    pub prefix: String,
+}
+
+impl<L: Limiter> Gate<L> {
+    pub fn route(&self, method: &http::Method, path: &str) -> RouteInfo<'_> {
+        match self.plans.route(method, path) {
+            Some(r) => RouteInfo {
+                public: r.public,
+                cost: r.cost,
+                route: Some(r),
+            },
+            None => RouteInfo {
+                public: false,
+                cost: DEFAULT_COST,
+                route: None,
+            },
+        }
+    }
+
+    /// Checks a presented key: format first (no lookup for junk), then the store.
+    pub fn authenticate(&self, key: &str) -> Result<(Identity, Arc<Plan>), Rejection> {
+        keys::check_format(&self.prefix, key).map_err(|_| Rejection::MalformedKey)?;
+        let hash = keys::hash(key);
+        let identity = self
+            .keys
+            .snapshot()
+            .lookup(&hash, self.clock.now_ms())
+            .map_err(|r| match r {
+                KeyRejection::Unknown => Rejection::UnknownKey,
+                KeyRejection::Revoked => Rejection::RevokedKey,
+                KeyRejection::Expired => Rejection::ExpiredKey,
+            })?;
+        let plan = self.plan_of(&identity);
+        if identity.suspended {
+            return Err(Rejection::Suspended);
+        }
+        Ok((identity, plan))
+    }
+
+    /// The customer's plan; a plan name no longer in plans.yaml falls back to
+    /// the default plan (`tollgate check` reports such customers).
+    pub fn plan_of(&self, identity: &Identity) -> Arc<Plan> {
+        identity
+            .plan
+            .as_deref()
+            .and_then(|p| self.plans.get(p))
+            .unwrap_or(&self.plans.default_plan)
+            .clone()
+    }
+
+    /// Asks the limiter; `cost` 0 only reports.
+    pub async fn limit(
+        &self,
+        identity: &Identity,
+        plan: &Plan,
+        cost: u64,
+    ) -> Result<Decision, LimiterError> {
+        self.limiter.check(&identity.customer, plan, cost).await
+    }
+}
+
+/// The 429 for a refused decision.
+pub fn limited(decision: &Decision) -> Rejection {
+    Rejection::Limited {
+        retry_after: decision.retry_after_secs,
+        violated: decision
+            .policies
+            .iter()
+            .filter(|p| p.violated)
+            .map(|p| p.name.clone())
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(pairs: &[(&str, &[u8])]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn keys_come_from_bearer_or_x_api_key() {
+        let h = headers(&[("authorization", b"Bearer tg_abc")]);
+        assert_eq!(
+            extract_key(&h).unwrap(),
+            Some(("tg_abc", KeySource::Bearer))
+        );
+        let h = headers(&[("authorization", b"bearer  tg_abc ")]);
+        assert_eq!(
+            extract_key(&h).unwrap(),
+            Some(("tg_abc", KeySource::Bearer))
+        );
+        let h = headers(&[("x-api-key", b"tg_abc")]);
+        assert_eq!(
+            extract_key(&h).unwrap(),
+            Some(("tg_abc", KeySource::ApiKey))
+        );
+        let h = headers(&[("authorization", b"Bearer k"), ("x-api-key", b"k")]);
+        assert_eq!(extract_key(&h).unwrap(), Some(("k", KeySource::Both)));
+        // Basic auth is the upstream's business; the key is in X-API-Key.
+        let h = headers(&[("authorization", b"Basic dXNlcg=="), ("x-api-key", b"k")]);
+        assert_eq!(extract_key(&h).unwrap(), Some(("k", KeySource::ApiKey)));
+        assert_eq!(extract_key(&headers(&[])).unwrap(), None);
+    }
+
+    #[test]
+    fn conflicting_repeated_or_binary_keys_are_refused() {
+        let h = headers(&[("authorization", b"Bearer a"), ("x-api-key", b"b")]);
+        assert_eq!(extract_key(&h), Err(Rejection::AmbiguousKey));
+        let h = headers(&[("x-api-key", b"a"), ("x-api-key", b"a")]);
+        assert_eq!(extract_key(&h), Err(Rejection::AmbiguousKey));
+        let h = headers(&[
+            ("authorization", b"Bearer a"),
+            ("authorization", b"Bearer a"),
+        ]);
+        assert_eq!(extract_key(&h), Err(Rejection::AmbiguousKey));
+        let h = headers(&[("x-api-key", b"\xff\xfe")]);
+        assert_eq!(extract_key(&h), Err(Rejection::MalformedKey));
+    }
+}

@@ -1,0 +1,166 @@
+//! Assembles a Pingora [`Server`] from a validated [`Config`]: the proxy
+//! service, the admin service and the background housekeeping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::admin::AdminApp;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::gate::Gate;
+use crate::limiter::MemoryLimiter;
+use crate::proxy::{App, TollgateProxy};
+use crate::store::{FileStore, KeyStore};
+use crate::usage::UsageLedger;
+
+/// How often running proxies look for key store changes.
+pub const KEY_RELOAD_EVERY: Duration = Duration::from_millis(250);
+/// How often idle limiter state is evicted.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Builds the shared application state.
+pub fn app(
+    config: Arc<Config>,
+    clock: Arc<dyn Clock>,
+) -> Result<(Arc<App>, Arc<FileStore>), String> {
+    let store = Arc::new(FileStore::open(&config.keys_path).map_err(|e| e.to_string())?);
+    let limiter = Arc::new(MemoryLimiter::new(clock.clone()));
+    let usage = Arc::new(UsageLedger::new(clock.clone(), Vec::new()));
+    let gate = Gate {
+        plans: config.plans.clone(),
+        keys: store.clone() as Arc<dyn KeyStore>,
+        limiter,
+        clock,
+        prefix: config.key_prefix.clone(),
+    };
+    Ok((
+        Arc::new(App {
+            config,
+            gate,
+            usage,
+            store: store.clone(),
+        }),
+        store,
+    ))
+}
+
+/// Keeps the key snapshot fresh and the limiter's memory bounded.
+struct Housekeeping {
+    app: Arc<App>,
+    store: Arc<FileStore>,
+}
+
+#[async_trait]
+impl BackgroundService for Housekeeping {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut reload = tokio::time::interval(KEY_RELOAD_EVERY);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        let mut failing = false;
+        update_key_gauge(&self.store, self.app.gate.clock.now_ms());
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = reload.tick() => {
+                    let store = Arc::clone(&self.store);
+                    // File I/O off the async workers.
+                    let result = tokio::task::spawn_blocking(move || store.reload()).await;
+                    match result {
+                        Ok(Ok(true)) => {
+                            failing = false;
+                            crate::metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
+                            update_key_gauge(&self.store, self.app.gate.clock.now_ms());
+                            log::info!("key store reloaded");
+                        }
+                        Ok(Ok(false)) => failing = false,
+                        Ok(Err(e)) => {
+                            if !failing {
+                                crate::metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
+                                log::error!("key store reload failed, keeping the previous keys: {e}");
+                            }
+                            failing = true;
+                        }
+                        Err(e) => log::error!("key store reload task failed: {e}"),
+                    }
+                }
+                _ = sweep.tick() => {
+                    let removed = self.app.gate.limiter.sweep();
+                    if removed > 0 {
+                        log::debug!("limiter: evicted {removed} idle customers");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn update_key_gauge(store: &FileStore, now: crate::clock::Millis) {
+    let Ok(data) = store.data() else { return };
+    let mut counts = std::collections::BTreeMap::<&str, i64>::new();
+    for s in ["active", "expiring", "expired", "revoked"] {
+        counts.insert(s, 0);
+    }
+    for k in &data.keys {
+        *counts
+            .entry(crate::store::admin::status(k, now))
+            .or_default() += 1;
+    }
+    for (s, n) in counts {
+        crate::metrics::KEYS.with_label_values(&[s]).set(n);
+    }
+}
+
+/// A server ready to `run`, and the state it serves (for tests and the CLI).
+pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<App>), String> {
+    crate::metrics::init();
+    let (app, store) = app(config.clone(), clock)?;
+
+    let mut conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    conf.upstream_keepalive_pool_size = 256;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        TollgateProxy { app: app.clone() },
+        "tollgate proxy",
+    );
+    let listen = config.listen.to_string();
+    match &config.tls {
+        Some(tls) => proxy
+            .add_tls(
+                &listen,
+                &tls.cert.to_string_lossy(),
+                &tls.key.to_string_lossy(),
+            )
+            .map_err(|e| format!("cannot set up TLS on {listen}: {e}"))?,
+        None => proxy.add_tcp(&listen),
+    }
+    server.add_service(proxy);
+
+    let mut admin = Service::new(
+        "tollgate admin".to_string(),
+        pingora::apps::http_app::HttpServer::new_app(AdminApp { app: app.clone() }),
+    );
+    admin.add_tcp(&config.admin.listen.to_string());
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "tollgate housekeeping",
+        Housekeeping {
+            app: app.clone(),
+            store,
+        },
+    ));
+    Ok((server, app))
+}

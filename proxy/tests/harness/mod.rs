@@ -1,0 +1,369 @@
+//! Test harness: a mock upstream and a Tollgate proxy, both on free ports
+//! inside the test process. The proxy runs Pingora's `Server::run` with a
+//! shutdown signal the harness controls (never `run_forever`, which exits).
+//!
+//! ```ignore
+//! let h = Harness::builder().plans(PLANS).build();
+//! let key = h.key("cus_1", Some("pro"));
+//! let resp = h.get("/v1/x").bearer_auth(&key).send().await?;
+//! ```
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use tollgate::clock::{Clock, SystemClock};
+use tollgate::config::Config;
+use tollgate::store::admin::{self, CreateKey};
+use tollgate::store::FileStore;
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listening on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+// ---- mock upstream ---------------------------------------------------------
+
+/// A small HTTP/1.1 server standing in for the operator's API.
+///
+/// - `/status/{code}`: answers that status;
+/// - `/v1/ai/*?tokens=N`: 200 with `X-Usage-Tokens: N`;
+/// - `/slow?ms=N`: answers after N ms;
+/// - anything else: 200 with the request's headers as a JSON object.
+pub struct MockUpstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MockUpstream {
+    pub fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicU64::new(0));
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let h = hits.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => return,
+                        accepted = listener.accept() => {
+                            if let Ok((sock, _)) = accepted {
+                                tokio::spawn(serve(sock, h.clone()));
+                            }
+                        }
+                    }
+                }
+            });
+        });
+        Self {
+            addr,
+            hits,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for MockUpstream {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve(sock: tokio::net::TcpStream, hits: Arc<AtomicU64>) {
+    let mut reader = BufReader::new(sock);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let target = line.split(' ').nth(1).unwrap_or("/").to_owned();
+        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut content_length = 0usize;
+        loop {
+            let mut h = Vec::new();
+            if reader.read_until(b'\n', &mut h).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let h = String::from_utf8_lossy(&h).trim_end().to_owned();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                let k = k.trim().to_ascii_lowercase();
+                if k == "content-length" {
+                    content_length = v.trim().parse().unwrap_or(0);
+                }
+                headers.entry(k).or_default().push(v.trim().to_owned());
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        if reader.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        hits.fetch_add(1, Ordering::SeqCst);
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let param = |name: &str| {
+            query
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .find(|(k, _)| *k == name)
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+        };
+        let mut status = 200u16;
+        let mut extra = String::new();
+        if let Some(code) = path.strip_prefix("/status/") {
+            status = code.parse().unwrap_or(500);
+        } else if path.starts_with("/v1/ai/") {
+            extra = format!("X-Usage-Tokens: {}\r\n", param("tokens").unwrap_or(0));
+        } else if path == "/slow" {
+            tokio::time::sleep(Duration::from_millis(param("ms").unwrap_or(0))).await;
+        }
+        let json = serde_json::to_string(&headers).unwrap();
+        let resp = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{json}",
+            json.len()
+        );
+        if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---- the proxy ---------------------------------------------------------------
+
+pub const DEFAULT_PLANS: &str = r#"
+default_plan: free
+plans:
+  free:
+    limits:
+      - { name: burst, requests: 5, per: second }
+      - { name: daily, requests: 100, per: day }
+  pro:
+    limits:
+      - { name: burst, requests: 1000, per: second }
+    meter: api_requests
+  enterprise:
+    limits: []
+    meter: api_requests
+routes:
+  - { match: "GET /health", public: true }
+  - { match: "POST /v1/sms/*", cost: 5, meter: sms_sent }
+  - { match: "/v1/ai/*", usage_header: X-Usage-Tokens, meter: ai_tokens }
+billable_statuses: [2xx]
+"#;
+
+pub struct HarnessBuilder {
+    plans: String,
+    extra: String,
+    upstream: Option<SocketAddr>,
+    env: Vec<(String, String)>,
+}
+
+impl HarnessBuilder {
+    pub fn plans(mut self, yaml: &str) -> Self {
+        self.plans = yaml.to_owned();
+        self
+    }
+    /// Extra top-level lines for tollgate.yaml (e.g. `cors:` or `timeouts:`).
+    pub fn config(mut self, yaml: &str) -> Self {
+        self.extra.push_str(yaml);
+        self.extra.push('\n');
+        self
+    }
+    /// Point the proxy at this address instead of a fresh mock upstream.
+    pub fn upstream(mut self, addr: SocketAddr) -> Self {
+        self.upstream = Some(addr);
+        self
+    }
+    pub fn admin_token(mut self, token: &str) -> Self {
+        self.env.push(("TEST_ADMIN_TOKEN".into(), token.into()));
+        self
+    }
+
+    pub fn build(self) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let mock = match self.upstream {
+            Some(_) => None,
+            None => Some(MockUpstream::start()),
+        };
+        let upstream = self.upstream.unwrap_or_else(|| mock.as_ref().unwrap().addr);
+        let (port, admin_port) = (free_port(), free_port());
+        std::fs::write(dir.path().join("plans.yaml"), &self.plans).unwrap();
+        let config_text = format!(
+            "listen: 127.0.0.1:{port}\nupstream: http://{upstream}\nplans: plans.yaml\nkeys: {{ store: file, path: keys.db, prefix: tg_test_ }}\nadmin: {{ listen: 127.0.0.1:{admin_port}, token_env: TEST_ADMIN_TOKEN }}\nthreads: 2\n{}",
+            self.extra
+        );
+        let config_path = dir.path().join("tollgate.yaml");
+        std::fs::write(&config_path, config_text).unwrap();
+        let env = self.env.clone();
+        let config = Config::load_with_env(&config_path, &move |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+        .unwrap_or_else(|d| panic!("test config invalid:\n{d}"));
+        let config = Arc::new(config);
+        let (server, app) =
+            tollgate::server::build(config.clone(), Arc::new(SystemClock) as Arc<dyn Clock>)
+                .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let thread = std::thread::spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: Box::new(TestShutdown(tokio::sync::Mutex::new(Some(rx)))),
+            });
+        });
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_for_port(addr);
+        wait_for_port(config.admin.listen);
+        let store = FileStore::open(&config.keys_path).unwrap();
+        Harness {
+            app,
+            addr,
+            admin: config.admin.listen,
+            config,
+            store,
+            mock,
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .build()
+                .unwrap(),
+            stop: Some(tx),
+            thread: Some(thread),
+            dir,
+        }
+    }
+}
+
+struct TestShutdown(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for TestShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        if let Some(rx) = self.0.lock().await.take() {
+            let _ = rx.await;
+        }
+        ShutdownSignal::FastShutdown
+    }
+}
+
+pub struct Harness {
+    /// The running proxy's state (its key store, limiter, ledger).
+    pub app: Arc<tollgate::proxy::App>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: Arc<Config>,
+    pub store: FileStore,
+    pub mock: Option<MockUpstream>,
+    pub client: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub fn builder() -> HarnessBuilder {
+        HarnessBuilder {
+            plans: DEFAULT_PLANS.into(),
+            extra: String::new(),
+            upstream: None,
+            env: Vec::new(),
+        }
+    }
+
+    pub fn start() -> Harness {
+        Self::builder().build()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.client.get(self.url(path))
+    }
+
+    /// Creates a key the way `tollgate keys create` does, and makes the
+    /// running proxy see it now (tests of reload latency use their own store).
+    pub fn key(&self, customer: &str, plan: Option<&str>) -> String {
+        self.key_with_id(customer, plan).0
+    }
+
+    pub fn key_with_id(&self, customer: &str, plan: Option<&str>) -> (String, String) {
+        let k = admin::create_key(
+            &self.store,
+            &self.config.key_prefix,
+            CreateKey {
+                customer,
+                plan,
+                name: None,
+                expires: None,
+            },
+            SystemClock.now_ms(),
+        )
+        .unwrap();
+        self.sync();
+        (k.raw, k.record.id)
+    }
+
+    /// Makes the proxy re-read the key store now.
+    pub fn sync(&self) {
+        self.app.store.reload().unwrap();
+    }
+
+    pub fn keys_path(&self) -> PathBuf {
+        self.config.keys_path.clone()
+    }
+
+    pub fn upstream_hits(&self) -> u64 {
+        self.mock.as_ref().map_or(0, MockUpstream::hits)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
