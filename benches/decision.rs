@@ -1,1 +1,111 @@
-fn main() {}
+//! The per-request decision at 100k customers: key format check + SHA-256 +
+//! constant-time lookup, plan resolution, the exact memory limiter, and
+//! header rendering. Target: under 2 µs. Run: `cargo bench -p tollgate`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use tollgate::clock::{rfc3339, Clock, SystemClock};
+use tollgate::diag::Source;
+use tollgate::gate::Gate;
+use tollgate::headers::RateHeaders;
+use tollgate::keys;
+use tollgate::limiter::MemoryLimiter;
+use tollgate::plans::Plans;
+use tollgate::store::{CustomerRecord, KeyRecord, Snapshot, StaticKeys, StoreData};
+
+const CUSTOMERS: usize = 100_000;
+const PLANS: &str = "default_plan: pro\nplans:\n  pro:\n    limits:\n      - { name: burst, requests: 1000000, per: second }\n      - { name: monthly, requests: 1000000000000, per: month }\n    meter: api_requests\n";
+
+fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
+    let now = SystemClock.now_ms();
+    let mut data = StoreData {
+        version: 1,
+        ..StoreData::default()
+    };
+    let mut raw = Vec::with_capacity(CUSTOMERS);
+    for i in 0..CUSTOMERS {
+        let mut secret = [0u8; 32];
+        secret[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let key = keys::from_secret("tg_live_", &secret);
+        let customer = format!("cus_{i:08}");
+        data.customers.insert(
+            customer.clone(),
+            CustomerRecord {
+                plan: Some("pro".into()),
+                suspended: false,
+            },
+        );
+        data.keys.push(KeyRecord {
+            id: format!("key_{i:016}"),
+            hash: hex::encode(keys::hash(&key)),
+            start: key[..12].to_owned(),
+            customer,
+            name: None,
+            created: rfc3339(now),
+            expires: None,
+            revoked: None,
+        });
+        raw.push(key);
+    }
+    let plans = Plans::parse(&Source::new("plans.yaml".as_ref(), PLANS.into())).unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let gate = Gate {
+        plans: Arc::new(plans),
+        keys: Arc::new(StaticKeys(Arc::new(Snapshot::build(&data)))),
+        limiter: Arc::new(MemoryLimiter::new(clock.clone())),
+        clock,
+        prefix: "tg_live_".into(),
+    };
+    (gate, raw)
+}
+
+fn decision(c: &mut Criterion) {
+    let (gate, raw) = setup();
+    // Warm every customer into the limiter so the map holds 100k entries.
+    for k in &raw {
+        let (id, plan) = gate.authenticate(k).unwrap();
+        gate.limiter.decide(&id.customer, &plan, 1);
+    }
+    let mut i = 0usize;
+    c.bench_function("decision_100k_customers", |b| {
+        b.iter(|| {
+            i = (i + 7919) % CUSTOMERS; // stride through customers
+            let (id, plan) = gate.authenticate(black_box(&raw[i])).unwrap();
+            let d = gate.limiter.decide(&id.customer, &plan, 1);
+            black_box(RateHeaders::render(&d))
+        })
+    });
+    // The parts, to see where the time goes.
+    c.bench_function("part_authenticate", |b| {
+        b.iter(|| {
+            i = (i + 7919) % CUSTOMERS;
+            black_box(gate.authenticate(black_box(&raw[i])).is_ok())
+        })
+    });
+    let (id0, plan0) = gate.authenticate(&raw[0]).unwrap();
+    let ids: Vec<_> = raw
+        .iter()
+        .map(|k| gate.authenticate(k).unwrap().0)
+        .collect();
+    c.bench_function("part_limiter", |b| {
+        b.iter(|| {
+            i = (i + 7919) % CUSTOMERS;
+            black_box(gate.limiter.decide(&ids[i].customer, &plan0, 1).allowed)
+        })
+    });
+    let d = gate.limiter.decide(&id0.customer, &plan0, 1);
+    c.bench_function("part_render", |b| {
+        b.iter(|| black_box(RateHeaders::render(black_box(&d))))
+    });
+    c.bench_function("part_sha256", |b| {
+        b.iter(|| black_box(keys::hash(black_box(&raw[0]))))
+    });
+    c.bench_function("reject_malformed_key", |b| {
+        b.iter(|| black_box(gate.authenticate(black_box("tg_live_not-a-key"))).is_err())
+    });
+}
+
+criterion_group!(benches, decision);
+criterion_main!(benches);

@@ -11,7 +11,7 @@ use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
 use crate::proxy::{usage_json, App};
-use crate::store::Identity;
+use crate::store::KeyInfo;
 
 pub struct AdminApp {
     pub app: Arc<App>,
@@ -93,12 +93,12 @@ impl AdminApp {
         let mut out = Vec::new();
         for id in ids {
             let (plan, suspended) = snap.customer(&id).unwrap_or((None, false));
-            let identity = Identity {
+            let identity = Arc::new(KeyInfo {
                 key_id: "".into(),
                 customer: id,
                 plan,
                 suspended,
-            };
+            });
             let plan = app.gate.plan_of(&identity);
             let decision = app.gate.limiter.decide(&identity.customer, &plan, 0);
             let text = usage_json(&app.usage, &identity, &plan, &decision);

@@ -55,15 +55,19 @@ pub struct StoreData {
     pub keys: Vec<KeyRecord>,
 }
 
-/// Who a valid key belongs to.
+/// Who a valid key belongs to, resolved when the snapshot is built so a
+/// lookup touches one allocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
+pub struct KeyInfo {
     pub key_id: Arc<str>,
     pub customer: Arc<str>,
     /// None: the default plan.
     pub plan: Option<Arc<str>>,
     pub suspended: bool,
 }
+
+/// What a successful lookup returns; cheap to clone.
+pub type Identity = Arc<KeyInfo>;
 
 /// Why a well-formed key was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,18 +80,40 @@ pub enum KeyRejection {
 #[derive(Debug)]
 struct Entry {
     hash: KeyHash,
-    key_id: Arc<str>,
-    customer: Arc<str>,
     expires: Option<Millis>,
     revoked: bool,
+    info: Identity,
 }
+
+/// The first 8 bytes of a SHA-256 are already uniformly distributed: they
+/// index the key map as they are, with no second hash.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type PassThroughMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<PassThrough>>;
 
 /// An immutable, indexed view of the store for the hot path.
 #[derive(Debug, Default)]
 pub struct Snapshot {
     /// Indexed by the first 8 bytes of the hash; the full hash is then
-    /// compared in constant time.
-    keys: HashMap<u64, Vec<Entry>>,
+    /// compared in constant time. Keys sharing those 8 bytes (never seen in
+    /// practice) go to `overflow`.
+    keys: PassThroughMap<Entry>,
+    overflow: Vec<Entry>,
     customers: HashMap<Arc<str>, (Option<Arc<str>>, bool)>,
     pub key_count: usize,
 }
@@ -107,6 +133,7 @@ impl Snapshot {
                 (c.plan.as_deref().map(Into::into), c.suspended),
             );
         }
+        s.keys.reserve(data.keys.len());
         for k in &data.keys {
             let mut hash = [0u8; 32];
             if hex::decode_to_slice(&k.hash, &mut hash).is_err() {
@@ -116,18 +143,27 @@ impl Snapshot {
                 );
                 continue;
             }
-            let customer: Arc<str> = s
-                .customers
-                .get_key_value(k.customer.as_str())
-                .map(|(c, _)| c.clone())
-                .unwrap_or_else(|| k.customer.as_str().into());
-            s.keys.entry(bucket(&hash)).or_default().push(Entry {
+            let (customer, plan, suspended) = match s.customers.get_key_value(k.customer.as_str()) {
+                Some((c, (plan, suspended))) => (c.clone(), plan.clone(), *suspended),
+                None => (k.customer.as_str().into(), None, false),
+            };
+            let entry = Entry {
                 hash,
-                key_id: k.id.as_str().into(),
-                customer,
                 expires: k.expires.as_deref().and_then(parse_rfc3339),
                 revoked: k.revoked.is_some(),
-            });
+                info: Arc::new(KeyInfo {
+                    key_id: k.id.as_str().into(),
+                    customer,
+                    plan,
+                    suspended,
+                }),
+            };
+            match s.keys.entry(bucket(&hash)) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(entry);
+                }
+                std::collections::hash_map::Entry::Occupied(_) => s.overflow.push(entry),
+            }
             s.key_count += 1;
         }
         s
@@ -139,11 +175,15 @@ impl Snapshot {
     }
 
     pub fn lookup(&self, hash: &KeyHash, now: Millis) -> Result<Identity, KeyRejection> {
-        let mut found = None;
-        for e in self.keys.get(&bucket(hash)).into_iter().flatten() {
-            if keys::hashes_equal(&e.hash, hash) {
-                found = Some(e);
-            }
+        let mut found = self
+            .keys
+            .get(&bucket(hash))
+            .filter(|e| keys::hashes_equal(&e.hash, hash));
+        if found.is_none() && !self.overflow.is_empty() {
+            found = self
+                .overflow
+                .iter()
+                .find(|e| keys::hashes_equal(&e.hash, hash));
         }
         let e = found.ok_or(KeyRejection::Unknown)?;
         if e.revoked {
@@ -152,23 +192,22 @@ impl Snapshot {
         if e.expires.is_some_and(|t| t <= now) {
             return Err(KeyRejection::Expired);
         }
-        let (plan, suspended) = self
-            .customers
-            .get(&e.customer)
-            .cloned()
-            .unwrap_or((None, false));
-        Ok(Identity {
-            key_id: e.key_id.clone(),
-            customer: e.customer.clone(),
-            plan,
-            suspended,
-        })
+        Ok(Arc::clone(&e.info))
     }
 }
 
 /// The read side every backend offers the proxy: a current snapshot.
 pub trait KeyStore: Send + Sync {
     fn snapshot(&self) -> Arc<Snapshot>;
+}
+
+/// A fixed snapshot: for benchmarks and embedding.
+pub struct StaticKeys(pub Arc<Snapshot>);
+
+impl KeyStore for StaticKeys {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.0)
+    }
 }
 
 /// Errors of store administration, shown to operators.
