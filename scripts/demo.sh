@@ -20,6 +20,10 @@ trap cleanup EXIT INT TERM
 
 python3 examples/vat_api.py --port 8000 &
 pids+=($!)
+for _ in $(seq 1 50); do
+  curl -s -o /dev/null http://127.0.0.1:8000/health && break
+  sleep 0.1
+done
 RUST_LOG="${RUST_LOG:-warn}" "$bin" -c "$config" run &
 pids+=($!)
 

@@ -88,7 +88,12 @@ impl AdminApp {
         let snap = app.gate.keys.snapshot();
         let ids: Vec<Arc<str>> = match customer {
             Some(c) => vec![c.into()],
-            None => app.usage.customers(),
+            None => {
+                // Every customer in the store, and any with usage but no keys left.
+                let mut ids: std::collections::BTreeSet<Arc<str>> = snap.customer_ids().collect();
+                ids.extend(app.usage.customers());
+                ids.into_iter().collect()
+            }
         };
         let mut out = Vec::new();
         for id in ids {

@@ -328,7 +328,7 @@ fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode, String> {
     let list: Vec<serde_json::Value> = serde_json::from_str(&body)
         .map_err(|e| format!("unexpected answer from the admin API: {e}"))?;
     if list.is_empty() {
-        eprintln!("no usage recorded this period");
+        eprintln!("no customers yet");
     }
     println!(
         "{:<24} {:<12} {:<10} {:<14} {:>12} {:>12} {:>10}",

@@ -169,6 +169,11 @@ impl Snapshot {
         s
     }
 
+    /// Every customer the store knows.
+    pub fn customer_ids(&self) -> impl Iterator<Item = Arc<str>> + '_ {
+        self.customers.keys().cloned()
+    }
+
     /// A customer's plan name (None: default) and suspension.
     pub fn customer(&self, id: &str) -> Option<(Option<Arc<str>>, bool)> {
         self.customers.get(id).cloned()

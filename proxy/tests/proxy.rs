@@ -657,6 +657,23 @@ async fn admin_port_serves_metrics_health_and_the_token_protected_api() {
         .await
         .unwrap();
     assert_eq!(u[0]["usage"]["api_requests"], 1);
+    let all: Value = h
+        .client
+        .get(admin("/admin/usage"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        1,
+        "customers come from the store: {all}"
+    );
+    assert_eq!(all[0]["customer"], "cus_adm");
+    assert_eq!(all[0]["policies"][0]["limit"], 1000);
     let keys = h
         .client
         .get(admin("/admin/keys"))
