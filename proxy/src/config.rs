@@ -16,8 +16,9 @@ use crate::plans::Plans;
 
 // ---- the file as written ---------------------------------------------------
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The top level; each section is deserialised on its own (see
+/// [`Config::parse`]) so one broken section does not hide the others.
+#[derive(Debug, Default)]
 struct RawConfig {
     listen: Option<String>,
     tls: Option<RawTls>,
@@ -184,6 +185,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     Some(Duration::from_millis(ms))
 }
 
+const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, admin, metering, billing_webhooks, cors, timeouts, threads";
+
 const DURATION_HINT: &str = "write a number and a unit: ms, s, m, h or d (e.g. 30s)";
 
 /// Where environment variables come from (the process, or a test's map).
@@ -264,18 +267,49 @@ impl Config {
     }
 
     pub fn parse(src: &Source, env: Env<'_>) -> Result<Config, Diagnostics> {
-        let raw: RawConfig =
+        let mut d = Diagnostics::default();
+        let top: serde_yaml::Value =
             serde_yaml::from_str(&src.text).map_err(|e| Diagnostics(vec![src.syntax_error(&e)]))?;
+        let map = match top {
+            serde_yaml::Value::Mapping(m) => m,
+            serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+            _ => {
+                return Err(Diagnostics(vec![src.error(
+                    "",
+                    "the config must be a mapping of settings",
+                    Some("start with `upstream: http://127.0.0.1:8000`"),
+                )]))
+            }
+        };
+        let mut raw = RawConfig::default();
+        for (k, v) in &map {
+            let Some(key) = k.as_str() else {
+                d.0.push(src.error("", "setting names must be strings", None));
+                continue;
+            };
+            match key {
+                "listen" => raw.listen = src.typed(key, v, &mut d),
+                "tls" => raw.tls = src.typed(key, v, &mut d),
+                "upstream" => raw.upstream = src.typed(key, v, &mut d),
+                "plans" => raw.plans = src.typed(key, v, &mut d),
+                "keys" => raw.keys = src.typed(key, v, &mut d),
+                "limits" => raw.limits = src.typed(key, v, &mut d),
+                "redis" => raw.redis = Some(v.clone()),
+                "admin" => raw.admin = src.typed(key, v, &mut d),
+                "metering" => raw.metering = src.typed(key, v, &mut d),
+                "billing_webhooks" => raw.billing_webhooks = Some(v.clone()),
+                "cors" => raw.cors = src.typed(key, v, &mut d),
+                "timeouts" => raw.timeouts = src.typed(key, v, &mut d),
+                "threads" => raw.threads = src.typed(key, v, &mut d),
+                other => d.0.push(src.unknown_key(other, KNOWN_SETTINGS)),
+            }
+        }
         let dir = src
             .file
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        let mut cx = Ctx {
-            src,
-            dir,
-            d: Diagnostics::default(),
-        };
+        let mut cx = Ctx { src, dir, d };
 
         let listen = cx.addr("listen", raw.listen.as_deref().unwrap_or("0.0.0.0:8080"));
 
@@ -619,6 +653,28 @@ mod tests {
             "{all}"
         );
         assert!(all.contains("hint:"), "{all}");
+    }
+
+    #[test]
+    fn a_broken_section_does_not_hide_the_others() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "plans.yaml", "default_plan: x\nplans: {}\n");
+        let f = write(
+            dir.path(),
+            "tollgate.yaml",
+            "upstreem: http://127.0.0.1:1\ntimeouts: { connect: [1] }\nthreads: many\nadmin: { listen: nowhere }\n",
+        );
+        let all = Config::load_with_env(&f, &no_env).unwrap_err().to_string();
+        for needle in [
+            ":1:1: error: unknown field `upstreem`",
+            ":2:13: error: invalid type: sequence",
+            ":3:10: error: invalid type: string \"many\"",
+            ":4:18: error: `nowhere` is not an address",
+            "`upstream` is missing",
+            "plans.yaml:1:15: error: `default_plan` names unknown plan `x`",
+        ] {
+            assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+        }
     }
 
     #[test]

@@ -89,6 +89,9 @@ impl Source {
 
     /// Where `path` stands, or its nearest located ancestor, or the file start.
     pub fn locate(&self, path: &str) -> (usize, usize) {
+        if path.is_empty() {
+            return (1, 1);
+        }
         let mut p = path;
         loop {
             if let Some(pos) = self.positions.get(p) {
@@ -110,6 +113,18 @@ impl Source {
             column,
             message: message.into(),
             hint: hint.map(str::to_owned),
+        }
+    }
+
+    /// An unknown top-level setting, at its key.
+    pub fn unknown_key(&self, key: &str, known: &str) -> Diagnostic {
+        let (line, column) = self.key_positions.get(key).copied().unwrap_or((1, 1));
+        Diagnostic {
+            file: self.file.clone(),
+            line,
+            column,
+            message: format!("unknown field `{key}`"),
+            hint: Some(format!("known settings: {known}")),
         }
     }
 

@@ -70,6 +70,70 @@ pub fn extract_key(headers: &HeaderMap) -> Result<Option<(&str, KeySource)>, Rej
     })
 }
 
+/// The path routes are matched on: percent-escapes of unreserved characters
+/// decoded, repeated slashes merged, `.` and `..` segments resolved (RFC 3986
+/// 6.2.2). Matching the raw path would let `/v1/%73ms/send` or
+/// `/public/../private` be routed differently from how the upstream reads
+/// them. Borrowed when the path is already normal.
+pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+    let b = path.as_bytes();
+    let needs = b.windows(2).any(|w| w == b"//")
+        || b.contains(&b'%')
+        || path.split('/').any(|seg| seg == "." || seg == "..");
+    if !needs {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    // Decode escapes of unreserved characters only.
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
+                    decoded.push(char::from(v));
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        decoded.push(char::from(b[i]));
+        i += 1;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut normal = String::with_capacity(decoded.len());
+    for seg in &out {
+        normal.push('/');
+        normal.push_str(seg);
+    }
+    if normal.is_empty() || (trailing && !out.is_empty()) {
+        normal.push('/');
+    }
+    std::borrow::Cow::Owned(normal)
+}
+
+/// Whether a request header claims to be one of Tollgate's identity headers,
+/// also in the `X-Tollgate_Customer` spelling CGI-style servers fold into it.
+pub fn is_identity_header(name: &str) -> bool {
+    let n = name.as_bytes();
+    n.len() >= 11
+        && n[..10].iter().zip(b"x-tollgate").all(|(a, b)| {
+            let a = a.to_ascii_lowercase();
+            a == *b || (a == b'_' && *b == b'-')
+        })
+        && (n[10] == b'-' || n[10] == b'_')
+}
+
 /// The parts a decision needs.
 pub struct Gate<L> {
     pub plans: Arc<Plans>,
@@ -189,6 +253,48 @@ mod tests {
         let h = headers(&[("authorization", b"Basic dXNlcg=="), ("x-api-key", b"k")]);
         assert_eq!(extract_key(&h).unwrap(), Some(("k", KeySource::ApiKey)));
         assert_eq!(extract_key(&headers(&[])).unwrap(), None);
+    }
+
+    #[test]
+    fn paths_are_normalised_before_routing() {
+        for (raw, normal) in [
+            ("/v1/sms/send", "/v1/sms/send"),
+            ("/v1/%73ms/send", "/v1/sms/send"),
+            ("/v1/%41i", "/v1/Ai"),
+            ("//v1///sms/", "/v1/sms/"),
+            ("/public/../private", "/private"),
+            ("/a/./b/../../c", "/c"),
+            ("/../..", "/"),
+            ("/x/%2F/y", "/x/%2F/y"),
+            ("/x%", "/x%"),
+            ("/", "/"),
+        ] {
+            assert_eq!(normalize_path(raw), normal, "{raw}");
+        }
+        assert!(matches!(
+            normalize_path("/v1/x"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn identity_headers_are_recognised_in_every_spelling() {
+        for n in [
+            "x-tollgate-customer",
+            "X-Tollgate_Customer",
+            "x_tollgate_plan",
+            "X-TOLLGATE-KEY-ID",
+        ] {
+            assert!(is_identity_header(n), "{n}");
+        }
+        for n in [
+            "x-tollgatecustomer",
+            "x-api-key",
+            "x-tollgat",
+            "tollgate-customer",
+        ] {
+            assert!(!is_identity_header(n), "{n}");
+        }
     }
 
     #[test]

@@ -42,13 +42,19 @@ pub struct Decision {
 impl Decision {
     /// The policy closest to exhaustion (lowest remaining share; ties: the
     /// one that resets last), which `X-RateLimit-*` describe.
+    /// On a refusal only violated policies are candidates, so the headers
+    /// agree with `Retry-After`.
     pub fn tightest(&self) -> Option<&PolicyStatus> {
-        self.policies.iter().min_by(|a, b| {
-            // remaining/quota compared without division.
-            let l = u128::from(a.remaining) * u128::from(b.quota);
-            let r = u128::from(b.remaining) * u128::from(a.quota);
-            l.cmp(&r).then(b.reset_secs.cmp(&a.reset_secs))
-        })
+        let only_violated = !self.allowed && self.policies.iter().any(|p| p.violated);
+        self.policies
+            .iter()
+            .filter(|p| !only_violated || p.violated)
+            .min_by(|a, b| {
+                // remaining/quota compared without division.
+                let l = u128::from(a.remaining) * u128::from(b.quota);
+                let r = u128::from(b.remaining) * u128::from(a.quota);
+                l.cmp(&r).then(b.reset_secs.cmp(&a.reset_secs))
+            })
     }
 }
 
@@ -249,6 +255,23 @@ impl MemoryLimiter {
         };
         let state = match shard.get_mut(customer) {
             Some(s) => s,
+            // A report (cost 0) for an unknown customer must not create state.
+            None if cost == 0 => {
+                for limit in &plan.limits {
+                    policies.push(PolicyStatus {
+                        name: limit.name.clone(),
+                        quota: limit.quota,
+                        remaining: limit.quota,
+                        reset_secs: 0,
+                        violated: false,
+                    });
+                }
+                return Decision {
+                    allowed: true,
+                    policies,
+                    retry_after_secs: 0,
+                };
+            }
             None => shard.entry(Arc::from(customer)).or_default(),
         };
         // Find (or create) each limit's state; index list in plan order.
@@ -396,6 +419,7 @@ pub mod conformance {
         calendar_month_is_a_real_month(&make).await;
         customers_are_independent(&make).await;
         zero_cost_reports_without_charging(&make).await;
+        refusal_headers_describe_a_violated_policy(&make).await;
     }
 
     async fn sliding_window_is_exact<L: Limiter>(make: &impl Fn(ManualClock) -> L) {
@@ -531,6 +555,26 @@ pub mod conformance {
             let d = admit(&l, "c", &p, 0).await;
             assert!(d.allowed && d.policies[0].remaining == 2 && d.policies[0].reset_secs == 0);
         }
+        assert!(admit(&l, "c", &p, 1).await.allowed);
+        let d = admit(&l, "c", &p, 0).await;
+        assert_eq!((d.policies[0].remaining, d.policies[0].reset_secs), (1, 1));
+    }
+
+    async fn refusal_headers_describe_a_violated_policy<L: Limiter>(
+        make: &impl Fn(ManualClock) -> L,
+    ) {
+        let clock = ManualClock::at(date(2026, 6, 1));
+        let l = make(clock.clone());
+        let p = plan(&[
+            ("burst", 5, Window::Sliding(SECOND)),
+            ("daily", 100, Window::Day),
+        ]);
+        assert!(admit(&l, "c", &p, 3).await.allowed);
+        // Cost 5 does not fit burst (2 left) although daily has 97 left.
+        let d = admit(&l, "c", &p, 5).await;
+        assert!(!d.allowed);
+        let t = d.tightest().map(|t| (t.name.to_string(), t.remaining));
+        assert_eq!(t, Some(("burst".to_string(), 2)), "{d:?}");
     }
 }
 

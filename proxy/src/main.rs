@@ -200,35 +200,66 @@ fn known_plan(config: &Config, plan: &str) -> Result<(), String> {
     }
 }
 
-/// Problems in the key store: unreadable, unknown plans, broken records.
+/// Problems in the key store (unreadable, unknown plans, broken records),
+/// located at the line of the record in the file.
 fn check_store(config: &Config, _now: u64) -> Vec<String> {
-    let path = config.keys_path.display();
+    let path = config.keys_path.display().to_string();
     let store = match FileStore::open(&config.keys_path) {
         Ok(s) => s,
-        Err(e) => return vec![e.to_string()],
+        Err(e) => return vec![format!("{path}:1:1: error: {e}")],
     };
     let data = match store.data() {
         Ok(d) => d,
-        Err(e) => return vec![e.to_string()],
+        Err(e) => return vec![format!("{path}:1:1: error: {e}")],
+    };
+    let text = std::fs::read_to_string(&config.keys_path).unwrap_or_default();
+    // The line and column where `needle` first stands in the file.
+    let at = |needle: &str| -> String {
+        text.lines()
+            .enumerate()
+            .find_map(|(i, l)| {
+                l.find(needle)
+                    .map(|c| format!("{path}:{}:{}", i + 1, c + 1))
+            })
+            .unwrap_or_else(|| format!("{path}:1:1"))
     };
     let mut errors = Vec::new();
     for (id, c) in &data.customers {
         if let Some(plan) = &c.plan {
             if config.plans.get(plan).is_none() {
-                errors.push(format!("{path}: customer {id} is on plan `{plan}`, which {} does not define (it gets the default plan)", config.plans_file.display()));
+                errors.push(format!(
+                    "{}: error: customer {id} is on plan `{plan}`, which {} does not define\n  hint: it gets the default plan until you run `tollgate customers set-plan {id} <plan>`",
+                    at(&format!("\"{id}\"")),
+                    config.plans_file.display()
+                ));
             }
         }
     }
     let mut ids = std::collections::HashSet::new();
     for k in &data.keys {
+        let loc = at(&format!("\"{}\"", k.id));
         if !tollgate::keys::valid_key_id(&k.id) || !ids.insert(&k.id) {
             errors.push(format!(
-                "{path}: key id `{}` is malformed or duplicated",
+                "{loc}: error: key id `{}` is malformed or duplicated",
                 k.id
             ));
         }
         if k.hash.len() != 64 || hex::decode(&k.hash).is_err() {
-            errors.push(format!("{path}: key {} has a malformed hash", k.id));
+            errors.push(format!("{loc}: error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", k.id));
+        }
+        for (field, value) in [
+            ("created", Some(&k.created)),
+            ("expires", k.expires.as_ref()),
+            ("revoked", k.revoked.as_ref()),
+        ] {
+            if let Some(v) = value {
+                if tollgate::clock::parse_rfc3339(v).is_none() {
+                    errors.push(format!(
+                        "{loc}: error: key {} has `{field}: {v}`, not a time like 2026-01-31T12:00:00Z\n  hint: an expiry that does not parse is treated as already expired",
+                        k.id
+                    ));
+                }
+            }
         }
     }
     errors
@@ -322,7 +353,13 @@ fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode, String> {
     let mut path = "/admin/usage".to_string();
     if let Some(c) = customer {
         path.push_str("?customer=");
-        path.push_str(c);
+        for b in c.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                path.push(char::from(b));
+            } else {
+                path.push_str(&format!("%{b:02X}"));
+            }
+        }
     }
     let body = http_get(config.admin.listen, &path, token)?;
     let list: Vec<serde_json::Value> = serde_json::from_str(&body)

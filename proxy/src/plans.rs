@@ -324,6 +324,7 @@ impl Plans {
         };
 
         let mut routes = Vec::new();
+        let mut route_index = Vec::new();
         for (i, value) in raw.routes.iter().enumerate() {
             let path = format!("routes[{i}]");
             let Some(r) = src.typed::<RawRoute>(&path, value, &mut d) else {
@@ -340,9 +341,26 @@ impl Plans {
                         check_meter(src, &format!("{path}.meter"), m, &mut d);
                     }
                     routes.push(route);
+                    route_index.push(i);
                 }
                 Err((field, msg, hint)) => {
                     d.0.push(src.error(&format!("{path}.{field}"), msg, hint))
+                }
+            }
+        }
+
+        // A cost no limit can ever hold would answer 429 forever.
+        for (route, i) in routes.iter().zip(&route_index) {
+            for plan in plans.values() {
+                if let Some(l) = plan.limits.iter().find(|l| l.quota < route.cost) {
+                    d.0.push(src.error(
+                        &format!("routes[{i}].cost"),
+                        format!(
+                            "cost {} exceeds limit `{}` of plan `{}` ({} per {}): such requests could never be admitted",
+                            route.cost, l.name, plan.name, l.quota, crate::proxy::window_name(l.window)
+                        ),
+                        Some("raise the limit, lower the cost, or refuse the route for that plan upstream"),
+                    ));
                 }
             }
         }
@@ -571,6 +589,12 @@ billable_statuses: [2xx, 304]
             "{all}"
         );
         assert_eq!(errs.len(), 7, "{all}");
+    }
+
+    #[test]
+    fn a_route_cost_above_a_quota_is_refused() {
+        let all = errors("default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 3, per: second }\nroutes:\n  - { match: \"POST /sms\", cost: 5, meter: sms }\n").join("\n");
+        assert!(all.contains("plans.yaml:7:33: error: cost 5 exceeds limit `burst` of plan `free` (3 per second)"), "{all}");
     }
 
     #[test]

@@ -59,6 +59,7 @@ impl Rejection {
             429 => "limited",
             503 => "unavailable",
             502 | 504 => "upstream_error",
+            500 => "error",
             _ => "bad_request",
         }
     }

@@ -14,7 +14,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
 use crate::config::Config;
-use crate::gate::{self, Gate, KeySource};
+use crate::gate::{self, Gate};
 use crate::headers::RateHeaders;
 use crate::limiter::{Decision, MemoryLimiter};
 use crate::metrics;
@@ -47,12 +47,14 @@ pub struct Ctx {
     outcome: &'static str,
     identity: Option<Identity>,
     plan: Option<Arc<Plan>>,
-    key_source: Option<KeySource>,
     rate: Option<RateHeaders>,
     cost: u64,
     meter: Option<Arc<str>>,
     usage_header: Option<HeaderName>,
     origin: Option<HeaderValue>,
+    /// The normalised path, when it differs from what the client sent; the
+    /// upstream then gets the path Tollgate routed on.
+    normalized_path: Option<String>,
 }
 
 impl TollgateProxy {
@@ -97,8 +99,10 @@ impl TollgateProxy {
         body: Bytes,
     ) -> Result<()> {
         let mut resp = ResponseHeader::build(status, Some(8))?;
-        resp.insert_header(header::CONTENT_TYPE, content_type)?;
-        resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+        if status != 204 {
+            resp.insert_header(header::CONTENT_TYPE, content_type)?;
+            resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+        }
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
         self.rate_headers(ctx, &mut resp)?;
         self.cors_headers(ctx, &mut resp)?;
@@ -168,7 +172,6 @@ impl TollgateProxy {
                     )?;
                     resp.insert_header(header::ACCESS_CONTROL_MAX_AGE, c.max_age_secs)?;
                 }
-                resp.remove_header(&header::CONTENT_TYPE);
                 Ok(())
             },
             Bytes::new(),
@@ -257,12 +260,12 @@ impl ProxyHttp for TollgateProxy {
             outcome: "allowed",
             identity: None,
             plan: None,
-            key_source: None,
             rate: None,
             cost: 0,
             meter: None,
             usage_header: None,
             origin: None,
+            normalized_path: None,
         }
     }
 
@@ -284,18 +287,22 @@ impl ProxyHttp for TollgateProxy {
         }
 
         let method = req.method.clone();
-        let is_usage = req.uri.path() == USAGE_PATH;
-        let route = app.gate.route(&method, req.uri.path());
+        let path = gate::normalize_path(req.uri.path());
+        let is_usage = path == USAGE_PATH;
+        let route = app.gate.route(&method, &path);
+        if let std::borrow::Cow::Owned(p) = &path {
+            ctx.normalized_path = Some(p.clone());
+        }
         if route.public && !is_usage {
             return Ok(false);
         }
 
         let authed = match gate::extract_key(&req.headers) {
-            Ok(Some((key, source))) => app.gate.authenticate(key).map(|(i, p)| (i, p, source)),
+            Ok(Some((key, _source))) => app.gate.authenticate(key),
             Ok(None) => Err(Rejection::MissingKey),
             Err(r) => Err(r),
         };
-        let (identity, plan, source) = match authed {
+        let (identity, plan) = match authed {
             Ok(a) => a,
             Err(r) => return self.reject(session, ctx, &r).await,
         };
@@ -327,7 +334,7 @@ impl ProxyHttp for TollgateProxy {
         }
         for p in &decision.policies {
             // At or past 80 % used.
-            if p.remaining * 5 <= p.quota {
+            if p.remaining.saturating_mul(5) <= p.quota {
                 metrics::NEAR_LIMIT
                     .with_label_values(&[&plan.name, &p.name])
                     .inc();
@@ -339,7 +346,6 @@ impl ProxyHttp for TollgateProxy {
             .and_then(|r| r.meter.clone())
             .or_else(|| plan.meter.clone());
         ctx.usage_header = r.and_then(|r| r.usage_header.clone());
-        ctx.key_source = Some(source);
         ctx.identity = Some(identity);
         Ok(false)
     }
@@ -362,22 +368,37 @@ impl ProxyHttp for TollgateProxy {
         req: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // Whatever the client claims about itself is dropped first.
-        for h in [H_CUSTOMER, H_PLAN, H_KEY_ID] {
-            req.remove_header(h);
+        // Whatever the client claims about itself is dropped first, in any
+        // spelling a CGI-style upstream would fold into the same name.
+        let spoofed: Vec<HeaderName> = req
+            .headers
+            .keys()
+            .filter(|n| gate::is_identity_header(n.as_str()))
+            .cloned()
+            .collect();
+        for h in spoofed {
+            req.remove_header(&h);
         }
-        match ctx.key_source {
-            Some(KeySource::Bearer) => {
-                req.remove_header(&header::AUTHORIZATION);
+        // Keys never travel upstream, on any route: X-API-Key always,
+        // Authorization when it carries a Bearer token (another scheme is
+        // the upstream's own authentication).
+        req.remove_header(gate::X_API_KEY);
+        let bearer = req
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().get(..7))
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "));
+        if bearer {
+            req.remove_header(&header::AUTHORIZATION);
+        }
+        if let Some(p) = ctx.normalized_path.take() {
+            let pq = match req.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            if let Ok(uri) = pq.parse::<http::Uri>() {
+                req.set_uri(uri);
             }
-            Some(KeySource::ApiKey) => {
-                req.remove_header(gate::X_API_KEY);
-            }
-            Some(KeySource::Both) => {
-                req.remove_header(&header::AUTHORIZATION);
-                req.remove_header(gate::X_API_KEY);
-            }
-            None => {}
         }
         if let (Some(id), Some(plan)) = (&ctx.identity, &ctx.plan) {
             req.insert_header(H_CUSTOMER, &*id.customer)?;
@@ -393,6 +414,9 @@ impl ProxyHttp for TollgateProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if resp.status.is_informational() {
+            return Ok(());
+        }
         if let Some(t) = ctx.upstream_start {
             metrics::UPSTREAM_DURATION.observe(t.elapsed().as_secs_f64());
         }

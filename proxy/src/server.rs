@@ -89,6 +89,10 @@ impl BackgroundService for Housekeeping {
                     }
                 }
                 _ = sweep.tick() => {
+                    // Keys pass from expiring to expired without a store change.
+                    let store = Arc::clone(&self.store);
+                    let now = self.app.gate.clock.now_ms();
+                    let _ = tokio::task::spawn_blocking(move || update_key_gauge(&store, now)).await;
                     let removed = self.app.gate.limiter.sweep();
                     if removed > 0 {
                         log::debug!("limiter: evicted {removed} idle customers");

@@ -149,7 +149,8 @@ impl Snapshot {
             };
             let entry = Entry {
                 hash,
-                expires: k.expires.as_deref().and_then(parse_rfc3339),
+                // An expiry that does not parse fails closed: expired.
+                expires: k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0)),
                 revoked: k.revoked.is_some(),
                 info: Arc::new(KeyInfo {
                     key_id: k.id.as_str().into(),
@@ -510,7 +511,8 @@ pub mod admin {
                 )));
             }
             let old_expiry = old.expires.as_deref().and_then(parse_rfc3339);
-            let new_expiry = old_expiry.map_or(now + grace, |e| e.min(now + grace));
+            let until = now.saturating_add(grace);
+            let new_expiry = old_expiry.map_or(until, |e| e.min(until));
             old.expires = Some(rfc3339(new_expiry));
             let (customer, name) = (old.customer.clone(), old.name.clone());
             let new = new_record(prefix, &customer, name.as_deref(), now, old_expiry)?;
@@ -547,7 +549,7 @@ pub mod admin {
         if k.revoked.is_some() {
             return "revoked";
         }
-        match k.expires.as_deref().and_then(parse_rfc3339) {
+        match k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0)) {
             Some(t) if t <= now => "expired",
             Some(_) => "expiring",
             None => "active",

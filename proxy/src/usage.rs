@@ -75,7 +75,7 @@ impl UsageLedger {
                 c.meters.clear();
             }
             match c.meters.iter_mut().find(|(m, _)| m == meter) {
-                Some((_, n)) => *n += units,
+                Some((_, n)) => *n = n.saturating_add(units),
                 None => c.meters.push((Arc::clone(meter), units)),
             }
         }

@@ -49,7 +49,8 @@ fn wait_for_port(addr: SocketAddr) {
 /// - `/status/{code}`: answers that status;
 /// - `/v1/ai/*?tokens=N`: 200 with `X-Usage-Tokens: N`;
 /// - `/slow?ms=N`: answers after N ms;
-/// - anything else: 200 with the request's headers as a JSON object.
+/// - anything else: 200 with the request's headers as a JSON object
+///   (lower-case names to lists of values; `_target` holds the request target).
 pub struct MockUpstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
@@ -158,6 +159,7 @@ async fn serve(sock: tokio::net::TcpStream, hits: Arc<AtomicU64>) {
         } else if path == "/slow" {
             tokio::time::sleep(Duration::from_millis(param("ms").unwrap_or(0))).await;
         }
+        headers.insert("_target".into(), vec![target.clone()]);
         let json = serde_json::to_string(&headers).unwrap();
         let resp = format!(
             "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{json}",
