@@ -65,14 +65,14 @@ fn decision(c: &mut Criterion) {
     let (gate, raw) = setup();
     // Warm every customer into the limiter so the map holds 100k entries.
     for k in &raw {
-        let (id, plan) = gate.authenticate(k).unwrap();
+        let (id, plan) = gate.authenticate_cached(k).unwrap();
         gate.limiter.decide(&id.customer, &plan, 1);
     }
     let mut i = 0usize;
     c.bench_function("decision_100k_customers", |b| {
         b.iter(|| {
             i = (i + 7919) % CUSTOMERS; // stride through customers
-            let (id, plan) = gate.authenticate(black_box(&raw[i])).unwrap();
+            let (id, plan) = gate.authenticate_cached(black_box(&raw[i])).unwrap();
             let d = gate.limiter.decide(&id.customer, &plan, 1);
             black_box(RateHeaders::render(&d))
         })
@@ -81,13 +81,13 @@ fn decision(c: &mut Criterion) {
     c.bench_function("part_authenticate", |b| {
         b.iter(|| {
             i = (i + 7919) % CUSTOMERS;
-            black_box(gate.authenticate(black_box(&raw[i])).is_ok())
+            black_box(gate.authenticate_cached(black_box(&raw[i])).is_ok())
         })
     });
-    let (id0, plan0) = gate.authenticate(&raw[0]).unwrap();
+    let (id0, plan0) = gate.authenticate_cached(&raw[0]).unwrap();
     let ids: Vec<_> = raw
         .iter()
-        .map(|k| gate.authenticate(k).unwrap().0)
+        .map(|k| gate.authenticate_cached(k).unwrap().0)
         .collect();
     c.bench_function("part_limiter", |b| {
         b.iter(|| {
@@ -103,7 +103,7 @@ fn decision(c: &mut Criterion) {
         b.iter(|| black_box(keys::hash(black_box(&raw[0]))))
     });
     c.bench_function("reject_malformed_key", |b| {
-        b.iter(|| black_box(gate.authenticate(black_box("tg_live_not-a-key"))).is_err())
+        b.iter(|| black_box(gate.authenticate_cached(black_box("tg_live_not-a-key"))).is_err())
     });
 }
 

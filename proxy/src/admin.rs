@@ -10,6 +10,7 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use crate::limiter::Limiter;
 use crate::proxy::{usage_json, App};
 use crate::store::KeyInfo;
 
@@ -107,7 +108,7 @@ impl AdminApp {
         }
     }
 
-    fn usage(&self, customer: Option<&str>) -> Response<Vec<u8>> {
+    async fn usage(&self, customer: Option<&str>) -> Response<Vec<u8>> {
         let app = &self.app;
         let snap = app.gate.keys.snapshot();
         let ids: Vec<Arc<str>> = match customer {
@@ -129,7 +130,10 @@ impl AdminApp {
                 suspended,
             });
             let plan = app.gate.plan_of(&identity);
-            let decision = app.gate.limiter.decide(&identity.customer, &plan, 0);
+            let decision = match app.gate.limiter.check(&identity.customer, &plan, 0).await {
+                Ok(d) => d,
+                Err(_) => return problem(503, "Limits unavailable", "the limiter store cannot be reached"),
+            };
             let text = usage_json(&app.usage, &identity, &plan, &decision);
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                 out.push(v);
@@ -144,7 +148,7 @@ impl AdminApp {
 
     fn keys(&self, customer: Option<&str>) -> Response<Vec<u8>> {
         let now = self.app.gate.clock.now_ms();
-        match self.app.store.data() {
+        match self.app.keys.data() {
             Ok(data) => {
                 let list: Vec<serde_json::Value> = data
                     .keys
@@ -207,7 +211,7 @@ impl ServeHttp for AdminApp {
                 }
                 let customer = query_param(query.as_deref(), "customer");
                 match p {
-                    "/admin/usage" => self.usage(customer.as_deref()),
+                    "/admin/usage" => self.usage(customer.as_deref()).await,
                     "/admin/keys" => self.keys(customer.as_deref()),
                     _ => problem(404, "Not found", "see /admin/openapi.json"),
                 }
@@ -250,7 +254,7 @@ impl AdminApp {
             html(&app.config.upstream.host),
             app.config.upstream.port,
             snap.key_count,
-            app.gate.limiter.tracked_customers(),
+            app.gate.limiter.memory().tracked_customers(),
             plans.join("")
         )
     }

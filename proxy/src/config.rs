@@ -26,7 +26,7 @@ struct RawConfig {
     plans: Option<String>,
     keys: Option<RawKeys>,
     limits: Option<RawLimits>,
-    redis: Option<serde_yaml::Value>,
+    redis: Option<RawRedis>,
     admin: Option<RawAdmin>,
     metering: Option<RawMetering>,
     billing_webhooks: Option<serde_yaml::Value>,
@@ -54,6 +54,17 @@ struct RawKeys {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     backend: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<String>,
+    nodes: Option<Vec<String>>,
+    password_env: Option<String>,
+    on_error: Option<String>,
+    timeout: Option<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,9 +162,20 @@ pub struct Metering {
     pub flush_interval: Duration,
 }
 
+/// Where keys and customers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    File,
+    Redis,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub file: PathBuf,
+    pub keys_store: StoreKind,
+    /// The limiter runs on Redis (else in memory).
+    pub redis_limits: bool,
+    pub redis: Option<Arc<crate::redis_conn::RedisConfig>>,
     pub listen: SocketAddr,
     pub tls: Option<TlsFiles>,
     pub upstream: Upstream,
@@ -294,7 +316,7 @@ impl Config {
                 "plans" => raw.plans = src.typed(key, v, &mut d),
                 "keys" => raw.keys = src.typed(key, v, &mut d),
                 "limits" => raw.limits = src.typed(key, v, &mut d),
-                "redis" => raw.redis = Some(v.clone()),
+                "redis" => raw.redis = src.typed(key, v, &mut d),
                 "admin" => raw.admin = src.typed(key, v, &mut d),
                 "metering" => raw.metering = src.typed(key, v, &mut d),
                 "billing_webhooks" => raw.billing_webhooks = Some(v.clone()),
@@ -358,50 +380,36 @@ impl Config {
         };
 
         let keys = raw.keys.as_ref();
-        match keys.and_then(|k| k.store.as_deref()) {
-            None | Some("file") => {}
-            Some("redis") => cx.err(
-                "keys.store",
-                "the redis key store is not available in this version",
-                Some("use store: file; shared Redis keys are planned (see CHANGELOG.md)"),
-            ),
-            Some(other) => cx.err(
-                "keys.store",
-                format!("unknown key store `{other}`"),
-                Some("use file"),
-            ),
-        }
+        let keys_store = match keys.and_then(|k| k.store.as_deref()) {
+            None | Some("file") => StoreKind::File,
+            Some("redis") => StoreKind::Redis,
+            Some(other) => {
+                cx.err("keys.store", format!("unknown key store `{other}`"), Some("use file or redis"));
+                StoreKind::File
+            }
+        };
         let keys_path = cx.path(keys.and_then(|k| k.path.as_deref()).unwrap_or("keys.db"));
-        let key_prefix = keys
-            .and_then(|k| k.prefix.clone())
-            .unwrap_or_else(|| "tg_live_".into());
+        let key_prefix = keys.and_then(|k| k.prefix.clone()).unwrap_or_else(|| "tg_live_".into());
         if !crate::keys::valid_prefix(&key_prefix) {
-            cx.err(
-                "keys.prefix",
-                format!("key prefix `{key_prefix}` must be 1-32 letters, digits, `_` or `-`"),
-                Some("e.g. sk_live_"),
-            );
+            cx.err("keys.prefix", format!("key prefix `{key_prefix}` must be 1-32 letters, digits, `_` or `-`"), Some("e.g. sk_live_"));
         }
 
-        match raw.limits.as_ref().and_then(|l| l.backend.as_deref()) {
-            None | Some("memory") => {}
-            Some("redis") => cx.err(
-                "limits.backend",
-                "the redis limiter is not available in this version",
-                Some("use backend: memory"),
-            ),
-            Some(other) => cx.err(
-                "limits.backend",
-                format!("unknown limiter backend `{other}`"),
-                Some("use memory"),
-            ),
-        }
-        if raw.redis.is_some() {
-            cx.err(
-                "redis",
-                "`redis` is not available in this version",
-                Some("remove the section; the embedded default needs no Redis"),
-            );
+        let redis_limits = match raw.limits.as_ref().and_then(|l| l.backend.as_deref()) {
+            None | Some("memory") => false,
+            Some("redis") => true,
+            Some(other) => {
+                cx.err("limits.backend", format!("unknown limiter backend `{other}`"), Some("use memory or redis"));
+                false
+            }
+        };
+        let redis = raw.redis.as_ref().and_then(|r| parse_redis(&mut cx, r, env));
+        if redis.is_none() && raw.redis.is_none() {
+            if keys_store == StoreKind::Redis {
+                cx.err("keys.store", "`store: redis` needs a `redis:` section", Some("e.g. redis: { url: \"redis://127.0.0.1:6379\" }"));
+            }
+            if redis_limits {
+                cx.err("limits.backend", "`backend: redis` needs a `redis:` section", Some("e.g. redis: { url: \"redis://127.0.0.1:6379\" }"));
+            }
         }
         if raw.billing_webhooks.is_some() {
             cx.err(
@@ -495,6 +503,9 @@ impl Config {
             (Some(listen), Some(upstream), Some(plans), Some(admin_listen)) if cx.d.is_empty() => {
                 Ok(Config {
                     file: src.file.clone(),
+                    keys_store,
+                    redis_limits,
+                    redis,
                     listen,
                     tls,
                     upstream,
@@ -519,6 +530,54 @@ impl Config {
             _ => Err(cx.d),
         }
     }
+}
+
+fn parse_redis(cx: &mut Ctx<'_>, r: &RawRedis, env: Env<'_>) -> Option<Arc<crate::redis_conn::RedisConfig>> {
+    use crate::redis_conn::{OnError, RedisConfig};
+    let before = cx.d.0.len();
+    let (urls, cluster) = match (&r.url, &r.nodes) {
+        (Some(u), None) => (vec![u.clone()], false),
+        (None, Some(n)) if !n.is_empty() => (n.clone(), true),
+        (Some(_), Some(_)) => {
+            cx.err("redis.nodes", "give either `url` (one server) or `nodes` (a cluster), not both", None);
+            (Vec::new(), false)
+        }
+        _ => {
+            cx.err("redis", "`redis` needs `url` or `nodes`", Some("e.g. url: \"redis://127.0.0.1:6379\""));
+            (Vec::new(), false)
+        }
+    };
+    for (i, u) in urls.iter().enumerate() {
+        let path = if cluster { format!("redis.nodes[{i}]") } else { "redis.url".to_owned() };
+        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            cx.err(&path, format!("`{u}` is not a redis:// URL"), Some("e.g. redis://10.0.0.5:6379"));
+        } else if u.contains('@') {
+            cx.err(&path, "the URL holds credentials; secrets come only from environment variables", Some("remove them and set `password_env: REDIS_PASSWORD`"));
+        }
+    }
+    let password = match &r.password_env {
+        Some(var) => match env(var).filter(|p| !p.is_empty()) {
+            Some(p) => Some(p),
+            None => {
+                cx.err("redis.password_env", format!("environment variable {var} is not set"), None);
+                None
+            }
+        },
+        None => None,
+    };
+    let on_error = match r.on_error.as_deref() {
+        None => OnError::Local,
+        Some(s) => OnError::parse(s).unwrap_or_else(|| {
+            cx.err("redis.on_error", format!("unknown on_error `{s}`"), Some("use local, open or closed"));
+            OnError::Local
+        }),
+    };
+    let timeout = cx.duration("redis.timeout", r.timeout.as_deref(), Duration::from_millis(100));
+    let prefix = r.prefix.clone().unwrap_or_else(|| "tg".into());
+    if !crate::plans::valid_token(&prefix) {
+        cx.err("redis.prefix", format!("`{prefix}` may only hold letters, digits, `_`, `-` and `.`"), None);
+    }
+    (cx.d.0.len() == before).then(|| Arc::new(RedisConfig { urls, cluster, password, on_error, timeout, prefix }))
 }
 
 /// `http(s)://host[:port]`, resolved now. No path: Tollgate forwards the

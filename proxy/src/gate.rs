@@ -159,19 +159,39 @@ impl<L: Limiter> Gate<L> {
         }
     }
 
-    /// Checks a presented key: format first (no lookup for junk), then the store.
-    pub fn authenticate(&self, key: &str) -> Result<(Identity, Arc<Plan>), Rejection> {
+    /// Checks a presented key against the local snapshot: format first (no
+    /// lookup for junk), then the hash. No I/O.
+    pub fn authenticate_cached(&self, key: &str) -> Result<(Identity, Arc<Plan>), Rejection> {
         keys::check_format(&self.prefix, key).map_err(|_| Rejection::MalformedKey)?;
         let hash = keys::hash(key);
-        let identity = self
-            .keys
-            .snapshot()
-            .lookup(&hash, self.clock.now_ms())
-            .map_err(|r| match r {
-                KeyRejection::Unknown => Rejection::UnknownKey,
-                KeyRejection::Revoked => Rejection::RevokedKey,
-                KeyRejection::Expired => Rejection::ExpiredKey,
-            })?;
+        let found = self.keys.snapshot().lookup(&hash, self.clock.now_ms());
+        self.admit_identity(found)
+    }
+
+    /// [`Self::authenticate_cached`], then, for a well-formed key the
+    /// snapshot does not know, one question to a shared store.
+    pub async fn authenticate(&self, key: &str) -> Result<(Identity, Arc<Plan>), Rejection> {
+        match self.authenticate_cached(key) {
+            Err(Rejection::UnknownKey) => {
+                let hash = keys::hash(key);
+                match self.keys.lookup_miss(&hash, self.clock.now_ms()).await {
+                    Some(found) => self.admit_identity(found),
+                    None => Err(Rejection::UnknownKey),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn admit_identity(
+        &self,
+        found: Result<Identity, KeyRejection>,
+    ) -> Result<(Identity, Arc<Plan>), Rejection> {
+        let identity = found.map_err(|r| match r {
+            KeyRejection::Unknown => Rejection::UnknownKey,
+            KeyRejection::Revoked => Rejection::RevokedKey,
+            KeyRejection::Expired => Rejection::ExpiredKey,
+        })?;
         let plan = self.plan_of(&identity);
         if identity.suspended {
             return Err(Rejection::Suspended);

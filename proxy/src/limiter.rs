@@ -74,6 +74,73 @@ pub trait Limiter: Send + Sync {
     ) -> impl Future<Output = Result<Decision, LimiterError>> + Send;
 }
 
+/// The configured limiter: memory, or Redis with a memory fallback.
+pub enum Backend {
+    Memory(MemoryLimiter),
+    Redis {
+        redis: crate::redis_limiter::RedisLimiter,
+        /// Enforces the same plans in this instance's memory when Redis
+        /// fails and `on_error: local`.
+        local: MemoryLimiter,
+        on_error: crate::redis_conn::OnError,
+    },
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Memory(_) => "memory",
+            Backend::Redis { .. } => "redis",
+        }
+    }
+
+    /// The in-process limiter (the whole limiter, or Redis's fallback).
+    pub fn memory(&self) -> &MemoryLimiter {
+        match self {
+            Backend::Memory(m) | Backend::Redis { local: m, .. } => m,
+        }
+    }
+
+    async fn decide(&self, customer: &str, plan: &Plan, cost: u64) -> Result<Decision, LimiterError> {
+        let (redis, local, on_error) = match self {
+            Backend::Memory(m) => return Ok(m.decide(customer, plan, cost)),
+            Backend::Redis { redis, local, on_error } => (redis, local, *on_error),
+        };
+        match redis.check(customer, plan, cost).await {
+            Ok(d) => return Ok(d),
+            Err(e) => {
+                if !redis.conn().breaker.is_open() {
+                    log::debug!("limiter: {e:?}");
+                }
+                crate::metrics::LIMITER_ERRORS.with_label_values(&["redis"]).inc();
+            }
+        }
+        crate::metrics::LIMITER_FALLBACK.with_label_values(&[on_error.as_str()]).inc();
+        match on_error {
+            crate::redis_conn::OnError::Local => Ok(local.decide(customer, plan, cost)),
+            crate::redis_conn::OnError::Open => Ok(Decision {
+                allowed: true,
+                policies: Vec::new(),
+                retry_after_secs: 0,
+            }),
+            crate::redis_conn::OnError::Closed => {
+                Err(LimiterError::Unavailable("redis unavailable and on_error is closed".into()))
+            }
+        }
+    }
+}
+
+impl Limiter for Backend {
+    fn check(
+        &self,
+        customer: &str,
+        plan: &Plan,
+        cost: u64,
+    ) -> impl Future<Output = Result<Decision, LimiterError>> + Send {
+        self.decide(customer, plan, cost)
+    }
+}
+
 /// Number of independently locked shards of customer state.
 const SHARDS: usize = 64;
 

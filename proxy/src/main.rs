@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 use tollgate::clock::{Clock, SystemClock};
 use tollgate::config::{parse_duration, Config};
 use tollgate::store::admin::{self, CreateKey};
-use tollgate::store::FileStore;
+use tollgate::config::StoreKind;
+use tollgate::redis_store::BlockingRedisAdmin;
+use tollgate::store::{FileStore, UpdateStore};
 
 #[derive(Parser)]
 #[command(
@@ -158,33 +160,55 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Keys(cmd) => {
             let config = load(&cli.config)?;
-            let store = FileStore::open(&config.keys_path).map_err(|e| e.to_string())?;
-            keys(cmd, &config, &store, now)
+            match open_store(&config)? {
+                Store::File(s) => keys(cmd, &config, &s, now),
+                Store::Redis(s) => keys(cmd, &config, &s, now),
+            }
         }
         Command::Customers(cmd) => {
             let config = load(&cli.config)?;
-            let store = FileStore::open(&config.keys_path).map_err(|e| e.to_string())?;
-            match cmd {
-                CustomersCmd::SetPlan { id, plan } => {
-                    known_plan(&config, &plan)?;
-                    admin::set_plan(&store, &id, &plan).map_err(|e| e.to_string())?;
-                    eprintln!("customer {id} is now on plan {plan}");
-                }
-                CustomersCmd::Suspend { id } => {
-                    admin::set_suspended(&store, &id, true).map_err(|e| e.to_string())?;
-                    eprintln!("customer {id} suspended: its keys now get 403");
-                }
-                CustomersCmd::Resume { id } => {
-                    admin::set_suspended(&store, &id, false).map_err(|e| e.to_string())?;
-                    eprintln!("customer {id} resumed");
-                }
+            match open_store(&config)? {
+                Store::File(s) => customers(cmd, &config, &s),
+                Store::Redis(s) => customers(cmd, &config, &s),
             }
-            Ok(ExitCode::SUCCESS)
         }
         Command::Usage { customer } => {
             let config = load(&cli.config)?;
             usage(&config, customer.as_deref())
         }
+    }
+}
+
+fn customers(cmd: CustomersCmd, config: &Config, store: &impl UpdateStore) -> Result<ExitCode, String> {
+    match cmd {
+        CustomersCmd::SetPlan { id, plan } => {
+            known_plan(config, &plan)?;
+            admin::set_plan(store, &id, &plan).map_err(|e| e.to_string())?;
+            eprintln!("customer {id} is now on plan {plan}");
+        }
+        CustomersCmd::Suspend { id } => {
+            admin::set_suspended(store, &id, true).map_err(|e| e.to_string())?;
+            eprintln!("customer {id} suspended: its keys now get 403");
+        }
+        CustomersCmd::Resume { id } => {
+            admin::set_suspended(store, &id, false).map_err(|e| e.to_string())?;
+            eprintln!("customer {id} resumed");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+enum Store {
+    File(FileStore),
+    Redis(BlockingRedisAdmin),
+}
+
+fn open_store(config: &Config) -> Result<Store, String> {
+    match (config.keys_store, &config.redis) {
+        (StoreKind::Redis, Some(rc)) => Ok(Store::Redis(
+            BlockingRedisAdmin::connect(rc.clone()).map_err(|e| e.to_string())?,
+        )),
+        _ => Ok(Store::File(FileStore::open(&config.keys_path).map_err(|e| e.to_string())?)),
     }
 }
 
@@ -203,25 +227,29 @@ fn known_plan(config: &Config, plan: &str) -> Result<(), String> {
 /// Problems in the key store (unreadable, unknown plans, broken records),
 /// located at the line of the record in the file.
 fn check_store(config: &Config, _now: u64) -> Vec<String> {
-    let path = config.keys_path.display().to_string();
-    let store = match FileStore::open(&config.keys_path) {
-        Ok(s) => s,
-        Err(e) => return vec![format!("{path}:1:1: error: {e}")],
+    let (data, text, path) = match open_store(config) {
+        Err(e) => return vec![format!("{}:1:1: error: {e}", config.file.display())],
+        Ok(Store::File(store)) => {
+            let path = config.keys_path.display().to_string();
+            match store.data() {
+                Ok(d) => (d, std::fs::read_to_string(&config.keys_path).unwrap_or_default(), path),
+                Err(e) => return vec![format!("{path}:1:1: error: {e}")],
+            }
+        }
+        Ok(Store::Redis(store)) => {
+            let path = format!("redis {}", config.redis.as_ref().map(|r| r.urls.join(",")).unwrap_or_default());
+            match store.data() {
+                Ok(d) => (d, String::new(), path),
+                Err(e) => return vec![format!("{path}: error: {e}")],
+            }
+        }
     };
-    let data = match store.data() {
-        Ok(d) => d,
-        Err(e) => return vec![format!("{path}:1:1: error: {e}")],
-    };
-    let text = std::fs::read_to_string(&config.keys_path).unwrap_or_default();
     // The line and column where `needle` first stands in the file.
     let at = |needle: &str| -> String {
         text.lines()
             .enumerate()
-            .find_map(|(i, l)| {
-                l.find(needle)
-                    .map(|c| format!("{path}:{}:{}", i + 1, c + 1))
-            })
-            .unwrap_or_else(|| format!("{path}:1:1"))
+            .find_map(|(i, l)| l.find(needle).map(|c| format!("{path}:{}:{}", i + 1, c + 1)))
+            .unwrap_or_else(|| if text.is_empty() { format!("{path} ({needle})") } else { format!("{path}:1:1") })
     };
     let mut errors = Vec::new();
     for (id, c) in &data.customers {
@@ -265,7 +293,7 @@ fn check_store(config: &Config, _now: u64) -> Vec<String> {
     errors
 }
 
-fn keys(cmd: KeysCmd, config: &Config, store: &FileStore, now: u64) -> Result<ExitCode, String> {
+fn keys(cmd: KeysCmd, config: &Config, store: &impl UpdateStore, now: u64) -> Result<ExitCode, String> {
     match cmd {
         KeysCmd::Create {
             customer,

@@ -82,6 +82,13 @@ pub static LIMITER_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["backend"],
     )
 });
+pub static LIMITER_FALLBACK: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_limiter_fallback_total",
+        "Decisions taken by redis.on_error because Redis could not answer",
+        &["policy"],
+    )
+});
 pub static NEAR_LIMIT: LazyLock<IntCounterVec> = LazyLock::new(|| {
     counter(
         "tollgate_near_limit_total",
@@ -113,6 +120,7 @@ pub fn init() {
     LazyLock::force(&UPSTREAM_DURATION);
     LazyLock::force(&LIMITER_DURATION);
     LazyLock::force(&LIMITER_ERRORS);
+    LazyLock::force(&LIMITER_FALLBACK);
     LazyLock::force(&NEAR_LIMIT);
     LazyLock::force(&USAGE_UNITS);
     LazyLock::force(&KEYS);

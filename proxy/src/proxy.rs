@@ -16,7 +16,7 @@ use pingora::{ErrorSource, ErrorType};
 use crate::config::Config;
 use crate::gate::{self, Gate};
 use crate::headers::RateHeaders;
-use crate::limiter::{Decision, MemoryLimiter};
+use crate::limiter::{Backend, Decision};
 use crate::metrics;
 use crate::plans::Plan;
 use crate::problem::{Rejection, PROBLEM_JSON};
@@ -31,9 +31,34 @@ pub const H_KEY_ID: &str = "x-tollgate-key-id";
 /// Everything a request needs, shared by all workers.
 pub struct App {
     pub config: Arc<Config>,
-    pub gate: Gate<MemoryLimiter>,
+    pub gate: Gate<Backend>,
     pub usage: Arc<UsageLedger>,
-    pub store: Arc<crate::store::FileStore>,
+    pub keys: Keys,
+    /// Runs the Redis connections' driver tasks while the app lives.
+    pub _redis_rt: Option<Arc<crate::redis_store::RedisRuntime>>,
+}
+
+/// The configured key store.
+pub enum Keys {
+    File(Arc<crate::store::FileStore>),
+    Redis(Arc<crate::redis_store::RedisKeyStore>),
+}
+
+impl Keys {
+    pub fn as_key_store(&self) -> Arc<dyn crate::store::KeyStore> {
+        match self {
+            Keys::File(f) => f.clone(),
+            Keys::Redis(r) => r.clone(),
+        }
+    }
+
+    /// The whole store (the Redis store answers from its replica).
+    pub fn data(&self) -> Result<crate::store::StoreData, crate::store::StoreError> {
+        match self {
+            Keys::File(f) => f.data(),
+            Keys::Redis(r) => Ok(r.data()),
+        }
+    }
 }
 
 pub struct TollgateProxy {
@@ -298,7 +323,7 @@ impl ProxyHttp for TollgateProxy {
         }
 
         let authed = match gate::extract_key(&req.headers) {
-            Ok(Some((key, _source))) => app.gate.authenticate(key),
+            Ok(Some((key, _source))) => app.gate.authenticate(key).await,
             Ok(None) => Err(Rejection::MissingKey),
             Err(r) => Err(r),
         };
@@ -312,12 +337,11 @@ impl ProxyHttp for TollgateProxy {
         let started = Instant::now();
         let decision = app.gate.limit(&identity, &plan, cost).await;
         metrics::LIMITER_DURATION
-            .with_label_values(&["memory"])
+            .with_label_values(&[app.gate.limiter.name()])
             .observe(started.elapsed().as_secs_f64());
         let decision = match decision {
             Ok(d) => d,
             Err(_) => {
-                metrics::LIMITER_ERRORS.with_label_values(&["memory"]).inc();
                 return self
                     .reject(session, ctx, &Rejection::Unavailable { retry_after: 1 })
                     .await;

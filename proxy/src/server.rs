@@ -12,11 +12,14 @@ use pingora::services::listening::Service;
 
 use crate::admin::AdminApp;
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StoreKind};
 use crate::gate::Gate;
-use crate::limiter::MemoryLimiter;
-use crate::proxy::{App, TollgateProxy};
-use crate::store::{FileStore, KeyStore};
+use crate::limiter::{Backend, MemoryLimiter};
+use crate::proxy::{App, Keys, TollgateProxy};
+use crate::redis_conn::RedisConn;
+use crate::redis_limiter::RedisLimiter;
+use crate::redis_store::{RedisKeyStore, RedisRuntime};
+use crate::store::FileStore;
 use crate::usage::UsageLedger;
 
 /// How often running proxies look for key store changes.
@@ -24,36 +27,54 @@ pub const KEY_RELOAD_EVERY: Duration = Duration::from_millis(250);
 /// How often idle limiter state is evicted.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-/// Builds the shared application state.
-pub fn app(
-    config: Arc<Config>,
-    clock: Arc<dyn Clock>,
-) -> Result<(Arc<App>, Arc<FileStore>), String> {
-    let store = Arc::new(FileStore::open(&config.keys_path).map_err(|e| e.to_string())?);
-    let limiter = Arc::new(MemoryLimiter::new(clock.clone()));
+/// Builds the shared application state, connecting to Redis if configured
+/// (start-up fails with a clear message if it cannot be reached).
+pub fn app(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<Arc<App>, String> {
+    let uses_redis = config.keys_store == StoreKind::Redis || config.redis_limits;
+    let (redis_rt, conn) = match (&config.redis, uses_redis) {
+        (Some(rc), true) => {
+            let rt = RedisRuntime::new().map_err(|e| format!("cannot start the redis runtime: {e}"))?;
+            let conn = rt
+                .block_on(RedisConn::connect(rc.clone()))
+                .ok_or("the redis runtime failed")?
+                .map_err(|e| format!("cannot connect to redis at {}: {e}", rc.urls.join(", ")))?;
+            (Some(Arc::new(rt)), Some(conn))
+        }
+        _ => (None, None),
+    };
+    let keys = match (config.keys_store, &redis_rt, &conn) {
+        (StoreKind::Redis, Some(rt), Some(conn)) => {
+            let store = rt
+                .block_on(RedisKeyStore::open(conn.clone()))
+                .ok_or("the redis runtime failed")?
+                .map_err(|e| format!("cannot load keys from redis: {e}"))?;
+            rt.spawn(Arc::clone(&store).follow());
+            Keys::Redis(store)
+        }
+        _ => Keys::File(Arc::new(FileStore::open(&config.keys_path).map_err(|e| e.to_string())?)),
+    };
+    let limiter = match (&config.redis, conn) {
+        (Some(rc), Some(conn)) if config.redis_limits => Backend::Redis {
+            redis: RedisLimiter::new(conn, clock.clone()).map_err(|e| e.to_string())?,
+            local: MemoryLimiter::new(clock.clone()),
+            on_error: rc.on_error,
+        },
+        _ => Backend::Memory(MemoryLimiter::new(clock.clone())),
+    };
     let usage = Arc::new(UsageLedger::new(clock.clone(), Vec::new()));
     let gate = Gate {
         plans: config.plans.clone(),
-        keys: store.clone() as Arc<dyn KeyStore>,
-        limiter,
+        keys: keys.as_key_store(),
+        limiter: Arc::new(limiter),
         clock,
         prefix: config.key_prefix.clone(),
     };
-    Ok((
-        Arc::new(App {
-            config,
-            gate,
-            usage,
-            store: store.clone(),
-        }),
-        store,
-    ))
+    Ok(Arc::new(App { config, gate, usage, keys, _redis_rt: redis_rt }))
 }
 
 /// Keeps the key snapshot fresh and the limiter's memory bounded.
 struct Housekeeping {
     app: Arc<App>,
-    store: Arc<FileStore>,
 }
 
 #[async_trait]
@@ -62,19 +83,21 @@ impl BackgroundService for Housekeeping {
         let mut reload = tokio::time::interval(KEY_RELOAD_EVERY);
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         let mut failing = false;
-        update_key_gauge(&self.store, self.app.gate.clock.now_ms());
+        update_key_gauge(&self.app.keys, self.app.gate.clock.now_ms());
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = reload.tick() => {
-                    let store = Arc::clone(&self.store);
+                    // The Redis store follows its own change feed.
+                    let Keys::File(store) = &self.app.keys else { continue };
+                    let store = Arc::clone(store);
                     // File I/O off the async workers.
                     let result = tokio::task::spawn_blocking(move || store.reload()).await;
                     match result {
                         Ok(Ok(true)) => {
                             failing = false;
                             crate::metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
-                            update_key_gauge(&self.store, self.app.gate.clock.now_ms());
+                            update_key_gauge(&self.app.keys, self.app.gate.clock.now_ms());
                             log::info!("key store reloaded");
                         }
                         Ok(Ok(false)) => failing = false,
@@ -90,10 +113,10 @@ impl BackgroundService for Housekeeping {
                 }
                 _ = sweep.tick() => {
                     // Keys pass from expiring to expired without a store change.
-                    let store = Arc::clone(&self.store);
+                    let app = Arc::clone(&self.app);
                     let now = self.app.gate.clock.now_ms();
-                    let _ = tokio::task::spawn_blocking(move || update_key_gauge(&store, now)).await;
-                    let removed = self.app.gate.limiter.sweep();
+                    let _ = tokio::task::spawn_blocking(move || update_key_gauge(&app.keys, now)).await;
+                    let removed = self.app.gate.limiter.memory().sweep();
                     if removed > 0 {
                         log::debug!("limiter: evicted {removed} idle customers");
                     }
@@ -103,8 +126,8 @@ impl BackgroundService for Housekeeping {
     }
 }
 
-fn update_key_gauge(store: &FileStore, now: crate::clock::Millis) {
-    let Ok(data) = store.data() else { return };
+fn update_key_gauge(keys: &Keys, now: crate::clock::Millis) {
+    let Ok(data) = keys.data() else { return };
     let mut counts = std::collections::BTreeMap::<&str, i64>::new();
     for s in ["active", "expiring", "expired", "revoked"] {
         counts.insert(s, 0);
@@ -122,7 +145,7 @@ fn update_key_gauge(store: &FileStore, now: crate::clock::Millis) {
 /// A server ready to `run`, and the state it serves (for tests and the CLI).
 pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<App>), String> {
     crate::metrics::init();
-    let (app, store) = app(config.clone(), clock)?;
+    let app = app(config.clone(), clock)?;
 
     let mut conf = ServerConf {
         threads: config.threads,
@@ -161,10 +184,7 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
 
     server.add_service(background_service(
         "tollgate housekeeping",
-        Housekeeping {
-            app: app.clone(),
-            store,
-        },
+        Housekeeping { app: app.clone() },
     ));
     Ok((server, app))
 }

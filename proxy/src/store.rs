@@ -202,9 +202,19 @@ impl Snapshot {
     }
 }
 
-/// The read side every backend offers the proxy: a current snapshot.
+/// The read side every backend offers the proxy: a current snapshot, and
+/// for shared stores a way to ask about a key the snapshot does not know.
 pub trait KeyStore: Send + Sync {
     fn snapshot(&self) -> Arc<Snapshot>;
+
+    /// A key missing from the snapshot. `None`: unknown.
+    fn lookup_miss<'a>(
+        &'a self,
+        _hash: &'a KeyHash,
+        _now: Millis,
+    ) -> futures_util::future::BoxFuture<'a, Option<Result<Identity, KeyRejection>>> {
+        Box::pin(std::future::ready(None))
+    }
 }
 
 /// A fixed snapshot: for benchmarks and embedding.
@@ -402,7 +412,30 @@ fn read_data(path: &Path) -> Result<StoreData, StoreError> {
     }
 }
 
-/// Operations behind `tollgate keys …` and `tollgate customers …`.
+/// A store that can apply a change atomically: the file store, or Redis
+/// through [`crate::redis_store::BlockingRedisAdmin`].
+pub trait UpdateStore {
+    fn update<T: Send>(
+        &self,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError>;
+    fn data(&self) -> Result<StoreData, StoreError>;
+}
+
+impl UpdateStore for FileStore {
+    fn update<T: Send>(
+        &self,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        FileStore::update(self, f)
+    }
+    fn data(&self) -> Result<StoreData, StoreError> {
+        FileStore::data(self)
+    }
+}
+
+/// Operations behind `tollgate keys …` and `tollgate customers …`, the same
+/// for every store.
 pub mod admin {
     use super::*;
 
@@ -458,7 +491,7 @@ pub mod admin {
     }
 
     pub fn create_key(
-        store: &FileStore,
+        store: &impl UpdateStore,
         prefix: &str,
         req: CreateKey<'_>,
         now: Millis,
@@ -477,7 +510,7 @@ pub mod admin {
         Ok(new)
     }
 
-    pub fn revoke(store: &FileStore, id: &str, now: Millis) -> Result<KeyRecord, StoreError> {
+    pub fn revoke(store: &impl UpdateStore, id: &str, now: Millis) -> Result<KeyRecord, StoreError> {
         store.update(|d| {
             let k = d
                 .keys
@@ -493,7 +526,7 @@ pub mod admin {
 
     /// Issues a new key for the same customer; the old one expires after `grace`.
     pub fn rotate(
-        store: &FileStore,
+        store: &impl UpdateStore,
         prefix: &str,
         id: &str,
         grace: Millis,
@@ -521,7 +554,7 @@ pub mod admin {
         })
     }
 
-    pub fn set_plan(store: &FileStore, customer: &str, plan: &str) -> Result<(), StoreError> {
+    pub fn set_plan(store: &impl UpdateStore, customer: &str, plan: &str) -> Result<(), StoreError> {
         customer_id_ok(customer)?;
         store.update(|d| {
             d.customers.entry(customer.to_owned()).or_default().plan = Some(plan.to_owned());
@@ -530,7 +563,7 @@ pub mod admin {
     }
 
     pub fn set_suspended(
-        store: &FileStore,
+        store: &impl UpdateStore,
         customer: &str,
         suspended: bool,
     ) -> Result<(), StoreError> {

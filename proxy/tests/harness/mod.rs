@@ -23,8 +23,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use tollgate::clock::{Clock, SystemClock};
 use tollgate::config::Config;
+use tollgate::redis_store::BlockingRedisAdmin;
 use tollgate::store::admin::{self, CreateKey};
-use tollgate::store::FileStore;
+use tollgate::store::{FileStore, StoreData, StoreError, UpdateStore};
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -197,6 +198,7 @@ billable_statuses: [2xx]
 pub struct HarnessBuilder {
     plans: String,
     extra: String,
+    redis: Option<String>,
     upstream: Option<SocketAddr>,
     env: Vec<(String, String)>,
 }
@@ -217,6 +219,13 @@ impl HarnessBuilder {
         self.upstream = Some(addr);
         self
     }
+    /// Keys and limits in Redis: `redis` is the `redis:` section's inner
+    /// YAML, e.g. `url: "redis://127.0.0.1:7001", on_error: local`.
+    pub fn redis(mut self, redis: &str) -> Self {
+        self.redis = Some(redis.to_owned());
+        self
+    }
+
     pub fn admin_token(mut self, token: &str) -> Self {
         self.env.push(("TEST_ADMIN_TOKEN".into(), token.into()));
         self
@@ -231,8 +240,12 @@ impl HarnessBuilder {
         let upstream = self.upstream.unwrap_or_else(|| mock.as_ref().unwrap().addr);
         let (port, admin_port) = (free_port(), free_port());
         std::fs::write(dir.path().join("plans.yaml"), &self.plans).unwrap();
+        let backends = match &self.redis {
+            Some(r) => format!("keys: {{ store: redis, prefix: tg_test_ }}\nlimits: {{ backend: redis }}\nredis: {{ {r} }}\n"),
+            None => "keys: { store: file, path: keys.db, prefix: tg_test_ }\n".to_owned(),
+        };
         let config_text = format!(
-            "listen: 127.0.0.1:{port}\nupstream: http://{upstream}\nplans: plans.yaml\nkeys: {{ store: file, path: keys.db, prefix: tg_test_ }}\nadmin: {{ listen: 127.0.0.1:{admin_port}, token_env: TEST_ADMIN_TOKEN }}\nthreads: 2\n{}",
+            "listen: 127.0.0.1:{port}\nupstream: http://{upstream}\nplans: plans.yaml\n{backends}admin: {{ listen: 127.0.0.1:{admin_port}, token_env: TEST_ADMIN_TOKEN }}\nthreads: 2\n{}",
             self.extra
         );
         let config_path = dir.path().join("tollgate.yaml");
@@ -255,7 +268,10 @@ impl HarnessBuilder {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         wait_for_port(addr);
         wait_for_port(config.admin.listen);
-        let store = FileStore::open(&config.keys_path).unwrap();
+        let store = match &config.redis {
+            Some(rc) if self.redis.is_some() => AnyStore::Redis(BlockingRedisAdmin::connect(rc.clone()).unwrap()),
+            _ => AnyStore::File(FileStore::open(&config.keys_path).unwrap()),
+        };
         Harness {
             app,
             addr,
@@ -271,6 +287,134 @@ impl HarnessBuilder {
             thread: Some(thread),
             dir,
         }
+    }
+}
+
+/// The key store as an operator's CLI reaches it.
+pub enum AnyStore {
+    File(FileStore),
+    Redis(BlockingRedisAdmin),
+}
+
+impl UpdateStore for AnyStore {
+    fn update<T: Send>(
+        &self,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        match self {
+            AnyStore::File(s) => UpdateStore::update(s, f),
+            AnyStore::Redis(s) => s.update(f),
+        }
+    }
+    fn data(&self) -> Result<StoreData, StoreError> {
+        match self {
+            AnyStore::File(s) => UpdateStore::data(s),
+            AnyStore::Redis(s) => s.data(),
+        }
+    }
+}
+
+// ---- redis-server processes -------------------------------------------------
+
+/// A `redis-server` of the test's own on a free port; killed on drop. It
+/// never touches the machine's shared Redis on 6379.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<std::process::Child>,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    pub fn start_with(extra: &[&str]) -> Self {
+        let mut s = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.restart();
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same port.
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/setup.sh installs it)");
+        self.child = Some(child);
+        wait_for_port(format!("127.0.0.1:{}", self.port).parse().unwrap());
+    }
+
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A Redis Cluster of `n` masters, no replicas, on free ports.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start(n: usize) -> Self {
+        let nodes: Vec<RedisServer> = (0..n)
+            .map(|_| RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]))
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for node in &nodes {
+            while !node.cli(&["cluster", "info"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Self { nodes }
+    }
+
+    /// The `nodes:` list for tollgate.yaml.
+    pub fn nodes_yaml(&self) -> String {
+        let urls: Vec<String> = self.nodes.iter().map(|n| format!("\"{}\"", n.url())).collect();
+        format!("nodes: [{}]", urls.join(", "))
     }
 }
 
@@ -292,7 +436,8 @@ pub struct Harness {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub config: Arc<Config>,
-    pub store: FileStore,
+    /// The store as the CLI writes it.
+    pub store: AnyStore,
     pub mock: Option<MockUpstream>,
     pub client: reqwest::Client,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -305,6 +450,7 @@ impl Harness {
         HarnessBuilder {
             plans: DEFAULT_PLANS.into(),
             extra: String::new(),
+            redis: None,
             upstream: None,
             env: Vec::new(),
         }
@@ -347,7 +493,16 @@ impl Harness {
 
     /// Makes the proxy re-read the key store now.
     pub fn sync(&self) {
-        self.app.store.reload().unwrap();
+        match &self.app.keys {
+            tollgate::proxy::Keys::File(f) => {
+                f.reload().unwrap();
+            }
+            tollgate::proxy::Keys::Redis(r) => {
+                let rt = self.app._redis_rt.as_ref().unwrap();
+                let r = r.clone();
+                rt.block_on(async move { r.full_reload().await }).unwrap().unwrap();
+            }
+        }
     }
 
     pub fn keys_path(&self) -> PathBuf {
