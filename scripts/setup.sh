@@ -9,6 +9,8 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)        # libz-ng-sys (Pingora'
 command -v cc >/dev/null 2>&1 || need+=(build-essential)  # ring, zstd-sys
 command -v python3 >/dev/null 2>&1 || need+=(python3)     # the example upstream API
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # tests start their own servers
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v perl >/dev/null 2>&1 || need+=(perl)
 
 if [ ${#need[@]} -gt 0 ]; then

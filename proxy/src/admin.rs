@@ -132,7 +132,13 @@ impl AdminApp {
             let plan = app.gate.plan_of(&identity);
             let decision = match app.gate.limiter.check(&identity.customer, &plan, 0).await {
                 Ok(d) => d,
-                Err(_) => return problem(503, "Limits unavailable", "the limiter store cannot be reached"),
+                Err(_) => {
+                    return problem(
+                        503,
+                        "Limits unavailable",
+                        "the limiter store cannot be reached",
+                    )
+                }
             };
             let text = usage_json(&app.usage, &identity, &plan, &decision);
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {

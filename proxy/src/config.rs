@@ -384,31 +384,56 @@ impl Config {
             None | Some("file") => StoreKind::File,
             Some("redis") => StoreKind::Redis,
             Some(other) => {
-                cx.err("keys.store", format!("unknown key store `{other}`"), Some("use file or redis"));
+                cx.err(
+                    "keys.store",
+                    format!("unknown key store `{other}`"),
+                    Some("use file or redis"),
+                );
                 StoreKind::File
             }
         };
         let keys_path = cx.path(keys.and_then(|k| k.path.as_deref()).unwrap_or("keys.db"));
-        let key_prefix = keys.and_then(|k| k.prefix.clone()).unwrap_or_else(|| "tg_live_".into());
+        let key_prefix = keys
+            .and_then(|k| k.prefix.clone())
+            .unwrap_or_else(|| "tg_live_".into());
         if !crate::keys::valid_prefix(&key_prefix) {
-            cx.err("keys.prefix", format!("key prefix `{key_prefix}` must be 1-32 letters, digits, `_` or `-`"), Some("e.g. sk_live_"));
+            cx.err(
+                "keys.prefix",
+                format!("key prefix `{key_prefix}` must be 1-32 letters, digits, `_` or `-`"),
+                Some("e.g. sk_live_"),
+            );
         }
 
         let redis_limits = match raw.limits.as_ref().and_then(|l| l.backend.as_deref()) {
             None | Some("memory") => false,
             Some("redis") => true,
             Some(other) => {
-                cx.err("limits.backend", format!("unknown limiter backend `{other}`"), Some("use memory or redis"));
+                cx.err(
+                    "limits.backend",
+                    format!("unknown limiter backend `{other}`"),
+                    Some("use memory or redis"),
+                );
                 false
             }
         };
-        let redis = raw.redis.as_ref().and_then(|r| parse_redis(&mut cx, r, env));
+        let redis = raw
+            .redis
+            .as_ref()
+            .and_then(|r| parse_redis(&mut cx, r, env));
         if redis.is_none() && raw.redis.is_none() {
             if keys_store == StoreKind::Redis {
-                cx.err("keys.store", "`store: redis` needs a `redis:` section", Some("e.g. redis: { url: \"redis://127.0.0.1:6379\" }"));
+                cx.err(
+                    "keys.store",
+                    "`store: redis` needs a `redis:` section",
+                    Some("e.g. redis: { url: \"redis://127.0.0.1:6379\" }"),
+                );
             }
             if redis_limits {
-                cx.err("limits.backend", "`backend: redis` needs a `redis:` section", Some("e.g. redis: { url: \"redis://127.0.0.1:6379\" }"));
+                cx.err(
+                    "limits.backend",
+                    "`backend: redis` needs a `redis:` section",
+                    Some("e.g. redis: { url: \"redis://127.0.0.1:6379\" }"),
+                );
             }
         }
         if raw.billing_webhooks.is_some() {
@@ -532,34 +557,62 @@ impl Config {
     }
 }
 
-fn parse_redis(cx: &mut Ctx<'_>, r: &RawRedis, env: Env<'_>) -> Option<Arc<crate::redis_conn::RedisConfig>> {
+fn parse_redis(
+    cx: &mut Ctx<'_>,
+    r: &RawRedis,
+    env: Env<'_>,
+) -> Option<Arc<crate::redis_conn::RedisConfig>> {
     use crate::redis_conn::{OnError, RedisConfig};
     let before = cx.d.0.len();
     let (urls, cluster) = match (&r.url, &r.nodes) {
         (Some(u), None) => (vec![u.clone()], false),
         (None, Some(n)) if !n.is_empty() => (n.clone(), true),
         (Some(_), Some(_)) => {
-            cx.err("redis.nodes", "give either `url` (one server) or `nodes` (a cluster), not both", None);
+            cx.err(
+                "redis.nodes",
+                "give either `url` (one server) or `nodes` (a cluster), not both",
+                None,
+            );
             (Vec::new(), false)
         }
         _ => {
-            cx.err("redis", "`redis` needs `url` or `nodes`", Some("e.g. url: \"redis://127.0.0.1:6379\""));
+            cx.err(
+                "redis",
+                "`redis` needs `url` or `nodes`",
+                Some("e.g. url: \"redis://127.0.0.1:6379\""),
+            );
             (Vec::new(), false)
         }
     };
     for (i, u) in urls.iter().enumerate() {
-        let path = if cluster { format!("redis.nodes[{i}]") } else { "redis.url".to_owned() };
+        let path = if cluster {
+            format!("redis.nodes[{i}]")
+        } else {
+            "redis.url".to_owned()
+        };
         if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-            cx.err(&path, format!("`{u}` is not a redis:// URL"), Some("e.g. redis://10.0.0.5:6379"));
+            cx.err(
+                &path,
+                format!("`{u}` is not a redis:// URL"),
+                Some("e.g. redis://10.0.0.5:6379"),
+            );
         } else if u.contains('@') {
-            cx.err(&path, "the URL holds credentials; secrets come only from environment variables", Some("remove them and set `password_env: REDIS_PASSWORD`"));
+            cx.err(
+                &path,
+                "the URL holds credentials; secrets come only from environment variables",
+                Some("remove them and set `password_env: REDIS_PASSWORD`"),
+            );
         }
     }
     let password = match &r.password_env {
         Some(var) => match env(var).filter(|p| !p.is_empty()) {
             Some(p) => Some(p),
             None => {
-                cx.err("redis.password_env", format!("environment variable {var} is not set"), None);
+                cx.err(
+                    "redis.password_env",
+                    format!("environment variable {var} is not set"),
+                    None,
+                );
                 None
             }
         },
@@ -568,16 +621,37 @@ fn parse_redis(cx: &mut Ctx<'_>, r: &RawRedis, env: Env<'_>) -> Option<Arc<crate
     let on_error = match r.on_error.as_deref() {
         None => OnError::Local,
         Some(s) => OnError::parse(s).unwrap_or_else(|| {
-            cx.err("redis.on_error", format!("unknown on_error `{s}`"), Some("use local, open or closed"));
+            cx.err(
+                "redis.on_error",
+                format!("unknown on_error `{s}`"),
+                Some("use local, open or closed"),
+            );
             OnError::Local
         }),
     };
-    let timeout = cx.duration("redis.timeout", r.timeout.as_deref(), Duration::from_millis(100));
+    let timeout = cx.duration(
+        "redis.timeout",
+        r.timeout.as_deref(),
+        Duration::from_millis(100),
+    );
     let prefix = r.prefix.clone().unwrap_or_else(|| "tg".into());
     if !crate::plans::valid_token(&prefix) {
-        cx.err("redis.prefix", format!("`{prefix}` may only hold letters, digits, `_`, `-` and `.`"), None);
+        cx.err(
+            "redis.prefix",
+            format!("`{prefix}` may only hold letters, digits, `_`, `-` and `.`"),
+            None,
+        );
     }
-    (cx.d.0.len() == before).then(|| Arc::new(RedisConfig { urls, cluster, password, on_error, timeout, prefix }))
+    (cx.d.0.len() == before).then(|| {
+        Arc::new(RedisConfig {
+            urls,
+            cluster,
+            password,
+            on_error,
+            timeout,
+            prefix,
+        })
+    })
 }
 
 /// `http(s)://host[:port]`, resolved now. No path: Tollgate forwards the

@@ -101,10 +101,19 @@ impl Backend {
         }
     }
 
-    async fn decide(&self, customer: &str, plan: &Plan, cost: u64) -> Result<Decision, LimiterError> {
+    async fn decide(
+        &self,
+        customer: &str,
+        plan: &Plan,
+        cost: u64,
+    ) -> Result<Decision, LimiterError> {
         let (redis, local, on_error) = match self {
             Backend::Memory(m) => return Ok(m.decide(customer, plan, cost)),
-            Backend::Redis { redis, local, on_error } => (redis, local, *on_error),
+            Backend::Redis {
+                redis,
+                local,
+                on_error,
+            } => (redis, local, *on_error),
         };
         match redis.check(customer, plan, cost).await {
             Ok(d) => return Ok(d),
@@ -112,10 +121,14 @@ impl Backend {
                 if !redis.conn().breaker.is_open() {
                     log::debug!("limiter: {e:?}");
                 }
-                crate::metrics::LIMITER_ERRORS.with_label_values(&["redis"]).inc();
+                crate::metrics::LIMITER_ERRORS
+                    .with_label_values(&["redis"])
+                    .inc();
             }
         }
-        crate::metrics::LIMITER_FALLBACK.with_label_values(&[on_error.as_str()]).inc();
+        crate::metrics::LIMITER_FALLBACK
+            .with_label_values(&[on_error.as_str()])
+            .inc();
         match on_error {
             crate::redis_conn::OnError::Local => Ok(local.decide(customer, plan, cost)),
             crate::redis_conn::OnError::Open => Ok(Decision {
@@ -123,9 +136,9 @@ impl Backend {
                 policies: Vec::new(),
                 retry_after_secs: 0,
             }),
-            crate::redis_conn::OnError::Closed => {
-                Err(LimiterError::Unavailable("redis unavailable and on_error is closed".into()))
-            }
+            crate::redis_conn::OnError::Closed => Err(LimiterError::Unavailable(
+                "redis unavailable and on_error is closed".into(),
+            )),
         }
     }
 }

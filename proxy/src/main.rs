@@ -9,10 +9,10 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use tollgate::clock::{Clock, SystemClock};
-use tollgate::config::{parse_duration, Config};
-use tollgate::store::admin::{self, CreateKey};
 use tollgate::config::StoreKind;
+use tollgate::config::{parse_duration, Config};
 use tollgate::redis_store::BlockingRedisAdmin;
+use tollgate::store::admin::{self, CreateKey};
 use tollgate::store::{FileStore, UpdateStore};
 
 #[derive(Parser)]
@@ -179,7 +179,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
     }
 }
 
-fn customers(cmd: CustomersCmd, config: &Config, store: &impl UpdateStore) -> Result<ExitCode, String> {
+fn customers(
+    cmd: CustomersCmd,
+    config: &Config,
+    store: &impl UpdateStore,
+) -> Result<ExitCode, String> {
     match cmd {
         CustomersCmd::SetPlan { id, plan } => {
             known_plan(config, &plan)?;
@@ -208,7 +212,9 @@ fn open_store(config: &Config) -> Result<Store, String> {
         (StoreKind::Redis, Some(rc)) => Ok(Store::Redis(
             BlockingRedisAdmin::connect(rc.clone()).map_err(|e| e.to_string())?,
         )),
-        _ => Ok(Store::File(FileStore::open(&config.keys_path).map_err(|e| e.to_string())?)),
+        _ => Ok(Store::File(
+            FileStore::open(&config.keys_path).map_err(|e| e.to_string())?,
+        )),
     }
 }
 
@@ -232,12 +238,23 @@ fn check_store(config: &Config, _now: u64) -> Vec<String> {
         Ok(Store::File(store)) => {
             let path = config.keys_path.display().to_string();
             match store.data() {
-                Ok(d) => (d, std::fs::read_to_string(&config.keys_path).unwrap_or_default(), path),
+                Ok(d) => (
+                    d,
+                    std::fs::read_to_string(&config.keys_path).unwrap_or_default(),
+                    path,
+                ),
                 Err(e) => return vec![format!("{path}:1:1: error: {e}")],
             }
         }
         Ok(Store::Redis(store)) => {
-            let path = format!("redis {}", config.redis.as_ref().map(|r| r.urls.join(",")).unwrap_or_default());
+            let path = format!(
+                "redis {}",
+                config
+                    .redis
+                    .as_ref()
+                    .map(|r| r.urls.join(","))
+                    .unwrap_or_default()
+            );
             match store.data() {
                 Ok(d) => (d, String::new(), path),
                 Err(e) => return vec![format!("{path}: error: {e}")],
@@ -248,8 +265,17 @@ fn check_store(config: &Config, _now: u64) -> Vec<String> {
     let at = |needle: &str| -> String {
         text.lines()
             .enumerate()
-            .find_map(|(i, l)| l.find(needle).map(|c| format!("{path}:{}:{}", i + 1, c + 1)))
-            .unwrap_or_else(|| if text.is_empty() { format!("{path} ({needle})") } else { format!("{path}:1:1") })
+            .find_map(|(i, l)| {
+                l.find(needle)
+                    .map(|c| format!("{path}:{}:{}", i + 1, c + 1))
+            })
+            .unwrap_or_else(|| {
+                if text.is_empty() {
+                    format!("{path} ({needle})")
+                } else {
+                    format!("{path}:1:1")
+                }
+            })
     };
     let mut errors = Vec::new();
     for (id, c) in &data.customers {
@@ -293,7 +319,12 @@ fn check_store(config: &Config, _now: u64) -> Vec<String> {
     errors
 }
 
-fn keys(cmd: KeysCmd, config: &Config, store: &impl UpdateStore, now: u64) -> Result<ExitCode, String> {
+fn keys(
+    cmd: KeysCmd,
+    config: &Config,
+    store: &impl UpdateStore,
+    now: u64,
+) -> Result<ExitCode, String> {
     match cmd {
         KeysCmd::Create {
             customer,

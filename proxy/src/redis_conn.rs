@@ -117,7 +117,11 @@ impl RedisConn {
                 .build()?;
             Inner::Cluster(client.get_async_connection().await?)
         } else {
-            let url = config.urls.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
+            let url = config
+                .urls
+                .first()
+                .map(String::as_str)
+                .unwrap_or("redis://127.0.0.1:6379");
             let client = redis::Client::open(config.connection_info(url)?)?;
             let cfg = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(config.timeout))
@@ -136,7 +140,12 @@ impl RedisConn {
 
     /// A client for pub/sub: the first node (cluster PUBLISH reaches every node).
     pub fn pubsub_client(&self) -> RedisResult<redis::Client> {
-        let url = self.config.urls.first().map(String::as_str).unwrap_or("redis://127.0.0.1:6379");
+        let url = self
+            .config
+            .urls
+            .first()
+            .map(String::as_str)
+            .unwrap_or("redis://127.0.0.1:6379");
         redis::Client::open(self.config.connection_info(url)?)
     }
 
@@ -243,7 +252,12 @@ impl Breaker {
         now >= at
             && self
                 .retry_at
-                .compare_exchange(at, now + self.cooldown.as_millis() as u64, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(
+                    at,
+                    now + self.cooldown.as_millis() as u64,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
                 .is_ok()
     }
 
@@ -257,10 +271,14 @@ impl Breaker {
     pub fn failure(&self, why: &str) {
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if n >= THRESHOLD || self.is_open() {
-            self.retry_at
-                .store(self.now() + self.cooldown.as_millis() as u64, Ordering::Release);
+            self.retry_at.store(
+                self.now() + self.cooldown.as_millis() as u64,
+                Ordering::Release,
+            );
             if !self.open.swap(true, Ordering::AcqRel) {
-                log::error!("redis unavailable ({why}); applying redis.on_error until it answers again");
+                log::error!(
+                    "redis unavailable ({why}); applying redis.on_error until it answers again"
+                );
             }
         }
     }

@@ -64,7 +64,7 @@ for i = 1, n do
       redis.call('SET', tkey, used[i] + cost, 'PX', w)
     else
       redis.call('INCRBY', key, cost)
-      redis.call('PEXPIREAT', key, wend + 60000)
+      redis.call('PEXPIRE', key, wend - now + 60000)
     end
     used[i] = used[i] + cost
   end
@@ -129,12 +129,20 @@ impl RedisLimiter {
 
     async fn run(&self, customer: &str, plan: &Plan, cost: u64) -> Result<Decision, LimiterError> {
         if plan.limits.is_empty() {
-            return Ok(Decision { allowed: true, policies: Vec::new(), retry_after_secs: 0 });
+            return Ok(Decision {
+                allowed: true,
+                policies: Vec::new(),
+                retry_after_secs: 0,
+            });
         }
         let now = self.clock.now_ms();
         let prefix = &self.conn.config.prefix;
         let mut inv = self.script.prepare_invoke();
-        let member = format!("{}:{}", self.instance, self.seq.fetch_add(1, Ordering::Relaxed));
+        let member = format!(
+            "{}:{}",
+            self.instance,
+            self.seq.fetch_add(1, Ordering::Relaxed)
+        );
         inv.arg(now).arg(cost).arg(member).arg(plan.limits.len());
         for l in &plan.limits {
             match l.window {
@@ -162,7 +170,10 @@ impl RedisLimiter {
             .await
             .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
         if out.len() != 1 + 4 * plan.limits.len() {
-            return Err(LimiterError::Unavailable(format!("unexpected script reply of {} items", out.len())));
+            return Err(LimiterError::Unavailable(format!(
+                "unexpected script reply of {} items",
+                out.len()
+            )));
         }
         let allowed = out[0] == 1;
         let mut retry_after_secs = 0;
@@ -185,7 +196,11 @@ impl RedisLimiter {
                 }
             })
             .collect();
-        Ok(Decision { allowed, policies, retry_after_secs })
+        Ok(Decision {
+            allowed,
+            policies,
+            retry_after_secs,
+        })
     }
 }
 

@@ -24,7 +24,9 @@ use redis::Cmd;
 
 use crate::keys::KeyHash;
 use crate::redis_conn::RedisConn;
-use crate::store::{CustomerRecord, Identity, KeyRecord, KeyStore, Snapshot, StoreData, StoreError};
+use crate::store::{
+    CustomerRecord, Identity, KeyRecord, KeyStore, Snapshot, StoreData, StoreError,
+};
 
 /// How long an unknown key is remembered as unknown.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(10);
@@ -70,10 +72,22 @@ fn redis_err(e: impl std::fmt::Display) -> StoreError {
 /// Reads the whole store.
 pub async fn load_all(conn: &RedisConn) -> Result<(u64, StoreData), StoreError> {
     let p = &conn.config.prefix;
-    let version: Option<u64> = conn.admin(Cmd::get(format!("{p}:version"))).await.map_err(redis_err)?;
-    let hashes: Vec<String> = conn.admin(Cmd::smembers(format!("{p}:keys"))).await.map_err(redis_err)?;
-    let ids: Vec<String> = conn.admin(Cmd::smembers(format!("{p}:customers"))).await.map_err(redis_err)?;
-    let mut data = StoreData { version: 1, ..StoreData::default() };
+    let version: Option<u64> = conn
+        .admin(Cmd::get(format!("{p}:version")))
+        .await
+        .map_err(redis_err)?;
+    let hashes: Vec<String> = conn
+        .admin(Cmd::smembers(format!("{p}:keys")))
+        .await
+        .map_err(redis_err)?;
+    let ids: Vec<String> = conn
+        .admin(Cmd::smembers(format!("{p}:customers")))
+        .await
+        .map_err(redis_err)?;
+    let mut data = StoreData {
+        version: 1,
+        ..StoreData::default()
+    };
     // Many requests in flight on the multiplexed connection at once.
     let mut set = tokio::task::JoinSet::new();
     for chunk in hashes.chunks(256) {
@@ -95,15 +109,23 @@ pub async fn load_all(conn: &RedisConn) -> Result<(u64, StoreData), StoreError> 
         }
     }
     for id in ids {
-        let f: HashMap<String, String> = conn.admin(Cmd::hgetall(k_customer(p, &id))).await.map_err(redis_err)?;
+        let f: HashMap<String, String> = conn
+            .admin(Cmd::hgetall(k_customer(p, &id)))
+            .await
+            .map_err(redis_err)?;
         data.customers.insert(id, customer_from(&f));
     }
-    data.keys.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+    data.keys
+        .sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
     Ok((version.unwrap_or(0), data))
 }
 
 /// Writes the differences between `old` and `new`, then announces them.
-async fn write_changes(conn: &RedisConn, old: &StoreData, new: &StoreData) -> Result<(), StoreError> {
+async fn write_changes(
+    conn: &RedisConn,
+    old: &StoreData,
+    new: &StoreData,
+) -> Result<(), StoreError> {
     let p = &conn.config.prefix;
     let before: HashMap<&str, &KeyRecord> = old.keys.iter().map(|k| (k.hash.as_str(), k)).collect();
     let mut changes = Vec::new();
@@ -119,18 +141,30 @@ async fn write_changes(conn: &RedisConn, old: &StoreData, new: &StoreData) -> Re
             ("created", k.created.clone()),
         ];
         let mut absent = Vec::new();
-        for (name, v) in [("name", &k.name), ("expires", &k.expires), ("revoked", &k.revoked)] {
+        for (name, v) in [
+            ("name", &k.name),
+            ("expires", &k.expires),
+            ("revoked", &k.revoked),
+        ] {
             match v {
                 Some(v) => fields.push((name, v.clone())),
                 None => absent.push(name),
             }
         }
-        conn.admin::<()>(Cmd::hset_multiple(&key, &fields)).await.map_err(redis_err)?;
+        conn.admin::<()>(Cmd::hset_multiple(&key, &fields))
+            .await
+            .map_err(redis_err)?;
         if !absent.is_empty() {
-            conn.admin::<()>(Cmd::hdel(&key, absent)).await.map_err(redis_err)?;
+            conn.admin::<()>(Cmd::hdel(&key, absent))
+                .await
+                .map_err(redis_err)?;
         }
-        conn.admin::<()>(Cmd::set(k_keyid(p, &k.id), &k.hash)).await.map_err(redis_err)?;
-        conn.admin::<()>(Cmd::sadd(format!("{p}:keys"), &k.hash)).await.map_err(redis_err)?;
+        conn.admin::<()>(Cmd::set(k_keyid(p, &k.id), &k.hash))
+            .await
+            .map_err(redis_err)?;
+        conn.admin::<()>(Cmd::sadd(format!("{p}:keys"), &k.hash))
+            .await
+            .map_err(redis_err)?;
         changes.push(format!("key {}", k.hash));
     }
     for (id, c) in &new.customers {
@@ -140,20 +174,35 @@ async fn write_changes(conn: &RedisConn, old: &StoreData, new: &StoreData) -> Re
         let key = k_customer(p, id);
         let fields = [
             ("plan", c.plan.clone().unwrap_or_default()),
-            ("suspended", if c.suspended { "1".into() } else { "0".into() }),
+            (
+                "suspended",
+                if c.suspended { "1".into() } else { "0".into() },
+            ),
         ];
-        conn.admin::<()>(Cmd::hset_multiple(&key, &fields)).await.map_err(redis_err)?;
+        conn.admin::<()>(Cmd::hset_multiple(&key, &fields))
+            .await
+            .map_err(redis_err)?;
         if c.plan.is_none() {
-            conn.admin::<()>(Cmd::hdel(&key, "plan")).await.map_err(redis_err)?;
+            conn.admin::<()>(Cmd::hdel(&key, "plan"))
+                .await
+                .map_err(redis_err)?;
         }
-        conn.admin::<()>(Cmd::sadd(format!("{p}:customers"), id)).await.map_err(redis_err)?;
+        conn.admin::<()>(Cmd::sadd(format!("{p}:customers"), id))
+            .await
+            .map_err(redis_err)?;
         changes.push(format!("customer {id}"));
     }
     for change in changes {
-        let v: u64 = conn.admin(Cmd::incr(format!("{p}:version"), 1)).await.map_err(redis_err)?;
-        conn.admin::<()>(Cmd::publish(format!("{p}:changes"), format!("{v} {change}")))
+        let v: u64 = conn
+            .admin(Cmd::incr(format!("{p}:version"), 1))
             .await
             .map_err(redis_err)?;
+        conn.admin::<()>(Cmd::publish(
+            format!("{p}:changes"),
+            format!("{v} {change}"),
+        ))
+        .await
+        .map_err(redis_err)?;
     }
     Ok(())
 }
@@ -178,13 +227,20 @@ impl RedisAdmin {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let mut cmd = Cmd::new();
-            cmd.arg("SET").arg(&lock).arg(&token).arg("NX").arg("PX").arg(10_000);
+            cmd.arg("SET")
+                .arg(&lock)
+                .arg(&token)
+                .arg("NX")
+                .arg("PX")
+                .arg(10_000);
             let got: Option<String> = self.conn.admin(&cmd).await.map_err(redis_err)?;
             if got.is_some() {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(StoreError::Invalid("another writer holds the redis store lock".into()));
+                return Err(StoreError::Invalid(
+                    "another writer holds the redis store lock".into(),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -200,7 +256,11 @@ impl RedisAdmin {
         let release = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
         );
-        let _: Result<i64, _> = release.key(&lock).arg(&token).invoke_async(&mut self.conn_clone()).await;
+        let _: Result<i64, _> = release
+            .key(&lock)
+            .arg(&token)
+            .invoke_async(&mut self.conn_clone())
+            .await;
         result
     }
 
@@ -226,7 +286,12 @@ impl redis::aio::ConnectionLike for AdminConn {
         _offset: usize,
         _count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
-        Box::pin(async move { Err(redis::RedisError::from((redis::ErrorKind::Client, "pipelines are not used here"))) })
+        Box::pin(async move {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "pipelines are not used here",
+            )))
+        })
     }
     fn get_db(&self) -> i64 {
         0
@@ -285,7 +350,9 @@ impl RedisKeyStore {
         }
         self.applied.store(version, Ordering::Release);
         self.clear_negative();
-        crate::metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
+        crate::metrics::CONFIG_RELOADS
+            .with_label_values(&["success"])
+            .inc();
         Ok(())
     }
 
@@ -295,7 +362,9 @@ impl RedisKeyStore {
         let (Some(v), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
             return Ok(());
         };
-        let Ok(v) = v.parse::<u64>() else { return Ok(()) };
+        let Ok(v) = v.parse::<u64>() else {
+            return Ok(());
+        };
         let applied = self.applied.load(Ordering::Acquire);
         if v <= applied {
             return Ok(());
@@ -307,7 +376,11 @@ impl RedisKeyStore {
         let p = &self.conn.config.prefix;
         match kind {
             "key" => {
-                let f: HashMap<String, String> = self.conn.admin(Cmd::hgetall(k_key(p, id))).await.map_err(redis_err)?;
+                let f: HashMap<String, String> = self
+                    .conn
+                    .admin(Cmd::hgetall(k_key(p, id)))
+                    .await
+                    .map_err(redis_err)?;
                 let rec = record_from(id, &f);
                 let mut hash = [0u8; 32];
                 if hex::decode_to_slice(id, &mut hash).is_ok() {
@@ -326,7 +399,11 @@ impl RedisKeyStore {
                 self.rebuild(&data);
             }
             "customer" => {
-                let f: HashMap<String, String> = self.conn.admin(Cmd::hgetall(k_customer(p, id))).await.map_err(redis_err)?;
+                let f: HashMap<String, String> = self
+                    .conn
+                    .admin(Cmd::hgetall(k_customer(p, id)))
+                    .await
+                    .map_err(redis_err)?;
                 let data = {
                     let mut m = self.mirror.lock().map_err(|_| redis_err("lock poisoned"))?;
                     m.customers.insert(id.to_owned(), customer_from(&f));
@@ -382,7 +459,9 @@ impl RedisKeyStore {
             let mut behind: Option<u64> = None;
             loop {
                 tokio::time::sleep(VERSION_POLL).await;
-                let Ok(v) = me.conn.query::<Option<u64>>(&Cmd::get(&key)).await else { continue };
+                let Ok(v) = me.conn.query::<Option<u64>>(&Cmd::get(&key)).await else {
+                    continue;
+                };
                 let v = v.unwrap_or(0);
                 let applied = me.applied.load(Ordering::Acquire);
                 behind = match behind {
@@ -405,7 +484,11 @@ impl RedisKeyStore {
     }
 
     /// A key missing from the replica: ask Redis once, remember absences.
-    pub async fn lookup_miss(&self, hash: &KeyHash, now: u64) -> Option<Result<Identity, crate::store::KeyRejection>> {
+    pub async fn lookup_miss(
+        &self,
+        hash: &KeyHash,
+        now: u64,
+    ) -> Option<Result<Identity, crate::store::KeyRejection>> {
         {
             let mut neg = self.negative.lock().ok()?;
             if let Some(t) = neg.get(hash) {
@@ -416,7 +499,11 @@ impl RedisKeyStore {
             }
         }
         let hex = hex::encode(hash);
-        let f: HashMap<String, String> = match self.conn.query(&Cmd::hgetall(k_key(&self.conn.config.prefix, &hex))).await {
+        let f: HashMap<String, String> = match self
+            .conn
+            .query(&Cmd::hgetall(k_key(&self.conn.config.prefix, &hex)))
+            .await
+        {
             Ok(f) => f,
             // Redis down: the key stays unknown; nothing is remembered.
             Err(_) => return None,
@@ -425,7 +512,10 @@ impl RedisKeyStore {
             Some(rec) => {
                 let c: HashMap<String, String> = self
                     .conn
-                    .query(&Cmd::hgetall(k_customer(&self.conn.config.prefix, &rec.customer)))
+                    .query(&Cmd::hgetall(k_customer(
+                        &self.conn.config.prefix,
+                        &rec.customer,
+                    )))
                     .await
                     .ok()?;
                 let data = {
@@ -467,7 +557,8 @@ impl KeyStore for RedisKeyStore {
         &'a self,
         hash: &'a KeyHash,
         now: u64,
-    ) -> futures_util::future::BoxFuture<'a, Option<Result<Identity, crate::store::KeyRejection>>> {
+    ) -> futures_util::future::BoxFuture<'a, Option<Result<Identity, crate::store::KeyRejection>>>
+    {
         Box::pin(RedisKeyStore::lookup_miss(self, hash, now))
     }
 }
@@ -528,7 +619,10 @@ impl BlockingRedisAdmin {
             .block_on(RedisConn::connect(config))
             .ok_or_else(|| redis_err("runtime failed"))?
             .map_err(|e| redis_err(format!("cannot connect: {e}")))?;
-        Ok(Self { admin: RedisAdmin { conn }, rt })
+        Ok(Self {
+            admin: RedisAdmin { conn },
+            rt,
+        })
     }
 }
 
@@ -542,16 +636,20 @@ impl crate::store::UpdateStore for BlockingRedisAdmin {
         let admin = &self.admin;
         let mut f = Some(f);
         let mut out = None;
-        let result = self.rt.block_on(admin.update_with(&mut |d: &mut StoreData| {
-            let f = f.take().ok_or_else(|| redis_err("update ran twice"))?;
-            out = Some(f(d)?);
-            Ok(())
-        }));
+        let result = self
+            .rt
+            .block_on(admin.update_with(&mut |d: &mut StoreData| {
+                let f = f.take().ok_or_else(|| redis_err("update ran twice"))?;
+                out = Some(f(d)?);
+                Ok(())
+            }));
         result.ok_or_else(|| redis_err("runtime failed"))??;
         out.ok_or_else(|| redis_err("update did not run"))
     }
 
     fn data(&self) -> Result<StoreData, StoreError> {
-        self.rt.block_on(self.admin.data()).ok_or_else(|| redis_err("runtime failed"))?
+        self.rt
+            .block_on(self.admin.data())
+            .ok_or_else(|| redis_err("runtime failed"))?
     }
 }

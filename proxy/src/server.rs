@@ -33,7 +33,8 @@ pub fn app(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<Arc<App>, Strin
     let uses_redis = config.keys_store == StoreKind::Redis || config.redis_limits;
     let (redis_rt, conn) = match (&config.redis, uses_redis) {
         (Some(rc), true) => {
-            let rt = RedisRuntime::new().map_err(|e| format!("cannot start the redis runtime: {e}"))?;
+            let rt =
+                RedisRuntime::new().map_err(|e| format!("cannot start the redis runtime: {e}"))?;
             let conn = rt
                 .block_on(RedisConn::connect(rc.clone()))
                 .ok_or("the redis runtime failed")?
@@ -51,7 +52,9 @@ pub fn app(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<Arc<App>, Strin
             rt.spawn(Arc::clone(&store).follow());
             Keys::Redis(store)
         }
-        _ => Keys::File(Arc::new(FileStore::open(&config.keys_path).map_err(|e| e.to_string())?)),
+        _ => Keys::File(Arc::new(
+            FileStore::open(&config.keys_path).map_err(|e| e.to_string())?,
+        )),
     };
     let limiter = match (&config.redis, conn) {
         (Some(rc), Some(conn)) if config.redis_limits => Backend::Redis {
@@ -69,7 +72,13 @@ pub fn app(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<Arc<App>, Strin
         clock,
         prefix: config.key_prefix.clone(),
     };
-    Ok(Arc::new(App { config, gate, usage, keys, _redis_rt: redis_rt }))
+    Ok(Arc::new(App {
+        config,
+        gate,
+        usage,
+        keys,
+        _redis_rt: redis_rt,
+    }))
 }
 
 /// Keeps the key snapshot fresh and the limiter's memory bounded.

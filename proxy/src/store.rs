@@ -510,7 +510,11 @@ pub mod admin {
         Ok(new)
     }
 
-    pub fn revoke(store: &impl UpdateStore, id: &str, now: Millis) -> Result<KeyRecord, StoreError> {
+    pub fn revoke(
+        store: &impl UpdateStore,
+        id: &str,
+        now: Millis,
+    ) -> Result<KeyRecord, StoreError> {
         store.update(|d| {
             let k = d
                 .keys
@@ -554,7 +558,11 @@ pub mod admin {
         })
     }
 
-    pub fn set_plan(store: &impl UpdateStore, customer: &str, plan: &str) -> Result<(), StoreError> {
+    pub fn set_plan(
+        store: &impl UpdateStore,
+        customer: &str,
+        plan: &str,
+    ) -> Result<(), StoreError> {
         customer_id_ok(customer)?;
         store.update(|d| {
             d.customers.entry(customer.to_owned()).or_default().plan = Some(plan.to_owned());

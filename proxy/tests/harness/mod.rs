@@ -196,6 +196,7 @@ billable_statuses: [2xx]
 "#;
 
 pub struct HarnessBuilder {
+    clock: Option<Arc<dyn Clock>>,
     plans: String,
     extra: String,
     redis: Option<String>,
@@ -223,6 +224,12 @@ impl HarnessBuilder {
     /// YAML, e.g. `url: "redis://127.0.0.1:7001", on_error: local`.
     pub fn redis(mut self, redis: &str) -> Self {
         self.redis = Some(redis.to_owned());
+        self
+    }
+
+    /// The proxy's clock (a shared `ManualClock` freezes windows).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
         self
     }
 
@@ -256,9 +263,8 @@ impl HarnessBuilder {
         })
         .unwrap_or_else(|d| panic!("test config invalid:\n{d}"));
         let config = Arc::new(config);
-        let (server, app) =
-            tollgate::server::build(config.clone(), Arc::new(SystemClock) as Arc<dyn Clock>)
-                .unwrap();
+        let clock = self.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
+        let (server, app) = tollgate::server::build(config.clone(), clock).unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let thread = std::thread::spawn(move || {
             server.run(RunArgs {
@@ -269,7 +275,9 @@ impl HarnessBuilder {
         wait_for_port(addr);
         wait_for_port(config.admin.listen);
         let store = match &config.redis {
-            Some(rc) if self.redis.is_some() => AnyStore::Redis(BlockingRedisAdmin::connect(rc.clone()).unwrap()),
+            Some(rc) if self.redis.is_some() => {
+                AnyStore::Redis(BlockingRedisAdmin::connect(rc.clone()).unwrap())
+            }
             _ => AnyStore::File(FileStore::open(&config.keys_path).unwrap()),
         };
         Harness {
@@ -348,7 +356,16 @@ impl RedisServer {
     /// Starts it (again) on the same port.
     pub fn restart(&mut self) {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.extra)
@@ -391,16 +408,30 @@ pub struct RedisCluster {
 impl RedisCluster {
     pub fn start(n: usize) -> Self {
         let nodes: Vec<RedisServer> = (0..n)
-            .map(|_| RedisServer::start_with(&["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]))
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
             .collect();
-        let addrs: Vec<String> = nodes.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
         let out = std::process::Command::new("redis-cli")
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
             .unwrap();
-        assert!(out.status.success(), "cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         for node in &nodes {
             while !node.cli(&["cluster", "info"]).contains("cluster_state:ok") {
@@ -413,7 +444,11 @@ impl RedisCluster {
 
     /// The `nodes:` list for tollgate.yaml.
     pub fn nodes_yaml(&self) -> String {
-        let urls: Vec<String> = self.nodes.iter().map(|n| format!("\"{}\"", n.url())).collect();
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"{}\"", n.url()))
+            .collect();
         format!("nodes: [{}]", urls.join(", "))
     }
 }
@@ -448,6 +483,7 @@ pub struct Harness {
 impl Harness {
     pub fn builder() -> HarnessBuilder {
         HarnessBuilder {
+            clock: None,
             plans: DEFAULT_PLANS.into(),
             extra: String::new(),
             redis: None,
@@ -500,7 +536,9 @@ impl Harness {
             tollgate::proxy::Keys::Redis(r) => {
                 let rt = self.app._redis_rt.as_ref().unwrap();
                 let r = r.clone();
-                rt.block_on(async move { r.full_reload().await }).unwrap().unwrap();
+                rt.block_on(async move { r.full_reload().await })
+                    .unwrap()
+                    .unwrap();
             }
         }
     }
