@@ -520,6 +520,15 @@ impl ProxyHttp for TollgateProxy {
         }
     }
 
+    /// A client hanging up is not Tollgate's error; keep it out of the log.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        e.esource() == &ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            )
+    }
+
     async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let plan = ctx.plan.as_ref().map_or("none", |p| &*p.name);
         metrics::REQUESTS

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Load comparison in one run, on this machine: nginx as a reverse proxy, a
+# bare Pingora passthrough, Tollgate on memory and Tollgate on Redis, all in
+# front of the same fast upstream (nginx answering 200 itself), each driven
+# by wrk with the same connections and duration. Prints requests/s and
+# ratios, and Redis round trips per request from INFO commandstats.
+#
+#   benches/load.sh [seconds=10] [connections=32]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/setup.sh
+for tool in wrk nginx; do
+  command -v $tool >/dev/null 2>&1 || { echo "installing $tool" >&2; apt-get install -y -qq $tool >/dev/null 2>&1 || apt-get install -y -qq nginx-light >/dev/null; }
+done
+secs=${1:-10}
+conns=${2:-32}
+cargo build --release --quiet -p tollgate --bin tollgate --example passthrough
+bin=target/release/tollgate
+pass=target/release/examples/passthrough
+
+work=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+up=$(port); ngx=$(port); pt=$(port); tgm=$(port); tgr=$(port); adm1=$(port); adm2=$(port); rport=$(port)
+
+mkdir -p "$work/nginx"
+cat > "$work/nginx/nginx.conf" <<NGX
+worker_processes 1;
+daemon off;
+master_process off;
+pid $work/nginx/nginx.pid;
+error_log stderr error;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream api { server 127.0.0.1:$up; keepalive 256; }
+  server { listen 127.0.0.1:$up; location / { return 200 "ok\n"; } }
+  server { listen 127.0.0.1:$ngx;
+    location / { proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+}
+NGX
+nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!)
+"$pass" 127.0.0.1:$pt 127.0.0.1:$up 1 >/dev/null 2>&1 & pids+=($!)
+redis-server --port $rport --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+
+cat > "$work/plans.yaml" <<'PLANS'
+default_plan: pro
+plans:
+  pro:
+    limits:
+      - { name: burst, requests: 100000000, per: second }
+      - { name: monthly, requests: 1000000000000, per: month }
+    meter: api_requests
+PLANS
+cat > "$work/memory.yaml" <<CFG
+listen: 127.0.0.1:$tgm
+upstream: http://127.0.0.1:$up
+keys: { path: keys.db }
+admin: { listen: 127.0.0.1:$adm1 }
+threads: 1
+CFG
+cat > "$work/redis.yaml" <<CFG
+listen: 127.0.0.1:$tgr
+upstream: http://127.0.0.1:$up
+keys: { store: redis }
+limits: { backend: redis }
+redis: { url: "redis://127.0.0.1:$rport", timeout: 500ms }
+admin: { listen: 127.0.0.1:$adm2 }
+threads: 1
+CFG
+wait_port $rport
+key_m=$("$bin" -c "$work/memory.yaml" keys create --customer cus_bench 2>/dev/null)
+key_r=$("$bin" -c "$work/redis.yaml" keys create --customer cus_bench 2>/dev/null)
+RUST_LOG=error "$bin" -c "$work/memory.yaml" run & pids+=($!)
+RUST_LOG=error "$bin" -c "$work/redis.yaml" run & pids+=($!)
+for p in $up $ngx $pt $tgm $tgr; do wait_port $p; done
+
+run() { # name url [header] -> "$work/$name.txt"
+  if [ -n "${3:-}" ]; then wrk -t1 -c"$conns" -d"${secs}s" -H "$3" "$2"; else wrk -t1 -c"$conns" -d"${secs}s" "$2"; fi > "$work/$1.txt"
+}
+echo "warming up…" >&2
+for u in $ngx $pt $tgm; do wrk -t1 -c8 -d2s -H "Authorization: Bearer $key_m" http://127.0.0.1:$u/v1/x >/dev/null; done
+wrk -t1 -c8 -d2s -H "Authorization: Bearer $key_r" http://127.0.0.1:$tgr/v1/x >/dev/null
+
+echo "measuring, ${secs}s each…" >&2
+run nginx http://127.0.0.1:$ngx/v1/x
+run passthrough http://127.0.0.1:$pt/v1/x
+run memory http://127.0.0.1:$tgm/v1/x "Authorization: Bearer $key_m"
+redis-cli -p $rport config resetstat >/dev/null
+run redis http://127.0.0.1:$tgr/v1/x "Authorization: Bearer $key_r"
+redis-cli -p $rport info commandstats > "$work/redis-known.txt"
+# A well-formed key (valid checksum) nobody issued: looked up once, then
+# remembered as unknown.
+guess=$(python3 -c '
+import random, zlib
+a = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+k = "tg_live_" + "".join(random.choice(a) for _ in range(43))
+n = zlib.crc32(k.encode()); s = ""
+for _ in range(6): s = a[n % 62] + s; n //= 62
+print(k + s)')
+redis-cli -p $rport config resetstat >/dev/null
+wrk -t1 -c8 -d3s -H "Authorization: Bearer $guess" http://127.0.0.1:$tgr/v1/x > "$work/unknown.txt"
+redis-cli -p $rport info commandstats > "$work/redis-unknown.txt"
+
+python3 - "$work" <<'PY'
+import re, sys, os
+w = sys.argv[1]
+def wrk(name):
+    t = open(os.path.join(w, name + ".txt")).read()
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
+    n = int(re.search(r"(\d+) requests in", t).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
+    return rps, n, int(bad.group(1)) if bad else 0
+def calls(name):
+    out = {}
+    for line in open(os.path.join(w, name + ".txt")):
+        m = re.match(r"cmdstat_(\w+):calls=(\d+)", line)
+        if m: out[m.group(1)] = int(m.group(2))
+    return out
+res = {n: wrk(n) for n in ["nginx", "passthrough", "memory", "redis"]}
+ngx, pt = res["nginx"][0], res["passthrough"][0]
+print(f"{'target':<24}{'req/s':>10}{'vs passthrough':>16}{'vs nginx':>10}{'non-2xx':>9}")
+for n, label in [("nginx", "nginx proxy_pass"), ("passthrough", "pingora passthrough"), ("memory", "tollgate memory"), ("redis", "tollgate redis")]:
+    rps, _, bad = res[n]
+    print(f"{label:<24}{rps:>10.0f}{rps/pt:>16.2f}{rps/ngx:>10.2f}{bad:>9}")
+known = calls("redis-known")
+n = res["redis"][1]
+scripts = known.get("evalsha", 0) + known.get("eval", 0)
+other = sum(v for k, v in known.items() if k not in ("evalsha", "eval"))
+print(f"\nredis, issued key: {n} requests -> {scripts} EVALSHA round trips ({scripts/n:.3f}/request);")
+print(f"  {other} further commands were run inside the scripts or are version polls (not round trips)")
+unk = calls("redis-unknown")
+rps, un, _ = wrk("unknown")
+print(f"redis, unknown key: {un} requests -> {unk.get('hgetall', 0)} HGETALL (the first requests in flight at once each ask), {sum(unk.values())} commands in all")
+PY
