@@ -77,10 +77,97 @@ struct RawAdmin {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMetering {
+    enabled: Option<bool>,
     spool_dir: Option<String>,
     flush_interval: Option<String>,
+    fsync_interval: Option<String>,
+    rollup: Option<String>,
+    max_spool_mb: Option<u64>,
     #[serde(default)]
     sinks: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStripe {
+    name: Option<String>,
+    api_key_env: String,
+    api: Option<String>,
+    base_url: Option<String>,
+    stream_url: Option<String>,
+    version: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpenMeter {
+    name: Option<String>,
+    url: String,
+    token_env: Option<String>,
+    source: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLago {
+    name: Option<String>,
+    url: String,
+    api_key_env: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    name: Option<String>,
+    url: String,
+    secret_env: String,
+}
+
+/// A billing sink, secrets resolved.
+#[derive(Clone)]
+pub enum SinkConfig {
+    Stripe {
+        name: String,
+        v2: bool,
+        base_url: String,
+        stream_url: String,
+        api_key: String,
+        version: String,
+    },
+    OpenMeter {
+        name: String,
+        url: String,
+        token: Option<String>,
+        source: String,
+    },
+    Lago {
+        name: String,
+        url: String,
+        api_key: String,
+    },
+    Webhook {
+        name: String,
+        url: String,
+        secret: String,
+    },
+}
+
+impl std::fmt::Debug for SinkConfig {
+    // Secrets stay out of debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SinkConfig({})", self.name())
+    }
+}
+
+impl SinkConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SinkConfig::Stripe { name, .. }
+            | SinkConfig::OpenMeter { name, .. }
+            | SinkConfig::Lago { name, .. }
+            | SinkConfig::Webhook { name, .. } => name,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,8 +245,18 @@ pub struct Admin {
 
 #[derive(Debug, Clone)]
 pub struct Metering {
+    /// Usage is spooled and reported (default); off: counted in memory only.
+    pub enabled: bool,
     pub spool_dir: PathBuf,
+    /// How often closed windows become records and sinks are fed.
     pub flush_interval: Duration,
+    /// At most this much usage is lost on power failure.
+    pub fsync_interval: Duration,
+    /// The window usage is aggregated over (one record per customer, meter
+    /// and window).
+    pub rollup: Duration,
+    pub max_spool_bytes: u64,
+    pub sinks: Vec<SinkConfig>,
 }
 
 /// Where keys and customers live.
@@ -468,12 +565,55 @@ impl Config {
             metering.and_then(|m| m.flush_interval.as_deref()),
             Duration::from_secs(60),
         );
-        if metering.is_some_and(|m| !m.sinks.is_empty()) {
+        let fsync_interval = cx.duration(
+            "metering.fsync_interval",
+            metering.and_then(|m| m.fsync_interval.as_deref()),
+            Duration::from_millis(100),
+        );
+        let rollup = cx.duration(
+            "metering.rollup",
+            metering.and_then(|m| m.rollup.as_deref()),
+            Duration::from_secs(60),
+        );
+        if !rollup.as_millis().is_multiple_of(1000) || rollup > Duration::from_secs(3600) {
             cx.err(
-                "metering.sinks",
-                "usage sinks are not available in this version; usage is counted in process only",
-                Some("remove `sinks`; `GET /_tollgate/usage` and `tollgate usage` show usage"),
+                "metering.rollup",
+                "`rollup` must be whole seconds, at most 1h",
+                Some("the default, 60s, makes one billing event per customer, meter and minute"),
             );
+        }
+        let mut sinks = Vec::new();
+        for (i, item) in metering
+            .map(|m| m.sinks.as_slice())
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            if let Some(sink) = parse_sink(&mut cx, &format!("metering.sinks[{i}]"), item, env) {
+                if sinks.iter().any(|s: &SinkConfig| s.name() == sink.name()) {
+                    cx.err(
+                        &format!("metering.sinks[{i}]"),
+                        format!("two sinks are named `{}`", sink.name()),
+                        Some("give one a `name:`"),
+                    );
+                }
+                sinks.push(sink);
+            }
+        }
+        let metering = Metering {
+            enabled: metering.and_then(|m| m.enabled).unwrap_or(true),
+            spool_dir,
+            flush_interval,
+            fsync_interval,
+            rollup,
+            max_spool_bytes: metering
+                .and_then(|m| m.max_spool_mb)
+                .unwrap_or(1024)
+                .saturating_mul(1 << 20),
+            sinks,
+        };
+        if !metering.enabled && !metering.sinks.is_empty() {
+            cx.err("metering.enabled", "sinks need metering enabled", None);
         }
 
         let cors = raw.cors.as_ref().map(|c| {
@@ -543,10 +683,7 @@ impl Config {
                         token_env,
                         token,
                     },
-                    metering: Metering {
-                        spool_dir,
-                        flush_interval,
-                    },
+                    metering,
                     cors,
                     timeouts,
                     threads,
@@ -652,6 +789,129 @@ fn parse_redis(
             prefix,
         })
     })
+}
+
+fn parse_sink(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    item: &serde_yaml::Value,
+    env: Env<'_>,
+) -> Option<SinkConfig> {
+    let map = item.as_mapping().filter(|m| m.len() == 1);
+    let Some((kind, body)) = map.and_then(|m| m.iter().next()) else {
+        cx.err(
+            path,
+            "a sink is one of `stripe:`, `openmeter:`, `lago:` or `webhook:` with its settings",
+            Some("e.g. - stripe: { api_key_env: STRIPE_API_KEY }"),
+        );
+        return None;
+    };
+    let kind = kind.as_str().unwrap_or("");
+    let p = format!("{path}.{kind}");
+    let secret = |cx: &mut Ctx<'_>, field: &str, var: &str| -> Option<String> {
+        let v = env(var).filter(|v| !v.is_empty());
+        if v.is_none() {
+            cx.err(
+                &format!("{p}.{field}"),
+                format!("environment variable {var} is not set"),
+                Some("secrets come only from the environment"),
+            );
+        }
+        v
+    };
+    let url_ok = |cx: &mut Ctx<'_>, field: &str, u: &str| {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            cx.err(
+                &format!("{p}.{field}"),
+                format!("`{u}` is not an http(s) URL"),
+                None,
+            );
+        }
+    };
+    match kind {
+        "stripe" => {
+            let r: RawStripe = cx.src.typed(&p, body, &mut cx.d)?;
+            let v2 = match r.api.as_deref() {
+                None | Some("v1") => false,
+                Some("v2") => true,
+                Some(other) => {
+                    cx.err(
+                        &format!("{p}.api"),
+                        format!("unknown Stripe API `{other}`"),
+                        Some("v1 (meter events) or v2 (meter event stream, for high volume)"),
+                    );
+                    false
+                }
+            };
+            let base_url = r
+                .base_url
+                .unwrap_or_else(|| "https://api.stripe.com".into());
+            let stream_url = r
+                .stream_url
+                .unwrap_or_else(|| "https://meter-events.stripe.com".into());
+            url_ok(cx, "base_url", &base_url);
+            url_ok(cx, "stream_url", &stream_url);
+            let api_key = secret(cx, "api_key_env", &r.api_key_env)?;
+            Some(SinkConfig::Stripe {
+                name: r.name.unwrap_or_else(|| {
+                    if v2 {
+                        "stripe_v2".into()
+                    } else {
+                        "stripe".into()
+                    }
+                }),
+                v2,
+                base_url: base_url.trim_end_matches('/').to_owned(),
+                stream_url: stream_url.trim_end_matches('/').to_owned(),
+                api_key,
+                version: r
+                    .version
+                    .unwrap_or_else(|| crate::billing::STRIPE_VERSION.into()),
+            })
+        }
+        "openmeter" => {
+            let r: RawOpenMeter = cx.src.typed(&p, body, &mut cx.d)?;
+            url_ok(cx, "url", &r.url);
+            let token = match &r.token_env {
+                Some(var) => Some(secret(cx, "token_env", var)?),
+                None => None,
+            };
+            Some(SinkConfig::OpenMeter {
+                name: r.name.unwrap_or_else(|| "openmeter".into()),
+                url: r.url.trim_end_matches('/').to_owned(),
+                token,
+                source: r.source.unwrap_or_else(|| "tollgate".into()),
+            })
+        }
+        "lago" => {
+            let r: RawLago = cx.src.typed(&p, body, &mut cx.d)?;
+            url_ok(cx, "url", &r.url);
+            let api_key = secret(cx, "api_key_env", &r.api_key_env)?;
+            Some(SinkConfig::Lago {
+                name: r.name.unwrap_or_else(|| "lago".into()),
+                url: r.url.trim_end_matches('/').to_owned(),
+                api_key,
+            })
+        }
+        "webhook" => {
+            let r: RawWebhook = cx.src.typed(&p, body, &mut cx.d)?;
+            url_ok(cx, "url", &r.url);
+            let secret = secret(cx, "secret_env", &r.secret_env)?;
+            Some(SinkConfig::Webhook {
+                name: r.name.unwrap_or_else(|| "webhook".into()),
+                url: r.url,
+                secret,
+            })
+        }
+        other => {
+            cx.err(
+                path,
+                format!("unknown sink `{other}`"),
+                Some("use stripe, openmeter, lago or webhook"),
+            );
+            None
+        }
+    }
 }
 
 /// `http(s)://host[:port]`, resolved now. No path: Tollgate forwards the

@@ -7,6 +7,7 @@
 //! HTTP responses).
 
 pub mod admin;
+pub mod billing;
 pub mod clock;
 pub mod config;
 pub mod diag;
@@ -22,5 +23,6 @@ pub mod redis_conn;
 pub mod redis_limiter;
 pub mod redis_store;
 pub mod server;
+pub mod spool;
 pub mod store;
 pub mod usage;

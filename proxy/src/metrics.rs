@@ -5,7 +5,7 @@
 use std::sync::LazyLock;
 
 use pingora_prometheus::prometheus::{
-    self, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    self, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
 };
 
 // Metric names and label sets are constants: building them only fails on a
@@ -103,6 +103,36 @@ pub static USAGE_UNITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
         &["meter"],
     )
 });
+pub static SPOOL_BYTES: LazyLock<IntGauge> =
+    LazyLock::new(|| int_gauge("tollgate_spool_bytes", "Bytes in the usage spool"));
+pub static BILLING_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_billing_events_total",
+        "Usage records sent to billing sinks, by result",
+        &["sink", "result"],
+    )
+});
+pub static BILLING_PENDING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "tollgate_billing_pending_units",
+        "Units recorded but not yet delivered to the sink",
+        &["sink"],
+    )
+});
+pub static BILLING_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "tollgate_billing_lag_seconds",
+        "Age of the oldest usage not yet delivered to the sink",
+        &["sink"],
+    )
+});
+pub static SPOOL_REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_spool_rejected_total",
+        "Billable requests refused because the usage spool is full",
+        &["plan"],
+    )
+});
 pub static KEYS: LazyLock<IntGaugeVec> =
     LazyLock::new(|| gauge("tollgate_keys", "Keys in the store by status", &["status"]));
 pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
@@ -125,6 +155,18 @@ pub fn init() {
     LazyLock::force(&USAGE_UNITS);
     LazyLock::force(&KEYS);
     LazyLock::force(&CONFIG_RELOADS);
+    LazyLock::force(&SPOOL_BYTES);
+    LazyLock::force(&BILLING_EVENTS);
+    LazyLock::force(&BILLING_PENDING);
+    LazyLock::force(&BILLING_LAG);
+    LazyLock::force(&SPOOL_REJECTED);
+}
+
+#[allow(clippy::expect_used)]
+fn int_gauge(name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("constant metric definition");
+    let _ = prometheus::register(Box::new(g.clone()));
+    g
 }
 
 pub fn usage_units(meter: &str, units: u64) {

@@ -24,6 +24,9 @@ pub enum Rejection {
     Unavailable {
         retry_after: u64,
     },
+    /// The usage spool is at its bound: billable work is refused rather
+    /// than served unbilled.
+    SpoolFull,
     UpstreamUnreachable,
     UpstreamTimeout,
     /// A request Pingora itself could not parse, or similar client errors.
@@ -43,7 +46,7 @@ impl Rejection {
             | Rejection::ExpiredKey => 401,
             Rejection::Suspended => 403,
             Rejection::Limited { .. } => 429,
-            Rejection::Unavailable { .. } => 503,
+            Rejection::Unavailable { .. } | Rejection::SpoolFull => 503,
             Rejection::UpstreamUnreachable => 502,
             Rejection::UpstreamTimeout => 504,
             Rejection::BadRequest(code) => *code,
@@ -102,6 +105,11 @@ impl Rejection {
                 "Rate limit exceeded",
                 "A limit of your plan is exhausted; retry after the time in Retry-After.",
             ),
+            Rejection::SpoolFull => (
+                "usage-spool-full",
+                "Service temporarily unavailable",
+                "Usage cannot be recorded right now; retry shortly.",
+            ),
             Rejection::Unavailable { .. } => (
                 "unavailable",
                 "Service temporarily unavailable",
@@ -136,6 +144,7 @@ impl Rejection {
             Rejection::Limited { retry_after, .. } | Rejection::Unavailable { retry_after } => {
                 Some(*retry_after)
             }
+            Rejection::SpoolFull => Some(5),
             _ => None,
         }
     }
@@ -201,6 +210,7 @@ mod tests {
                 violated: vec!["burst".into(), "daily".into()],
             },
             Rejection::Unavailable { retry_after: 1 },
+            Rejection::SpoolFull,
             Rejection::UpstreamUnreachable,
             Rejection::UpstreamTimeout,
             Rejection::BadRequest(400),

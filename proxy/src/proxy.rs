@@ -34,6 +34,8 @@ pub struct App {
     pub gate: Gate<Backend>,
     pub usage: Arc<UsageLedger>,
     pub keys: Keys,
+    /// The durable usage spool (None with `metering.enabled: false`).
+    pub spool: Option<Arc<crate::spool::Spool>>,
     /// Runs the Redis connections' driver tasks while the app lives.
     pub _redis_rt: Option<Arc<crate::redis_store::RedisRuntime>>,
 }
@@ -462,6 +464,17 @@ impl ProxyHttp for TollgateProxy {
                 };
                 if let (Some(meter), true) = (&ctx.meter, units > 0) {
                     self.app.usage.record(&identity.customer, meter, units);
+                    // Durable before the client has its answer.
+                    if let Some(spool) = &self.app.spool {
+                        if !matches!(
+                            spool.append(&identity.customer, meter, units).await,
+                            Ok(true)
+                        ) {
+                            log::error!(
+                                "usage of {units} {meter} could not be written to the spool"
+                            );
+                        }
+                    }
                 }
             }
         }

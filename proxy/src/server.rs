@@ -19,6 +19,7 @@ use crate::proxy::{App, Keys, TollgateProxy};
 use crate::redis_conn::RedisConn;
 use crate::redis_limiter::RedisLimiter;
 use crate::redis_store::{RedisKeyStore, RedisRuntime};
+use crate::spool::{Spool, SpoolConfig};
 use crate::store::FileStore;
 use crate::usage::UsageLedger;
 
@@ -65,6 +66,29 @@ pub fn app(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<Arc<App>, Strin
         _ => Backend::Memory(MemoryLimiter::new(clock.clone())),
     };
     let usage = Arc::new(UsageLedger::new(clock.clone(), Vec::new()));
+    let m = &config.metering;
+    let spool = if m.enabled {
+        let spool = Spool::open(
+            SpoolConfig {
+                dir: m.spool_dir.clone(),
+                fsync_interval: m.fsync_interval,
+                max_bytes: m.max_spool_bytes,
+                rollup: m.rollup.as_millis() as u64,
+                sinks: m.sinks.iter().map(|s| s.name().to_owned()).collect(),
+            },
+            clock.clone(),
+        )
+        .map_err(|e| format!("cannot open the usage spool: {e}"))?;
+        // /_tollgate/usage counts what was recorded before a restart too.
+        for customer in spool.customers() {
+            for (meter, t) in spool.totals(&customer) {
+                usage.seed(&customer, &meter, t.recorded);
+            }
+        }
+        Some(spool)
+    } else {
+        None
+    };
     let gate = Gate {
         plans: config.plans.clone(),
         keys: keys.as_key_store(),
@@ -73,6 +97,7 @@ pub fn app(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<Arc<App>, Strin
         prefix: config.key_prefix.clone(),
     };
     Ok(Arc::new(App {
+        spool,
         config,
         gate,
         usage,
@@ -151,6 +176,67 @@ fn update_key_gauge(keys: &Keys, now: crate::clock::Millis) {
     }
 }
 
+/// Rolls usage into records every `flush_interval` and feeds every sink; on
+/// shutdown, rolls up everything and gives sinks a few seconds to deliver.
+struct Billing {
+    app: Arc<App>,
+}
+
+/// How long shutdown waits for sinks to deliver what is left.
+pub const FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(4);
+
+#[async_trait]
+impl BackgroundService for Billing {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(spool) = self.app.spool.clone() else {
+            return;
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut loops = Vec::new();
+        for cfg in &self.app.config.metering.sinks {
+            let sink = crate::billing::build(cfg);
+            loops.push(tokio::spawn(crate::billing::deliver(
+                sink,
+                spool.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        let mut tick = tokio::time::interval(self.app.config.metering.flush_interval);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {
+                    spool.rollup(false).await;
+                    spool.update_gauges();
+                }
+            }
+        }
+        let n = spool.rollup(true).await;
+        log::info!(
+            "shutting down: {n} usage records rolled up; giving sinks {}s to deliver",
+            FLUSH_ON_SHUTDOWN.as_secs()
+        );
+        let deadline = tokio::time::Instant::now() + FLUSH_ON_SHUTDOWN;
+        while tokio::time::Instant::now() < deadline
+            && self
+                .app
+                .config
+                .metering
+                .sinks
+                .iter()
+                .any(|s| !spool.unsettled(s.name(), 1).is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = stop_tx.send(true);
+        for l in loops {
+            let _ = l.await;
+        }
+        spool.update_gauges();
+        spool.close();
+    }
+}
+
 /// A server ready to `run`, and the state it serves (for tests and the CLI).
 pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<App>), String> {
     crate::metrics::init();
@@ -191,6 +277,10 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
     admin.add_tcp(&config.admin.listen.to_string());
     server.add_service(admin);
 
+    server.add_service(background_service(
+        "tollgate billing",
+        Billing { app: app.clone() },
+    ));
     server.add_service(background_service(
         "tollgate housekeeping",
         Housekeeping { app: app.clone() },

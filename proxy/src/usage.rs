@@ -92,6 +92,24 @@ impl UsageLedger {
         }
     }
 
+    /// Adds usage recorded before this process started (replayed from the spool).
+    pub fn seed(&self, customer: &str, meter: &str, units: u64) {
+        let (start, _) = month_bounds(self.clock.now_ms());
+        let mut map = match self.customers.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let c = map.entry(Arc::from(customer)).or_default();
+        if c.period_start != start {
+            c.period_start = start;
+            c.meters.clear();
+        }
+        match c.meters.iter_mut().find(|(m, _)| &**m == meter) {
+            Some((_, n)) => *n = n.saturating_add(units),
+            None => c.meters.push((Arc::from(meter), units)),
+        }
+    }
+
     /// Usage of `customer` in the current period (empty if none).
     pub fn usage(&self, customer: &str) -> PeriodUsage {
         let (start, end) = month_bounds(self.clock.now_ms());
