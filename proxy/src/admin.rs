@@ -117,6 +117,7 @@ impl AdminApp {
                 // Every customer in the store, and any with usage but no keys left.
                 let mut ids: std::collections::BTreeSet<Arc<str>> = snap.customer_ids().collect();
                 ids.extend(app.usage.customers());
+                ids.extend(app.spool.iter().flat_map(|s| s.customers()));
                 ids.into_iter().collect()
             }
         };
@@ -140,7 +141,13 @@ impl AdminApp {
                     )
                 }
             };
-            let text = usage_json(&app.usage, &identity, &plan, &decision);
+            let text = usage_json(
+                &app.usage,
+                app.spool.as_deref(),
+                &identity,
+                &plan,
+                &decision,
+            );
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
                 out.push(v);
             }

@@ -216,7 +216,13 @@ impl TollgateProxy {
         decision: &Decision,
     ) -> Result<bool> {
         ctx.outcome = "allowed";
-        let body = usage_json(&self.app.usage, identity, plan, decision);
+        let body = usage_json(
+            &self.app.usage,
+            self.app.spool.as_deref(),
+            identity,
+            plan,
+            decision,
+        );
         self.send(
             session,
             ctx,
@@ -231,7 +237,13 @@ impl TollgateProxy {
 }
 
 /// The body of `GET /_tollgate/usage` (and of the admin usage API).
-pub fn usage_json(usage: &UsageLedger, identity: &Identity, plan: &Plan, d: &Decision) -> String {
+pub fn usage_json(
+    usage: &UsageLedger,
+    spool: Option<&crate::spool::Spool>,
+    identity: &Identity,
+    plan: &Plan,
+    d: &Decision,
+) -> String {
     let u = usage.usage(&identity.customer);
     let policies: Vec<serde_json::Value> = plan
         .limits
@@ -252,9 +264,18 @@ pub fn usage_json(usage: &UsageLedger, identity: &Identity, plan: &Plan, d: &Dec
         .iter()
         .map(|(m, n)| (m.to_string(), serde_json::Value::from(*n)))
         .collect();
+    let billing: serde_json::Map<String, serde_json::Value> = spool
+        .map(|s| s.totals(&identity.customer))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(m, t)| {
+            (m, serde_json::json!({ "recorded": t.recorded, "reported": t.reported, "pending": t.pending }))
+        })
+        .collect();
     serde_json::json!({
         "customer": &*identity.customer,
         "plan": &*plan.name,
+        "billing": billing,
         "period": {
             "start": crate::clock::rfc3339(u.period_start),
             "end": crate::clock::rfc3339(u.period_end),

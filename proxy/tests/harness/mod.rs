@@ -172,6 +172,179 @@ async fn serve(sock: tokio::net::TcpStream, hits: Arc<AtomicU64>) {
     }
 }
 
+// ---- mock billing providers ---------------------------------------------------
+
+/// One request a mock provider received.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub method: String,
+    pub path: String,
+    /// Lower-case names.
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+impl Captured {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+    /// The body as `application/x-www-form-urlencoded` pairs, decoded.
+    pub fn form(&self) -> BTreeMap<String, String> {
+        self.body
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (decode(k), decode(v)))
+            .collect()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                out.push(
+                    u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap(), 16).unwrap(),
+                );
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+pub type Reply = (u16, String);
+type Handler = dyn Fn(&Captured) -> Reply + Send + Sync;
+
+/// An HTTP server standing in for a billing provider: every request is
+/// captured and answered by `handler`.
+pub struct MockProvider {
+    pub addr: SocketAddr,
+    pub requests: Arc<std::sync::Mutex<Vec<Captured>>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl MockProvider {
+    pub fn start(handler: impl Fn(&Captured) -> Reply + Send + Sync + 'static) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let handler: Arc<Handler> = Arc::new(handler);
+        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
+        let reqs = requests.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    tokio::select! {
+                        _ = &mut rx => return,
+                        accepted = listener.accept() => {
+                            if let Ok((sock, _)) = accepted {
+                                tokio::spawn(serve_provider(sock, handler.clone(), reqs.clone()));
+                            }
+                        }
+                    }
+                }
+            });
+        });
+        Self {
+            addr,
+            requests,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn captured(&self) -> Vec<Captured> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for MockProvider {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve_provider(
+    sock: tokio::net::TcpStream,
+    handler: Arc<Handler>,
+    reqs: Arc<std::sync::Mutex<Vec<Captured>>>,
+) {
+    let mut reader = BufReader::new(sock);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_owned();
+        let path = parts.next().unwrap_or("/").to_owned();
+        let mut headers = BTreeMap::new();
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                let k = k.trim().to_ascii_lowercase();
+                if k == "content-length" {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                headers.insert(k, v.trim().to_owned());
+            }
+        }
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let c = Captured {
+            method,
+            path,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        };
+        let (status, text) = handler(&c);
+        reqs.lock().unwrap().push(c);
+        let resp = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
 // ---- the proxy ---------------------------------------------------------------
 
 pub const DEFAULT_PLANS: &str = r#"
@@ -224,6 +397,12 @@ impl HarnessBuilder {
     /// YAML, e.g. `url: "redis://127.0.0.1:7001", on_error: local`.
     pub fn redis(mut self, redis: &str) -> Self {
         self.redis = Some(redis.to_owned());
+        self
+    }
+
+    /// An environment variable the config may name (e.g. a sink's key).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
         self
     }
 
