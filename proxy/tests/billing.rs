@@ -21,15 +21,17 @@ const STRIPE_KEY: &str = "sk_test_tollgate";
 /// `identifier`, `timestamp`). Like Stripe, it keeps one event per
 /// identifier: a repeat is not counted again. `fail` decides, per request,
 /// whether to answer 500 instead (nothing recorded).
+/// identifier -> (event_name, customer, value)
+type StripeEvents = Arc<Mutex<BTreeMap<String, (String, String, u64)>>>;
+
 struct Stripe {
     server: MockProvider,
-    /// identifier -> (event_name, customer, value)
-    events: Arc<Mutex<BTreeMap<String, (String, String, u64)>>>,
+    events: StripeEvents,
 }
 
 impl Stripe {
     fn start(fail: impl Fn(usize) -> bool + Send + Sync + 'static) -> Self {
-        let events: Arc<Mutex<BTreeMap<String, (String, String, u64)>>> = Arc::default();
+        let events: StripeEvents = Arc::default();
         let seen = events.clone();
         let n = Arc::new(Mutex::new(0usize));
         let server = MockProvider::start(move |c: &Captured| -> Reply {
