@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -342,6 +342,91 @@ async fn serve_provider(
         if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
             return;
         }
+    }
+}
+
+// ---- Stripe ----------------------------------------------------------------------
+
+pub const STRIPE_KEY: &str = "sk_test_tollgate";
+
+/// Stripe `POST /v1/billing/meter_events` ("Create a billing meter event",
+/// Stripe API reference; form fields as stripe-node and stripe-python encode
+/// them: `event_name`, `payload[stripe_customer_id]`, `payload[value]`,
+/// `identifier`, `timestamp`). Like Stripe, it keeps one event per
+/// identifier: a repeat is not counted again. `fail` decides, per request,
+/// whether to answer 500 instead (nothing recorded).
+/// identifier -> (event_name, customer, value)
+pub type StripeEvents = Arc<Mutex<BTreeMap<String, (String, String, u64)>>>;
+
+pub struct MockStripe {
+    pub server: MockProvider,
+    pub events: StripeEvents,
+}
+
+impl MockStripe {
+    pub fn start(fail: impl Fn(usize) -> bool + Send + Sync + 'static) -> Self {
+        let events: StripeEvents = Arc::default();
+        let seen = events.clone();
+        let n = Arc::new(Mutex::new(0usize));
+        let server = MockProvider::start(move |c: &Captured| -> Reply {
+            let i = {
+                let mut n = n.lock().unwrap();
+                *n += 1;
+                *n
+            };
+            if c.path != "/v1/billing/meter_events" || c.method != "POST" {
+                return (404, r#"{"error":{"type":"invalid_request_error"}}"#.into());
+            }
+            if c.header("authorization") != Some(&format!("Bearer {STRIPE_KEY}")) {
+                return (
+                    401,
+                    r#"{"error":{"type":"invalid_request_error","message":"Invalid API Key"}}"#
+                        .into(),
+                );
+            }
+            if fail(i) {
+                return (500, r#"{"error":{"type":"api_error"}}"#.into());
+            }
+            let f = c.form();
+            let id = f["identifier"].clone();
+            seen.lock().unwrap().entry(id.clone()).or_insert((
+                f["event_name"].clone(),
+                f["payload[stripe_customer_id]"].clone(),
+                f["payload[value]"].parse().unwrap(),
+            ));
+            (
+                200,
+                format!(
+                    r#"{{"object":"billing.meter_event","identifier":"{id}","event_name":"{}"}}"#,
+                    f["event_name"]
+                ),
+            )
+        });
+        Self { server, events }
+    }
+
+    /// Units billed per (meter, customer), each identifier counted once.
+    pub fn billed(&self) -> BTreeMap<(String, String), u64> {
+        let mut out = BTreeMap::new();
+        for (meter, customer, v) in self.events.lock().unwrap().values() {
+            *out.entry((meter.clone(), customer.clone())).or_insert(0) += v;
+        }
+        out
+    }
+
+    pub fn total(&self, meter: &str) -> u64 {
+        self.billed()
+            .iter()
+            .filter(|((m, _), _)| m == meter)
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn sink(&self) -> String {
+        format!(
+            "{{ stripe: {{ api_key_env: TEST_STRIPE_KEY, base_url: \"{}\" }} }}",
+            self.server.url()
+        )
     }
 }
 
