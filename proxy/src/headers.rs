@@ -84,11 +84,15 @@ mod tests {
                 name: "burst".into(),
                 quota: 5,
                 window: Window::Sliding(1000),
+                overage: false,
+                overage_meter: None,
             },
             Limit {
                 name: "monthly".into(),
                 quota: 50_000,
                 window: Window::Month,
+                overage: false,
+                overage_meter: None,
             },
         ];
         assert_eq!(
@@ -104,6 +108,8 @@ mod tests {
             allowed: true,
             policies: vec![status("burst", 5, 4, 1), status("daily", 100, 42, 3600)],
             retry_after_secs: 0,
+            overage: false,
+            overage_meter: None,
         };
         let h = RateHeaders::render(&d).unwrap();
         // 42/100 is closer to exhaustion than 4/5.
@@ -117,12 +123,16 @@ mod tests {
             allowed: false,
             policies: vec![status("burst", 5, 0, 1), status("daily", 100, 0, 600)],
             retry_after_secs: 600,
+            overage: false,
+            overage_meter: None,
         };
         assert_eq!(RateHeaders::render(&d).unwrap().reset, 600);
         let unlimited = Decision {
             allowed: true,
             policies: vec![],
             retry_after_secs: 0,
+            overage: false,
+            overage_meter: None,
         };
         assert!(RateHeaders::render(&unlimited).is_none());
     }

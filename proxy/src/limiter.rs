@@ -37,6 +37,10 @@ pub struct Decision {
     pub policies: Vec<PolicyStatus>,
     /// When rejected: seconds until the request could be admitted.
     pub retry_after_secs: u64,
+    /// Admitted past the quota of a limit with `overage`: bill as overage.
+    pub overage: bool,
+    /// The overage meter of the first such limit that names one.
+    pub overage_meter: Option<Arc<str>>,
 }
 
 impl Decision {
@@ -135,6 +139,8 @@ impl Backend {
                 allowed: true,
                 policies: Vec::new(),
                 retry_after_secs: 0,
+                overage: false,
+                overage_meter: None,
             }),
             crate::redis_conn::OnError::Closed => Err(LimiterError::Unavailable(
                 "redis unavailable and on_error is closed".into(),
@@ -325,6 +331,8 @@ impl MemoryLimiter {
                 allowed: true,
                 policies,
                 retry_after_secs: 0,
+                overage: false,
+                overage_meter: None,
             };
         }
         let mut shard = match self.shard(customer).lock() {
@@ -350,6 +358,8 @@ impl MemoryLimiter {
                     allowed: true,
                     policies,
                     retry_after_secs: 0,
+                    overage: false,
+                    overage_meter: None,
                 };
             }
             None => shard.entry(Arc::from(customer)).or_default(),
@@ -378,9 +388,18 @@ impl MemoryLimiter {
         let at = |i: usize| if i < 16 { idx[i] } else { spill[i - 16] };
 
         let mut allowed = true;
+        let (mut overage, mut overage_meter) = (false, None);
         for (i, limit) in plan.limits.iter().enumerate() {
             let used = state.policies[at(i)].refresh(now);
-            let violated = used.saturating_add(cost) > limit.quota;
+            let exceeds = used.saturating_add(cost) > limit.quota;
+            // An overage limit never refuses; it marks the request as overage.
+            let violated = exceeds && !limit.overage;
+            if exceeds && limit.overage {
+                overage = true;
+                if overage_meter.is_none() {
+                    overage_meter = limit.overage_meter.clone();
+                }
+            }
             allowed &= !violated;
             policies.push(PolicyStatus {
                 name: limit.name.clone(),
@@ -395,7 +414,7 @@ impl MemoryLimiter {
             let p = &mut state.policies[at(i)];
             if allowed && cost > 0 {
                 p.charge(now, cost);
-                status.remaining -= cost;
+                status.remaining = status.remaining.saturating_sub(cost);
             }
             status.reset_secs = p.reset_secs(now);
             if status.violated {
@@ -406,6 +425,12 @@ impl MemoryLimiter {
             allowed,
             policies,
             retry_after_secs,
+            overage: allowed && overage,
+            overage_meter: if allowed && overage {
+                overage_meter
+            } else {
+                None
+            },
         }
     }
 
@@ -464,6 +489,8 @@ pub mod conformance {
                 name: n.into(),
                 quota: q,
                 window: w,
+                overage: false,
+                overage_meter: None,
             })
             .collect();
         Plan {
@@ -500,6 +527,37 @@ pub mod conformance {
         customers_are_independent(&make).await;
         zero_cost_reports_without_charging(&make).await;
         refusal_headers_describe_a_violated_policy(&make).await;
+        overage_admits_past_the_quota_and_says_so(&make).await;
+    }
+
+    async fn overage_admits_past_the_quota_and_says_so<L: Limiter>(
+        make: &impl Fn(ManualClock) -> L,
+    ) {
+        let clock = ManualClock::at(date(2026, 6, 1));
+        let l = make(clock.clone());
+        let mut p = plan(&[
+            ("burst", 4, Window::Sliding(SECOND)),
+            ("monthly", 2, Window::Month),
+        ]);
+        p.limits[1].overage = true;
+        p.limits[1].overage_meter = Some("api_overage".into());
+        for i in 0..4 {
+            let d = admit(&l, "c", &p, 1).await;
+            assert!(d.allowed, "overage never refuses (request {i})");
+            assert_eq!(d.overage, i >= 2, "request {i} is overage: {d:?}");
+            assert_eq!(
+                d.overage_meter.as_deref(),
+                (i >= 2).then_some("api_overage")
+            );
+            assert_eq!(
+                d.policies[1].remaining,
+                0u64.max(2u64.saturating_sub(i + 1))
+            );
+            assert!(!d.policies[1].violated);
+        }
+        // A limit without overage still refuses.
+        let d = admit(&l, "c", &p, 1).await;
+        assert!(!d.allowed && d.policies[0].violated && !d.overage, "{d:?}");
     }
 
     async fn sliding_window_is_exact<L: Limiter>(make: &impl Fn(ManualClock) -> L) {

@@ -38,6 +38,9 @@ struct RawLimit {
     name: String,
     requests: i64,
     per: String,
+    #[serde(default)]
+    overage: bool,
+    overage_meter: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +97,11 @@ pub struct Limit {
     pub name: Arc<str>,
     pub quota: u64,
     pub window: Window,
+    /// Past the quota, requests are admitted and billed as overage instead
+    /// of refused.
+    pub overage: bool,
+    /// Where overage units are metered (None: the request's usual meter).
+    pub overage_meter: Option<Arc<str>>,
 }
 
 #[derive(Debug)]
@@ -276,11 +284,16 @@ impl Plans {
                         Some("use one of: second, minute, hour, day, month"),
                     ));
                 }
+                if let Some(m) = &l.overage_meter {
+                    check_meter(src, &format!("{lp}.overage_meter"), m, &mut d);
+                }
                 if let (Some(window), true) = (window, l.requests > 0) {
                     limits.push(Limit {
                         name: l.name.as_str().into(),
                         quota: l.requests as u64,
                         window,
+                        overage: l.overage || l.overage_meter.is_some(),
+                        overage_meter: l.overage_meter.as_deref().map(Into::into),
                     });
                 }
             }
@@ -352,7 +365,11 @@ impl Plans {
         // A cost no limit can ever hold would answer 429 forever.
         for (route, i) in routes.iter().zip(&route_index) {
             for plan in plans.values() {
-                if let Some(l) = plan.limits.iter().find(|l| l.quota < route.cost) {
+                if let Some(l) = plan
+                    .limits
+                    .iter()
+                    .find(|l| !l.overage && l.quota < route.cost)
+                {
                     d.0.push(src.error(
                         &format!("routes[{i}].cost"),
                         format!(

@@ -392,6 +392,20 @@ impl ProxyHttp for TollgateProxy {
         ctx.meter = r
             .and_then(|r| r.meter.clone())
             .or_else(|| plan.meter.clone());
+        // Past an included quota with `overage`, units go to the overage
+        // meter when the limit names one.
+        if decision.overage {
+            if let Some(m) = &decision.overage_meter {
+                ctx.meter = Some(m.clone());
+            }
+        }
+        // Billable work is refused rather than served unbilled.
+        if ctx.meter.is_some() && app.spool.as_ref().is_some_and(|s| s.is_full()) {
+            metrics::SPOOL_REJECTED
+                .with_label_values(&[&plan.name])
+                .inc();
+            return self.reject(session, ctx, &Rejection::SpoolFull).await;
+        }
         ctx.usage_header = r.and_then(|r| r.usage_header.clone());
         ctx.identity = Some(identity);
         Ok(false)

@@ -30,7 +30,7 @@ local n = tonumber(ARGV[4])
 local used = {}
 local allowed = true
 for i = 1, n do
-  local b = 4 + (i - 1) * 4
+  local b = 4 + (i - 1) * 5
   local kind, quota, w = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   local key, tkey = KEYS[2 * i - 1], KEYS[2 * i]
   local u
@@ -49,14 +49,15 @@ for i = 1, n do
     u = tonumber(redis.call('GET', key) or '0')
   end
   used[i] = u
-  if u + cost > quota then allowed = false end
+  if u + cost > quota and ARGV[b + 5] == '0' then allowed = false end
 end
 local out = { allowed and 1 or 0 }
 for i = 1, n do
-  local b = 4 + (i - 1) * 4
+  local b = 4 + (i - 1) * 5
   local kind, quota, w, wend = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
   local key, tkey = KEYS[2 * i - 1], KEYS[2 * i]
-  local violated = used[i] + cost > quota
+  local over = used[i] + cost > quota and ARGV[b + 5] == '1'
+  local violated = used[i] + cost > quota and ARGV[b + 5] == '0'
   if allowed and cost > 0 then
     if kind == 's' then
       redis.call('ZADD', key, now, member .. ':' .. cost)
@@ -98,6 +99,7 @@ for i = 1, n do
   table.insert(out, reset)
   table.insert(out, violated and 1 or 0)
   table.insert(out, wait)
+  table.insert(out, over and 1 or 0)
 end
 return out
 "#;
@@ -133,6 +135,8 @@ impl RedisLimiter {
                 allowed: true,
                 policies: Vec::new(),
                 retry_after_secs: 0,
+                overage: false,
+                overage_meter: None,
             });
         }
         let now = self.clock.now_ms();
@@ -149,7 +153,11 @@ impl RedisLimiter {
                 Window::Sliding(w) => {
                     let base = format!("{{{prefix}:{customer}}}:s:{}:{w}", l.name);
                     inv.key(&base).key(format!("{base}:t"));
-                    inv.arg("s").arg(l.quota).arg(w).arg(0);
+                    inv.arg("s")
+                        .arg(l.quota)
+                        .arg(w)
+                        .arg(0)
+                        .arg(u8::from(l.overage));
                 }
                 cal => {
                     let (start, end) = match cal {
@@ -160,7 +168,11 @@ impl RedisLimiter {
                     // The second key is unused for calendar windows; passing
                     // the same key keeps KEYS aligned.
                     inv.key(&key).key(&key);
-                    inv.arg("c").arg(l.quota).arg(end - start).arg(end);
+                    inv.arg("c")
+                        .arg(l.quota)
+                        .arg(end - start)
+                        .arg(end)
+                        .arg(u8::from(l.overage));
                 }
             }
         }
@@ -169,7 +181,7 @@ impl RedisLimiter {
             .script(&inv)
             .await
             .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
-        if out.len() != 1 + 4 * plan.limits.len() {
+        if out.len() != 1 + 5 * plan.limits.len() {
             return Err(LimiterError::Unavailable(format!(
                 "unexpected script reply of {} items",
                 out.len()
@@ -177,13 +189,20 @@ impl RedisLimiter {
         }
         let allowed = out[0] == 1;
         let mut retry_after_secs = 0;
+        let (mut overage, mut overage_meter) = (false, None);
         let policies = plan
             .limits
             .iter()
             .enumerate()
             .map(|(i, l)| {
-                let r = &out[1 + 4 * i..5 + 4 * i];
+                let r = &out[1 + 5 * i..6 + 5 * i];
                 let violated = r[2] == 1;
+                if r[4] == 1 {
+                    overage = true;
+                    if overage_meter.is_none() {
+                        overage_meter = l.overage_meter.clone();
+                    }
+                }
                 if violated {
                     retry_after_secs = retry_after_secs.max(r[3].max(0) as u64);
                 }
@@ -196,10 +215,13 @@ impl RedisLimiter {
                 }
             })
             .collect();
+        let overage = allowed && overage;
         Ok(Decision {
             allowed,
             policies,
             retry_after_secs,
+            overage,
+            overage_meter: if overage { overage_meter } else { None },
         })
     }
 }

@@ -535,3 +535,69 @@ async fn openmeter_receives_cloudevents_with_stable_ids() {
         Some("Bearer om_token")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overage_admits_past_the_quota_and_bills_the_overage_meter() {
+    let stripe = Stripe::start(|_| false);
+    let plans = "default_plan: growth\nplans:\n  growth:\n    limits:\n      - { name: included, requests: 3, per: month, overage_meter: api_overage }\n    meter: api_requests\n";
+    let h = Harness::builder()
+        .plans(plans)
+        .env("TEST_STRIPE_KEY", STRIPE_KEY)
+        .config(&metering(&[stripe.sink()]))
+        .build();
+    let key = h.key("cus_growth", None);
+    for i in 0..5 {
+        let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+        assert_eq!(r.status(), 200, "request {i} is admitted");
+        let remaining = if i < 3 { 2 - i } else { 0 };
+        assert_eq!(
+            r.headers()["x-ratelimit-remaining"],
+            remaining.to_string().as_str()
+        );
+    }
+    wait_for("included and overage units", 10, || {
+        stripe.total("api_requests") == 3 && stripe.total("api_overage") == 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_refuses_billable_requests_loudly() {
+    let h = Harness::builder()
+        .config("metering: { max_spool_mb: 0 }")
+        .build();
+    let billed = h.key("cus_billed", Some("pro"));
+    let free = h.key("cus_free", None); // free has no meter: nothing to record
+    let r = h.get("/v1/x").bearer_auth(&billed).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "5");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tollgate:problem:usage-spool-full");
+    assert_eq!(
+        h.get("/v1/x")
+            .bearer_auth(&free)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        h.upstream_hits(),
+        1,
+        "the refused request never reached the API"
+    );
+    let metrics = h
+        .client
+        .get(format!("http://{}/metrics", h.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_spool_rejected_total{plan=\"pro\"} 1"),
+        "{metrics}"
+    );
+}
