@@ -551,7 +551,7 @@ pub mod conformance {
             );
             assert_eq!(
                 d.policies[1].remaining,
-                0u64.max(2u64.saturating_sub(i + 1))
+                2u64.saturating_sub(i + 1)
             );
             assert!(!d.policies[1].violated);
         }
