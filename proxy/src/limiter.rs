@@ -549,10 +549,7 @@ pub mod conformance {
                 d.overage_meter.as_deref(),
                 (i >= 2).then_some("api_overage")
             );
-            assert_eq!(
-                d.policies[1].remaining,
-                2u64.saturating_sub(i + 1)
-            );
+            assert_eq!(d.policies[1].remaining, 2u64.saturating_sub(i + 1));
             assert!(!d.policies[1].violated);
         }
         // A limit without overage still refuses.

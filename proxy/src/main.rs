@@ -425,10 +425,12 @@ fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode, String> {
         .map_err(|e| format!("unexpected answer from the admin API: {e}"))?;
     if list.is_empty() {
         eprintln!("no customers yet");
+        return Ok(ExitCode::SUCCESS);
     }
+    println!("LIMITS");
     println!(
-        "{:<24} {:<12} {:<10} {:<14} {:>12} {:>12} {:>10}",
-        "CUSTOMER", "PLAN", "KIND", "NAME", "USED", "REMAINING", "RESET"
+        "{:<24} {:<12} {:<14} {:>14} {:>12} {:>9}",
+        "CUSTOMER", "PLAN", "POLICY", "USED/LIMIT", "REMAINING", "RESET"
     );
     for u in &list {
         let (c, p) = (
@@ -439,21 +441,52 @@ fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode, String> {
             let limit = pol["limit"].as_u64().unwrap_or(0);
             let remaining = pol["remaining"].as_u64().unwrap_or(0);
             println!(
-                "{:<24} {:<12} {:<10} {:<14} {:>12} {:>12} {:>9}s",
+                "{:<24} {:<12} {:<14} {:>14} {:>12} {:>8}s",
                 c,
                 p,
-                "limit",
                 pol["name"].as_str().unwrap_or(""),
                 format!("{}/{}", limit - remaining.min(limit), limit),
                 remaining,
                 pol["reset"].as_u64().unwrap_or(0)
             );
         }
-        for (meter, n) in u["usage"].as_object().into_iter().flatten() {
-            println!(
-                "{:<24} {:<12} {:<10} {:<14} {:>12} {:>12} {:>10}",
-                c, p, "meter", meter, n, "-", "-"
-            );
+    }
+    println!();
+    println!("USAGE THIS MONTH");
+    println!(
+        "{:<24} {:<12} {:<14} {:>12} {:>12} {:>12}",
+        "CUSTOMER", "PLAN", "METER", "RECORDED", "REPORTED", "PENDING"
+    );
+    for u in &list {
+        let (c, p) = (
+            u["customer"].as_str().unwrap_or(""),
+            u["plan"].as_str().unwrap_or(""),
+        );
+        let billing = u["billing"].as_object().filter(|b| !b.is_empty());
+        match billing {
+            Some(b) => {
+                for (meter, t) in b {
+                    let n = |k: &str| t[k].as_u64().unwrap_or(0);
+                    println!(
+                        "{:<24} {:<12} {:<14} {:>12} {:>12} {:>12}",
+                        c,
+                        p,
+                        meter,
+                        n("recorded"),
+                        n("reported"),
+                        n("pending")
+                    );
+                }
+            }
+            // Metering disabled: what this process counted.
+            None => {
+                for (meter, n) in u["usage"].as_object().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<12} {:<14} {:>12} {:>12} {:>12}",
+                        c, p, meter, n, "-", "-"
+                    );
+                }
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -98,7 +98,11 @@ pub struct MeterTotals {
     pub pending: u64,
 }
 
+/// Undelivered usage older than this is logged as about to age out.
+pub const AGE_WARNING_SECS: u64 = 30 * 86_400;
+
 pub struct Spool {
+    aging: AtomicBool,
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
     state: Arc<Mutex<State>>,
     bytes: Arc<AtomicU64>,
@@ -284,6 +288,7 @@ impl Spool {
             .spawn(move || writer.run())
             .map_err(|e| e.to_string())?;
         let spool = Arc::new(Spool {
+            aging: AtomicBool::new(false),
             tx: Mutex::new(Some(tx)),
             state,
             bytes,
@@ -436,7 +441,9 @@ impl Spool {
             if &**c == customer && *w >= month_start {
                 let t = out.entry(m.to_string()).or_default();
                 t.recorded += g.units;
-                t.pending += g.units;
+                if !self.config.sinks.is_empty() {
+                    t.pending += g.units;
+                }
             }
         }
         for r in st.records.values() {
@@ -445,6 +452,10 @@ impl Spool {
             }
             let t = out.entry(r.meter.to_string()).or_default();
             t.recorded += r.units;
+            // With no sinks nothing is reported, and nothing is pending.
+            if self.config.sinks.is_empty() {
+                continue;
+            }
             let everywhere = self
                 .config
                 .sinks
@@ -479,6 +490,14 @@ impl Spool {
             crate::metrics::BILLING_LAG
                 .with_label_values(&[sink])
                 .set(lag as i64);
+            // Stripe refuses events older than 35 days: warn at 30.
+            let aging = lag > AGE_WARNING_SECS;
+            if aging != self.aging.swap(aging, Ordering::Relaxed) && aging {
+                log::error!(
+                    "billing sink {sink}: undelivered usage is {} days old; Stripe refuses events older than 35 days",
+                    lag / 86_400
+                );
+            }
         }
     }
 
