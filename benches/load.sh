@@ -26,7 +26,7 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
-up=$(port); ngx=$(port); pt=$(port); tgm=$(port); tgr=$(port); adm1=$(port); adm2=$(port); rport=$(port)
+up=$(port); ngx=$(port); pt=$(port); tgm=$(port); tgr=$(port); tgo=$(port); adm1=$(port); adm2=$(port); adm3=$(port); rport=$(port)
 
 mkdir -p "$work/nginx"
 cat > "$work/nginx/nginx.conf" <<NGX
@@ -64,6 +64,14 @@ keys: { path: keys.db }
 admin: { listen: 127.0.0.1:$adm1 }
 threads: 1
 CFG
+cat > "$work/nometer.yaml" <<CFG
+listen: 127.0.0.1:$tgo
+upstream: http://127.0.0.1:$up
+keys: { path: keys.db }
+admin: { listen: 127.0.0.1:$adm3 }
+metering: { enabled: false }
+threads: 1
+CFG
 cat > "$work/redis.yaml" <<CFG
 listen: 127.0.0.1:$tgr
 upstream: http://127.0.0.1:$up
@@ -77,20 +85,22 @@ wait_port $rport
 key_m=$("$bin" -c "$work/memory.yaml" keys create --customer cus_bench 2>/dev/null)
 key_r=$("$bin" -c "$work/redis.yaml" keys create --customer cus_bench 2>/dev/null)
 RUST_LOG=error "$bin" -c "$work/memory.yaml" run & pids+=($!)
+RUST_LOG=error "$bin" -c "$work/nometer.yaml" run & pids+=($!)
 RUST_LOG=error "$bin" -c "$work/redis.yaml" run & pids+=($!)
-for p in $up $ngx $pt $tgm $tgr; do wait_port $p; done
+for p in $up $ngx $pt $tgm $tgo $tgr; do wait_port $p; done
 
 run() { # name url [header] -> "$work/$name.txt"
   if [ -n "${3:-}" ]; then wrk -t1 -c"$conns" -d"${secs}s" -H "$3" "$2"; else wrk -t1 -c"$conns" -d"${secs}s" "$2"; fi > "$work/$1.txt"
 }
 echo "warming up…" >&2
-for u in $ngx $pt $tgm; do wrk -t1 -c8 -d2s -H "Authorization: Bearer $key_m" http://127.0.0.1:$u/v1/x >/dev/null; done
+for u in $ngx $pt $tgm $tgo; do wrk -t1 -c8 -d2s -H "Authorization: Bearer $key_m" http://127.0.0.1:$u/v1/x >/dev/null; done
 wrk -t1 -c8 -d2s -H "Authorization: Bearer $key_r" http://127.0.0.1:$tgr/v1/x >/dev/null
 
 echo "measuring, ${secs}s each…" >&2
 run nginx http://127.0.0.1:$ngx/v1/x
 run passthrough http://127.0.0.1:$pt/v1/x
 run memory http://127.0.0.1:$tgm/v1/x "Authorization: Bearer $key_m"
+run nometer http://127.0.0.1:$tgo/v1/x "Authorization: Bearer $key_m"
 redis-cli -p $rport config resetstat >/dev/null
 run redis http://127.0.0.1:$tgr/v1/x "Authorization: Bearer $key_r"
 redis-cli -p $rport info commandstats > "$work/redis-known.txt"
@@ -122,12 +132,13 @@ def calls(name):
         m = re.match(r"cmdstat_(\w+):calls=(\d+)", line)
         if m: out[m.group(1)] = int(m.group(2))
     return out
-res = {n: wrk(n) for n in ["nginx", "passthrough", "memory", "redis"]}
+res = {n: wrk(n) for n in ["nginx", "passthrough", "memory", "nometer", "redis"]}
 ngx, pt = res["nginx"][0], res["passthrough"][0]
 print(f"{'target':<24}{'req/s':>10}{'vs passthrough':>16}{'vs nginx':>10}{'non-2xx':>9}")
-for n, label in [("nginx", "nginx proxy_pass"), ("passthrough", "pingora passthrough"), ("memory", "tollgate memory"), ("redis", "tollgate redis")]:
+for n, label in [("nginx", "nginx proxy_pass"), ("passthrough", "pingora passthrough"), ("memory", "tollgate memory"), ("nometer", "  … metering off"), ("redis", "tollgate redis")]:
     rps, _, bad = res[n]
     print(f"{label:<24}{rps:>10.0f}{rps/pt:>16.2f}{rps/ngx:>10.2f}{bad:>9}")
+print(f"\nmetering on / off: {res['memory'][0] / res['nometer'][0]:.3f}")
 known = calls("redis-known")
 n = res["redis"][1]
 scripts = known.get("evalsha", 0) + known.get("eval", 0)

@@ -62,7 +62,12 @@ fn http_client() -> reqwest::Client {
 fn by_status(status: reqwest::StatusCode, body: &str) -> Outcome {
     if status.is_success() {
         Outcome::Delivered
-    } else if status.as_u16() == 429 || status.is_server_error() || status.as_u16() == 408 {
+    } else if status.is_server_error()
+        || matches!(status.as_u16(), 401 | 403 | 404 | 408 | 409 | 429)
+    {
+        // 401/403/404: a wrong key or URL is fixed by the operator, and the
+        // usage must still be there when it is; 409: Stripe's idempotency
+        // or lock conflicts, which it says to retry.
         Outcome::Retry(format!("HTTP {status}"))
     } else {
         let body: String = body.chars().take(300).collect();
@@ -634,7 +639,7 @@ pub async fn deliver(
 /// One pass: sends what is due, settles outcomes. Returns records attempted.
 async fn deliver_once(
     sink: &dyn Sink,
-    spool: &Spool,
+    spool: &Arc<Spool>,
     retries: &Mutex<HashMap<u64, Retry>>,
 ) -> usize {
     let now = Instant::now();
@@ -643,11 +648,11 @@ async fn deliver_once(
             Ok(r) => r,
             Err(p) => p.into_inner(),
         };
-        spool
-            .unsettled(sink.name(), 5_000)
-            .into_iter()
-            .filter(|rec| r.get(&rec.rseq).is_none_or(|x| x.not_before <= now))
-            .collect()
+        // Backing-off records are skipped before the limit, so they never
+        // crowd out newer ones.
+        spool.unsettled(sink.name(), 5_000, |rec| {
+            r.get(&rec.rseq).is_none_or(|x| x.not_before <= now)
+        })
     };
     if due.is_empty() {
         return 0;
@@ -687,8 +692,7 @@ async fn deliver_once(
                         "billing sink {name} refused {} ({} {} of {} for {}): {why}; written to dead-{name}.jsonl",
                         rec.identifier, rec.units, rec.meter, rec.customer, rfc3339(rec.window_start)
                     );
-                    spool.dead_letter(name, rec, &why);
-                    dead.push(rec.rseq);
+                    dead.push((rec.clone(), why));
                 }
                 Outcome::Retry(why) => {
                     crate::metrics::BILLING_EVENTS
@@ -720,15 +724,29 @@ async fn deliver_once(
             Ok(r) => r,
             Err(p) => p.into_inner(),
         };
-        for s in ok.iter().chain(&dead) {
+        for s in ok.iter().chain(dead.iter().map(|(rec, _)| &rec.rseq)) {
             r.remove(s);
         }
     }
-    if let Err(e) = spool
-        .settle(sink.name(), &ok, true)
-        .and_then(|_| spool.settle(sink.name(), &dead, false))
-    {
-        log::error!("billing sink {}: cannot record deliveries: {e} (they will be re-sent under the same identifiers)", sink.name());
+    // File I/O off the async workers.
+    let name = sink.name().to_owned();
+    let sp = Arc::clone(spool);
+    let written = tokio::task::spawn_blocking(move || {
+        for (rec, why) in &dead {
+            sp.dead_letter(&name, rec, why);
+        }
+        let dead: Vec<u64> = dead.iter().map(|(r, _)| r.rseq).collect();
+        sp.settle(&name, &ok, true)
+            .and_then(|_| sp.settle(&name, &dead, false))
+    })
+    .await;
+    match written {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => log::error!(
+            "billing sink {}: cannot record deliveries: {e} (they will be re-sent under the same identifiers)",
+            sink.name()
+        ),
+        Err(e) => log::error!("billing sink {}: settle task failed: {e}", sink.name()),
     }
     attempted
 }

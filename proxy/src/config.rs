@@ -853,13 +853,7 @@ fn parse_sink(
             url_ok(cx, "stream_url", &stream_url);
             let api_key = secret(cx, "api_key_env", &r.api_key_env)?;
             Some(SinkConfig::Stripe {
-                name: r.name.unwrap_or_else(|| {
-                    if v2 {
-                        "stripe_v2".into()
-                    } else {
-                        "stripe".into()
-                    }
-                }),
+                name: r.name.unwrap_or_else(|| "stripe".into()),
                 v2,
                 base_url: base_url.trim_end_matches('/').to_owned(),
                 stream_url: stream_url.trim_end_matches('/').to_owned(),

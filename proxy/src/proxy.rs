@@ -505,8 +505,14 @@ impl ProxyHttp for TollgateProxy {
                             spool.append(&identity.customer, meter, units).await,
                             Ok(true)
                         ) {
+                            // Unrecorded means unbilled: the client gets a 503
+                            // instead of an answer nobody pays for.
                             log::error!(
                                 "usage of {units} {meter} could not be written to the spool"
+                            );
+                            return Error::e_explain(
+                                ErrorType::HTTPStatus(503),
+                                "usage could not be recorded",
                             );
                         }
                     }
@@ -525,6 +531,7 @@ impl ProxyHttp for TollgateProxy {
 
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let rejection = match (e.esource(), e.etype()) {
+            (_, ErrorType::HTTPStatus(503)) => Rejection::SpoolFull,
             (_, ErrorType::HTTPStatus(code)) if (400..500).contains(code) => {
                 Rejection::BadRequest(*code)
             }

@@ -224,7 +224,7 @@ impl BackgroundService for Billing {
                 .metering
                 .sinks
                 .iter()
-                .any(|s| !spool.unsettled(s.name(), 1).is_empty())
+                .any(|s| !spool.unsettled(s.name(), 1, |_| true).is_empty())
         {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -232,8 +232,9 @@ impl BackgroundService for Billing {
         for l in loops {
             let _ = l.await;
         }
+        // The spool stays open: requests still in flight keep recording
+        // until the proxy has drained; its writer syncs on the way out.
         spool.update_gauges();
-        spool.close();
     }
 }
 

@@ -1,22 +1,28 @@
 //! The usage spool: a write-ahead log on local disk that makes usage durable
 //! before it counts as recorded, rolls it up per (customer, meter, window)
 //! into records with fixed identifiers, and remembers which sink has
-//! delivered which record.
+//! settled which record.
 //!
 //! Files in `metering.spool_dir`:
 //! - `instance-id`: this spool's id, part of every identifier;
+//! - `rollup`: the window (ms) the events on disk were written for;
 //! - `events.log`: one line per billable response: `E seq ts customer meter units crc`;
-//! - `records.log`: one line per rolled-up record:
-//!   `R rseq upto window customer meter units identifier crc`;
-//! - `acks-<sink>.log`: `A rseq ok|dead crc`, what each sink has settled;
+//! - `records.log`: `H next` (the record sequence high-water mark: sequences,
+//!   and so identifiers, are never reused), `S month customer meter recorded
+//!   reported` (this month's usage already settled everywhere and dropped
+//!   from memory), and `R rseq upto window customer meter units identifier`
+//!   (records some sink still owes);
+//! - `acks-<sink>.log`: `A rseq ok|dead`, what each sink has settled;
 //! - `dead-<sink>.jsonl`: records a sink refused for good, with the reason.
 //!
 //! Every line ends with a CRC-32 of the rest, so a line torn by a crash is
-//! recognised and ignored on replay. Appends go through one writer thread
-//! that writes whatever has queued up in one `write` (group commit) and
-//! answers each caller once its line is in the file: a `kill -9` after that
-//! loses nothing. `fsync` runs at most every `fsync_interval`, which bounds
-//! what a power loss can take.
+//! recognised and ignored on replay. Customer and meter are percent-escaped.
+//! Appends go through one writer thread that writes whatever has queued up
+//! in one `write` (group commit) and answers each caller once its line is in
+//! the file: a `kill -9` after that loses nothing. `fsync` runs at most every
+//! `fsync_interval`, which bounds what a power loss can take. The writer
+//! compacts the files at start and whenever they pass [`COMPACT_AT`], so a
+//! spool whose sinks keep up stays small.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -29,6 +35,11 @@ use std::time::{Duration, Instant};
 
 use crate::clock::{month_bounds, Clock, Millis};
 use crate::keys::crc32;
+
+/// Files are compacted when events.log or records.log grows past this.
+pub const COMPACT_AT: u64 = 8 << 20;
+/// Undelivered usage older than this is logged as about to age out.
+pub const AGE_WARNING_SECS: u64 = 30 * 86_400;
 
 #[derive(Debug, Clone)]
 pub struct SpoolConfig {
@@ -58,6 +69,7 @@ pub struct Record {
 }
 
 type GroupKey = (Arc<str>, Arc<str>, Millis);
+type MeterKey = (Arc<str>, Arc<str>);
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Group {
@@ -65,14 +77,67 @@ struct Group {
     max_seq: u64,
 }
 
+#[derive(Debug, Default, Clone, Copy)]
+struct Summary {
+    month: Millis,
+    recorded: u64,
+    reported: u64,
+}
+
 #[derive(Default)]
 struct State {
     pending: HashMap<GroupKey, Group>,
+    /// Records some sink still owes.
     records: BTreeMap<u64, Record>,
-    /// Per sink, the records it has settled (delivered or dead-lettered).
-    settled: HashMap<String, BTreeSet<u64>>,
+    /// Per sink: records settled, true if delivered, false if dead-lettered.
+    settled: HashMap<String, BTreeMap<u64, bool>>,
+    /// This month's usage of records settled everywhere.
+    summaries: HashMap<MeterKey, Summary>,
     next_seq: u64,
     next_rseq: u64,
+}
+
+impl State {
+    /// Moves records every sink has settled into the summaries.
+    fn fold_settled(&mut self, sinks: &[String], month_start: Millis) {
+        let done: Vec<u64> = self
+            .records
+            .keys()
+            .copied()
+            .filter(|r| {
+                sinks
+                    .iter()
+                    .all(|s| self.settled.get(s).is_some_and(|m| m.contains_key(r)))
+            })
+            .collect();
+        for rseq in done {
+            let Some(r) = self.records.remove(&rseq) else {
+                continue;
+            };
+            let delivered = !sinks.is_empty()
+                && sinks
+                    .iter()
+                    .all(|s| self.settled.get(s).and_then(|m| m.get(&rseq)) == Some(&true));
+            for m in self.settled.values_mut() {
+                m.remove(&rseq);
+            }
+            let (month, _) = month_bounds(r.window_start);
+            if month < month_start {
+                continue;
+            }
+            let sum = self.summaries.entry((r.customer, r.meter)).or_default();
+            if sum.month != month {
+                *sum = Summary {
+                    month,
+                    ..Summary::default()
+                };
+            }
+            sum.recorded = sum.recorded.saturating_add(r.units);
+            if delivered {
+                sum.reported = sum.reported.saturating_add(r.units);
+            }
+        }
+    }
 }
 
 enum Msg {
@@ -93,13 +158,11 @@ enum Msg {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeterTotals {
     pub recorded: u64,
-    /// In records every sink has delivered.
+    /// Delivered by every sink.
     pub reported: u64,
+    /// Not yet settled by every sink.
     pub pending: u64,
 }
-
-/// Undelivered usage older than this is logged as about to age out.
-pub const AGE_WARNING_SECS: u64 = 30 * 86_400;
 
 pub struct Spool {
     aging: AtomicBool,
@@ -123,6 +186,44 @@ fn checked(line: &str) -> Option<&str> {
     (u32::from_str_radix(crc, 16).ok()? == crc32(body.as_bytes())).then_some(body)
 }
 
+/// Escapes what would break a space-separated line.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn unesc(s: &str) -> Arc<str> {
+    if !s.contains('%') {
+        return s.into();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).as_ref().into()
+}
+
 fn io_err(path: &Path, e: std::io::Error) -> String {
     format!("{}: {e}", path.display())
 }
@@ -134,11 +235,99 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
+fn record_line(r: &Record) -> String {
+    line_with_crc(&format!(
+        "R {} {} {} {} {} {} {}",
+        r.rseq,
+        r.upto,
+        r.window_start,
+        esc(&r.customer),
+        esc(&r.meter),
+        r.units,
+        r.identifier
+    ))
+}
+
+fn read_lines(path: &Path) -> Vec<String> {
+    match File::open(path) {
+        Ok(f) => BufReader::new(f).lines().map_while(Result::ok).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+fn replace_file(path: &Path, text: &str) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+    f.write_all(text.as_bytes()).map_err(|e| io_err(&tmp, e))?;
+    f.sync_all().map_err(|e| io_err(&tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites the three kinds of file with what is still needed, in the order
+/// that keeps a crash at any point safe: events first (so no event loses
+/// the record that covers it), then records (with the high-water mark, so no
+/// sequence is reused), then acks. Returns the new size of events + records.
+fn compact_files(
+    dir: &Path,
+    sinks: &[String],
+    st: &mut State,
+    month_start: Millis,
+) -> Result<u64, String> {
+    st.fold_settled(sinks, month_start);
+    let mut events = String::new();
+    for ((c, m, w), g) in &st.pending {
+        // One line per group carries its sum under its highest sequence.
+        events.push_str(&line_with_crc(&format!(
+            "E {} {} {} {} {}",
+            g.max_seq,
+            w,
+            esc(c),
+            esc(m),
+            g.units
+        )));
+    }
+    let mut records = line_with_crc(&format!("H {}", st.next_rseq));
+    for ((c, m), sum) in &st.summaries {
+        if sum.month >= month_start {
+            records.push_str(&line_with_crc(&format!(
+                "S {} {} {} {} {}",
+                sum.month,
+                esc(c),
+                esc(m),
+                sum.recorded,
+                sum.reported
+            )));
+        }
+    }
+    for r in st.records.values() {
+        records.push_str(&record_line(r));
+    }
+    replace_file(&dir.join("events.log"), &events)?;
+    replace_file(&dir.join("records.log"), &records)?;
+    for sink in sinks {
+        let mut acks = String::new();
+        for (r, ok) in st.settled.get(sink).into_iter().flatten() {
+            acks.push_str(&line_with_crc(&format!(
+                "A {r} {}",
+                if *ok { "ok" } else { "dead" }
+            )));
+        }
+        replace_file(&dir.join(format!("acks-{sink}.log")), &acks)?;
+    }
+    Ok((events.len() + records.len()) as u64)
+}
+
 impl Spool {
     /// Opens (creating) the spool, replays it, compacts it and starts the writer.
     pub fn open(config: SpoolConfig, clock: Arc<dyn Clock>) -> Result<Arc<Self>, String> {
-        let dir = &config.dir;
-        fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
         let id_path = dir.join("instance-id");
         let instance = match fs::read_to_string(&id_path) {
             Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
@@ -150,39 +339,63 @@ impl Spool {
                 id
             }
         };
+        // Events on disk were grouped with the rollup they were written
+        // under; a changed setting applies to new events only.
+        let rollup_path = dir.join("rollup");
+        let disk_rollup = fs::read_to_string(&rollup_path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|&r| r > 0)
+            .unwrap_or(config.rollup);
+        let (month_start, _) = month_bounds(clock.now_ms());
         let mut st = State::default();
-        // Records, and which groups they cover up to which event.
         let mut covered: HashMap<GroupKey, u64> = HashMap::new();
         for line in read_lines(&dir.join("records.log")) {
             let Some(body) = checked(&line) else { continue };
             let f: Vec<&str> = body.split(' ').collect();
-            if f.len() != 8 || f[0] != "R" {
-                continue;
+            let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+            match f.first().copied() {
+                Some("H") => st.next_rseq = st.next_rseq.max(num(1).unwrap_or(0)),
+                Some("S") if f.len() == 6 => {
+                    let (Some(month), Some(rec), Some(rep)) = (num(1), num(4), num(5)) else {
+                        continue;
+                    };
+                    if month >= month_start {
+                        st.summaries.insert(
+                            (unesc(f[2]), unesc(f[3])),
+                            Summary {
+                                month,
+                                recorded: rec,
+                                reported: rep,
+                            },
+                        );
+                    }
+                }
+                Some("R") if f.len() == 8 => {
+                    let (Some(rseq), Some(upto), Some(window), Some(units)) =
+                        (num(1), num(2), num(3), num(6))
+                    else {
+                        continue;
+                    };
+                    let r = Record {
+                        rseq,
+                        upto,
+                        window_start: window,
+                        customer: unesc(f[4]),
+                        meter: unesc(f[5]),
+                        units,
+                        identifier: f[7].to_owned(),
+                    };
+                    let g = covered
+                        .entry((r.customer.clone(), r.meter.clone(), window))
+                        .or_insert(0);
+                    *g = (*g).max(upto);
+                    st.next_rseq = st.next_rseq.max(rseq + 1);
+                    st.next_seq = st.next_seq.max(upto + 1);
+                    st.records.insert(rseq, r);
+                }
+                _ => {}
             }
-            let (Ok(rseq), Ok(upto), Ok(window), Ok(units)) = (
-                f[1].parse::<u64>(),
-                f[2].parse::<u64>(),
-                f[3].parse::<u64>(),
-                f[6].parse::<u64>(),
-            ) else {
-                continue;
-            };
-            let r = Record {
-                rseq,
-                upto,
-                window_start: window,
-                customer: f[4].into(),
-                meter: f[5].into(),
-                units,
-                identifier: f[7].to_owned(),
-            };
-            let g = covered
-                .entry((r.customer.clone(), r.meter.clone(), window))
-                .or_insert(0);
-            *g = (*g).max(upto);
-            st.next_rseq = st.next_rseq.max(rseq + 1);
-            st.next_seq = st.next_seq.max(upto + 1);
-            st.records.insert(rseq, r);
         }
         for sink in &config.sinks {
             let set = st.settled.entry(sink.clone()).or_default();
@@ -194,7 +407,10 @@ impl Spool {
                     f.first().copied(),
                     f.get(1).map(|s| s.parse::<u64>()),
                 ) {
-                    set.insert(rseq);
+                    // Acks of records no longer on disk are stale.
+                    if st.records.contains_key(&rseq) {
+                        set.insert(rseq, f[2] == "ok");
+                    }
                 }
             }
         }
@@ -212,67 +428,18 @@ impl Spool {
                 continue;
             };
             st.next_seq = st.next_seq.max(seq + 1);
-            let key: GroupKey = (f[3].into(), f[4].into(), ts - ts % config.rollup);
+            let key: GroupKey = (unesc(f[3]), unesc(f[4]), ts - ts % disk_rollup);
             if covered.get(&key).is_some_and(|&upto| upto >= seq) {
                 continue; // already in a record
             }
             let g = st.pending.entry(key).or_default();
-            g.units += units;
+            g.units = g.units.saturating_add(units);
             g.max_seq = g.max_seq.max(seq);
         }
-        let spool = Self::compact(config, clock, instance, st)?;
-        Ok(spool)
-    }
+        let size = compact_files(&dir, &config.sinks, &mut st, month_start)?;
+        fs::write(&rollup_path, config.rollup.to_string()).map_err(|e| io_err(&rollup_path, e))?;
 
-    /// Rewrites the files with only what is still needed, then starts the writer.
-    fn compact(
-        config: SpoolConfig,
-        clock: Arc<dyn Clock>,
-        instance: String,
-        mut st: State,
-    ) -> Result<Arc<Self>, String> {
-        let dir = config.dir.clone();
-        let (month_start, _) = month_bounds(clock.now_ms());
-        // Records every sink settled and older than this month are done.
-        let done: Vec<u64> = st
-            .records
-            .values()
-            .filter(|r| r.window_start < month_start)
-            .filter(|r| {
-                config
-                    .sinks
-                    .iter()
-                    .all(|s| st.settled.get(s).is_some_and(|set| set.contains(&r.rseq)))
-            })
-            .map(|r| r.rseq)
-            .collect();
-        for rseq in done {
-            st.records.remove(&rseq);
-        }
-        let mut events = String::new();
-        for ((c, m, w), g) in &st.pending {
-            // One line per group carries its sum under its highest sequence.
-            events.push_str(&line_with_crc(&format!(
-                "E {} {} {c} {m} {}",
-                g.max_seq, w, g.units
-            )));
-        }
-        let mut records = String::new();
-        for r in st.records.values() {
-            records.push_str(&record_line(r));
-        }
-        replace_file(&dir.join("events.log"), &events)?;
-        replace_file(&dir.join("records.log"), &records)?;
-        for sink in &config.sinks {
-            let set = st.settled.entry(sink.clone()).or_default();
-            set.retain(|r| st.records.contains_key(r));
-            let mut acks = String::new();
-            for r in set.iter() {
-                acks.push_str(&line_with_crc(&format!("A {r} ok")));
-            }
-            replace_file(&dir.join(format!("acks-{sink}.log")), &acks)?;
-        }
-        let bytes = Arc::new(AtomicU64::new((events.len() + records.len()) as u64));
+        let bytes = Arc::new(AtomicU64::new(size));
         let state = Arc::new(Mutex::new(st));
         let (tx, rx) = mpsc::channel();
         let writer = Writer::open(
@@ -357,19 +524,25 @@ impl Spool {
         rx.await.unwrap_or(0)
     }
 
-    /// Records `sink` has not settled yet, oldest first.
-    pub fn unsettled(&self, sink: &str, limit: usize) -> Vec<Record> {
+    /// Records `sink` has not settled and `ready` accepts, oldest first.
+    pub fn unsettled(
+        &self,
+        sink: &str,
+        limit: usize,
+        ready: impl Fn(&Record) -> bool,
+    ) -> Vec<Record> {
         let st = lock(&self.state);
         let settled = st.settled.get(sink);
         st.records
             .values()
-            .filter(|r| !settled.is_some_and(|s| s.contains(&r.rseq)))
+            .filter(|r| !settled.is_some_and(|s| s.contains_key(&r.rseq)) && ready(r))
             .take(limit)
             .cloned()
             .collect()
     }
 
-    /// Marks records settled by `sink` (delivered, or dead-lettered).
+    /// Marks records settled by `sink` (delivered, or dead-lettered). Does
+    /// file I/O: call it off the async workers.
     pub fn settle(&self, sink: &str, rseqs: &[u64], ok: bool) -> Result<(), String> {
         if rseqs.is_empty() {
             return Ok(());
@@ -382,16 +555,23 @@ impl Spool {
                 if ok { "ok" } else { "dead" }
             )));
         }
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| io_err(&path, e))?;
-        f.write_all(text.as_bytes()).map_err(|e| io_err(&path, e))?;
-        let mut st = lock(&self.state);
-        let set = st.settled.entry(sink.to_owned()).or_default();
-        set.extend(rseqs.iter().copied());
-        drop(st);
+        {
+            // Under the state lock, so a compaction cannot rewrite the file
+            // between this append and the state update.
+            let mut st = lock(&self.state);
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io_err(&path, e))?;
+            f.write_all(text.as_bytes()).map_err(|e| io_err(&path, e))?;
+            let set = st.settled.entry(sink.to_owned()).or_default();
+            for r in rseqs {
+                set.insert(*r, ok);
+            }
+            let (month_start, _) = month_bounds(self.clock.now_ms());
+            st.fold_settled(&self.config.sinks, month_start);
+        }
         self.update_gauges();
         Ok(())
     }
@@ -417,15 +597,19 @@ impl Spool {
         }
     }
 
-    /// Units not yet in a record plus units in records `sink` has not settled.
+    /// Units not yet in a record plus units in records `sink` has not
+    /// settled, and the start of the oldest such window.
     pub fn pending_units(&self, sink: &str) -> (u64, Option<Millis>) {
         let st = lock(&self.state);
         let settled = st.settled.get(sink);
-        let mut units: u64 = st.pending.values().map(|g| g.units).sum();
+        let mut units = st
+            .pending
+            .values()
+            .fold(0u64, |a, g| a.saturating_add(g.units));
         let mut oldest: Option<Millis> = st.pending.keys().map(|k| k.2).min();
         for r in st.records.values() {
-            if !settled.is_some_and(|s| s.contains(&r.rseq)) {
-                units += r.units;
+            if !settled.is_some_and(|s| s.contains_key(&r.rseq)) {
+                units = units.saturating_add(r.units);
                 oldest = Some(oldest.map_or(r.window_start, |o| o.min(r.window_start)));
             }
         }
@@ -435,36 +619,33 @@ impl Spool {
     /// This month's usage of one customer per meter, as the spool knows it.
     pub fn totals(&self, customer: &str) -> BTreeMap<String, MeterTotals> {
         let (month_start, _) = month_bounds(self.clock.now_ms());
+        let no_sinks = self.config.sinks.is_empty();
         let st = lock(&self.state);
         let mut out: BTreeMap<String, MeterTotals> = BTreeMap::new();
-        for ((c, m, w), g) in &st.pending {
-            if &**c == customer && *w >= month_start {
+        for ((c, m), s) in &st.summaries {
+            if &**c == customer && s.month >= month_start {
                 let t = out.entry(m.to_string()).or_default();
-                t.recorded += g.units;
-                if !self.config.sinks.is_empty() {
-                    t.pending += g.units;
-                }
+                t.recorded = t.recorded.saturating_add(s.recorded);
+                t.reported = t.reported.saturating_add(s.reported);
             }
         }
-        for r in st.records.values() {
-            if &*r.customer != customer || r.window_start < month_start {
-                continue;
-            }
-            let t = out.entry(r.meter.to_string()).or_default();
-            t.recorded += r.units;
+        let in_flight = st
+            .pending
+            .iter()
+            .filter(|(k, _)| &*k.0 == customer && k.2 >= month_start)
+            .map(|(k, g)| (&k.1, g.units))
+            .chain(
+                st.records
+                    .values()
+                    .filter(|r| &*r.customer == customer && r.window_start >= month_start)
+                    .map(|r| (&r.meter, r.units)),
+            );
+        for (m, units) in in_flight {
+            let t = out.entry(m.to_string()).or_default();
+            t.recorded = t.recorded.saturating_add(units);
             // With no sinks nothing is reported, and nothing is pending.
-            if self.config.sinks.is_empty() {
-                continue;
-            }
-            let everywhere = self
-                .config
-                .sinks
-                .iter()
-                .all(|s| st.settled.get(s).is_some_and(|set| set.contains(&r.rseq)));
-            if everywhere {
-                t.reported += r.units;
-            } else {
-                t.pending += r.units;
+            if !no_sinks {
+                t.pending = t.pending.saturating_add(units);
             }
         }
         out
@@ -475,12 +656,14 @@ impl Spool {
         let st = lock(&self.state);
         let mut set: BTreeSet<Arc<str>> = st.pending.keys().map(|k| k.0.clone()).collect();
         set.extend(st.records.values().map(|r| r.customer.clone()));
+        set.extend(st.summaries.keys().map(|k| k.0.clone()));
         set.into_iter().collect()
     }
 
     pub fn update_gauges(&self) {
         crate::metrics::SPOOL_BYTES.set(self.bytes.load(Ordering::Relaxed) as i64);
         let now = self.clock.now_ms();
+        let mut max_lag = 0;
         for sink in &self.config.sinks {
             let (units, oldest) = self.pending_units(sink);
             crate::metrics::BILLING_PENDING
@@ -490,14 +673,15 @@ impl Spool {
             crate::metrics::BILLING_LAG
                 .with_label_values(&[sink])
                 .set(lag as i64);
-            // Stripe refuses events older than 35 days: warn at 30.
-            let aging = lag > AGE_WARNING_SECS;
-            if aging != self.aging.swap(aging, Ordering::Relaxed) && aging {
-                log::error!(
-                    "billing sink {sink}: undelivered usage is {} days old; Stripe refuses events older than 35 days",
-                    lag / 86_400
-                );
-            }
+            max_lag = max_lag.max(lag);
+        }
+        // Stripe refuses events older than 35 days: warn at 30.
+        let aging = max_lag > AGE_WARNING_SECS;
+        if aging != self.aging.swap(aging, Ordering::Relaxed) && aging {
+            log::error!(
+                "undelivered usage is {} days old; Stripe refuses events older than 35 days",
+                max_lag / 86_400
+            );
         }
     }
 
@@ -510,35 +694,8 @@ impl Spool {
     }
 }
 
-fn record_line(r: &Record) -> String {
-    line_with_crc(&format!(
-        "R {} {} {} {} {} {} {}",
-        r.rseq, r.upto, r.window_start, r.customer, r.meter, r.units, r.identifier
-    ))
-}
-
-fn read_lines(path: &Path) -> Vec<String> {
-    match File::open(path) {
-        Ok(f) => BufReader::new(f).lines().map_while(Result::ok).collect(),
-        Err(_) => Vec::new(),
-    }
-}
-
-fn replace_file(path: &Path, text: &str) -> Result<(), String> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-    f.write_all(text.as_bytes()).map_err(|e| io_err(&tmp, e))?;
-    f.sync_all().map_err(|e| io_err(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
 struct Writer {
+    dir: PathBuf,
     events: File,
     records: File,
     state: Arc<Mutex<State>>,
@@ -546,6 +703,7 @@ struct Writer {
     rx: mpsc::Receiver<Msg>,
     fsync_interval: Duration,
     rollup: Millis,
+    sinks: Vec<String>,
     instance: String,
     clock: Arc<dyn Clock>,
     last_sync: Instant,
@@ -561,22 +719,16 @@ impl Writer {
         bytes: Arc<AtomicU64>,
         rx: mpsc::Receiver<Msg>,
     ) -> Result<Self, String> {
-        let open = |name: &str| {
-            let p = config.dir.join(name);
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&p)
-                .map_err(|e| io_err(&p, e))
-        };
         Ok(Self {
-            events: open("events.log")?,
-            records: open("records.log")?,
+            dir: config.dir.clone(),
+            events: open_append(&config.dir.join("events.log"))?,
+            records: open_append(&config.dir.join("records.log"))?,
             state,
             bytes,
             rx,
             fsync_interval: config.fsync_interval,
             rollup: config.rollup,
+            sinks: config.sinks.clone(),
             instance: instance.to_owned(),
             clock,
             last_sync: Instant::now(),
@@ -630,6 +782,7 @@ impl Writer {
         let mut text = String::new();
         let mut acks = Vec::new();
         let mut rollups = Vec::new();
+        let mut added: Vec<(GroupKey, u64, u64)> = Vec::new();
         {
             let mut st = lock(&self.state);
             for msg in batch {
@@ -644,29 +797,34 @@ impl Writer {
                         let seq = st.next_seq;
                         st.next_seq += 1;
                         text.push_str(&line_with_crc(&format!(
-                            "E {seq} {at} {customer} {meter} {units}"
+                            "E {seq} {at} {} {} {units}",
+                            esc(&customer),
+                            esc(&meter)
                         )));
-                        let g = st
-                            .pending
-                            .entry((customer, meter, at - at % self.rollup))
-                            .or_default();
-                        g.units += units;
-                        g.max_seq = g.max_seq.max(seq);
+                        added.push(((customer, meter, at - at % self.rollup), units, seq));
                         acks.push(done);
                     }
                     Msg::Rollup { all, done } => rollups.push((all, done)),
                 }
             }
         }
-        let ok = text.is_empty() || self.events.write_all(text.as_bytes()).is_ok();
-        if !ok {
+        let ok = text.is_empty() || append_or_truncate(&mut self.events, text.as_bytes());
+        if ok {
+            // Only what is in the file counts.
+            let mut st = lock(&self.state);
+            for (key, units, seq) in added {
+                let g = st.pending.entry(key).or_default();
+                g.units = g.units.saturating_add(units);
+                g.max_seq = g.max_seq.max(seq);
+            }
+            self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
+            self.dirty |= !text.is_empty();
+        } else {
             log::error!(
-                "usage spool write failed: usage of {} responses is not durable",
+                "usage spool write failed: {} responses are refused",
                 acks.len()
             );
         }
-        self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
-        self.dirty |= !text.is_empty();
         for a in acks {
             let _ = a.send(ok);
         }
@@ -690,9 +848,6 @@ impl Writer {
             .filter(|k| all || k.2 + self.rollup + 1000 <= now)
             .cloned()
             .collect();
-        if keys.is_empty() {
-            return 0;
-        }
         let mut text = String::new();
         let mut new = Vec::new();
         for k in keys {
@@ -713,33 +868,75 @@ impl Writer {
             text.push_str(&record_line(&r));
             new.push(r);
         }
-        drop(st);
         // Records must be durable before they are offered to sinks.
-        if let Err(e) = self
-            .records
-            .write_all(text.as_bytes())
-            .and_then(|_| self.records.sync_data())
-        {
-            log::error!("usage spool: cannot write records: {e}");
-            let mut st = lock(&self.state);
+        let written = text.is_empty()
+            || (append_or_truncate(&mut self.records, text.as_bytes())
+                && self.records.sync_data().is_ok());
+        if !written {
+            log::error!("usage spool: cannot write records; will try again");
             for r in new {
                 let g = st
                     .pending
                     .entry((r.customer, r.meter, r.window_start))
                     .or_default();
-                g.units += r.units;
+                g.units = g.units.saturating_add(r.units);
                 g.max_seq = g.max_seq.max(r.upto);
             }
             return 0;
         }
         self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
         let n = new.len();
-        let mut st = lock(&self.state);
         for r in new {
             st.records.insert(r.rseq, r);
         }
+        if self.sinks.is_empty() {
+            // Nothing will ever settle them: fold straight into the summaries.
+            let (month_start, _) = month_bounds(now);
+            st.fold_settled(&self.sinks, month_start);
+        }
+        let size = |f: &File| f.metadata().map(|m| m.len()).unwrap_or(0);
+        if size(&self.events) > COMPACT_AT || size(&self.records) > COMPACT_AT {
+            let (month_start, _) = month_bounds(now);
+            match compact_files(&self.dir, &self.sinks, &mut st, month_start) {
+                Ok(bytes) => {
+                    self.bytes.store(bytes, Ordering::Relaxed);
+                    match (
+                        open_append(&self.dir.join("events.log")),
+                        open_append(&self.dir.join("records.log")),
+                    ) {
+                        (Ok(e), Ok(r)) => {
+                            self.events = e;
+                            self.records = r;
+                        }
+                        _ => log::error!("usage spool: cannot reopen files after compaction"),
+                    }
+                }
+                Err(e) => log::error!("usage spool: compaction failed: {e}"),
+            }
+        }
         n
     }
+}
+
+fn open_append(p: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)
+        .map_err(|e| io_err(p, e))
+}
+
+/// Appends `data`; on failure cuts the file back so no half line is left for
+/// the next append to be glued to.
+fn append_or_truncate(f: &mut File, data: &[u8]) -> bool {
+    let before = f.metadata().map(|m| m.len()).ok();
+    if f.write_all(data).is_ok() {
+        return true;
+    }
+    if let Some(len) = before {
+        let _ = f.set_len(len);
+    }
+    false
 }
 
 #[cfg(test)]
@@ -780,7 +977,7 @@ mod tests {
             }
         );
         assert_eq!(s.rollup(true).await, 1);
-        let recs = s.unsettled("stripe", 10);
+        let recs = s.unsettled("stripe", 10, |_| true);
         assert_eq!(recs.len(), 1);
         assert_eq!(recs[0].units, 10);
         let id = recs[0].identifier.clone();
@@ -789,14 +986,14 @@ mod tests {
         // The record and its identifier come back unchanged; the events do not
         // come back as pending (no double count).
         let s = Spool::open(config(dir.path(), &["stripe"]), clock()).unwrap();
-        let recs = s.unsettled("stripe", 10);
+        let recs = s.unsettled("stripe", 10, |_| true);
         assert_eq!(
             (recs.len(), recs[0].identifier.as_str(), recs[0].units),
             (1, id.as_str(), 10)
         );
         assert_eq!(s.totals("cus_1")["api"].recorded, 10);
         s.settle("stripe", &[recs[0].rseq], true).unwrap();
-        assert!(s.unsettled("stripe", 10).is_empty());
+        assert!(s.unsettled("stripe", 10, |_| true).is_empty());
         assert_eq!(
             s.totals("cus_1")["api"],
             MeterTotals {
@@ -808,7 +1005,7 @@ mod tests {
         s.close();
         let s = Spool::open(config(dir.path(), &["stripe"]), clock()).unwrap();
         assert!(
-            s.unsettled("stripe", 10).is_empty(),
+            s.unsettled("stripe", 10, |_| true).is_empty(),
             "settled stays settled"
         );
     }
@@ -836,15 +1033,118 @@ mod tests {
         let s = Spool::open(config(dir.path(), &["a", "b"]), clock()).unwrap();
         assert!(s.append(&c, &m, 1).await.unwrap());
         s.rollup(true).await;
-        let r = s.unsettled("a", 1)[0].rseq;
+        let r = s.unsettled("a", 1, |_| true)[0].rseq;
         s.settle("a", &[r], true).unwrap();
-        assert!(s.unsettled("a", 9).is_empty());
-        assert_eq!(s.unsettled("b", 9).len(), 1);
+        assert!(s.unsettled("a", 9, |_| true).is_empty());
+        assert_eq!(s.unsettled("b", 9, |_| true).len(), 1);
         assert_eq!(s.pending_units("b").0, 1);
         assert_eq!(
             s.totals("cus_1")["api"].reported,
             0,
             "reported once every sink has it"
+        );
+    }
+
+    #[tokio::test]
+    async fn identifiers_are_never_reused_after_settled_records_are_dropped() {
+        use crate::clock::{days_from_civil, Date, ManualClock, DAY};
+        let dir = tempfile::tempdir().unwrap();
+        let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+        let jan = days_from_civil(Date {
+            year: 2027,
+            month: 1,
+            day: 20,
+        }) as Millis
+            * DAY;
+        let clock = ManualClock::at(jan);
+        let s = Spool::open(config(dir.path(), &["stripe"]), Arc::new(clock.clone())).unwrap();
+        assert!(s.append(&c, &m, 1).await.unwrap());
+        s.rollup(true).await;
+        let first = s.unsettled("stripe", 9, |_| true)[0].clone();
+        s.settle("stripe", &[first.rseq], true).unwrap();
+        s.close();
+        // A month later every January record is gone from the files...
+        clock.set(jan + 31 * DAY);
+        let s = Spool::open(config(dir.path(), &["stripe"]), Arc::new(clock.clone())).unwrap();
+        assert!(s.totals("cus_1").is_empty());
+        let records = fs::read_to_string(dir.path().join("records.log")).unwrap();
+        assert!(!records.contains(&first.identifier), "{records}");
+        // ...but the next identifier is still new.
+        assert!(s.append(&c, &m, 1).await.unwrap());
+        s.rollup(true).await;
+        let second = s.unsettled("stripe", 9, |_| true)[0].clone();
+        assert!(second.rseq > first.rseq, "{second:?} reuses {first:?}");
+        assert_ne!(second.identifier, first.identifier);
+    }
+
+    #[tokio::test]
+    async fn a_changed_rollup_does_not_count_rolled_events_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, m): (Arc<str>, Arc<str>) = ("cus 1%".into(), "api".into());
+        let s = Spool::open(config(dir.path(), &["stripe"]), clock()).unwrap();
+        for _ in 0..3 {
+            assert!(s.append(&c, &m, 1).await.unwrap());
+        }
+        s.rollup(true).await;
+        s.close();
+        let mut cfg = config(dir.path(), &["stripe"]);
+        cfg.rollup = 60_000;
+        let s = Spool::open(cfg, clock()).unwrap();
+        let recs = s.unsettled("stripe", 9, |_| true);
+        assert_eq!(recs.len(), 1);
+        assert_eq!(
+            &*recs[0].customer, "cus 1%",
+            "odd ids survive the line format"
+        );
+        assert_eq!(s.totals("cus 1%")["api"].recorded, 3, "not 6");
+    }
+
+    #[tokio::test]
+    async fn settled_usage_leaves_memory_and_files_but_stays_in_the_totals() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+        let s = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+        for _ in 0..100 {
+            assert!(s.append(&c, &m, 1).await.unwrap());
+        }
+        s.rollup(true).await;
+        let r = s.unsettled("a", 9, |_| true)[0].rseq;
+        s.settle("a", &[r], true).unwrap();
+        assert_eq!(lock(&s.state).records.len(), 0, "folded into the summary");
+        s.close();
+        let s = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+        assert_eq!(
+            s.totals("cus_1")["api"],
+            MeterTotals {
+                recorded: 100,
+                reported: 100,
+                pending: 0
+            }
+        );
+        let size = |f: &str| fs::metadata(dir.path().join(f)).unwrap().len();
+        assert!(
+            size("events.log") == 0 && size("records.log") < 200,
+            "compacted at start"
+        );
+        assert!(!s.is_full());
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_is_not_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+        let s = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+        assert!(s.append(&c, &m, 4).await.unwrap());
+        s.rollup(true).await;
+        let r = s.unsettled("a", 9, |_| true)[0].rseq;
+        s.settle("a", &[r], false).unwrap();
+        assert_eq!(
+            s.totals("cus_1")["api"],
+            MeterTotals {
+                recorded: 4,
+                reported: 0,
+                pending: 0
+            }
         );
     }
 }
