@@ -1,7 +1,7 @@
-//! The admin port: `/metrics`, `/healthz`, `/readyz`, a status page, and a
-//! read-only `/admin` JSON API behind a bearer token (disabled when the
-//! token's env var is unset). Key changes go through the CLI, which writes
-//! the store directly; running proxies pick them up within a second.
+//! The admin port: `/metrics`, `/healthz`, `/readyz`, a status page, and the
+//! `/admin` JSON API behind a bearer token (disabled when the token's env var
+//! is unset): keys (list, create, revoke, rotate), customers (plan, suspend,
+//! usage), reload. Writes use the same operations as the CLI.
 
 use std::sync::Arc;
 
@@ -10,8 +10,12 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
+use crate::config::parse_duration;
 use crate::limiter::Limiter;
-use crate::proxy::{usage_json, App};
+use crate::proxy::{usage_json, App, Keys};
+use crate::redis_store::BlockingRedisAdmin;
+use crate::store::admin::{self, CreateKey};
+use crate::store::AnyStore;
 use crate::store::KeyInfo;
 
 pub struct AdminApp {
@@ -199,41 +203,259 @@ const OPENAPI: &str = include_str!("openapi.json");
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        if req.method != http::Method::GET {
-            return problem(
-                405,
-                "Method not allowed",
-                "the admin API is read-only; use the tollgate CLI to change keys",
-            );
-        }
+        let method = req.method.clone();
         let path = req.uri.path().to_owned();
         let query = req.uri.query().map(str::to_owned);
-        match path.as_str() {
-            "/metrics" => respond(200, "text/plain; version=0.0.4", crate::metrics::render()),
-            "/healthz" => respond(200, "text/plain", b"ok\n".to_vec()),
-            "/readyz" => respond(200, "text/plain", b"ready\n".to_vec()),
-            "/" => respond(
-                200,
-                "text/html; charset=utf-8",
-                self.status_page().into_bytes(),
-            ),
-            "/admin/openapi.json" => respond(200, "application/json", OPENAPI.as_bytes().to_vec()),
-            p if p.starts_with("/admin/") => {
-                if let Err(r) = self.authorized(session) {
-                    return *r;
+        if method == http::Method::GET {
+            match path.as_str() {
+                "/metrics" => {
+                    return respond(200, "text/plain; version=0.0.4", crate::metrics::render())
                 }
-                let customer = query_param(query.as_deref(), "customer");
-                match p {
-                    "/admin/usage" => self.usage(customer.as_deref()).await,
-                    "/admin/keys" => self.keys(customer.as_deref()),
-                    _ => problem(404, "Not found", "see /admin/openapi.json"),
+                "/healthz" => return respond(200, "text/plain", b"ok\n".to_vec()),
+                "/readyz" => return respond(200, "text/plain", b"ready\n".to_vec()),
+                "/" => {
+                    return respond(
+                        200,
+                        "text/html; charset=utf-8",
+                        self.status_page().into_bytes(),
+                    )
                 }
+                "/admin/openapi.json" => {
+                    return respond(200, "application/json", OPENAPI.as_bytes().to_vec())
+                }
+                _ => {}
             }
-            _ => problem(
+        }
+        if !path.starts_with("/admin/") {
+            return problem(
                 404,
                 "Not found",
                 "try /metrics, /healthz, /readyz or /admin/openapi.json",
+            );
+        }
+        if let Err(r) = self.authorized(session) {
+            return *r;
+        }
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(r) => return *r,
+        };
+        let segments: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
+        let customer = query_param(query.as_deref(), "customer");
+        match (method.as_str(), segments.as_slice()) {
+            ("GET", ["usage"]) => self.usage(customer.as_deref()).await,
+            ("GET", ["customers", id, "usage"]) => self.usage(Some(id)).await,
+            ("GET", ["keys"]) => self.keys(customer.as_deref()),
+            ("POST", ["keys"]) => self.write(Write::Create(body)).await,
+            ("POST", ["keys", id, "revoke"]) => self.write(Write::Revoke((*id).to_owned())).await,
+            ("POST", ["keys", id, "rotate"]) => {
+                self.write(Write::Rotate((*id).to_owned(), body)).await
+            }
+            ("PUT", ["customers", id, "plan"]) => {
+                self.write(Write::SetPlan((*id).to_owned(), body)).await
+            }
+            ("POST", ["customers", id, "suspend"]) => {
+                self.write(Write::Suspend((*id).to_owned(), true)).await
+            }
+            ("POST", ["customers", id, "resume"]) => {
+                self.write(Write::Suspend((*id).to_owned(), false)).await
+            }
+            ("POST", ["reload"]) => self.reload().await,
+            _ => problem(404, "Not found", "see /admin/openapi.json"),
+        }
+    }
+}
+
+/// An admin API change to the key store.
+enum Write {
+    Create(serde_json::Value),
+    Revoke(String),
+    Rotate(String, serde_json::Value),
+    SetPlan(String, serde_json::Value),
+    Suspend(String, bool),
+}
+
+/// At most this much request body is read.
+const MAX_BODY: usize = 64 * 1024;
+
+async fn read_body(
+    session: &mut ServerSession,
+) -> Result<serde_json::Value, Box<Response<Vec<u8>>>> {
+    let mut buf = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                buf.extend_from_slice(&chunk);
+                if buf.len() > MAX_BODY {
+                    return Err(Box::new(problem(
+                        413,
+                        "Body too large",
+                        "admin requests are small JSON objects",
+                    )));
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                return Err(Box::new(problem(
+                    400,
+                    "Bad request",
+                    "the request body could not be read",
+                )))
+            }
+        }
+    }
+    if buf.iter().all(u8::is_ascii_whitespace) {
+        return Ok(serde_json::Value::Object(serde_json::Map::new()));
+    }
+    match serde_json::from_slice::<serde_json::Value>(&buf) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        _ => Err(Box::new(problem(
+            400,
+            "Bad request",
+            "the body must be a JSON object",
+        ))),
+    }
+}
+
+fn field(body: &serde_json::Value, name: &str) -> Option<String> {
+    body.get(name).and_then(|v| v.as_str()).map(str::to_owned)
+}
+
+impl AdminApp {
+    /// The store, as the CLI would write it, on this proxy's own connection.
+    fn store(&self) -> Option<AnyStore> {
+        match &self.app.keys {
+            Keys::File(f) => Some(AnyStore::File(f.clone())),
+            Keys::Redis(r) => {
+                let rt = self.app._redis_rt.clone()?;
+                Some(AnyStore::Redis(BlockingRedisAdmin::from_conn(
+                    r.conn().clone(),
+                    rt,
+                )))
+            }
+        }
+    }
+
+    async fn write(&self, op: Write) -> Response<Vec<u8>> {
+        let Some(store) = self.store() else {
+            return problem(503, "Key store unavailable", "the key store is not ready");
+        };
+        let config = self.app.config.clone();
+        let now = self.app.gate.clock.now_ms();
+        // Store I/O (a file, or Redis through a blocking adapter) off the workers.
+        let result = tokio::task::spawn_blocking(move || -> Result<(u16, serde_json::Value), (u16, String)> {
+            let bad = |m: String| (400u16, m);
+            let known = |plan: &str| -> Result<(), (u16, String)> {
+                config.plans.get(plan).map(|_| ()).ok_or_else(|| bad(format!("unknown plan `{plan}`")))
+            };
+            let store_err = |e: crate::store::StoreError| match e {
+                crate::store::StoreError::NotFound(w) => (404, format!("{w} not found")),
+                crate::store::StoreError::Invalid(w) => (400, w),
+                other => (500, other.to_string()),
+            };
+            let duration = |v: Option<String>, what: &str| -> Result<Option<u64>, (u16, String)> {
+                match v {
+                    None => Ok(None),
+                    Some(s) => parse_duration(&s)
+                        .map(|d| Some(d.as_millis() as u64))
+                        .ok_or_else(|| bad(format!("`{what}` must be a duration like 90d or 24h"))),
+                }
+            };
+            match op {
+                Write::Create(body) => {
+                    let customer = field(&body, "customer").ok_or_else(|| bad("`customer` is required".into()))?;
+                    let plan = field(&body, "plan");
+                    if let Some(p) = &plan {
+                        known(p)?;
+                    }
+                    let expires = duration(field(&body, "expires"), "expires")?.map(|ms| now.saturating_add(ms));
+                    let name = field(&body, "name");
+                    let new = admin::create_key(
+                        &store,
+                        &config.key_prefix,
+                        CreateKey { customer: &customer, plan: plan.as_deref(), name: name.as_deref(), expires },
+                        now,
+                    )
+                    .map_err(store_err)?;
+                    Ok((201, serde_json::json!({ "key": new.raw, "id": new.record.id, "customer": customer, "expires": new.record.expires })))
+                }
+                Write::Revoke(id) => {
+                    let k = admin::revoke(&store, &id, now).map_err(store_err)?;
+                    Ok((200, serde_json::json!({ "id": k.id, "status": "revoked" })))
+                }
+                Write::Rotate(id, body) => {
+                    let grace = duration(field(&body, "grace"), "grace")?.unwrap_or(86_400_000);
+                    let new = admin::rotate(&store, &config.key_prefix, &id, grace, now).map_err(store_err)?;
+                    Ok((201, serde_json::json!({ "key": new.raw, "id": new.record.id, "replaces": id })))
+                }
+                Write::SetPlan(id, body) => {
+                    let plan = field(&body, "plan").ok_or_else(|| bad("`plan` is required".into()))?;
+                    known(&plan)?;
+                    admin::set_plan(&store, &id, &plan).map_err(store_err)?;
+                    Ok((200, serde_json::json!({ "customer": id, "plan": plan })))
+                }
+                Write::Suspend(id, suspended) => {
+                    admin::set_suspended(&store, &id, suspended).map_err(store_err)?;
+                    Ok((200, serde_json::json!({ "customer": id, "suspended": suspended })))
+                }
+            }
+        })
+        .await;
+        match result {
+            Ok(Ok((status, body))) => {
+                // This instance applies its own change now; others follow
+                // within a second.
+                if let Err(e) = self.reload_keys().await {
+                    log::warn!("admin: changed the key store but could not re-read it yet: {e}");
+                }
+                respond(status, "application/json", body.to_string().into_bytes())
+            }
+            Ok(Err((status, msg))) => problem(
+                status,
+                if status == 404 {
+                    "Not found"
+                } else {
+                    "Cannot change the key store"
+                },
+                &msg,
             ),
+            Err(_) => problem(500, "Internal error", "see the Tollgate log"),
+        }
+    }
+
+    async fn reload_keys(&self) -> Result<(), String> {
+        match &self.app.keys {
+            Keys::File(f) => {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || {
+                    f.reload().map(|_| ()).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            }
+            Keys::Redis(r) => r.full_reload().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn reload(&self) -> Response<Vec<u8>> {
+        match self.reload_keys().await {
+            Ok(()) => {
+                crate::metrics::CONFIG_RELOADS
+                    .with_label_values(&["success"])
+                    .inc();
+                respond(200, "application/json", br#"{"reloaded":"keys"}"#.to_vec())
+            }
+            Err(e) => {
+                crate::metrics::CONFIG_RELOADS
+                    .with_label_values(&["error"])
+                    .inc();
+                log::error!("admin reload failed: {e}");
+                problem(
+                    500,
+                    "Reload failed",
+                    "the previous keys stay in force; see the Tollgate log",
+                )
+            }
         }
     }
 }

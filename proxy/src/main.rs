@@ -9,11 +9,9 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 
 use tollgate::clock::{Clock, SystemClock};
-use tollgate::config::StoreKind;
 use tollgate::config::{parse_duration, Config};
-use tollgate::redis_store::BlockingRedisAdmin;
 use tollgate::store::admin::{self, CreateKey};
-use tollgate::store::{FileStore, UpdateStore};
+use tollgate::store::{AnyStore, UpdateStore};
 
 #[derive(Parser)]
 #[command(
@@ -160,17 +158,11 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Keys(cmd) => {
             let config = load(&cli.config)?;
-            match open_store(&config)? {
-                Store::File(s) => keys(cmd, &config, &s, now),
-                Store::Redis(s) => keys(cmd, &config, &s, now),
-            }
+            keys(cmd, &config, &open_store(&config)?, now)
         }
         Command::Customers(cmd) => {
             let config = load(&cli.config)?;
-            match open_store(&config)? {
-                Store::File(s) => customers(cmd, &config, &s),
-                Store::Redis(s) => customers(cmd, &config, &s),
-            }
+            customers(cmd, &config, &open_store(&config)?)
         }
         Command::Usage { customer } => {
             let config = load(&cli.config)?;
@@ -202,20 +194,8 @@ fn customers(
     Ok(ExitCode::SUCCESS)
 }
 
-enum Store {
-    File(FileStore),
-    Redis(BlockingRedisAdmin),
-}
-
-fn open_store(config: &Config) -> Result<Store, String> {
-    match (config.keys_store, &config.redis) {
-        (StoreKind::Redis, Some(rc)) => Ok(Store::Redis(
-            BlockingRedisAdmin::connect(rc.clone()).map_err(|e| e.to_string())?,
-        )),
-        _ => Ok(Store::File(
-            FileStore::open(&config.keys_path).map_err(|e| e.to_string())?,
-        )),
-    }
+fn open_store(config: &Config) -> Result<AnyStore, String> {
+    AnyStore::open(config).map_err(|e| e.to_string())
 }
 
 fn known_plan(config: &Config, plan: &str) -> Result<(), String> {
@@ -235,7 +215,7 @@ fn known_plan(config: &Config, plan: &str) -> Result<(), String> {
 fn check_store(config: &Config, _now: u64) -> Vec<String> {
     let (data, text, path) = match open_store(config) {
         Err(e) => return vec![format!("{}:1:1: error: {e}", config.file.display())],
-        Ok(Store::File(store)) => {
+        Ok(AnyStore::File(store)) => {
             let path = config.keys_path.display().to_string();
             match store.data() {
                 Ok(d) => (
@@ -246,7 +226,7 @@ fn check_store(config: &Config, _now: u64) -> Vec<String> {
                 Err(e) => return vec![format!("{path}:1:1: error: {e}")],
             }
         }
-        Ok(Store::Redis(store)) => {
+        Ok(AnyStore::Redis(store)) => {
             let path = format!(
                 "redis {}",
                 config

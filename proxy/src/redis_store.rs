@@ -545,6 +545,12 @@ impl RedisKeyStore {
     }
 }
 
+impl RedisKeyStore {
+    pub fn conn(&self) -> &RedisConn {
+        &self.conn
+    }
+}
+
 impl KeyStore for RedisKeyStore {
     fn snapshot(&self) -> Arc<Snapshot> {
         match self.snapshot.read() {
@@ -609,7 +615,7 @@ impl Drop for RedisRuntime {
 /// [`RedisAdmin`] for synchronous callers (the CLI, tests).
 pub struct BlockingRedisAdmin {
     admin: RedisAdmin,
-    rt: RedisRuntime,
+    rt: Arc<RedisRuntime>,
 }
 
 impl BlockingRedisAdmin {
@@ -621,8 +627,16 @@ impl BlockingRedisAdmin {
             .map_err(|e| redis_err(format!("cannot connect: {e}")))?;
         Ok(Self {
             admin: RedisAdmin { conn },
-            rt,
+            rt: Arc::new(rt),
         })
+    }
+
+    /// On a running proxy's own connection and runtime.
+    pub fn from_conn(conn: RedisConn, rt: Arc<RedisRuntime>) -> Self {
+        Self {
+            admin: RedisAdmin { conn },
+            rt,
+        }
     }
 }
 

@@ -434,6 +434,44 @@ impl UpdateStore for FileStore {
     }
 }
 
+/// The configured store, as the CLI and the admin API write it.
+pub enum AnyStore {
+    File(Arc<FileStore>),
+    Redis(crate::redis_store::BlockingRedisAdmin),
+}
+
+impl AnyStore {
+    /// Opens the store `config` names (connecting to Redis if it is Redis).
+    pub fn open(config: &crate::config::Config) -> Result<Self, StoreError> {
+        match (config.keys_store, &config.redis) {
+            (crate::config::StoreKind::Redis, Some(rc)) => Ok(AnyStore::Redis(
+                crate::redis_store::BlockingRedisAdmin::connect(rc.clone())?,
+            )),
+            _ => Ok(AnyStore::File(Arc::new(FileStore::open(
+                &config.keys_path,
+            )?))),
+        }
+    }
+}
+
+impl UpdateStore for AnyStore {
+    fn update<T: Send>(
+        &self,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        match self {
+            AnyStore::File(s) => FileStore::update(s, f),
+            AnyStore::Redis(s) => s.update(f),
+        }
+    }
+    fn data(&self) -> Result<StoreData, StoreError> {
+        match self {
+            AnyStore::File(s) => FileStore::data(s),
+            AnyStore::Redis(s) => s.data(),
+        }
+    }
+}
+
 /// Operations behind `tollgate keys …` and `tollgate customers …`, the same
 /// for every store.
 pub mod admin {

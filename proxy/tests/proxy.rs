@@ -803,3 +803,193 @@ async fn admin_port_serves_metrics_health_and_the_token_protected_api() {
         "{table}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_manages_keys_and_plans() {
+    let h = Harness::builder().admin_token("t0ken").build();
+    let admin = |p: &str| format!("http://{}{}", h.admin, p);
+    let post = |p: &str, body: &str| {
+        h.client
+            .post(admin(p))
+            .bearer_auth("t0ken")
+            .body(body.to_owned())
+    };
+
+    let r = h
+        .client
+        .post(admin("/admin/keys"))
+        .body(r#"{"customer":"cus_api"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "writes need the token too");
+    let r = post(
+        "/admin/keys",
+        r#"{"customer":"cus_api","plan":"pro","name":"ci"}"#,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let created: Value = r.json().await.unwrap();
+    let key = created["key"].as_str().unwrap().to_owned();
+    let id = created["id"].as_str().unwrap().to_owned();
+    // Usable at once on this instance.
+    let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-ratelimit-limit"), Some("1000"));
+
+    let r = h
+        .client
+        .put(admin("/admin/customers/cus_api/plan"))
+        .bearer_auth("t0ken")
+        .body(r#"{"plan":"enterprise"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+    assert!(
+        header(&r, "x-ratelimit-limit").is_none(),
+        "enterprise is unlimited"
+    );
+
+    let r = post(&format!("/admin/keys/{id}/rotate"), r#"{"grace":"1h"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let rotated: Value = r.json().await.unwrap();
+    let new_key = rotated["key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        h.get("/v1/x")
+            .bearer_auth(&new_key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        h.get("/v1/x")
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200,
+        "old key within its grace"
+    );
+
+    let new_id = rotated["id"].as_str().unwrap();
+    assert_eq!(
+        post(&format!("/admin/keys/{new_id}/revoke"), "")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        h.get("/v1/x")
+            .bearer_auth(&new_key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+
+    assert_eq!(
+        post("/admin/customers/cus_api/suspend", "")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        h.get("/v1/x")
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        403
+    );
+    assert_eq!(
+        post("/admin/customers/cus_api/resume", "")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        h.get("/v1/x")
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    // Bad input: clear 4xx problems, nothing changed.
+    let r = post("/admin/keys", "{not json").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(header(&r, "content-type"), Some("application/problem+json"));
+    assert_eq!(
+        post("/admin/keys", r#"{"customer":"cus_x","plan":"gold"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        post("/admin/keys", r#"{"plan":"pro"}"#)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        post("/admin/keys/key_0000000000000000/revoke", "")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        post("/admin/reload", "").send().await.unwrap().status(),
+        200
+    );
+    let keys = h
+        .client
+        .get(admin("/admin/keys?customer=cus_api"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !keys.contains(&key) && !keys.contains(&new_key),
+        "the raw keys are shown once only"
+    );
+    let usage: Value = h
+        .client
+        .get(admin("/admin/customers/cus_api/usage"))
+        .bearer_auth("t0ken")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage[0]["plan"], "enterprise");
+}

@@ -25,7 +25,8 @@ use tollgate::clock::{Clock, SystemClock};
 use tollgate::config::Config;
 use tollgate::redis_store::BlockingRedisAdmin;
 use tollgate::store::admin::{self, CreateKey};
-use tollgate::store::{FileStore, StoreData, StoreError, UpdateStore};
+pub use tollgate::store::AnyStore;
+use tollgate::store::FileStore;
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -542,7 +543,7 @@ impl HarnessBuilder {
             Some(rc) if self.redis.is_some() => {
                 AnyStore::Redis(BlockingRedisAdmin::connect(rc.clone()).unwrap())
             }
-            _ => AnyStore::File(FileStore::open(&config.keys_path).unwrap()),
+            _ => AnyStore::File(Arc::new(FileStore::open(&config.keys_path).unwrap())),
         };
         Harness {
             app,
@@ -558,30 +559,6 @@ impl HarnessBuilder {
             stop: Some(tx),
             thread: Some(thread),
             dir,
-        }
-    }
-}
-
-/// The key store as an operator's CLI reaches it.
-pub enum AnyStore {
-    File(FileStore),
-    Redis(BlockingRedisAdmin),
-}
-
-impl UpdateStore for AnyStore {
-    fn update<T: Send>(
-        &self,
-        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
-    ) -> Result<T, StoreError> {
-        match self {
-            AnyStore::File(s) => UpdateStore::update(s, f),
-            AnyStore::Redis(s) => s.update(f),
-        }
-    }
-    fn data(&self) -> Result<StoreData, StoreError> {
-        match self {
-            AnyStore::File(s) => UpdateStore::data(s),
-            AnyStore::Redis(s) => s.data(),
         }
     }
 }
