@@ -5,7 +5,10 @@
 # by wrk with the same connections and duration. Prints requests/s and
 # ratios, and Redis round trips per request from INFO commandstats.
 #
-#   benches/load.sh [seconds=10] [connections=32]
+#   benches/load.sh [seconds=10] [connections=32] [rounds=3]
+#
+# Targets are measured in interleaved rounds and each is reported by its
+# median, so drift on a shared machine does not favour one of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
@@ -14,6 +17,7 @@ for tool in wrk nginx; do
 done
 secs=${1:-10}
 conns=${2:-32}
+rounds=${3:-3}
 cargo build --release --quiet -p tollgate --bin tollgate --example passthrough
 bin=target/release/tollgate
 pass=target/release/examples/passthrough
@@ -89,20 +93,22 @@ RUST_LOG=error "$bin" -c "$work/nometer.yaml" run & pids+=($!)
 RUST_LOG=error "$bin" -c "$work/redis.yaml" run & pids+=($!)
 for p in $up $ngx $pt $tgm $tgo $tgr; do wait_port $p; done
 
-run() { # name url [header] -> "$work/$name.txt"
-  if [ -n "${3:-}" ]; then wrk -t1 -c"$conns" -d"${secs}s" -H "$3" "$2"; else wrk -t1 -c"$conns" -d"${secs}s" "$2"; fi > "$work/$1.txt"
+run() { # name url [header] -> appends to "$work/$name.txt"
+  if [ -n "${3:-}" ]; then wrk -t1 -c"$conns" -d"${secs}s" -H "$3" "$2"; else wrk -t1 -c"$conns" -d"${secs}s" "$2"; fi >> "$work/$1.txt"
 }
 echo "warming up…" >&2
 for u in $ngx $pt $tgm $tgo; do wrk -t1 -c8 -d2s -H "Authorization: Bearer $key_m" http://127.0.0.1:$u/v1/x >/dev/null; done
 wrk -t1 -c8 -d2s -H "Authorization: Bearer $key_r" http://127.0.0.1:$tgr/v1/x >/dev/null
 
-echo "measuring, ${secs}s each…" >&2
-run nginx http://127.0.0.1:$ngx/v1/x
-run passthrough http://127.0.0.1:$pt/v1/x
-run memory http://127.0.0.1:$tgm/v1/x "Authorization: Bearer $key_m"
-run nometer http://127.0.0.1:$tgo/v1/x "Authorization: Bearer $key_m"
+echo "measuring: $rounds rounds, targets interleaved, ${secs}s each…" >&2
 redis-cli -p $rport config resetstat >/dev/null
-run redis http://127.0.0.1:$tgr/v1/x "Authorization: Bearer $key_r"
+for r in $(seq 1 "$rounds"); do
+  run nginx http://127.0.0.1:$ngx/v1/x
+  run passthrough http://127.0.0.1:$pt/v1/x
+  run memory http://127.0.0.1:$tgm/v1/x "Authorization: Bearer $key_m"
+  run nometer http://127.0.0.1:$tgo/v1/x "Authorization: Bearer $key_m"
+  run redis http://127.0.0.1:$tgr/v1/x "Authorization: Bearer $key_r"
+done
 redis-cli -p $rport info commandstats > "$work/redis-known.txt"
 # A well-formed key (valid checksum) nobody issued: looked up once, then
 # remembered as unknown.
@@ -122,10 +128,11 @@ import re, sys, os
 w = sys.argv[1]
 def wrk(name):
     t = open(os.path.join(w, name + ".txt")).read()
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
-    n = int(re.search(r"(\d+) requests in", t).group(1))
-    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
-    return rps, n, int(bad.group(1)) if bad else 0
+    rps = sorted(float(x) for x in re.findall(r"Requests/sec:\s+([\d.]+)", t))
+    n = sum(int(x) for x in re.findall(r"(\d+) requests in", t))
+    bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", t))
+    print(f"  {name}: " + ", ".join(f"{x:.0f}" for x in rps))
+    return rps[len(rps) // 2], n, bad
 def calls(name):
     out = {}
     for line in open(os.path.join(w, name + ".txt")):
