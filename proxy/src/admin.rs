@@ -52,34 +52,11 @@ fn problem(status: u16, title: &str, detail: &str) -> Response<Vec<u8>> {
 
 /// A percent-decoded query parameter.
 fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    let raw = query?
+    query?
         .split('&')
         .filter_map(|kv| kv.split_once('='))
         .find(|(k, _)| *k == name)
-        .map(|(_, v)| v)?;
-    let b = raw.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+        .map(|(_, v)| crate::pct::decode(v, true))
 }
 
 impl AdminApp {

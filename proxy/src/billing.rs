@@ -109,15 +109,7 @@ fn form_encode(pairs: &[(&str, &str)]) -> String {
 
 /// application/x-www-form-urlencoded escaping (brackets included, as the SDKs do).
 fn pct(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    crate::pct::encode(s, crate::pct::unreserved)
 }
 
 // ---- Stripe v1 -----------------------------------------------------------------

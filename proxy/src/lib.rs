@@ -16,6 +16,7 @@ pub mod headers;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;
+pub mod pct;
 pub mod plans;
 pub mod problem;
 pub mod proxy;

@@ -392,13 +392,7 @@ fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode, String> {
     let mut path = "/admin/usage".to_string();
     if let Some(c) = customer {
         path.push_str("?customer=");
-        for b in c.bytes() {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                path.push(char::from(b));
-            } else {
-                path.push_str(&format!("%{b:02X}"));
-            }
-        }
+        path.push_str(&tollgate::pct::encode(c, tollgate::pct::unreserved));
     }
     let body = http_get(config.admin.listen, &path, token)?;
     let list: Vec<serde_json::Value> = serde_json::from_str(&body)

@@ -188,40 +188,15 @@ fn checked(line: &str) -> Option<&str> {
 
 /// Escapes what would break a space-separated line.
 fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_graphic() && b != b'%' {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    crate::pct::encode(s, |b| b.is_ascii_graphic() && b != b'%')
 }
 
 fn unesc(s: &str) -> Arc<str> {
-    if !s.contains('%') {
-        return s.into();
+    if s.contains('%') {
+        crate::pct::decode(s, false).into()
+    } else {
+        s.into()
     }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = b
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok());
-        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).as_ref().into()
 }
 
 fn io_err(path: &Path, e: std::io::Error) -> String {
