@@ -80,10 +80,8 @@ pub fn app(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<Arc<App>, Strin
         )
         .map_err(|e| format!("cannot open the usage spool: {e}"))?;
         // /_tollgate/usage counts what was recorded before a restart too.
-        for customer in spool.customers() {
-            for (meter, t) in spool.totals(&customer) {
-                usage.seed(&customer, &meter, t.recorded);
-            }
+        for ((customer, meter), units) in spool.recorded_this_month() {
+            usage.seed(&customer, &meter, units);
         }
         Some(spool)
     } else {

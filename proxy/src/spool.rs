@@ -69,7 +69,6 @@ pub struct Record {
 }
 
 type GroupKey = (Arc<str>, Arc<str>, Millis);
-type MeterKey = (Arc<str>, Arc<str>);
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Group {
@@ -92,7 +91,9 @@ struct State {
     /// Per sink: records settled, true if delivered, false if dead-lettered.
     settled: HashMap<String, BTreeMap<u64, bool>>,
     /// This month's usage of records settled everywhere.
-    summaries: HashMap<MeterKey, Summary>,
+    /// Indexed by customer, then meter, so one customer's report does not
+    /// scan everyone's.
+    summaries: HashMap<Arc<str>, HashMap<Arc<str>, Summary>>,
     next_seq: u64,
     next_rseq: u64,
 }
@@ -125,7 +126,12 @@ impl State {
             if month < month_start {
                 continue;
             }
-            let sum = self.summaries.entry((r.customer, r.meter)).or_default();
+            let sum = self
+                .summaries
+                .entry(r.customer)
+                .or_default()
+                .entry(r.meter)
+                .or_default();
             if sum.month != month {
                 *sum = Summary {
                     month,
@@ -268,7 +274,11 @@ fn compact_files(
         )));
     }
     let mut records = line_with_crc(&format!("H {}", st.next_rseq));
-    for ((c, m), sum) in &st.summaries {
+    for ((c, m), sum) in st
+        .summaries
+        .iter()
+        .flat_map(|(c, ms)| ms.iter().map(move |(m, s)| ((c, m), s)))
+    {
         if sum.month >= month_start {
             records.push_str(&line_with_crc(&format!(
                 "S {} {} {} {} {}",
@@ -336,8 +346,8 @@ impl Spool {
                         continue;
                     };
                     if month >= month_start {
-                        st.summaries.insert(
-                            (unesc(f[2]), unesc(f[3])),
+                        st.summaries.entry(unesc(f[2])).or_default().insert(
+                            unesc(f[3]),
                             Summary {
                                 month,
                                 recorded: rec,
@@ -597,8 +607,8 @@ impl Spool {
         let no_sinks = self.config.sinks.is_empty();
         let st = lock(&self.state);
         let mut out: BTreeMap<String, MeterTotals> = BTreeMap::new();
-        for ((c, m), s) in &st.summaries {
-            if &**c == customer && s.month >= month_start {
+        for (m, s) in st.summaries.get(customer).into_iter().flatten() {
+            if s.month >= month_start {
                 let t = out.entry(m.to_string()).or_default();
                 t.recorded = t.recorded.saturating_add(s.recorded);
                 t.reported = t.reported.saturating_add(s.reported);
@@ -626,12 +636,42 @@ impl Spool {
         out
     }
 
+    /// Units recorded this month per (customer, meter), in one pass (for
+    /// seeding the in-process ledger at start).
+    pub fn recorded_this_month(&self) -> HashMap<(Arc<str>, Arc<str>), u64> {
+        let (month_start, _) = month_bounds(self.clock.now_ms());
+        let st = lock(&self.state);
+        let mut out: HashMap<(Arc<str>, Arc<str>), u64> = HashMap::new();
+        let mut add = |c: &Arc<str>, m: &Arc<str>, units: u64| {
+            let n = out.entry((c.clone(), m.clone())).or_default();
+            *n = n.saturating_add(units);
+        };
+        for (c, ms) in &st.summaries {
+            for (m, s) in ms {
+                if s.month >= month_start {
+                    add(c, m, s.recorded);
+                }
+            }
+        }
+        for ((c, m, w), g) in &st.pending {
+            if *w >= month_start {
+                add(c, m, g.units);
+            }
+        }
+        for r in st.records.values() {
+            if r.window_start >= month_start {
+                add(&r.customer, &r.meter, r.units);
+            }
+        }
+        out
+    }
+
     /// Customers with usage this month in the spool.
     pub fn customers(&self) -> Vec<Arc<str>> {
         let st = lock(&self.state);
         let mut set: BTreeSet<Arc<str>> = st.pending.keys().map(|k| k.0.clone()).collect();
         set.extend(st.records.values().map(|r| r.customer.clone()));
-        set.extend(st.summaries.keys().map(|k| k.0.clone()));
+        set.extend(st.summaries.keys().cloned());
         set.into_iter().collect()
     }
 
@@ -967,6 +1007,11 @@ mod tests {
             (1, id.as_str(), 10)
         );
         assert_eq!(s.totals("cus_1")["api"].recorded, 10);
+        assert_eq!(
+            s.recorded_this_month()[&(c.clone(), m.clone())],
+            10,
+            "seeds the ledger after a restart"
+        );
         s.settle("stripe", &[recs[0].rseq], true).unwrap();
         assert!(s.unsettled("stripe", 10, |_| true).is_empty());
         assert_eq!(
