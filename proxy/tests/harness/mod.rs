@@ -56,21 +56,47 @@ fn wait_for_port(addr: SocketAddr) {
 pub struct MockUpstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: ServerThread,
 }
 
 impl MockUpstream {
     pub fn start() -> Self {
+        let hits = Arc::new(AtomicU64::new(0));
+        let h = hits.clone();
+        let server = ServerThread::spawn(2, move |sock| serve(sock, h.clone()));
+        Self {
+            addr: server.addr,
+            hits,
+            _server: server,
+        }
+    }
+
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+/// An HTTP server on a free port, on its own thread and runtime, stopped
+/// when dropped; `serve` handles each accepted connection.
+pub struct ServerThread {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerThread {
+    pub fn spawn<F, Fut>(workers: usize, serve: F) -> Self
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicU64::new(0));
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
-        let h = hits.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(workers)
                 .enable_all()
                 .build()
                 .unwrap();
@@ -81,7 +107,7 @@ impl MockUpstream {
                         _ = &mut rx => return,
                         accepted = listener.accept() => {
                             if let Ok((sock, _)) = accepted {
-                                tokio::spawn(serve(sock, h.clone()));
+                                tokio::spawn(serve(sock));
                             }
                         }
                     }
@@ -90,18 +116,13 @@ impl MockUpstream {
         });
         Self {
             addr,
-            hits,
             stop: Some(tx),
             thread: Some(thread),
         }
     }
-
-    pub fn hits(&self) -> u64 {
-        self.hits.load(Ordering::SeqCst)
-    }
 }
 
-impl Drop for MockUpstream {
+impl Drop for ServerThread {
     fn drop(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -112,37 +133,57 @@ impl Drop for MockUpstream {
     }
 }
 
+/// One HTTP/1.1 request as the mocks see it.
+struct RawRequest {
+    method: String,
+    target: String,
+    /// Lower-case names, every value in order.
+    headers: BTreeMap<String, Vec<String>>,
+    body: Vec<u8>,
+}
+
+/// Reads the next request on a keep-alive connection; None when it closes.
+async fn read_request(reader: &mut BufReader<tokio::net::TcpStream>) -> Option<RawRequest> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_owned();
+    let target = parts.next().unwrap_or("/").to_owned();
+    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut content_length = 0usize;
+    loop {
+        let mut h = Vec::new();
+        if reader.read_until(b'\n', &mut h).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        let h = String::from_utf8_lossy(&h).trim_end().to_owned();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            let k = k.trim().to_ascii_lowercase();
+            if k == "content-length" {
+                content_length = v.trim().parse().unwrap_or(0);
+            }
+            headers.entry(k).or_default().push(v.trim().to_owned());
+        }
+    }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body).await.ok()?;
+    Some(RawRequest {
+        method,
+        target,
+        headers,
+        body,
+    })
+}
+
 async fn serve(sock: tokio::net::TcpStream, hits: Arc<AtomicU64>) {
     let mut reader = BufReader::new(sock);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-            return;
-        }
-        let target = line.split(' ').nth(1).unwrap_or("/").to_owned();
-        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let mut content_length = 0usize;
-        loop {
-            let mut h = Vec::new();
-            if reader.read_until(b'\n', &mut h).await.unwrap_or(0) == 0 {
-                return;
-            }
-            let h = String::from_utf8_lossy(&h).trim_end().to_owned();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                let k = k.trim().to_ascii_lowercase();
-                if k == "content-length" {
-                    content_length = v.trim().parse().unwrap_or(0);
-                }
-                headers.entry(k).or_default().push(v.trim().to_owned());
-            }
-        }
-        let mut body = vec![0u8; content_length];
-        if reader.read_exact(&mut body).await.is_err() {
-            return;
-        }
+    while let Some(req) = read_request(&mut reader).await {
+        let (target, mut headers) = (req.target, req.headers);
         hits.fetch_add(1, Ordering::SeqCst);
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
         let param = |name: &str| {
@@ -214,44 +255,21 @@ type Handler = dyn Fn(&Captured) -> Reply + Send + Sync;
 pub struct MockProvider {
     pub addr: SocketAddr,
     pub requests: Arc<std::sync::Mutex<Vec<Captured>>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: ServerThread,
 }
 
 impl MockProvider {
     pub fn start(handler: impl Fn(&Captured) -> Reply + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
         let handler: Arc<Handler> = Arc::new(handler);
-        let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let reqs = requests.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                loop {
-                    tokio::select! {
-                        _ = &mut rx => return,
-                        accepted = listener.accept() => {
-                            if let Ok((sock, _)) = accepted {
-                                tokio::spawn(serve_provider(sock, handler.clone(), reqs.clone()));
-                            }
-                        }
-                    }
-                }
-            });
+        let server = ServerThread::spawn(1, move |sock| {
+            serve_provider(sock, handler.clone(), reqs.clone())
         });
         Self {
-            addr,
+            addr: server.addr,
             requests,
-            stop: Some(tx),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -264,59 +282,23 @@ impl MockProvider {
     }
 }
 
-impl Drop for MockProvider {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 async fn serve_provider(
     sock: tokio::net::TcpStream,
     handler: Arc<Handler>,
     reqs: Arc<std::sync::Mutex<Vec<Captured>>>,
 ) {
     let mut reader = BufReader::new(sock);
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
-            return;
-        }
-        let mut parts = line.split_whitespace();
-        let method = parts.next().unwrap_or("").to_owned();
-        let path = parts.next().unwrap_or("/").to_owned();
-        let mut headers = BTreeMap::new();
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            if reader.read_line(&mut h).await.unwrap_or(0) == 0 {
-                return;
-            }
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                let k = k.trim().to_ascii_lowercase();
-                if k == "content-length" {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                headers.insert(k, v.trim().to_owned());
-            }
-        }
-        let mut body = vec![0u8; len];
-        if reader.read_exact(&mut body).await.is_err() {
-            return;
-        }
+    while let Some(req) = read_request(&mut reader).await {
+        let headers = req
+            .headers
+            .into_iter()
+            .filter_map(|(k, mut v)| Some((k, v.pop()?)))
+            .collect();
         let c = Captured {
-            method,
-            path,
+            method: req.method,
+            path: req.target,
             headers,
-            body: String::from_utf8_lossy(&body).into_owned(),
+            body: String::from_utf8_lossy(&req.body).into_owned(),
         };
         let (status, text) = handler(&c);
         reqs.lock().unwrap().push(c);
