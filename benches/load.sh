@@ -18,6 +18,8 @@ done
 secs=${1:-10}
 conns=${2:-32}
 rounds=${3:-3}
+# ONLY="passthrough memory" limits the run to some targets (for iterating).
+only=${ONLY:-}
 cargo build --release --quiet -p tollgate --bin tollgate --example passthrough
 bin=target/release/tollgate
 pass=target/release/examples/passthrough
@@ -48,9 +50,9 @@ http {
     location / { proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection ""; } }
 }
 NGX
-nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!)
-"$pass" 127.0.0.1:$pt 127.0.0.1:$up 1 >/dev/null 2>&1 & pids+=($!)
-redis-server --port $rport --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!)
+nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!); pid_nginx=$!
+"$pass" 127.0.0.1:$pt 127.0.0.1:$up 1 >/dev/null 2>&1 & pids+=($!); pid_passthrough=$!
+redis-server --port $rport --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!); pid_redis_server=$!
 
 cat > "$work/plans.yaml" <<'PLANS'
 default_plan: pro
@@ -66,6 +68,7 @@ listen: 127.0.0.1:$tgm
 upstream: http://127.0.0.1:$up
 keys: { path: keys.db }
 admin: { listen: 127.0.0.1:$adm1 }
+metering: { spool_dir: spool-memory }
 threads: 1
 CFG
 cat > "$work/nometer.yaml" <<CFG
@@ -83,18 +86,25 @@ keys: { store: redis }
 limits: { backend: redis }
 redis: { url: "redis://127.0.0.1:$rport", timeout: 500ms }
 admin: { listen: 127.0.0.1:$adm2 }
+metering: { spool_dir: spool-redis }
 threads: 1
 CFG
 wait_port $rport
 key_m=$("$bin" -c "$work/memory.yaml" keys create --customer cus_bench 2>/dev/null)
 key_r=$("$bin" -c "$work/redis.yaml" keys create --customer cus_bench 2>/dev/null)
-RUST_LOG=error "$bin" -c "$work/memory.yaml" run & pids+=($!)
-RUST_LOG=error "$bin" -c "$work/nometer.yaml" run & pids+=($!)
-RUST_LOG=error "$bin" -c "$work/redis.yaml" run & pids+=($!)
+RUST_LOG=error "$bin" -c "$work/memory.yaml" run & pids+=($!); pid_memory=$!
+RUST_LOG=error "$bin" -c "$work/nometer.yaml" run & pids+=($!); pid_nometer=$!
+RUST_LOG=error "$bin" -c "$work/redis.yaml" run & pids+=($!); pid_redis=$!
 for p in $up $ngx $pt $tgm $tgo $tgr; do wait_port $p; done
 
-run() { # name url [header] -> appends to "$work/$name.txt"
+# CPU time (clock ticks) a process has used so far, threads included.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+run() { # name url [header] -> appends to "$work/$name.txt" and its CPU use to "$work/$name.cpu"
+  case " $only " in *" $1 "*|"  ") ;; *) return 0 ;; esac
+  local pid_var="pid_$1" p0 r0
+  p0=$(ticks "${!pid_var}"); r0=$(ticks "$pid_redis_server")
   if [ -n "${3:-}" ]; then wrk -t1 -c"$conns" -d"${secs}s" -H "$3" "$2"; else wrk -t1 -c"$conns" -d"${secs}s" "$2"; fi >> "$work/$1.txt"
+  echo "$(( $(ticks "${!pid_var}") - p0 )) $(( $(ticks "$pid_redis_server") - r0 ))" >> "$work/$1.cpu"
 }
 echo "warming up…" >&2
 for u in $ngx $pt $tgm $tgo; do wrk -t1 -c8 -d2s -H "Authorization: Bearer $key_m" http://127.0.0.1:$u/v1/x >/dev/null; done
@@ -105,8 +115,15 @@ redis-cli -p $rport config resetstat >/dev/null
 for r in $(seq 1 "$rounds"); do
   run nginx http://127.0.0.1:$ngx/v1/x
   run passthrough http://127.0.0.1:$pt/v1/x
-  run memory http://127.0.0.1:$tgm/v1/x "Authorization: Bearer $key_m"
-  run nometer http://127.0.0.1:$tgo/v1/x "Authorization: Bearer $key_m"
+  # Metering on and off run back to back, in alternating order, so each
+  # round gives one fair on/off pair.
+  if [ $((r % 2)) -eq 1 ]; then
+    run memory http://127.0.0.1:$tgm/v1/x "Authorization: Bearer $key_m"
+    run nometer http://127.0.0.1:$tgo/v1/x "Authorization: Bearer $key_m"
+  else
+    run nometer http://127.0.0.1:$tgo/v1/x "Authorization: Bearer $key_m"
+    run memory http://127.0.0.1:$tgm/v1/x "Authorization: Bearer $key_m"
+  fi
   run redis http://127.0.0.1:$tgr/v1/x "Authorization: Bearer $key_r"
 done
 redis-cli -p $rport info commandstats > "$work/redis-known.txt"
@@ -123,36 +140,56 @@ redis-cli -p $rport config resetstat >/dev/null
 wrk -t1 -c8 -d3s -H "Authorization: Bearer $guess" http://127.0.0.1:$tgr/v1/x > "$work/unknown.txt"
 redis-cli -p $rport info commandstats > "$work/redis-unknown.txt"
 
-python3 - "$work" <<'PY'
+python3 - "$work" "$(getconf CLK_TCK)" <<'PY'
 import re, sys, os
-w = sys.argv[1]
+w, tick = sys.argv[1], 1e6 / int(sys.argv[2])
 def wrk(name):
-    t = open(os.path.join(w, name + ".txt")).read()
-    rps = sorted(float(x) for x in re.findall(r"Requests/sec:\s+([\d.]+)", t))
+    path = os.path.join(w, name + ".txt")
+    if not os.path.exists(path):
+        return None
+    t = open(path).read()
+    rounds = [float(x) for x in re.findall(r"Requests/sec:\s+([\d.]+)", t)]
+    rps = sorted(rounds)
     n = sum(int(x) for x in re.findall(r"(\d+) requests in", t))
     bad = sum(int(x) for x in re.findall(r"Non-2xx or 3xx responses: (\d+)", t))
+    cpu = [0, 0]
+    if os.path.exists(os.path.join(w, name + ".cpu")):
+        for line in open(os.path.join(w, name + ".cpu")):
+            a, b = line.split()
+            cpu[0] += int(a); cpu[1] += int(b)
     print(f"  {name}: " + ", ".join(f"{x:.0f}" for x in rps))
-    return rps[len(rps) // 2], n, bad
+    return rps[len(rps) // 2], n, bad, cpu[0] * tick / n, cpu[1] * tick / n, rounds
 def calls(name):
     out = {}
-    for line in open(os.path.join(w, name + ".txt")):
+    path = os.path.join(w, name + ".txt")
+    for line in open(path) if os.path.exists(path) else []:
         m = re.match(r"cmdstat_(\w+):calls=(\d+)", line)
         if m: out[m.group(1)] = int(m.group(2))
     return out
-res = {n: wrk(n) for n in ["nginx", "passthrough", "memory", "nometer", "redis"]}
-ngx, pt = res["nginx"][0], res["passthrough"][0]
-print(f"{'target':<24}{'req/s':>10}{'vs passthrough':>16}{'vs nginx':>10}{'non-2xx':>9}")
-for n, label in [("nginx", "nginx proxy_pass"), ("passthrough", "pingora passthrough"), ("memory", "tollgate memory"), ("nometer", "  … metering off"), ("redis", "tollgate redis")]:
-    rps, _, bad = res[n]
-    print(f"{label:<24}{rps:>10.0f}{rps/pt:>16.2f}{rps/ngx:>10.2f}{bad:>9}")
-print(f"\nmetering on / off: {res['memory'][0] / res['nometer'][0]:.3f}")
-known = calls("redis-known")
-n = res["redis"][1]
-scripts = known.get("evalsha", 0) + known.get("eval", 0)
-other = sum(v for k, v in known.items() if k not in ("evalsha", "eval"))
-print(f"\nredis, issued key: {n} requests -> {scripts} EVALSHA round trips ({scripts/n:.3f}/request);")
-print(f"  {other} further commands were run inside the scripts or are version polls (not round trips)")
-unk = calls("redis-unknown")
-rps, un, _ = wrk("unknown")
-print(f"redis, unknown key: {un} requests -> {unk.get('hgetall', 0)} HGETALL (the first requests in flight at once each ask), {sum(unk.values())} commands in all")
+labels = [("nginx", "nginx proxy_pass"), ("passthrough", "pingora passthrough"), ("memory", "tollgate memory"), ("nometer", "  … metering off"), ("redis", "tollgate redis")]
+res = {n: r for n, _ in labels if (r := wrk(n))}
+ngx = res.get("nginx", [0])[0] or float("nan")
+pt = res.get("passthrough", [0])[0] or float("nan")
+print("CPU µs/request: of the proxy process (nginx: upstream included), and of redis-server")
+print(f"{'target':<24}{'req/s':>10}{'vs passthrough':>16}{'vs nginx':>10}{'non-2xx':>9}{'CPU µs/req':>12}{'redis µs/req':>14}")
+for n, label in labels:
+    if n not in res:
+        continue
+    rps, _, bad, cpu, rcpu, _ = res[n]
+    print(f"{label:<24}{rps:>10.0f}{rps/pt:>16.2f}{rps/ngx:>10.2f}{bad:>9}{cpu:>12.1f}{rcpu:>14.1f}")
+if "memory" in res and "nometer" in res:
+    pairs = sorted(a / b for a, b in zip(res["memory"][5], res["nometer"][5]))
+    print(f"\nmetering on / off: throughput {res['memory'][0] / res['nometer'][0]:.3f} (medians), "
+          f"{pairs[len(pairs) // 2]:.3f} (median of the rounds' pairs: " + ", ".join(f"{p:.3f}" for p in pairs) + "), "
+          f"CPU per request {res['memory'][3] / res['nometer'][3]:.3f}")
+if "redis" in res:
+    known = calls("redis-known")
+    n = res["redis"][1]
+    scripts = known.get("evalsha", 0) + known.get("eval", 0)
+    other = sum(v for k, v in known.items() if k not in ("evalsha", "eval"))
+    print(f"\nredis, issued key: {n} requests -> {scripts} EVALSHA round trips ({scripts/n:.3f}/request);")
+    print(f"  {other} further commands were run inside the scripts or are version polls (not round trips)")
+    unk = calls("redis-unknown")
+    _, un, *_ = wrk("unknown")
+    print(f"redis, unknown key: {un} requests -> {unk.get('hgetall', 0)} HGETALL (the first requests in flight at once each ask), {sum(unk.values())} commands in all")
 PY
