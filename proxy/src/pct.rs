@@ -4,14 +4,22 @@
 /// Escapes every byte `keep` rejects as `%XX`.
 pub fn encode(s: &str, keep: impl Fn(u8) -> bool) -> String {
     let mut out = String::with_capacity(s.len());
+    encode_into(&mut out, s, keep);
+    out
+}
+
+/// [`encode`], appending to `out`.
+pub fn encode_into(out: &mut String, s: &str, keep: impl Fn(u8) -> bool) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     for b in s.bytes() {
         if keep(b) {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
         }
     }
-    out
 }
 
 /// RFC 3986 unreserved: letters, digits, `-._~`.
