@@ -163,8 +163,9 @@ def calls(name):
     out = {}
     path = os.path.join(w, name + ".txt")
     for line in open(path) if os.path.exists(path) else []:
-        m = re.match(r"cmdstat_(\w+):calls=(\d+)", line)
+        m = re.match(r"cmdstat_(\w+):calls=(\d+),usec=(\d+)", line)
         if m: out[m.group(1)] = int(m.group(2))
+        if m and m.group(1) == "evalsha": out["evalsha_usec"] = int(m.group(3))
     return out
 labels = [("nginx", "nginx proxy_pass"), ("passthrough", "pingora passthrough"), ("memory", "tollgate memory"), ("nometer", "  … metering off"), ("redis", "tollgate redis")]
 res = {n: r for n, _ in labels if (r := wrk(n))}
@@ -186,8 +187,9 @@ if "redis" in res:
     known = calls("redis-known")
     n = res["redis"][1]
     scripts = known.get("evalsha", 0) + known.get("eval", 0)
-    other = sum(v for k, v in known.items() if k not in ("evalsha", "eval"))
-    print(f"\nredis, issued key: {n} requests -> {scripts} EVALSHA round trips ({scripts/n:.3f}/request);")
+    other = sum(v for k, v in known.items() if k not in ("evalsha", "eval", "evalsha_usec"))
+    print(f"\nredis, issued key: {n} requests -> {scripts} EVALSHA round trips ({scripts/n:.3f}/request), "
+          f"{known.get('evalsha_usec', 0) / max(scripts, 1):.1f} µs each inside Redis;")
     print(f"  {other} further commands were run inside the scripts or are version polls (not round trips)")
     unk = calls("redis-unknown")
     _, un, *_ = wrk("unknown")

@@ -528,6 +528,37 @@ pub mod conformance {
         zero_cost_reports_without_charging(&make).await;
         refusal_headers_describe_a_violated_policy(&make).await;
         overage_admits_past_the_quota_and_says_so(&make).await;
+        many_charges_leave_the_window_at_once(&make).await;
+    }
+
+    async fn many_charges_leave_the_window_at_once<L: Limiter>(make: &impl Fn(ManualClock) -> L) {
+        let t0 = date(2026, 5, 1) + 10 * HOUR;
+        let clock = ManualClock::at(t0);
+        let l = make(clock.clone());
+        let p = plan(&[("burst", 100, Window::Sliding(SECOND))]);
+        // 30 charges of 1, 2 or 3 units, 10 ms apart: 60 units.
+        let cost = |i: u64| 1 + i % 3;
+        for i in 0..30 {
+            clock.set(t0 + i * 10);
+            assert!(admit(&l, "c", &p, cost(i)).await.allowed);
+        }
+        // 155 ms past the window: the 16 charges made at 0..=150 ms have left.
+        clock.set(t0 + SECOND + 155);
+        let d = admit(&l, "c", &p, 0).await;
+        let left: u64 = (16..30).map(cost).sum();
+        assert_eq!(d.policies[0].remaining, 100 - left, "{d:?}");
+        // The oldest charge still inside was made at 160 ms: it leaves in 5 ms.
+        assert_eq!(d.policies[0].reset_secs, 1, "{d:?}");
+        // And the total stays right as the rest leave.
+        clock.set(t0 + SECOND + 285);
+        let d = admit(&l, "c", &p, 0).await;
+        let left: u64 = (29..30).map(cost).sum();
+        assert_eq!(d.policies[0].remaining, 100 - left, "{d:?}");
+        clock.set(t0 + 2 * SECOND + 290);
+        let d = admit(&l, "c", &p, 5).await;
+        assert!(d.allowed);
+        assert_eq!(d.policies[0].remaining, 95, "{d:?}");
+        assert_eq!(d.policies[0].reset_secs, 1, "{d:?}");
     }
 
     async fn overage_admits_past_the_quota_and_says_so<L: Limiter>(

@@ -138,6 +138,20 @@ impl RedisConn {
         })
     }
 
+    /// Another connection to the same Redis, sharing this one's breaker,
+    /// made on the calling runtime: its driver task then runs beside the
+    /// requests that use it. Skipped while the breaker is open; a failed
+    /// connect counts as a Redis failure.
+    pub async fn connect_here(&self) -> Result<Self, RedisFailure> {
+        let c = self
+            .through_breaker(Self::connect(self.config.clone()))
+            .await?;
+        Ok(Self {
+            breaker: self.breaker.clone(),
+            ..c
+        })
+    }
+
     /// A client for pub/sub: the first node (cluster PUBLISH reaches every node).
     pub fn pubsub_client(&self) -> RedisResult<redis::Client> {
         let url = self
@@ -189,10 +203,19 @@ impl RedisConn {
         F: FnOnce(Inner) -> Fut,
         Fut: std::future::Future<Output = RedisResult<T>>,
     {
+        self.through_breaker(f(self.inner.clone())).await
+    }
+
+    /// Awaits `fut` with the timeout, unless the breaker is open, and tells
+    /// the breaker how it went.
+    async fn through_breaker<T>(
+        &self,
+        fut: impl std::future::Future<Output = RedisResult<T>>,
+    ) -> Result<T, RedisFailure> {
         if !self.breaker.allow() {
             return Err(RedisFailure::Skipped);
         }
-        match tokio::time::timeout(self.timeout, f(self.inner.clone())).await {
+        match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => {
                 self.breaker.success();
                 Ok(v)

@@ -1,6 +1,7 @@
-//! The Redis limiter: one Lua script per request checks and charges every
-//! limit of the customer's plan atomically, with the memory limiter's
-//! semantics (the shared conformance suite runs against both).
+//! The Redis limiter: a Lua script checks and charges every limit of the
+//! customer's plan atomically, with the memory limiter's semantics (the
+//! shared conformance suite runs against both). Requests that arrive in the
+//! same wake-up share one script call (see [`RedisLimiter`]).
 //!
 //! Keys, all under the customer's hash tag so one script touches one slot:
 //! - sliding window: `{P:cus}:s:<policy>:<window ms>` is a sorted set of
@@ -23,92 +24,199 @@ use crate::plans::{Plan, Window};
 use crate::redis_conn::RedisConn;
 
 const SCRIPT: &str = r#"
-local now = tonumber(ARGV[1])
-local cost = tonumber(ARGV[2])
-local member = ARGV[3]
-local n = tonumber(ARGV[4])
-local used = {}
-local allowed = true
-for i = 1, n do
-  local b = 4 + (i - 1) * 5
-  local kind, quota, w = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  local key, tkey = KEYS[2 * i - 1], KEYS[2 * i]
-  local u
-  if kind == 's' then
-    u = tonumber(redis.call('GET', tkey) or '0')
-    local old = redis.call('ZRANGEBYSCORE', key, '-inf', now - w)
-    if #old > 0 then
-      for _, m in ipairs(old) do
-        u = u - tonumber(string.match(m, ':(%d+)$'))
-      end
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now - w)
-      if u < 0 then u = 0 end
-      redis.call('SET', tkey, u, 'PX', w)
-    end
-  else
-    u = tonumber(redis.call('GET', key) or '0')
-  end
-  used[i] = u
-  if u + cost > quota and ARGV[b + 5] == '0' then allowed = false end
+local inst = ARGV[2]
+local out = {}
+-- What the batch has read of each key, and what it will write back at the
+-- end: reads happen once per key (more only if time moves on within the
+-- batch), writes once per key.
+local slid, cal, order_s, order_c = {}, {}, {}, {}
+
+local function cost_of(member)
+  return tonumber(string.match(member, ':(%d+)$'))
 end
-local out = { allowed and 1 or 0 }
-for i = 1, n do
-  local b = 4 + (i - 1) * 5
-  local kind, quota, w, wend = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-  local key, tkey = KEYS[2 * i - 1], KEYS[2 * i]
-  local over = used[i] + cost > quota and ARGV[b + 5] == '1'
-  local violated = used[i] + cost > quota and ARGV[b + 5] == '0'
-  if allowed and cost > 0 then
-    if kind == 's' then
-      redis.call('ZADD', key, now, member .. ':' .. cost)
-      redis.call('PEXPIRE', key, w)
-      redis.call('SET', tkey, used[i] + cost, 'PX', w)
-    else
-      redis.call('INCRBY', key, cost)
-      redis.call('PEXPIRE', key, wend - now + 60000)
-    end
-    used[i] = used[i] + cost
+
+-- A sliding window's state as seen at `now`: charges at or before now - w
+-- have left it (they are counted out here and removed at the end).
+local function sliding(key, tkey, w, now)
+  local s = slid[key]
+  if s == nil then
+    s = { key = key, tkey = tkey, w = w, off = 0, adds = {}, changed = false,
+          used = tonumber(redis.call('GET', tkey) or '0') }
+    slid[key] = s
+    table.insert(order_s, s)
   end
-  local remaining = quota - used[i]
-  if remaining < 0 then remaining = 0 end
-  local reset, wait = 0, 0
-  if kind == 's' then
-    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    if #first > 0 then reset = math.ceil((tonumber(first[2]) + w - now) / 1000) end
-    if violated then
-      if cost > quota then
-        wait = math.ceil(w / 1000)
+  local edge = now - w
+  if s.edge == nil or edge > s.edge then
+    s.edge = edge
+    s.first = nil
+    while true do
+      local head = redis.call('ZRANGE', key, s.off, s.off + 7, 'WITHSCORES')
+      local j = 1
+      while j <= #head and tonumber(head[j + 1]) <= edge do
+        s.used = s.used - cost_of(head[j])
+        s.off = s.off + 1
+        s.changed = true
+        j = j + 2
+      end
+      if j <= #head then
+        s.first = tonumber(head[j + 1])
+        break
+      end
+      if #head < 16 then break end
+    end
+    if s.used < 0 then s.used = 0 end
+  end
+  return s
+end
+
+local function calendar(key, wend, now)
+  local c = cal[key]
+  if c == nil then
+    local v = redis.call('GET', key)
+    c = { key = key, used = tonumber(v or '0'), fresh = (v == false), add = 0,
+          ttl = wend - now + 60000 }
+    cal[key] = c
+    table.insert(order_c, c)
+  end
+  return c
+end
+
+-- The requests, in order, each seeing the charges of those before it.
+local k, a = 0, 2
+for _ = 1, tonumber(ARGV[1]) do
+  local now, cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local member = inst .. ':' .. ARGV[a + 3] .. ':' .. ARGV[a + 2]
+  local n = tonumber(ARGV[a + 4])
+  local st, allowed = {}, true
+  for i = 1, n do
+    local b = a + 4 + (i - 1) * 5
+    local quota, w = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+    local s
+    if ARGV[b + 1] == 's' then
+      s = sliding(KEYS[k + 2 * i - 1], KEYS[k + 2 * i], w, now)
+    else
+      s = calendar(KEYS[k + 2 * i - 1], tonumber(ARGV[b + 4]), now)
+    end
+    st[i] = s
+    if s.used + cost > quota and ARGV[b + 5] == '0' then allowed = false end
+  end
+  table.insert(out, allowed and 1 or 0)
+  for i = 1, n do
+    local b = a + 4 + (i - 1) * 5
+    local kind, quota, w, wend = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+    local s = st[i]
+    local over = s.used + cost > quota and ARGV[b + 5] == '1'
+    local violated = s.used + cost > quota and ARGV[b + 5] == '0'
+    if allowed and cost > 0 then
+      s.used = s.used + cost
+      if kind == 's' then
+        table.insert(s.adds, now)
+        table.insert(s.adds, member)
       else
-        local all = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-        local in_use = used[i]
+        s.add = s.add + cost
+      end
+    end
+    local remaining = quota - s.used
+    if remaining < 0 then remaining = 0 end
+    local reset, wait = 0, 0
+    if kind == 's' then
+      local first = s.first
+      if #s.adds > 0 and (first == nil or s.adds[1] < first) then first = s.adds[1] end
+      if first ~= nil then reset = math.ceil((first + w - now) / 1000) end
+      if violated then
         wait = math.ceil(w / 1000)
-        for j = 1, #all, 2 do
-          in_use = in_use - tonumber(string.match(all[j], ':(%d+)$'))
-          if in_use + cost <= quota then
-            wait = math.max(1, math.ceil((tonumber(all[j + 1]) + w - now) / 1000))
-            break
+        if cost <= quota then
+          -- When enough charges will have left: walk them oldest first.
+          local all = redis.call('ZRANGE', s.key, s.off, -1, 'WITHSCORES')
+          local list = {}
+          for j = 1, #all, 2 do table.insert(list, { tonumber(all[j + 1]), cost_of(all[j]) }) end
+          for j = 1, #s.adds, 2 do table.insert(list, { s.adds[j], cost_of(s.adds[j + 1]) }) end
+          table.sort(list, function(x, y) return x[1] < y[1] end)
+          local in_use = s.used
+          for _, e in ipairs(list) do
+            in_use = in_use - e[2]
+            if in_use + cost <= quota then
+              wait = math.max(1, math.ceil((e[1] + w - now) / 1000))
+              break
+            end
           end
         end
       end
+    else
+      if s.used > 0 then reset = math.ceil((wend - now) / 1000) end
+      if violated then wait = math.max(1, math.ceil((wend - now) / 1000)) end
     end
-  else
-    if used[i] > 0 then reset = math.ceil((wend - now) / 1000) end
-    if violated then wait = math.max(1, math.ceil((wend - now) / 1000)) end
+    table.insert(out, remaining)
+    table.insert(out, reset)
+    table.insert(out, violated and 1 or 0)
+    table.insert(out, wait)
+    table.insert(out, over and 1 or 0)
   end
-  table.insert(out, remaining)
-  table.insert(out, reset)
-  table.insert(out, violated and 1 or 0)
-  table.insert(out, wait)
-  table.insert(out, over and 1 or 0)
+  k = k + 2 * n
+  a = a + 4 + 5 * n
+end
+
+-- Write back, once per key.
+for _, s in ipairs(order_s) do
+  if s.off > 0 then redis.call('ZREMRANGEBYSCORE', s.key, '-inf', s.edge) end
+  if #s.adds > 0 then
+    for j = 1, #s.adds, 512 do
+      redis.call('ZADD', s.key, unpack(s.adds, j, math.min(j + 511, #s.adds)))
+    end
+    redis.call('PEXPIRE', s.key, s.w)
+  end
+  if s.changed or #s.adds > 0 then redis.call('SET', s.tkey, s.used, 'PX', s.w) end
+end
+for _, c in ipairs(order_c) do
+  if c.add > 0 then
+    redis.call('INCRBY', c.key, c.add)
+    if c.fresh then redis.call('PEXPIRE', c.key, c.ttl) end
+  end
 end
 return out
 "#;
 
-pub struct RedisLimiter {
+/// One request's part of a batch: its keys and arguments, rendered by the
+/// request itself, and where its answer goes.
+struct Queued {
+    customer: Arc<str>,
+    keys: Vec<String>,
+    now: u64,
+    cost: u64,
+    seq: u64,
+    /// Per limit: kind, quota, window (ms), window end (calendar), overage.
+    limits: Vec<(&'static str, u64, u64, u64, u8)>,
+    done: tokio::sync::oneshot::Sender<Result<Vec<i64>, LimiterError>>,
+}
+
+#[derive(Default)]
+struct Batch {
+    items: Vec<Queued>,
+    /// A flush is on its way for what is queued.
+    scheduled: bool,
+}
+
+struct Shared {
+    /// Made at start-up on Tollgate's Redis runtime; used until `here`
+    /// exists and whenever it cannot be made.
     conn: RedisConn,
+    /// The limiter's own connection, made by the first request on the
+    /// runtime that serves requests, so a round trip costs no hop to
+    /// another thread's driver task and back.
+    here: tokio::sync::OnceCell<RedisConn>,
     script: Script,
-    clock: Arc<dyn Clock>,
     instance: String,
+    queue: std::sync::Mutex<Batch>,
+}
+
+/// Requests that arrive in the same wake-up of the proxy's runtime are
+/// decided by one script call (in cluster mode, one per customer, whose keys
+/// share a slot): at most one round trip per request, fewer under load.
+/// Within a batch the script takes the requests in order, each seeing the
+/// charges of those before it, exactly as separate calls would.
+pub struct RedisLimiter {
+    shared: Arc<Shared>,
+    clock: Arc<dyn Clock>,
     seq: AtomicU64,
 }
 
@@ -117,16 +225,20 @@ impl RedisLimiter {
         let mut id = [0u8; 6];
         crate::keys::random_bytes(&mut id)?;
         Ok(Self {
-            conn,
-            script: Script::new(SCRIPT),
+            shared: Arc::new(Shared {
+                conn,
+                here: tokio::sync::OnceCell::new(),
+                script: Script::new(SCRIPT),
+                instance: hex::encode(id),
+                queue: std::sync::Mutex::new(Batch::default()),
+            }),
             clock,
-            instance: hex::encode(id),
             seq: AtomicU64::new(0),
         })
     }
 
     pub fn conn(&self) -> &RedisConn {
-        &self.conn
+        &self.shared.conn
     }
 
     async fn run(&self, customer: &str, plan: &Plan, cost: u64) -> Result<Decision, LimiterError> {
@@ -140,24 +252,17 @@ impl RedisLimiter {
             });
         }
         let now = self.clock.now_ms();
-        let prefix = &self.conn.config.prefix;
-        let mut inv = self.script.prepare_invoke();
-        let member = format!(
-            "{}:{}",
-            self.instance,
-            self.seq.fetch_add(1, Ordering::Relaxed)
-        );
-        inv.arg(now).arg(cost).arg(member).arg(plan.limits.len());
+        let prefix = &self.shared.conn.config.prefix;
+        let mut keys = Vec::with_capacity(2 * plan.limits.len());
+        let mut limits = Vec::with_capacity(plan.limits.len());
         for l in &plan.limits {
             match l.window {
                 Window::Sliding(w) => {
                     let base = format!("{{{prefix}:{customer}}}:s:{}:{w}", l.name);
-                    inv.key(&base).key(format!("{base}:t"));
-                    inv.arg("s")
-                        .arg(l.quota)
-                        .arg(w)
-                        .arg(0)
-                        .arg(u8::from(l.overage));
+                    let total = format!("{base}:t");
+                    keys.push(base);
+                    keys.push(total);
+                    limits.push(("s", l.quota, w, 0, u8::from(l.overage)));
                 }
                 cal => {
                     let (start, end) = match cal {
@@ -167,63 +272,170 @@ impl RedisLimiter {
                     let key = format!("{{{prefix}:{customer}}}:c:{}:{start}", l.name);
                     // The second key is unused for calendar windows; passing
                     // the same key keeps KEYS aligned.
-                    inv.key(&key).key(&key);
-                    inv.arg("c")
-                        .arg(l.quota)
-                        .arg(end - start)
-                        .arg(end)
-                        .arg(u8::from(l.overage));
+                    keys.push(key.clone());
+                    keys.push(key);
+                    limits.push(("c", l.quota, end - start, end, u8::from(l.overage)));
                 }
             }
         }
-        let out: Vec<i64> = self
-            .conn
-            .script(&inv)
-            .await
-            .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
-        if out.len() != 1 + 5 * plan.limits.len() {
-            return Err(LimiterError::Unavailable(format!(
-                "unexpected script reply of {} items",
-                out.len()
-            )));
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let item = Queued {
+            customer: customer.into(),
+            keys,
+            now,
+            cost,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+            limits,
+            done,
+        };
+        let first = {
+            let mut q = lock(&self.shared.queue);
+            q.items.push(item);
+            !std::mem::replace(&mut q.scheduled, true)
+        };
+        if first {
+            let shared = self.shared.clone();
+            // Yields once first, so the requests this runtime already has
+            // ready join the batch.
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                shared.flush().await;
+            });
         }
-        let allowed = out[0] == 1;
-        let mut retry_after_secs = 0;
-        let (mut overage, mut overage_meter) = (false, None);
-        let policies = plan
-            .limits
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let r = &out[1 + 5 * i..6 + 5 * i];
-                let violated = r[2] == 1;
-                if r[4] == 1 {
-                    overage = true;
-                    if overage_meter.is_none() {
-                        overage_meter = l.overage_meter.clone();
-                    }
-                }
-                if violated {
-                    retry_after_secs = retry_after_secs.max(r[3].max(0) as u64);
-                }
-                PolicyStatus {
-                    name: l.name.clone(),
-                    quota: l.quota,
-                    remaining: r[0].max(0) as u64,
-                    reset_secs: r[1].max(0) as u64,
-                    violated,
-                }
-            })
-            .collect();
-        let overage = allowed && overage;
-        Ok(Decision {
-            allowed,
-            policies,
-            retry_after_secs,
-            overage,
-            overage_meter: if overage { overage_meter } else { None },
-        })
+        let out = rx
+            .await
+            .map_err(|_| LimiterError::Unavailable("redis batch dropped".into()))??;
+        decision(plan, &out)
     }
+}
+
+impl Shared {
+    /// The connection for this runtime (see `here`).
+    async fn conn_here(&self) -> &RedisConn {
+        if let Some(c) = self.here.get() {
+            return c;
+        }
+        match self.here.get_or_try_init(|| self.conn.connect_here()).await {
+            Ok(c) => c,
+            Err(_) => &self.conn,
+        }
+    }
+
+    /// Sends what has queued up: one script call, or in cluster mode one
+    /// per customer (a call's keys must share a slot).
+    async fn flush(&self) {
+        let items = {
+            let mut q = lock(&self.queue);
+            q.scheduled = false;
+            std::mem::take(&mut q.items)
+        };
+        let conn = self.conn_here().await;
+        if !conn.config.cluster {
+            self.call(conn, items).await;
+            return;
+        }
+        let mut groups: Vec<Vec<Queued>> = Vec::new();
+        for item in items {
+            match groups.iter_mut().find(|g| g[0].customer == item.customer) {
+                Some(g) => g.push(item),
+                None => groups.push(vec![item]),
+            }
+        }
+        futures_util::future::join_all(groups.into_iter().map(|g| self.call(conn, g))).await;
+    }
+
+    async fn call(&self, conn: &RedisConn, items: Vec<Queued>) {
+        if items.is_empty() {
+            return;
+        }
+        let mut inv = self.script.prepare_invoke();
+        inv.arg(items.len()).arg(&self.instance);
+        for q in &items {
+            for k in &q.keys {
+                inv.key(k);
+            }
+            inv.arg(q.now).arg(q.cost).arg(q.seq).arg(q.limits.len());
+            for &(kind, quota, w, end, overage) in &q.limits {
+                inv.arg(kind).arg(quota).arg(w).arg(end).arg(overage);
+            }
+        }
+        let expected: usize = items.iter().map(|q| 1 + 5 * q.limits.len()).sum();
+        let out = match conn.script::<Vec<i64>>(&inv).await {
+            Ok(out) if out.len() == expected => out,
+            Ok(out) => {
+                let e = format!("unexpected script reply of {} items", out.len());
+                for q in items {
+                    let _ = q.done.send(Err(LimiterError::Unavailable(e.clone())));
+                }
+                return;
+            }
+            Err(e) => {
+                for q in items {
+                    let _ = q.done.send(Err(LimiterError::Unavailable(e.to_string())));
+                }
+                return;
+            }
+        };
+        let mut at = 0;
+        for q in items {
+            let len = 1 + 5 * q.limits.len();
+            let _ = q.done.send(Ok(out[at..at + len].to_vec()));
+            at += len;
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Reads one request's part of the script's reply.
+fn decision(plan: &Plan, out: &[i64]) -> Result<Decision, LimiterError> {
+    if out.len() != 1 + 5 * plan.limits.len() {
+        return Err(LimiterError::Unavailable(format!(
+            "unexpected script reply of {} items",
+            out.len()
+        )));
+    }
+    let allowed = out[0] == 1;
+    let mut retry_after_secs = 0;
+    let (mut overage, mut overage_meter) = (false, None);
+    let policies = plan
+        .limits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let r = &out[1 + 5 * i..6 + 5 * i];
+            let violated = r[2] == 1;
+            if r[4] == 1 {
+                overage = true;
+                if overage_meter.is_none() {
+                    overage_meter = l.overage_meter.clone();
+                }
+            }
+            if violated {
+                retry_after_secs = retry_after_secs.max(r[3].max(0) as u64);
+            }
+            PolicyStatus {
+                name: l.name.clone(),
+                quota: l.quota,
+                remaining: r[0].max(0) as u64,
+                reset_secs: r[1].max(0) as u64,
+                violated,
+            }
+        })
+        .collect();
+    let overage = allowed && overage;
+    Ok(Decision {
+        allowed,
+        policies,
+        retry_after_secs,
+        overage,
+        overage_meter: if overage { overage_meter } else { None },
+    })
 }
 
 impl Limiter for RedisLimiter {

@@ -49,6 +49,93 @@ async fn redis_limiter_passes_the_same_conformance_suite_as_memory() {
     .await;
 }
 
+/// Concurrent requests of one instance share script calls, and stay exact:
+/// each sees the charges of those decided before it, whichever window binds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checks_share_script_calls_and_stay_exact() {
+    use tollgate::limiter::Limiter;
+    use tollgate::plans::Window;
+    let redis = RedisServer::start();
+    let conn = RedisConn::connect(redis_config(vec![redis.url()], false, "batch"))
+        .await
+        .unwrap();
+    let limiter = Arc::new(RedisLimiter::new(conn.clone(), Arc::new(SystemClock)).unwrap());
+    let plans = [
+        (
+            "calendar",
+            [
+                ("daily", 50, Window::Day),
+                ("hourly", 1000, Window::Sliding(3_600_000)),
+            ],
+        ),
+        (
+            "sliding",
+            [
+                ("daily", 1000, Window::Day),
+                ("minute", 50, Window::Sliding(60_000)),
+            ],
+        ),
+    ];
+    for (binding, limits) in plans {
+        let plan = Arc::new(conformance::plan(&limits));
+        let customer = format!("cus_{binding}");
+        let _: () = conn
+            .admin(redis::cmd("CONFIG").arg("RESETSTAT"))
+            .await
+            .unwrap();
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let (limiter, plan, customer) = (limiter.clone(), plan.clone(), customer.clone());
+                tokio::spawn(async move { limiter.check(&customer, &plan, 1).await.unwrap() })
+            })
+            .collect();
+        let mut remaining = Vec::new();
+        for t in tasks {
+            let d = t.await.unwrap();
+            let tight = if binding == "calendar" { 0 } else { 1 };
+            if d.allowed {
+                remaining.push(d.policies[tight].remaining);
+            } else {
+                assert!(
+                    d.policies[tight].violated && d.retry_after_secs >= 1,
+                    "{d:?}"
+                );
+            }
+        }
+        remaining.sort_unstable();
+        assert_eq!(
+            remaining,
+            (0..50).collect::<Vec<u64>>(),
+            "{binding}: exactly the quota, each admitted request seeing the ones before it"
+        );
+        let stats: String = conn
+            .admin(redis::cmd("INFO").arg("commandstats"))
+            .await
+            .unwrap();
+        let calls: u64 = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            (1..200).contains(&calls),
+            "{binding}: 200 concurrent checks took {calls} script calls"
+        );
+        // What the batches wrote back is what the next request sees.
+        let d = limiter.check(&customer, &plan, 0).await.unwrap();
+        assert_eq!(
+            (d.policies[0].remaining, d.policies[1].remaining),
+            if binding == "calendar" {
+                (0, 950)
+            } else {
+                (950, 0)
+            },
+            "{d:?}"
+        );
+    }
+}
+
 const MONTHLY: &str = "default_plan: metered\nplans:\n  metered:\n    limits:\n      - { name: monthly, requests: 300, per: month }\n    meter: api_requests\n";
 const PER_SECOND: &str = "default_plan: burst\nplans:\n  burst:\n    limits:\n      - { name: burst, requests: 50, per: second }\n";
 
