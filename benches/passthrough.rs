@@ -6,6 +6,11 @@ use async_trait::async_trait;
 use pingora::prelude::*;
 use pingora::server::configuration::ServerConf;
 
+/// The same allocator as the `tollgate` binary, so the comparison measures
+/// Tollgate's work, not the allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Passthrough(std::net::SocketAddr);
 
 #[async_trait]
