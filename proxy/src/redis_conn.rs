@@ -140,12 +140,17 @@ impl RedisConn {
 
     /// Another connection to the same Redis, sharing this one's breaker,
     /// made on the calling runtime: its driver task then runs beside the
-    /// requests that use it. Skipped while the breaker is open; a failed
-    /// connect counts as a Redis failure.
+    /// requests that use it. Skipped while the breaker is open. A failed
+    /// connect is not counted by the breaker: this connection still works.
     pub async fn connect_here(&self) -> Result<Self, RedisFailure> {
-        let c = self
-            .through_breaker(Self::connect(self.config.clone()))
-            .await?;
+        if self.breaker.is_open() {
+            return Err(RedisFailure::Skipped);
+        }
+        let c = match tokio::time::timeout(self.timeout, Self::connect(self.config.clone())).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(RedisFailure::Error(e.to_string())),
+            Err(_) => return Err(RedisFailure::Timeout),
+        };
         Ok(Self {
             breaker: self.breaker.clone(),
             ..c

@@ -40,7 +40,7 @@ end
 local function sliding(key, tkey, w, now)
   local s = slid[key]
   if s == nil then
-    s = { key = key, tkey = tkey, w = w, off = 0, adds = {}, changed = false,
+    s = { key = key, tkey = tkey, w = w, off = 0, adds = {}, added = 0, changed = false,
           used = tonumber(redis.call('GET', tkey) or '0') }
     slid[key] = s
     table.insert(order_s, s)
@@ -49,6 +49,7 @@ local function sliding(key, tkey, w, now)
   if s.edge == nil or edge > s.edge then
     s.edge = edge
     s.first = nil
+    s.sorted = nil
     while true do
       local head = redis.call('ZRANGE', key, s.off, s.off + 7, 'WITHSCORES')
       local j = 1
@@ -63,6 +64,12 @@ local function sliding(key, tkey, w, now)
         break
       end
       if #head < 16 then break end
+    end
+    -- No stored charge is left in the window: the total is what this batch
+    -- added, whatever the total key says (it may have outlived the set).
+    if s.first == nil then
+      if s.used ~= s.added then s.changed = true end
+      s.used = s.added
     end
     if s.used < 0 then s.used = 0 end
   end
@@ -112,6 +119,14 @@ for _ = 1, tonumber(ARGV[1]) do
       if kind == 's' then
         table.insert(s.adds, now)
         table.insert(s.adds, member)
+        s.added = s.added + cost
+        if s.sorted ~= nil then
+          if #s.sorted > 0 and s.sorted[#s.sorted][1] > now then
+            s.sorted = nil
+          else
+            table.insert(s.sorted, { now, cost })
+          end
+        end
       else
         s.add = s.add + cost
       end
@@ -127,13 +142,16 @@ for _ = 1, tonumber(ARGV[1]) do
         wait = math.ceil(w / 1000)
         if cost <= quota then
           -- When enough charges will have left: walk them oldest first.
-          local all = redis.call('ZRANGE', s.key, s.off, -1, 'WITHSCORES')
-          local list = {}
-          for j = 1, #all, 2 do table.insert(list, { tonumber(all[j + 1]), cost_of(all[j]) }) end
-          for j = 1, #s.adds, 2 do table.insert(list, { s.adds[j], cost_of(s.adds[j + 1]) }) end
-          table.sort(list, function(x, y) return x[1] < y[1] end)
+          -- Read and sorted once per key and edge, however many are refused.
+          if s.sorted == nil then
+            local all = redis.call('ZRANGE', s.key, s.off, -1, 'WITHSCORES')
+            s.sorted = {}
+            for j = 1, #all, 2 do table.insert(s.sorted, { tonumber(all[j + 1]), cost_of(all[j]) }) end
+            for j = 1, #s.adds, 2 do table.insert(s.sorted, { s.adds[j], cost_of(s.adds[j + 1]) }) end
+            table.sort(s.sorted, function(x, y) return x[1] < y[1] end)
+          end
           local in_use = s.used
-          for _, e in ipairs(list) do
+          for _, e in ipairs(s.sorted) do
             in_use = in_use - e[2]
             if in_use + cost <= quota then
               wait = math.max(1, math.ceil((e[1] + w - now) / 1000))
@@ -159,13 +177,14 @@ end
 -- Write back, once per key.
 for _, s in ipairs(order_s) do
   if s.off > 0 then redis.call('ZREMRANGEBYSCORE', s.key, '-inf', s.edge) end
-  if #s.adds > 0 then
-    for j = 1, #s.adds, 512 do
-      redis.call('ZADD', s.key, unpack(s.adds, j, math.min(j + 511, #s.adds)))
-    end
-    redis.call('PEXPIRE', s.key, s.w)
+  for j = 1, #s.adds, 512 do
+    redis.call('ZADD', s.key, unpack(s.adds, j, math.min(j + 511, #s.adds)))
   end
-  if s.changed or #s.adds > 0 then redis.call('SET', s.tkey, s.used, 'PX', s.w) end
+  if s.changed or #s.adds > 0 then
+    -- The set and its total expire together.
+    redis.call('PEXPIRE', s.key, s.w)
+    redis.call('SET', s.tkey, s.used, 'PX', s.w)
+  end
 end
 for _, c in ipairs(order_c) do
   if c.add > 0 then
@@ -207,6 +226,8 @@ struct Shared {
     script: Script,
     instance: String,
     queue: std::sync::Mutex<Batch>,
+    /// When to try making `here` again after a failure.
+    retry_here_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// Requests that arrive in the same wake-up of the proxy's runtime are
@@ -231,6 +252,7 @@ impl RedisLimiter {
                 script: Script::new(SCRIPT),
                 instance: hex::encode(id),
                 queue: std::sync::Mutex::new(Batch::default()),
+                retry_here_at: std::sync::Mutex::new(None),
             }),
             clock,
             seq: AtomicU64::new(0),
@@ -296,11 +318,23 @@ impl RedisLimiter {
         if first {
             let shared = self.shared.clone();
             // Yields once first, so the requests this runtime already has
-            // ready join the batch.
-            tokio::spawn(async move {
-                tokio::task::yield_now().await;
-                shared.flush().await;
-            });
+            // ready join the batch. (Outside a Tokio runtime, which the
+            // proxy never is, the request sends its batch itself.)
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn(async move {
+                        // Should the task be dropped unrun (the runtime
+                        // shutting down), the queue must not stay "scheduled"
+                        // with nobody to send it: the guard answers its
+                        // requests with an error (on_error applies) instead.
+                        let guard = Unscheduled(&shared);
+                        tokio::task::yield_now().await;
+                        std::mem::forget(guard);
+                        shared.flush().await;
+                    });
+                }
+                Err(_) => shared.flush().await,
+            }
         }
         let out = rx
             .await
@@ -309,15 +343,45 @@ impl RedisLimiter {
     }
 }
 
+/// Clears a batch whose flush will never run (see `RedisLimiter::run`).
+struct Unscheduled<'a>(&'a Shared);
+
+impl Drop for Unscheduled<'_> {
+    fn drop(&mut self) {
+        let mut q = lock(&self.0.queue);
+        q.scheduled = false;
+        q.items.clear();
+    }
+}
+
+/// Requests per script call at most: a call blocks Redis while it runs.
+const MAX_BATCH: usize = 128;
+
+/// After a failed attempt to make `here`, how long to use `conn` before
+/// trying again.
+const RECONNECT_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Shared {
-    /// The connection for this runtime (see `here`).
+    /// The connection for this runtime (see `here`). A failed attempt to
+    /// make it is not a Redis failure (the start-up connection works on):
+    /// it is retried after [`RECONNECT_AFTER`].
     async fn conn_here(&self) -> &RedisConn {
         if let Some(c) = self.here.get() {
             return c;
         }
+        let due = lock(&self.retry_here_at).is_none_or(|at| at <= std::time::Instant::now());
+        if !due {
+            return &self.conn;
+        }
         match self.here.get_or_try_init(|| self.conn.connect_here()).await {
             Ok(c) => c,
-            Err(_) => &self.conn,
+            Err(e) => {
+                log::warn!(
+                    "redis limiter: cannot open its own connection ({e}); using the shared one"
+                );
+                *lock(&self.retry_here_at) = Some(std::time::Instant::now() + RECONNECT_AFTER);
+                &self.conn
+            }
         }
     }
 
@@ -330,13 +394,12 @@ impl Shared {
             std::mem::take(&mut q.items)
         };
         let conn = self.conn_here().await;
-        if !conn.config.cluster {
-            self.call(conn, items).await;
-            return;
-        }
         let mut groups: Vec<Vec<Queued>> = Vec::new();
         for item in items {
-            match groups.iter_mut().find(|g| g[0].customer == item.customer) {
+            let open = groups.iter_mut().find(|g| {
+                g.len() < MAX_BATCH && (!conn.config.cluster || g[0].customer == item.customer)
+            });
+            match open {
                 Some(g) => g.push(item),
                 None => groups.push(vec![item]),
             }

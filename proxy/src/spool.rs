@@ -195,6 +195,8 @@ pub struct Spool {
     aging: AtomicBool,
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
     queue: Mutex<Queue>,
+    /// Set by `close`: nothing is written after it.
+    closed: AtomicBool,
     writer: Arc<Mutex<Writer>>,
     state: Arc<Mutex<State>>,
     bytes: Arc<AtomicU64>,
@@ -488,6 +490,7 @@ impl Spool {
             aging: AtomicBool::new(false),
             tx: Mutex::new(Some(tx)),
             queue: Mutex::new(Queue::default()),
+            closed: AtomicBool::new(false),
             writer,
             state,
             bytes,
@@ -532,10 +535,13 @@ impl Spool {
             // same wake-up) queue their appends first and share the write.
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
-                    let spool = self.clone();
+                    let flush = FlushOnDrop(self.clone());
                     rt.spawn(async move {
                         tokio::task::yield_now().await;
-                        spool.flush();
+                        // Dropped here: flushes. Also if the task is dropped
+                        // unrun (its runtime shutting down), so the queue is
+                        // never left waiting for a flush that will not come.
+                        drop(flush);
                     });
                 }
                 Err(_) => self.flush(),
@@ -552,7 +558,8 @@ impl Spool {
             q.scheduled = false;
             std::mem::take(&mut q.items)
         };
-        if items.is_empty() {
+        if items.is_empty() || self.closed.load(Ordering::Acquire) {
+            // After close, callers see their answer dropped: not recorded.
             return;
         }
         match self.writer.try_lock() {
@@ -792,11 +799,29 @@ impl Spool {
     /// Stops the writer after it has written and synced everything queued.
     pub fn close(&self) {
         self.flush();
+        self.closed.store(true, Ordering::Release);
         lock(&self.tx).take();
         if let Some(h) = lock(&self.thread).take() {
             let _ = h.join();
         }
         lock(&self.lock).take();
+    }
+}
+
+impl Drop for Spool {
+    /// Like `close`: the thread is stopped before the lock is released, so
+    /// a spool opened next on the same directory has it to itself.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Flushes the spool when dropped (see `Spool::append`).
+struct FlushOnDrop(Arc<Spool>);
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        self.0.flush();
     }
 }
 

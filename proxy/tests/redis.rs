@@ -136,6 +136,41 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
     }
 }
 
+/// A sliding window's total never outlives its charges: if the set of
+/// charges is gone (expired in Redis), the window is empty whatever the
+/// total key still says.
+#[tokio::test]
+async fn a_sliding_total_without_its_charges_counts_nothing() {
+    use tollgate::limiter::Limiter;
+    use tollgate::plans::Window;
+    let redis = RedisServer::start();
+    let conn = RedisConn::connect(redis_config(vec![redis.url()], false, "phantom"))
+        .await
+        .unwrap();
+    let limiter = RedisLimiter::new(conn.clone(), Arc::new(SystemClock)).unwrap();
+    let plan = conformance::plan(&[("minute", 10, Window::Sliding(60_000))]);
+    for _ in 0..4 {
+        assert!(limiter.check("cus", &plan, 2).await.unwrap().allowed);
+    }
+    let set = "{phantom:cus}:s:minute:60000";
+    let total: u64 = conn
+        .admin(redis::cmd("GET").arg(format!("{set}:t")))
+        .await
+        .unwrap();
+    assert_eq!(total, 8);
+    let ttl: i64 = conn.admin(redis::cmd("PTTL").arg(set)).await.unwrap();
+    assert!(
+        ttl > 0 && ttl <= 60_000,
+        "the set expires with the window: {ttl}"
+    );
+    // The set goes (as it would by expiring) while the total stays.
+    let _: () = conn.admin(redis::cmd("DEL").arg(set)).await.unwrap();
+    let d = limiter.check("cus", &plan, 0).await.unwrap();
+    assert_eq!(d.policies[0].remaining, 10, "{d:?}");
+    let d = limiter.check("cus", &plan, 3).await.unwrap();
+    assert_eq!(d.policies[0].remaining, 7, "{d:?}");
+}
+
 const MONTHLY: &str = "default_plan: metered\nplans:\n  metered:\n    limits:\n      - { name: monthly, requests: 300, per: month }\n    meter: api_requests\n";
 const PER_SECOND: &str = "default_plan: burst\nplans:\n  burst:\n    limits:\n      - { name: burst, requests: 50, per: second }\n";
 
