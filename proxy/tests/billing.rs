@@ -117,6 +117,25 @@ async fn forty_successes_and_five_failures_bill_exactly_forty_with_the_sdk_wire_
             "timestamp within Stripe's window"
         );
     }
+    // At most one billing event per (customer, meter, rollup window): every
+    // event of a window carries that window's one identifier.
+    let mut ids_per_window: HashMap<(String, String, String), std::collections::HashSet<String>> =
+        HashMap::new();
+    for c in &reqs {
+        let f = c.form();
+        ids_per_window
+            .entry((
+                f["payload[stripe_customer_id]"].clone(),
+                f["event_name"].clone(),
+                f["timestamp"].clone(),
+            ))
+            .or_default()
+            .insert(f["identifier"].clone());
+    }
+    assert!(
+        ids_per_window.values().all(|ids| ids.len() == 1),
+        "one event per customer, meter and window: {ids_per_window:?}"
+    );
     // A retried record keeps its identifier.
     let mut by_id: HashMap<String, usize> = HashMap::new();
     for c in &reqs {
