@@ -39,28 +39,8 @@ async fn forty_successes_and_five_failures_bill_exactly_forty_with_the_sdk_wire_
         .config(&metering(&[stripe.sink()]))
         .build();
     let key = h.key("cus_forty", Some("pro"));
-    for _ in 0..40 {
-        assert_eq!(
-            h.get("/v1/x")
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
-    }
-    for _ in 0..5 {
-        assert_eq!(
-            h.get("/status/503")
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            503
-        );
-    }
+    assert_eq!(h.get_n("/v1/x", &key, 40).await, vec![200; 40]);
+    assert_eq!(h.get_n("/status/503", &key, 5).await, vec![503; 5]);
     wait_for("40 units at Stripe", 15, || {
         stripe.total("api_requests") == 40
     })
@@ -190,15 +170,7 @@ async fn a_provider_outage_delays_but_loses_nothing() {
     assert_eq!(billed[&("api_requests".into(), "cus_b".into())], 10);
     let failed = stripe.server.captured().len() - stripe.events.lock().unwrap().len();
     assert!(failed > 0, "the outage was seen");
-    let metrics = h
-        .client
-        .get(format!("http://{}/metrics", h.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("tollgate_billing_events_total{result=\"retry\",sink=\"stripe\"}"),
         "{metrics}"
@@ -253,17 +225,7 @@ async fn a_dead_sink_does_not_hold_up_the_others() {
         .config(&metering(&[webhook, stripe.sink()]))
         .build();
     let key = h.key("cus_two", Some("pro"));
-    for _ in 0..12 {
-        assert_eq!(
-            h.get("/v1/x")
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
-    }
+    assert_eq!(h.get_n("/v1/x", &key, 12).await, vec![200; 12]);
     // Records appear ~2 s after their window; Stripe has them soon after.
     wait_for("Stripe despite the dead webhook", 8, || {
         stripe.total("api_requests") == 12
@@ -607,15 +569,7 @@ async fn a_full_spool_refuses_billable_requests_loudly() {
         1,
         "the refused request never reached the API"
     );
-    let metrics = h
-        .client
-        .get(format!("http://{}/metrics", h.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("tollgate_spool_rejected_total{plan=\"pro\"} 1"),
         "{metrics}"

@@ -419,15 +419,7 @@ async fn redis_down_with_on_error_open_admits() {
 async fn redis_down_with_on_error_closed_answers_503() {
     let (redis, h, key, statuses) = outage("closed").await;
     assert!(statuses.iter().all(|&s| s == 503), "{statuses:?}");
-    let metrics = h
-        .client
-        .get(format!("http://{}/metrics", h.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = h.metrics().await;
     assert!(
         metrics.contains("tollgate_limiter_fallback_total{policy=\"closed\"}"),
         "{metrics}"

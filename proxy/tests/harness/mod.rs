@@ -711,6 +711,28 @@ impl Harness {
         self.client.get(self.url(path))
     }
 
+    /// `n` GETs of `path` with `key`, one after another: their statuses.
+    pub async fn get_n(&self, path: &str, key: &str, n: usize) -> Vec<u16> {
+        let mut statuses = Vec::with_capacity(n);
+        for _ in 0..n {
+            let r = self.get(path).bearer_auth(key).send().await.unwrap();
+            statuses.push(r.status().as_u16());
+        }
+        statuses
+    }
+
+    /// The admin port's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Creates a key the way `tollgate keys create` does, and makes the
     /// running proxy see it now (tests of reload latency use their own store).
     pub fn key(&self, customer: &str, plan: Option<&str>) -> String {
