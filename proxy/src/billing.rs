@@ -636,10 +636,7 @@ async fn deliver_once(
 ) -> usize {
     let now = Instant::now();
     let due: Vec<Record> = {
-        let r = match retries.lock() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        };
+        let r = crate::lock(retries);
         // Backing-off records are skipped before the limit, so they never
         // crowd out newer ones.
         spool.unsettled(sink.name(), 5_000, |rec| {
@@ -690,10 +687,7 @@ async fn deliver_once(
                     crate::metrics::BILLING_EVENTS
                         .with_label_values(&[name, "retry"])
                         .inc();
-                    let mut r = match retries.lock() {
-                        Ok(r) => r,
-                        Err(p) => p.into_inner(),
-                    };
+                    let mut r = crate::lock(retries);
                     let e = r.entry(rec.rseq).or_insert(Retry {
                         attempts: 0,
                         not_before: now,
@@ -712,10 +706,7 @@ async fn deliver_once(
         }
     }
     {
-        let mut r = match retries.lock() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        };
+        let mut r = crate::lock(retries);
         for s in ok.iter().chain(dead.iter().map(|(rec, _)| &rec.rseq)) {
             r.remove(s);
         }

@@ -27,3 +27,13 @@ pub mod server;
 pub mod spool;
 pub mod store;
 pub mod usage;
+
+/// Locks `m`, also after a thread panicked holding it: every structure
+/// behind these mutexes stays consistent between statements, so a poisoned
+/// lock's data is still good, and the proxy must not go down with it.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

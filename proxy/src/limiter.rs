@@ -335,12 +335,9 @@ impl MemoryLimiter {
                 overage_meter: None,
             };
         }
-        let mut shard = match self.shard(customer).lock() {
-            Ok(g) => g,
-            // A panic while holding the lock cannot leave counters half
-            // charged (charging happens after all checks), so keep going.
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        // A panic while holding the lock cannot leave counters half charged
+        // (charging happens after all checks), so a poisoned lock is fine.
+        let mut shard = crate::lock(self.shard(customer));
         let state = match shard.get_mut(customer) {
             Some(s) => s,
             // A report (cost 0) for an unknown customer must not create state.
@@ -440,10 +437,7 @@ impl MemoryLimiter {
         let now = self.clock.now_ms();
         let mut removed = 0;
         for shard in &self.shards {
-            let mut map = match shard.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
+            let mut map = crate::lock(shard);
             let before = map.len();
             map.retain(|_, c| {
                 c.policies.retain(|p| !p.is_idle(now));

@@ -203,24 +203,17 @@ impl RedisConn {
         }
     }
 
+    /// Runs `f` with the timeout, unless the breaker is open, and tells the
+    /// breaker how it went.
     async fn guarded<T, F, Fut>(&self, f: F) -> Result<T, RedisFailure>
     where
         F: FnOnce(Inner) -> Fut,
         Fut: std::future::Future<Output = RedisResult<T>>,
     {
-        self.through_breaker(f(self.inner.clone())).await
-    }
-
-    /// Awaits `fut` with the timeout, unless the breaker is open, and tells
-    /// the breaker how it went.
-    async fn through_breaker<T>(
-        &self,
-        fut: impl std::future::Future<Output = RedisResult<T>>,
-    ) -> Result<T, RedisFailure> {
         if !self.breaker.allow() {
             return Err(RedisFailure::Skipped);
         }
-        match tokio::time::timeout(self.timeout, fut).await {
+        match tokio::time::timeout(self.timeout, f(self.inner.clone())).await {
             Ok(Ok(v)) => {
                 self.breaker.success();
                 Ok(v)

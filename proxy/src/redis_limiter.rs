@@ -20,6 +20,7 @@ use redis::Script;
 
 use crate::clock::{day_start, month_bounds, Clock, DAY};
 use crate::limiter::{Decision, Limiter, LimiterError, PolicyStatus};
+use crate::lock;
 use crate::plans::{Plan, Window};
 use crate::redis_conn::RedisConn;
 
@@ -198,7 +199,8 @@ return out
 /// One request's part of a batch: its keys and arguments, rendered by the
 /// request itself, and where its answer goes.
 struct Queued {
-    customer: Arc<str>,
+    /// Two per limit (a request queues only if it has limits), each
+    /// starting with the hash tag `{prefix:customer}`.
     keys: Vec<String>,
     now: u64,
     cost: u64,
@@ -206,6 +208,15 @@ struct Queued {
     /// Per limit: kind, quota, window (ms), window end (calendar), overage.
     limits: Vec<(&'static str, u64, u64, u64, u8)>,
     done: tokio::sync::oneshot::Sender<Result<Vec<i64>, LimiterError>>,
+}
+
+impl Queued {
+    /// The `{prefix:customer}` every key of the request starts with: the
+    /// requests of one cluster call must share it (and so a slot).
+    fn hash_tag(&self) -> &str {
+        let k = self.keys.first().map_or("", String::as_str);
+        k.find('}').map_or(k, |i| &k[..=i])
+    }
 }
 
 #[derive(Default)]
@@ -302,7 +313,6 @@ impl RedisLimiter {
         }
         let (done, rx) = tokio::sync::oneshot::channel();
         let item = Queued {
-            customer: customer.into(),
             keys,
             now,
             cost,
@@ -397,7 +407,7 @@ impl Shared {
         let mut groups: Vec<Vec<Queued>> = Vec::new();
         for item in items {
             let open = groups.iter_mut().find(|g| {
-                g.len() < MAX_BATCH && (!conn.config.cluster || g[0].customer == item.customer)
+                g.len() < MAX_BATCH && (!conn.config.cluster || g[0].hash_tag() == item.hash_tag())
             });
             match open {
                 Some(g) => g.push(item),
@@ -445,13 +455,6 @@ impl Shared {
             let _ = q.done.send(Ok(out[at..at + len].to_vec()));
             at += len;
         }
-    }
-}
-
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
     }
 }
 

@@ -322,10 +322,7 @@ impl RedisKeyStore {
     }
 
     pub fn data(&self) -> StoreData {
-        match self.mirror.lock() {
-            Ok(m) => m.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        crate::lock(&self.mirror).clone()
     }
 
     fn rebuild(&self, data: &StoreData) {

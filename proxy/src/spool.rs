@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::{month_bounds, Clock, Millis};
 use crate::keys::crc32;
+use crate::lock;
 
 /// Files are compacted when events.log or records.log grows past this.
 pub const COMPACT_AT: u64 = 8 << 20;
@@ -239,13 +240,6 @@ fn unesc(s: &str) -> Arc<str> {
 
 fn io_err(path: &Path, e: std::io::Error) -> String {
     format!("{}: {e}", path.display())
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
 }
 
 fn record_line(r: &Record) -> String {

@@ -62,10 +62,7 @@ impl UsageLedger {
         crate::metrics::usage_units(meter, units);
         let (start, _) = month_bounds(at);
         {
-            let mut map = match self.customers.lock() {
-                Ok(m) => m,
-                Err(p) => p.into_inner(),
-            };
+            let mut map = crate::lock(&self.customers);
             let c = match map.get_mut(&**customer) {
                 Some(c) => c,
                 None => map.entry(Arc::clone(customer)).or_default(),
@@ -95,10 +92,7 @@ impl UsageLedger {
     /// Adds usage recorded before this process started (replayed from the spool).
     pub fn seed(&self, customer: &str, meter: &str, units: u64) {
         let (start, _) = month_bounds(self.clock.now_ms());
-        let mut map = match self.customers.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let mut map = crate::lock(&self.customers);
         let c = map.entry(Arc::from(customer)).or_default();
         if c.period_start != start {
             c.period_start = start;
@@ -113,10 +107,7 @@ impl UsageLedger {
     /// Usage of `customer` in the current period (empty if none).
     pub fn usage(&self, customer: &str) -> PeriodUsage {
         let (start, end) = month_bounds(self.clock.now_ms());
-        let map = match self.customers.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let map = crate::lock(&self.customers);
         let meters = map
             .get(customer)
             .filter(|c| c.period_start == start)
@@ -132,10 +123,7 @@ impl UsageLedger {
     /// Every customer with usage this period, sorted by id.
     pub fn customers(&self) -> Vec<Arc<str>> {
         let (start, _) = month_bounds(self.clock.now_ms());
-        let map = match self.customers.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
+        let map = crate::lock(&self.customers);
         let mut ids: Vec<Arc<str>> = map
             .iter()
             .filter(|(_, c)| c.period_start == start)
