@@ -135,15 +135,7 @@ impl TollgateProxy {
         self.cors_headers(ctx, &mut resp)?;
         extra(&mut resp)?;
         // A body we did not read would corrupt the next request on this connection.
-        if session
-            .req_header()
-            .headers
-            .contains_key(header::CONTENT_LENGTH)
-            || session
-                .req_header()
-                .headers
-                .contains_key(header::TRANSFER_ENCODING)
-        {
+        if has_request_body(session) {
             session.set_keepalive(None);
         }
         let head_only = session.req_header().method == Method::HEAD;
@@ -234,6 +226,12 @@ impl TollgateProxy {
         .await?;
         Ok(true)
     }
+}
+
+/// Whether the request announced a body (which may be left unread).
+fn has_request_body(session: &Session) -> bool {
+    let h = &session.req_header().headers;
+    h.contains_key(header::CONTENT_LENGTH) || h.contains_key(header::TRANSFER_ENCODING)
 }
 
 /// The body of `GET /_tollgate/usage` (and of the admin usage API).
@@ -566,6 +564,11 @@ impl ProxyHttp for TollgateProxy {
             log::error!("internal error while proxying: {e}");
         }
         let code = rejection.status();
+        // Pingora closes the client's connection after a failed proxy
+        // attempt, whatever we return; the answer must say so, or a client
+        // reusing the connection (as HTTP/1.1 lets it) sends its next request
+        // into a closing socket.
+        session.set_keepalive(None);
         if let Err(err) = self.reject(session, ctx, &rejection).await {
             log::debug!("could not send the error response: {err}");
         }

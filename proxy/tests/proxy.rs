@@ -320,6 +320,28 @@ async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
         .await
         .unwrap();
     assert_eq!(usage["usage"], serde_json::json!({}), "{usage}");
+    // The connection is closed after a 502, and the answer says so: a
+    // client must not send its next request into the closing socket.
+    {
+        use std::io::{BufRead, BufReader, Write};
+        let mut conn = std::net::TcpStream::connect(h.addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(
+            conn,
+            "GET /x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {key}\r\n\r\n"
+        )
+        .unwrap();
+        let mut head = Vec::new();
+        for line in BufReader::new(conn).lines() {
+            let line = line.unwrap();
+            if line.is_empty() {
+                break;
+            }
+            head.push(line.to_ascii_lowercase());
+        }
+        assert!(head[0].starts_with("http/1.1 502"), "{head:?}");
+        assert!(head.iter().any(|l| l == "connection: close"), "{head:?}");
+    }
 
     let h = Harness::builder()
         .config("timeouts: { read: 300ms }")
