@@ -214,7 +214,7 @@ impl<L: Limiter> Gate<L> {
     pub async fn limit(
         &self,
         identity: &Identity,
-        plan: &Plan,
+        plan: &Arc<Plan>,
         cost: u64,
     ) -> Result<Decision, LimiterError> {
         self.limiter.check(&identity.customer, plan, cost).await

@@ -72,8 +72,8 @@ pub enum LimiterError {
 pub trait Limiter: Send + Sync {
     fn check(
         &self,
-        customer: &str,
-        plan: &Plan,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
         cost: u64,
     ) -> impl Future<Output = Result<Decision, LimiterError>> + Send;
 }
@@ -107,8 +107,8 @@ impl Backend {
 
     async fn decide(
         &self,
-        customer: &str,
-        plan: &Plan,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
         cost: u64,
     ) -> Result<Decision, LimiterError> {
         let (redis, local, on_error) = match self {
@@ -152,8 +152,8 @@ impl Backend {
 impl Limiter for Backend {
     fn check(
         &self,
-        customer: &str,
-        plan: &Plan,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
         cost: u64,
     ) -> impl Future<Output = Result<Decision, LimiterError>> + Send {
         self.decide(customer, plan, cost)
@@ -460,8 +460,8 @@ impl MemoryLimiter {
 impl Limiter for MemoryLimiter {
     fn check(
         &self,
-        customer: &str,
-        plan: &Plan,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
         cost: u64,
     ) -> impl Future<Output = Result<Decision, LimiterError>> + Send {
         std::future::ready(Ok(self.decide(customer, plan, cost)))
@@ -476,7 +476,11 @@ pub mod conformance {
     use super::*;
     use crate::clock::{days_from_civil, Date, ManualClock, HOUR, MINUTE, SECOND};
 
-    pub fn plan(limits: &[(&str, u64, Window)]) -> Plan {
+    pub fn plan(limits: &[(&str, u64, Window)]) -> Arc<Plan> {
+        Arc::new(build(limits))
+    }
+
+    fn build(limits: &[(&str, u64, Window)]) -> Plan {
         let limits: Vec<Limit> = limits
             .iter()
             .map(|&(n, q, w)| Limit {
@@ -504,8 +508,8 @@ pub mod conformance {
             * DAY
     }
 
-    async fn admit<L: Limiter>(l: &L, c: &str, p: &Plan, cost: u64) -> Decision {
-        match l.check(c, p, cost).await {
+    async fn admit<L: Limiter>(l: &L, c: &str, p: &Arc<Plan>, cost: u64) -> Decision {
+        match l.check(&c.into(), p, cost).await {
             Ok(d) => d,
             Err(e) => panic!("limiter failed: {e:?}"),
         }
@@ -560,12 +564,13 @@ pub mod conformance {
     ) {
         let clock = ManualClock::at(date(2026, 6, 1));
         let l = make(clock.clone());
-        let mut p = plan(&[
+        let mut p = build(&[
             ("burst", 4, Window::Sliding(SECOND)),
             ("monthly", 2, Window::Month),
         ]);
         p.limits[1].overage = true;
         p.limits[1].overage_meter = Some("api_overage".into());
+        let p = Arc::new(p);
         for i in 0..4 {
             let d = admit(&l, "c", &p, 1).await;
             assert!(d.allowed, "overage never refuses (request {i})");
@@ -766,7 +771,7 @@ mod tests {
     #[test]
     fn concurrent_requests_are_exact() {
         let l = Arc::new(MemoryLimiter::new(Arc::new(crate::clock::SystemClock)));
-        let p = Arc::new(conformance::plan(&[("monthly", 300, Window::Month)]));
+        let p = conformance::plan(&[("monthly", 300, Window::Month)]);
         let admitted = std::sync::atomic::AtomicU64::new(0);
         std::thread::scope(|s| {
             for _ in 0..16 {

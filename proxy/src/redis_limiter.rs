@@ -5,13 +5,18 @@
 //!
 //! Keys, all under the customer's hash tag so one script touches one slot:
 //! - sliding window: `{P:cus}:s:<policy>:<window ms>` is a sorted set of
-//!   admitted charges (member `<instance>:<seq>:<cost>`, score = time in ms)
-//!   and `…:t` the sum of their costs;
+//!   admitted charges, one per script call that admitted any (member
+//!   `<instance>:<call>:<cost>`, score = time in ms), and `…:t` the sum of
+//!   their costs;
 //! - calendar window: `{P:cus}:c:<policy>:<window start ms>` a counter that
 //!   expires a minute after the window ends.
 //!
-//! Time comes from the instance (`now` argument), so all instances must run
-//! NTP; a skew of d ms shifts window edges by d ms.
+//! Time comes from the instance (`now` argument, one per call), so all
+//! instances must run NTP; a skew of d ms shifts window edges by d ms.
+//!
+//! The script answers tersely (per limit what the call started from, per
+//! request admitted or the wait); [`Replay`] turns that into each request's
+//! decision, so Lua does a few comparisons per request and nothing more.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -25,197 +30,202 @@ use crate::plans::{Plan, Window};
 use crate::redis_conn::RedisConn;
 
 const SCRIPT: &str = r#"
-local inst = ARGV[2]
+-- ARGV: instance, now (ms), call sequence, number of groups; then per group
+-- (one customer and plan): number of limits, per limit its kind ('s'
+-- sliding, 'c' calendar), window ms (sliding) or window end (calendar),
+-- quota and overage (0/1); then number of requests and each request's cost.
+-- KEYS: per group and limit, a sliding window's set and total, or a
+-- calendar window's counter.
+-- Reply: per group, per limit what the group starts from (units used, the
+-- oldest charge still in a sliding window or -1), then per request 0 if
+-- admitted, else 1 + the seconds until its sliding limits have room.
+local inst, now, seq = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local out = {}
--- What the batch has read of each key, and what it will write back at the
--- end: reads happen once per key (more only if time moves on within the
--- batch), writes once per key.
+-- Each key is read once and written back once, at the end.
 local slid, cal, order_s, order_c = {}, {}, {}, {}
 
 local function cost_of(member)
   return tonumber(string.match(member, ':(%d+)$'))
 end
 
--- A sliding window's state as seen at `now`: charges at or before now - w
--- have left it (they are counted out here and removed at the end).
-local function sliding(key, tkey, w, now)
+-- A sliding window as of `now`: charges at or before now - w have left it
+-- (counted out here and removed at the end).
+local function sliding(key, tkey, w)
   local s = slid[key]
-  if s == nil then
-    s = { key = key, tkey = tkey, w = w, off = 0, adds = {}, added = 0, changed = false,
-          used = tonumber(redis.call('GET', tkey) or '0') }
-    slid[key] = s
-    table.insert(order_s, s)
-  end
-  local edge = now - w
-  if s.edge == nil or edge > s.edge then
-    s.edge = edge
-    s.first = nil
-    s.sorted = nil
-    while true do
-      local head = redis.call('ZRANGE', key, s.off, s.off + 7, 'WITHSCORES')
-      local j = 1
-      while j <= #head and tonumber(head[j + 1]) <= edge do
-        s.used = s.used - cost_of(head[j])
-        s.off = s.off + 1
-        s.changed = true
-        j = j + 2
-      end
-      if j <= #head then
-        s.first = tonumber(head[j + 1])
-        break
-      end
-      if #head < 16 then break end
+  if s ~= nil then return s end
+  s = { key = key, tkey = tkey, w = w, edge = now - w, off = 0, added = 0, changed = false,
+        used = tonumber(redis.call('GET', tkey) or '0') }
+  slid[key] = s
+  table.insert(order_s, s)
+  while true do
+    local head = redis.call('ZRANGE', key, s.off, s.off + 7, 'WITHSCORES')
+    local j = 1
+    while j <= #head and tonumber(head[j + 1]) <= s.edge do
+      s.used = s.used - cost_of(head[j])
+      s.off = s.off + 1
+      s.changed = true
+      j = j + 2
     end
-    -- No stored charge is left in the window: the total is what this batch
-    -- added, whatever the total key says (it may have outlived the set).
-    if s.first == nil then
-      if s.used ~= s.added then s.changed = true end
-      s.used = s.added
+    if j <= #head then
+      s.first = tonumber(head[j + 1])
+      break
     end
-    if s.used < 0 then s.used = 0 end
+    if #head < 16 then break end
   end
+  -- No stored charge is left in the window: nothing is in use, whatever
+  -- the total key says (it may have outlived the set).
+  if s.first == nil then
+    if s.used ~= 0 then s.changed = true end
+    s.used = 0
+  end
+  if s.used < 0 then s.used = 0 end
   return s
 end
 
-local function calendar(key, wend, now)
+local function calendar(key, wend)
   local c = cal[key]
-  if c == nil then
-    local v = redis.call('GET', key)
-    c = { key = key, used = tonumber(v or '0'), fresh = (v == false), add = 0,
-          ttl = wend - now + 60000 }
-    cal[key] = c
-    table.insert(order_c, c)
-  end
+  if c ~= nil then return c end
+  local v = redis.call('GET', key)
+  c = { key = key, used = tonumber(v or '0'), fresh = (v == false), added = 0,
+        ttl = wend - now + 60000 }
+  cal[key] = c
+  table.insert(order_c, c)
   return c
 end
 
--- The requests, in order, each seeing the charges of those before it.
-local k, a = 0, 2
-for _ = 1, tonumber(ARGV[1]) do
-  local now, cost = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local member = inst .. ':' .. ARGV[a + 3] .. ':' .. ARGV[a + 2]
-  local n = tonumber(ARGV[a + 4])
-  local st, allowed = {}, true
-  for i = 1, n do
-    local b = a + 4 + (i - 1) * 5
-    local quota, w = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-    local s
-    if ARGV[b + 1] == 's' then
-      s = sliding(KEYS[k + 2 * i - 1], KEYS[k + 2 * i], w, now)
+-- Seconds until `cost` fits under `quota`: walks the charges in the window
+-- oldest first (this call's own charge is at `now`). Read once per key.
+local function wait_for(s, quota, cost)
+  if cost > quota then return math.ceil(s.w / 1000) end
+  if s.log == nil then s.log = redis.call('ZRANGE', s.key, s.off, -1, 'WITHSCORES') end
+  local log, in_use, pending, j = s.log, s.used, s.added, 1
+  while true do
+    local t, c
+    if pending > 0 and (j > #log or tonumber(log[j + 1]) > now) then
+      t, c, pending = now, pending, 0
+    elseif j <= #log then
+      t, c = tonumber(log[j + 1]), cost_of(log[j])
+      j = j + 2
     else
-      s = calendar(KEYS[k + 2 * i - 1], tonumber(ARGV[b + 4]), now)
+      break
     end
-    st[i] = s
-    if s.used + cost > quota and ARGV[b + 5] == '0' then allowed = false end
+    in_use = in_use - c
+    if in_use + cost <= quota then return math.max(1, math.ceil((t + s.w - now) / 1000)) end
   end
-  table.insert(out, allowed and 1 or 0)
-  for i = 1, n do
-    local b = a + 4 + (i - 1) * 5
-    local kind, quota, w, wend = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
-    local s = st[i]
-    local over = s.used + cost > quota and ARGV[b + 5] == '1'
-    local violated = s.used + cost > quota and ARGV[b + 5] == '0'
-    if allowed and cost > 0 then
-      s.used = s.used + cost
-      if kind == 's' then
-        table.insert(s.adds, now)
-        table.insert(s.adds, member)
-        s.added = s.added + cost
-        if s.sorted ~= nil then
-          if #s.sorted > 0 and s.sorted[#s.sorted][1] > now then
-            s.sorted = nil
-          else
-            table.insert(s.sorted, { now, cost })
-          end
-        end
-      else
-        s.add = s.add + cost
-      end
-    end
-    local remaining = quota - s.used
-    if remaining < 0 then remaining = 0 end
-    local reset, wait = 0, 0
-    if kind == 's' then
-      local first = s.first
-      if #s.adds > 0 and (first == nil or s.adds[1] < first) then first = s.adds[1] end
-      if first ~= nil then reset = math.ceil((first + w - now) / 1000) end
-      if violated then
-        wait = math.ceil(w / 1000)
-        if cost <= quota then
-          -- When enough charges will have left: walk them oldest first.
-          -- Read and sorted once per key and edge, however many are refused.
-          if s.sorted == nil then
-            local all = redis.call('ZRANGE', s.key, s.off, -1, 'WITHSCORES')
-            s.sorted = {}
-            for j = 1, #all, 2 do table.insert(s.sorted, { tonumber(all[j + 1]), cost_of(all[j]) }) end
-            for j = 1, #s.adds, 2 do table.insert(s.sorted, { s.adds[j], cost_of(s.adds[j + 1]) }) end
-            table.sort(s.sorted, function(x, y) return x[1] < y[1] end)
-          end
-          local in_use = s.used
-          for _, e in ipairs(s.sorted) do
-            in_use = in_use - e[2]
-            if in_use + cost <= quota then
-              wait = math.max(1, math.ceil((e[1] + w - now) / 1000))
-              break
-            end
-          end
-        end
-      end
-    else
-      if s.used > 0 then reset = math.ceil((wend - now) / 1000) end
-      if violated then wait = math.max(1, math.ceil((wend - now) / 1000)) end
-    end
-    table.insert(out, remaining)
-    table.insert(out, reset)
-    table.insert(out, violated and 1 or 0)
-    table.insert(out, wait)
-    table.insert(out, over and 1 or 0)
-  end
-  k = k + 2 * n
-  a = a + 4 + 5 * n
+  return math.ceil(s.w / 1000)
 end
 
--- Write back, once per key.
+local k, a = 0, 5
+for _ = 1, tonumber(ARGV[4]) do
+  local n = tonumber(ARGV[a])
+  a = a + 1
+  local lim = {}
+  for i = 1, n do
+    local kind, x, quota = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    local L = { quota = quota, over = ARGV[a + 3] == '1', sliding = kind == 's' }
+    a = a + 4
+    local first = -1
+    if L.sliding then
+      L.s = sliding(KEYS[k + 1], KEYS[k + 2], x)
+      k = k + 2
+      first = L.s.first or -1
+      if L.s.added > 0 and (first < 0 or now < first) then first = now end
+    else
+      L.s = calendar(KEYS[k + 1], x)
+      k = k + 1
+    end
+    lim[i] = L
+    table.insert(out, L.s.used)
+    table.insert(out, first)
+  end
+  -- The group's requests, in order, each seeing the charges before it.
+  local m = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, m do
+    local cost = tonumber(ARGV[a])
+    a = a + 1
+    local ok = true
+    for i = 1, n do
+      local L = lim[i]
+      if not L.over and L.s.used + cost > L.quota then ok = false break end
+    end
+    if ok then
+      for i = 1, n do
+        local s = lim[i].s
+        s.used = s.used + cost
+        s.added = s.added + cost
+      end
+      table.insert(out, 0)
+    else
+      local wait = 0
+      for i = 1, n do
+        local L = lim[i]
+        if L.sliding and not L.over and L.s.used + cost > L.quota then
+          wait = math.max(wait, wait_for(L.s, L.quota, cost))
+        end
+      end
+      table.insert(out, 1 + wait)
+    end
+  end
+end
+
+-- Write back, once per key: a sliding window gets one charge per call.
 for _, s in ipairs(order_s) do
   if s.off > 0 then redis.call('ZREMRANGEBYSCORE', s.key, '-inf', s.edge) end
-  for j = 1, #s.adds, 512 do
-    redis.call('ZADD', s.key, unpack(s.adds, j, math.min(j + 511, #s.adds)))
-  end
-  if s.changed or #s.adds > 0 then
+  if s.added > 0 then redis.call('ZADD', s.key, now, inst .. ':' .. seq .. ':' .. s.added) end
+  if s.changed or s.added > 0 then
     -- The set and its total expire together.
     redis.call('PEXPIRE', s.key, s.w)
     redis.call('SET', s.tkey, s.used, 'PX', s.w)
   end
 end
 for _, c in ipairs(order_c) do
-  if c.add > 0 then
-    redis.call('INCRBY', c.key, c.add)
+  if c.added > 0 then
+    redis.call('INCRBY', c.key, c.added)
     if c.fresh then redis.call('PEXPIRE', c.key, c.ttl) end
   end
 end
 return out
 "#;
 
-/// One request's part of a batch: its keys and arguments, rendered by the
-/// request itself, and where its answer goes.
+type Reply = tokio::sync::oneshot::Sender<Result<Decision, LimiterError>>;
+
+/// One request waiting for the next script call.
 struct Queued {
-    /// Two per limit (a request queues only if it has limits), each
-    /// starting with the hash tag `{prefix:customer}`.
-    keys: Vec<String>,
-    now: u64,
+    customer: Arc<str>,
+    plan: Arc<Plan>,
     cost: u64,
-    seq: u64,
-    /// Per limit: kind, quota, window (ms), window end (calendar), overage.
-    limits: Vec<(&'static str, u64, u64, u64, u8)>,
-    done: tokio::sync::oneshot::Sender<Result<Vec<i64>, LimiterError>>,
+    done: Reply,
 }
 
-impl Queued {
-    /// The `{prefix:customer}` every key of the request starts with: the
-    /// requests of one cluster call must share it (and so a slot).
-    fn hash_tag(&self) -> &str {
-        let k = self.keys.first().map_or("", String::as_str);
-        k.find('}').map_or(k, |i| &k[..=i])
+/// The requests of one customer and plan in a call: their limits' keys and
+/// arguments are sent once, followed by each request's cost.
+struct Group {
+    customer: Arc<str>,
+    plan: Arc<Plan>,
+    costs: Vec<u64>,
+    replies: Vec<Reply>,
+}
+
+impl Group {
+    fn of(q: &Queued) -> Self {
+        Self {
+            customer: q.customer.clone(),
+            plan: q.plan.clone(),
+            costs: Vec::new(),
+            replies: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, q: Queued) {
+        self.costs.push(q.cost);
+        self.replies.push(q.done);
+    }
+
+    fn fail(self, e: &str) {
+        for r in self.replies {
+            let _ = r.send(Err(LimiterError::Unavailable(e.to_owned())));
+        }
     }
 }
 
@@ -236,6 +246,9 @@ struct Shared {
     here: tokio::sync::OnceCell<RedisConn>,
     script: Script,
     instance: String,
+    clock: Arc<dyn Clock>,
+    /// Numbers this instance's script calls (a sliding charge's member).
+    seq: AtomicU64,
     queue: std::sync::Mutex<Batch>,
     /// When to try making `here` again after a failure.
     retry_here_at: std::sync::Mutex<Option<std::time::Instant>>,
@@ -243,13 +256,12 @@ struct Shared {
 
 /// Requests that arrive in the same wake-up of the proxy's runtime are
 /// decided by one script call (in cluster mode, one per customer, whose keys
-/// share a slot): at most one round trip per request, fewer under load.
-/// Within a batch the script takes the requests in order, each seeing the
-/// charges of those before it, exactly as separate calls would.
+/// share a slot), taken at one instant: at most one round trip per request,
+/// fewer under load. Within a call the script takes the requests in order,
+/// each seeing the charges of those before it, exactly as separate calls at
+/// that instant would.
 pub struct RedisLimiter {
     shared: Arc<Shared>,
-    clock: Arc<dyn Clock>,
-    seq: AtomicU64,
 }
 
 impl RedisLimiter {
@@ -262,11 +274,11 @@ impl RedisLimiter {
                 here: tokio::sync::OnceCell::new(),
                 script: Script::new(SCRIPT),
                 instance: hex::encode(id),
+                clock,
+                seq: AtomicU64::new(0),
                 queue: std::sync::Mutex::new(Batch::default()),
                 retry_here_at: std::sync::Mutex::new(None),
             }),
-            clock,
-            seq: AtomicU64::new(0),
         })
     }
 
@@ -274,7 +286,12 @@ impl RedisLimiter {
         &self.shared.conn
     }
 
-    async fn run(&self, customer: &str, plan: &Plan, cost: u64) -> Result<Decision, LimiterError> {
+    async fn run(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+    ) -> Result<Decision, LimiterError> {
         if plan.limits.is_empty() {
             return Ok(Decision {
                 allowed: true,
@@ -284,40 +301,11 @@ impl RedisLimiter {
                 overage_meter: None,
             });
         }
-        let now = self.clock.now_ms();
-        let prefix = &self.shared.conn.config.prefix;
-        let mut keys = Vec::with_capacity(2 * plan.limits.len());
-        let mut limits = Vec::with_capacity(plan.limits.len());
-        for l in &plan.limits {
-            match l.window {
-                Window::Sliding(w) => {
-                    let base = format!("{{{prefix}:{customer}}}:s:{}:{w}", l.name);
-                    let total = format!("{base}:t");
-                    keys.push(base);
-                    keys.push(total);
-                    limits.push(("s", l.quota, w, 0, u8::from(l.overage)));
-                }
-                cal => {
-                    let (start, end) = match cal {
-                        Window::Day => (day_start(now), day_start(now) + DAY),
-                        _ => month_bounds(now),
-                    };
-                    let key = format!("{{{prefix}:{customer}}}:c:{}:{start}", l.name);
-                    // The second key is unused for calendar windows; passing
-                    // the same key keeps KEYS aligned.
-                    keys.push(key.clone());
-                    keys.push(key);
-                    limits.push(("c", l.quota, end - start, end, u8::from(l.overage)));
-                }
-            }
-        }
         let (done, rx) = tokio::sync::oneshot::channel();
         let item = Queued {
-            keys,
-            now,
+            customer: customer.clone(),
+            plan: plan.clone(),
             cost,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
-            limits,
             done,
         };
         let first = {
@@ -346,10 +334,8 @@ impl RedisLimiter {
                 Err(_) => shared.flush().await,
             }
         }
-        let out = rx
-            .await
-            .map_err(|_| LimiterError::Unavailable("redis batch dropped".into()))??;
-        decision(plan, &out)
+        rx.await
+            .map_err(|_| LimiterError::Unavailable("redis batch dropped".into()))?
     }
 }
 
@@ -395,120 +381,197 @@ impl Shared {
         }
     }
 
-    /// Sends what has queued up: one script call, or in cluster mode one
-    /// per customer (a call's keys must share a slot).
+    /// Sends what has queued up, decided at one instant: one script call of
+    /// at most [`MAX_BATCH`] requests, or in cluster mode one per customer
+    /// (a call's keys must share a slot).
     async fn flush(&self) {
         let items = {
             let mut q = lock(&self.queue);
             q.scheduled = false;
             std::mem::take(&mut q.items)
         };
+        let now = self.clock.now_ms();
         let conn = self.conn_here().await;
-        let mut groups: Vec<Vec<Queued>> = Vec::new();
+        let mut calls: Vec<(usize, Vec<Group>)> = Vec::new();
         for item in items {
-            let open = groups.iter_mut().find(|g| {
-                g.len() < MAX_BATCH && (!conn.config.cluster || g[0].hash_tag() == item.hash_tag())
-            });
-            match open {
+            let fits = |(n, groups): &&mut (usize, Vec<Group>)| {
+                *n < MAX_BATCH && (!conn.config.cluster || groups[0].customer == item.customer)
+            };
+            let (n, groups) = match calls.iter_mut().find(fits) {
+                Some(c) => c,
+                None => {
+                    calls.push((0, Vec::new()));
+                    let last = calls.len() - 1;
+                    &mut calls[last]
+                }
+            };
+            *n += 1;
+            let same =
+                |g: &&mut Group| Arc::ptr_eq(&g.plan, &item.plan) && g.customer == item.customer;
+            match groups.iter_mut().find(same) {
                 Some(g) => g.push(item),
-                None => groups.push(vec![item]),
+                None => {
+                    let mut g = Group::of(&item);
+                    g.push(item);
+                    groups.push(g);
+                }
             }
         }
-        futures_util::future::join_all(groups.into_iter().map(|g| self.call(conn, g))).await;
+        futures_util::future::join_all(calls.into_iter().map(|(_, g)| self.call(conn, now, g)))
+            .await;
     }
 
-    async fn call(&self, conn: &RedisConn, items: Vec<Queued>) {
-        if items.is_empty() {
-            return;
-        }
+    async fn call(&self, conn: &RedisConn, now: u64, groups: Vec<Group>) {
+        let prefix = &conn.config.prefix;
         let mut inv = self.script.prepare_invoke();
-        inv.arg(items.len()).arg(&self.instance);
-        for q in &items {
-            for k in &q.keys {
-                inv.key(k);
+        inv.arg(&self.instance)
+            .arg(now)
+            .arg(self.seq.fetch_add(1, Ordering::Relaxed))
+            .arg(groups.len());
+        for g in &groups {
+            let customer = &g.customer;
+            inv.arg(g.plan.limits.len());
+            for l in &g.plan.limits {
+                match l.window {
+                    Window::Sliding(w) => {
+                        let set = format!("{{{prefix}:{customer}}}:s:{}:{w}", l.name);
+                        let total = format!("{set}:t");
+                        inv.key(set).key(total).arg("s").arg(w);
+                    }
+                    cal => {
+                        let (start, end) = calendar_bounds(cal, now);
+                        inv.key(format!("{{{prefix}:{customer}}}:c:{}:{start}", l.name))
+                            .arg("c")
+                            .arg(end);
+                    }
+                }
+                inv.arg(l.quota).arg(u8::from(l.overage));
             }
-            inv.arg(q.now).arg(q.cost).arg(q.seq).arg(q.limits.len());
-            for &(kind, quota, w, end, overage) in &q.limits {
-                inv.arg(kind).arg(quota).arg(w).arg(end).arg(overage);
+            inv.arg(g.costs.len());
+            for c in &g.costs {
+                inv.arg(c);
             }
         }
-        let expected: usize = items.iter().map(|q| 1 + 5 * q.limits.len()).sum();
+        let expected: usize = groups
+            .iter()
+            .map(|g| 2 * g.plan.limits.len() + g.costs.len())
+            .sum();
         let out = match conn.script::<Vec<i64>>(&inv).await {
             Ok(out) if out.len() == expected => out,
             Ok(out) => {
                 let e = format!("unexpected script reply of {} items", out.len());
-                for q in items {
-                    let _ = q.done.send(Err(LimiterError::Unavailable(e.clone())));
-                }
+                groups.into_iter().for_each(|g| g.fail(&e));
                 return;
             }
             Err(e) => {
-                for q in items {
-                    let _ = q.done.send(Err(LimiterError::Unavailable(e.to_string())));
-                }
+                let e = e.to_string();
+                groups.into_iter().for_each(|g| g.fail(&e));
                 return;
             }
         };
         let mut at = 0;
-        for q in items {
-            let len = 1 + 5 * q.limits.len();
-            let _ = q.done.send(Ok(out[at..at + len].to_vec()));
-            at += len;
+        for g in groups {
+            let n = 2 * g.plan.limits.len();
+            let (start, flags) = out[at..at + n + g.costs.len()].split_at(n);
+            at += n + g.costs.len();
+            let mut replay = Replay::new(&g.plan, now, start);
+            for ((cost, flag), reply) in g.costs.iter().zip(flags).zip(g.replies) {
+                let _ = reply.send(Ok(replay.next(*cost, *flag)));
+            }
         }
     }
 }
 
-/// Reads one request's part of the script's reply.
-fn decision(plan: &Plan, out: &[i64]) -> Result<Decision, LimiterError> {
-    if out.len() != 1 + 5 * plan.limits.len() {
-        return Err(LimiterError::Unavailable(format!(
-            "unexpected script reply of {} items",
-            out.len()
-        )));
+fn calendar_bounds(window: Window, now: u64) -> (u64, u64) {
+    match window {
+        Window::Day => (day_start(now), day_start(now) + DAY),
+        _ => month_bounds(now),
     }
-    let allowed = out[0] == 1;
-    let mut retry_after_secs = 0;
-    let (mut overage, mut overage_meter) = (false, None);
-    let policies = plan
-        .limits
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let r = &out[1 + 5 * i..6 + 5 * i];
-            let violated = r[2] == 1;
-            if r[4] == 1 {
+}
+
+/// Turns the script's terse reply for one group into each request's
+/// decision: from what each limit started at, it charges the requests the
+/// script admitted, in the same order, exactly as the script did.
+struct Replay<'a> {
+    plan: &'a Plan,
+    now: u64,
+    /// Per limit: units in use, and for a sliding window its oldest charge.
+    state: Vec<(u64, Option<u64>)>,
+}
+
+impl<'a> Replay<'a> {
+    fn new(plan: &'a Plan, now: u64, start: &[i64]) -> Self {
+        let state = start
+            .chunks_exact(2)
+            .map(|s| (s[0].max(0) as u64, u64::try_from(s[1]).ok()))
+            .collect();
+        Self { plan, now, state }
+    }
+
+    /// `flag`: 0 admitted; else refused, and 1 + the seconds until the
+    /// sliding limits have room.
+    fn next(&mut self, cost: u64, flag: i64) -> Decision {
+        let now = self.now;
+        let allowed = flag == 0;
+        let mut retry_after_secs = if allowed { 0 } else { (flag - 1).max(0) as u64 };
+        let (mut overage, mut overage_meter) = (false, None);
+        let mut policies = Vec::with_capacity(self.plan.limits.len());
+        for (l, (used, first)) in self.plan.limits.iter().zip(self.state.iter_mut()) {
+            let exceeds = used.saturating_add(cost) > l.quota;
+            let violated = exceeds && !l.overage;
+            if exceeds && l.overage {
                 overage = true;
                 if overage_meter.is_none() {
                     overage_meter = l.overage_meter.clone();
                 }
             }
-            if violated {
-                retry_after_secs = retry_after_secs.max(r[3].max(0) as u64);
+            if allowed && cost > 0 {
+                *used += cost;
+                if matches!(l.window, Window::Sliding(_)) {
+                    *first = Some(first.map_or(now, |t| t.min(now)));
+                }
             }
-            PolicyStatus {
+            let reset_secs = match l.window {
+                Window::Sliding(w) => {
+                    first.map_or(0, |t| (t + w).saturating_sub(now).div_ceil(1000))
+                }
+                cal if *used > 0 => calendar_bounds(cal, now)
+                    .1
+                    .saturating_sub(now)
+                    .div_ceil(1000),
+                _ => 0,
+            };
+            if violated && !matches!(l.window, Window::Sliding(_)) {
+                let wait = calendar_bounds(l.window, now)
+                    .1
+                    .saturating_sub(now)
+                    .div_ceil(1000);
+                retry_after_secs = retry_after_secs.max(wait.max(1));
+            }
+            policies.push(PolicyStatus {
                 name: l.name.clone(),
                 quota: l.quota,
-                remaining: r[0].max(0) as u64,
-                reset_secs: r[1].max(0) as u64,
+                remaining: l.quota.saturating_sub(*used),
+                reset_secs,
                 violated,
-            }
-        })
-        .collect();
-    let overage = allowed && overage;
-    Ok(Decision {
-        allowed,
-        policies,
-        retry_after_secs,
-        overage,
-        overage_meter: if overage { overage_meter } else { None },
-    })
+            });
+        }
+        let overage = allowed && overage;
+        Decision {
+            allowed,
+            policies,
+            retry_after_secs,
+            overage,
+            overage_meter: if overage { overage_meter } else { None },
+        }
+    }
 }
 
 impl Limiter for RedisLimiter {
     fn check(
         &self,
-        customer: &str,
-        plan: &Plan,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
         cost: u64,
     ) -> impl std::future::Future<Output = Result<Decision, LimiterError>> + Send {
         self.run(customer, plan, cost)

@@ -77,8 +77,8 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
         ),
     ];
     for (binding, limits) in plans {
-        let plan = Arc::new(conformance::plan(&limits));
-        let customer = format!("cus_{binding}");
+        let plan = conformance::plan(&limits);
+        let customer: Arc<str> = format!("cus_{binding}").into();
         let _: () = conn
             .admin(redis::cmd("CONFIG").arg("RESETSTAT"))
             .await
@@ -122,6 +122,26 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
             (1..200).contains(&calls),
             "{binding}: 200 concurrent checks took {calls} script calls"
         );
+        // A sliding window stores one charge per script call, not one per
+        // request: its memory follows the calls.
+        let (name, _, Window::Sliding(w)) = limits[1] else {
+            unreachable!("the second limit slides")
+        };
+        let set = format!("{{batch:{customer}}}:s:{name}:{w}");
+        let charges: Vec<String> = conn
+            .admin(redis::cmd("ZRANGE").arg(set).arg(0).arg(-1))
+            .await
+            .unwrap();
+        let units: u64 = charges
+            .iter()
+            .map(|m| m.rsplit(':').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        assert_eq!(units, 50, "{binding}: {charges:?}");
+        assert!(
+            (charges.len() as u64) <= calls && charges.len() < 50,
+            "{binding}: {} stored charges for {calls} calls",
+            charges.len()
+        );
         // What the batches wrote back is what the next request sees.
         let d = limiter.check(&customer, &plan, 0).await.unwrap();
         assert_eq!(
@@ -150,7 +170,13 @@ async fn a_sliding_total_without_its_charges_counts_nothing() {
     let limiter = RedisLimiter::new(conn.clone(), Arc::new(SystemClock)).unwrap();
     let plan = conformance::plan(&[("minute", 10, Window::Sliding(60_000))]);
     for _ in 0..4 {
-        assert!(limiter.check("cus", &plan, 2).await.unwrap().allowed);
+        assert!(
+            limiter
+                .check(&"cus".into(), &plan, 2)
+                .await
+                .unwrap()
+                .allowed
+        );
     }
     let set = "{phantom:cus}:s:minute:60000";
     let total: u64 = conn
@@ -165,9 +191,9 @@ async fn a_sliding_total_without_its_charges_counts_nothing() {
     );
     // The set goes (as it would by expiring) while the total stays.
     let _: () = conn.admin(redis::cmd("DEL").arg(set)).await.unwrap();
-    let d = limiter.check("cus", &plan, 0).await.unwrap();
+    let d = limiter.check(&"cus".into(), &plan, 0).await.unwrap();
     assert_eq!(d.policies[0].remaining, 10, "{d:?}");
-    let d = limiter.check("cus", &plan, 3).await.unwrap();
+    let d = limiter.check(&"cus".into(), &plan, 3).await.unwrap();
     assert_eq!(d.policies[0].remaining, 7, "{d:?}");
 }
 
