@@ -6,8 +6,9 @@
 //! Keys, all under the customer's hash tag so one script touches one slot:
 //! - sliding window: `{P:cus}:s:<policy>:<window ms>` is a sorted set of
 //!   admitted charges, one per script call that admitted any (member
-//!   `<instance>:<call>:<cost>`, score = time in ms), and `…:t` the sum of
-//!   their costs;
+//!   `<time ms>:<instance>:<call>:<cost>`, score = the time, which the
+//!   script reads from the member: scores in a reply cost more than the rest
+//!   of a call), and `…:t` the sum of their costs;
 //! - calendar window: `{P:cus}:c:<policy>:<window start ms>` a counter that
 //!   expires a minute after the window ends.
 //!
@@ -39,38 +40,52 @@ const SCRIPT: &str = r#"
 -- Reply: per group, per limit what the group starts from (units used, the
 -- oldest charge still in a sliding window or -1), then per request 0 if
 -- admitted, else 1 + the seconds until its sliding limits have room.
-local inst, now, seq = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local inst, nows, seq = ARGV[1], ARGV[2], ARGV[3]
+local now = tonumber(nows)
 local out = {}
 -- Each key is read once and written back once, at the end.
 local slid, cal, order_s, order_c = {}, {}, {}, {}
 
-local function cost_of(member)
-  return tonumber(string.match(member, ':(%d+)$'))
+-- Numbers go to Redis as integer strings: Lua's own number formatting
+-- (and a reply's scores) cost more than the rest of a call.
+local function int(x)
+  return string.format('%d', x)
+end
+
+-- A stored charge's time and cost, from its member
+-- `<ms>:<instance>:<call>:<cost>`. A member of an older version (no time)
+-- counts as having left the window.
+local function charge(member)
+  local t, c = string.match(member, '^(%d+):.*:(%d+)$')
+  if t == nil then return 0, tonumber(string.match(member, ':(%d+)$')) or 0 end
+  return tonumber(t), tonumber(c)
 end
 
 -- A sliding window as of `now`: charges at or before now - w have left it
 -- (counted out here and removed at the end).
-local function sliding(key, tkey, w)
+local function sliding(key, tkey, ws)
   local s = slid[key]
   if s ~= nil then return s end
-  s = { key = key, tkey = tkey, w = w, edge = now - w, off = 0, added = 0, changed = false,
+  local w = tonumber(ws)
+  s = { key = key, tkey = tkey, w = w, ws = ws, off = 0, added = 0, changed = false,
         used = tonumber(redis.call('GET', tkey) or '0') }
   slid[key] = s
   table.insert(order_s, s)
+  local edge, n = now - w, 2
   while true do
-    local head = redis.call('ZRANGE', key, s.off, s.off + 7, 'WITHSCORES')
-    local j = 1
-    while j <= #head and tonumber(head[j + 1]) <= s.edge do
-      s.used = s.used - cost_of(head[j])
+    local head = redis.call('ZRANGE', key, int(s.off), int(s.off + n - 1))
+    for j = 1, #head do
+      local t, c = charge(head[j])
+      if t > edge then
+        s.first = t
+        break
+      end
+      s.used = s.used - c
       s.off = s.off + 1
       s.changed = true
-      j = j + 2
     end
-    if j <= #head then
-      s.first = tonumber(head[j + 1])
-      break
-    end
-    if #head < 16 then break end
+    if s.first ~= nil or #head < n then break end
+    n = 32
   end
   -- No stored charge is left in the window: nothing is in use, whatever
   -- the total key says (it may have outlived the set).
@@ -87,7 +102,7 @@ local function calendar(key, wend)
   if c ~= nil then return c end
   local v = redis.call('GET', key)
   c = { key = key, used = tonumber(v or '0'), fresh = (v == false), added = 0,
-        ttl = wend - now + 60000 }
+        ttl = tonumber(wend) - now + 60000 }
   cal[key] = c
   table.insert(order_c, c)
   return c
@@ -97,15 +112,17 @@ end
 -- oldest first (this call's own charge is at `now`). Read once per key.
 local function wait_for(s, quota, cost)
   if cost > quota then return math.ceil(s.w / 1000) end
-  if s.log == nil then s.log = redis.call('ZRANGE', s.key, s.off, -1, 'WITHSCORES') end
+  if s.log == nil then s.log = redis.call('ZRANGE', s.key, int(s.off), '-1') end
   local log, in_use, pending, j = s.log, s.used, s.added, 1
   while true do
     local t, c
-    if pending > 0 and (j > #log or tonumber(log[j + 1]) > now) then
+    local lt, lc
+    if j <= #log then lt, lc = charge(log[j]) end
+    if pending > 0 and (lt == nil or lt > now) then
       t, c, pending = now, pending, 0
-    elseif j <= #log then
-      t, c = tonumber(log[j + 1]), cost_of(log[j])
-      j = j + 2
+    elseif lt ~= nil then
+      t, c = lt, lc
+      j = j + 1
     else
       break
     end
@@ -121,7 +138,7 @@ for _ = 1, tonumber(ARGV[4]) do
   a = a + 1
   local lim = {}
   for i = 1, n do
-    local kind, x, quota = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    local kind, x, quota = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
     local L = { quota = quota, over = ARGV[a + 3] == '1', sliding = kind == 's' }
     a = a + 4
     local first = -1
@@ -171,18 +188,20 @@ end
 
 -- Write back, once per key: a sliding window gets one charge per call.
 for _, s in ipairs(order_s) do
-  if s.off > 0 then redis.call('ZREMRANGEBYSCORE', s.key, '-inf', s.edge) end
-  if s.added > 0 then redis.call('ZADD', s.key, now, inst .. ':' .. seq .. ':' .. s.added) end
+  if s.off > 0 then redis.call('ZREMRANGEBYRANK', s.key, '0', int(s.off - 1)) end
+  if s.added > 0 then
+    redis.call('ZADD', s.key, nows, nows .. ':' .. inst .. ':' .. seq .. ':' .. int(s.added))
+  end
   if s.changed or s.added > 0 then
     -- The set and its total expire together.
-    redis.call('PEXPIRE', s.key, s.w)
-    redis.call('SET', s.tkey, s.used, 'PX', s.w)
+    redis.call('PEXPIRE', s.key, s.ws)
+    redis.call('SET', s.tkey, int(s.used), 'PX', s.ws)
   end
 end
 for _, c in ipairs(order_c) do
   if c.added > 0 then
-    redis.call('INCRBY', c.key, c.added)
-    if c.fresh then redis.call('PEXPIRE', c.key, c.ttl) end
+    redis.call('INCRBY', c.key, int(c.added))
+    if c.fresh then redis.call('PEXPIRE', c.key, int(c.ttl)) end
   end
 end
 return out
