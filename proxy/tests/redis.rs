@@ -156,6 +156,83 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
     }
 }
 
+/// One script call deciding several requests gives each the decision the
+/// memory limiter gives when it takes the same requests one by one at the
+/// same instant: remaining units, resets, refusals and waits, overage.
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_decides_each_request_like_the_memory_limiter() {
+    use tollgate::limiter::{Limiter, MemoryLimiter};
+    use tollgate::plans::{Limit, Plan, Window};
+    let redis = RedisServer::start();
+    let conn = RedisConn::connect(redis_config(vec![redis.url()], false, "replay"))
+        .await
+        .unwrap();
+    let clock = ManualClock::at(1_780_000_000_000);
+    let batched = Arc::new(RedisLimiter::new(conn.clone(), Arc::new(clock.clone())).unwrap());
+    let memory = MemoryLimiter::new(Arc::new(clock.clone()));
+    let limit = |name: &str, quota, window, overage: bool| Limit {
+        name: name.into(),
+        quota,
+        window,
+        overage,
+        overage_meter: overage.then(|| "api_overage".into()),
+    };
+    let limits = vec![
+        limit("minute", 10, Window::Sliding(60_000), false),
+        limit("daily", 8, Window::Day, true),
+    ];
+    let plan = Arc::new(Plan {
+        name: "mixed".into(),
+        policy_header: tollgate::headers::policy_header(&limits),
+        limits,
+        meter: None,
+    });
+    let customer: Arc<str> = "cus".into();
+    // History at different times, so the window holds charges that leave
+    // it at different moments.
+    for (advance, cost) in [(0, 3), (20_000, 2), (15_000, 1)] {
+        clock.advance(advance);
+        let a = batched.check(&customer, &plan, cost).await.unwrap();
+        assert_eq!(a, memory.decide(&customer, &plan, cost));
+    }
+    clock.advance(10_000);
+    let stats = |conn: RedisConn| async move {
+        let info: String = conn
+            .admin(redis::cmd("INFO").arg("commandstats"))
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = stats(conn.clone()).await;
+    let costs = [1, 4, 2, 1, 3, 1, 0, 2, 5, 1];
+    // Spawned on this single-threaded runtime, they all queue before the
+    // batch is sent.
+    let tasks: Vec<_> = costs
+        .iter()
+        .map(|&cost| {
+            let (l, c, p) = (batched.clone(), customer.clone(), plan.clone());
+            tokio::spawn(async move { l.check(&c, &p, cost).await.unwrap() })
+        })
+        .collect();
+    let mut got = Vec::new();
+    for t in tasks {
+        got.push(t.await.unwrap());
+    }
+    assert_eq!(stats(conn.clone()).await - before, 1, "one script call");
+    let want: Vec<_> = costs
+        .iter()
+        .map(|&cost| memory.decide(&customer, &plan, cost))
+        .collect();
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g, w, "request {i} (cost {})", costs[i]);
+    }
+    assert!(want.iter().any(|d| !d.allowed) && want.iter().any(|d| d.overage));
+}
+
 /// A sliding window's total never outlives its charges: if the set of
 /// charges is gone (expired in Redis), the window is empty whatever the
 /// total key still says.
