@@ -9,14 +9,15 @@
 //!   `<time ms>:<instance>:<call>:<cost>`, score = the time, which the
 //!   script reads from the member: scores in a reply cost more than the rest
 //!   of a call), and `…:t` the sum of their costs;
-//! - calendar window: `{P:cus}:c:<policy>:<window start ms>` a counter that
-//!   expires a minute after the window ends.
+//! - calendar window: `{P:cus}:c:<policy>:<window start ms>` (a day's with
+//!   `:d` after it) a counter that expires a minute after the window ends.
 //!
 //! Time comes from the instance (`now` argument, one per call), so all
 //! instances must run NTP; a skew of d ms shifts window edges by d ms.
 //!
-//! The script answers tersely (per limit what the call started from, per
-//! request admitted or the wait); [`Replay`] turns that into each request's
+//! The script answers tersely (per group of one customer's requests under
+//! one plan, what each limit started from; per request, admitted or the
+//! wait); [`Replay`] turns that into each request's
 //! decision, so Lua does a few comparisons per request and nothing more.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -276,9 +277,9 @@ struct Shared {
 /// Requests that arrive in the same wake-up of the proxy's runtime are
 /// decided by one script call (in cluster mode, one per customer, whose keys
 /// share a slot), taken at one instant: at most one round trip per request,
-/// fewer under load. Within a call the script takes the requests in order,
-/// each seeing the charges of those before it, exactly as separate calls at
-/// that instant would.
+/// fewer under load. Within a call the script takes each customer's
+/// requests in arrival order, each seeing the charges of those before it,
+/// exactly as separate calls at that instant would.
 pub struct RedisLimiter {
     shared: Arc<Shared>,
 }
@@ -333,24 +334,25 @@ impl RedisLimiter {
             !std::mem::replace(&mut q.scheduled, true)
         };
         if first {
-            let shared = self.shared.clone();
             // Yields once first, so the requests this runtime already has
             // ready join the batch. (Outside a Tokio runtime, which the
             // proxy never is, the request sends its batch itself.)
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => {
+                    // Should the task be dropped before it sends (the
+                    // runtime shutting down, even before it first runs), the
+                    // queue must not stay "scheduled" with nobody to send
+                    // it: the guard answers its requests with an error
+                    // (on_error applies) instead.
+                    let mut guard = Unscheduled(Some(self.shared.clone()));
                     rt.spawn(async move {
-                        // Should the task be dropped unrun (the runtime
-                        // shutting down), the queue must not stay "scheduled"
-                        // with nobody to send it: the guard answers its
-                        // requests with an error (on_error applies) instead.
-                        let guard = Unscheduled(&shared);
                         tokio::task::yield_now().await;
-                        std::mem::forget(guard);
-                        shared.flush().await;
+                        if let Some(shared) = guard.0.take() {
+                            shared.flush().await;
+                        }
                     });
                 }
-                Err(_) => shared.flush().await,
+                Err(_) => self.shared.flush().await,
             }
         }
         rx.await
@@ -358,14 +360,17 @@ impl RedisLimiter {
     }
 }
 
-/// Clears a batch whose flush will never run (see `RedisLimiter::run`).
-struct Unscheduled<'a>(&'a Shared);
+/// Clears a batch whose flush will never run (see `RedisLimiter::run`);
+/// taken out (disarmed) when the flush starts.
+struct Unscheduled(Option<Arc<Shared>>);
 
-impl Drop for Unscheduled<'_> {
+impl Drop for Unscheduled {
     fn drop(&mut self) {
-        let mut q = lock(&self.0.queue);
-        q.scheduled = false;
-        q.items.clear();
+        if let Some(shared) = self.0.take() {
+            let mut q = lock(&shared.queue);
+            q.scheduled = false;
+            q.items.clear();
+        }
     }
 }
 
@@ -425,9 +430,16 @@ impl Shared {
                 }
             };
             *n += 1;
-            let same =
-                |g: &&mut Group| Arc::ptr_eq(&g.plan, &item.plan) && g.customer == item.customer;
-            match groups.iter_mut().find(same) {
+            // The customer's latest group, if it is on the same plan: a
+            // customer whose requests come under two plans (a plan change
+            // while they are in flight) gets a group per run of one plan,
+            // so the script still takes them in arrival order.
+            let latest = groups
+                .iter_mut()
+                .rev()
+                .find(|g| g.customer == item.customer)
+                .filter(|g| Arc::ptr_eq(&g.plan, &item.plan));
+            match latest {
                 Some(g) => g.push(item),
                 None => {
                     let mut g = Group::of(&item);
@@ -459,7 +471,10 @@ impl Shared {
                     }
                     cal => {
                         let (start, end) = calendar_bounds(cal, now);
-                        inv.key(format!("{{{prefix}:{customer}}}:c:{}:{start}", l.name))
+                        // A day and a month can start at the same instant: a
+                        // day's key says so (a month's keeps its old name).
+                        let day = if cal == Window::Day { ":d" } else { "" };
+                        inv.key(format!("{{{prefix}:{customer}}}:c:{}:{start}{day}", l.name))
                             .arg("c")
                             .arg(end);
                     }

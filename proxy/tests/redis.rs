@@ -158,7 +158,8 @@ async fn concurrent_checks_share_script_calls_and_stay_exact() {
 
 /// One script call deciding several requests gives each the decision the
 /// memory limiter gives when it takes the same requests one by one at the
-/// same instant: remaining units, resets, refusals and waits, overage.
+/// same instant: remaining units, resets, refusals and waits, overage, and
+/// arrival order across a plan change.
 #[tokio::test(flavor = "current_thread")]
 async fn a_batch_decides_each_request_like_the_memory_limiter() {
     use tollgate::limiter::{Limiter, MemoryLimiter};
@@ -187,6 +188,16 @@ async fn a_batch_decides_each_request_like_the_memory_limiter() {
         limits,
         meter: None,
     });
+    // The same limits with a bigger burst: a plan change while requests
+    // are in flight. Both plans' limits count against the same windows.
+    let mut bigger = plan.limits.clone();
+    bigger[0].quota = 12;
+    let other = Arc::new(Plan {
+        name: "bigger".into(),
+        policy_header: tollgate::headers::policy_header(&bigger),
+        limits: bigger,
+        meter: None,
+    });
     let customer: Arc<str> = "cus".into();
     // History at different times, so the window holds charges that leave
     // it at different moments.
@@ -208,13 +219,21 @@ async fn a_batch_decides_each_request_like_the_memory_limiter() {
             .unwrap_or(0)
     };
     let before = stats(conn.clone()).await;
-    let costs = [1, 4, 2, 1, 3, 1, 0, 2, 5, 1];
+    let costs = [1, 4, 2, 1, 3, 1, 0, 2, 5, 1, 2, 1];
+    let plan_of = |i: usize| {
+        if [3, 4, 8, 10].contains(&i) {
+            &other
+        } else {
+            &plan
+        }
+    };
     // Spawned on this single-threaded runtime, they all queue before the
     // batch is sent.
     let tasks: Vec<_> = costs
         .iter()
-        .map(|&cost| {
-            let (l, c, p) = (batched.clone(), customer.clone(), plan.clone());
+        .enumerate()
+        .map(|(i, &cost)| {
+            let (l, c, p) = (batched.clone(), customer.clone(), plan_of(i).clone());
             tokio::spawn(async move { l.check(&c, &p, cost).await.unwrap() })
         })
         .collect();
@@ -225,7 +244,8 @@ async fn a_batch_decides_each_request_like_the_memory_limiter() {
     assert_eq!(stats(conn.clone()).await - before, 1, "one script call");
     let want: Vec<_> = costs
         .iter()
-        .map(|&cost| memory.decide(&customer, &plan, cost))
+        .enumerate()
+        .map(|(i, &cost)| memory.decide(&customer, plan_of(i), cost))
         .collect();
     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g, w, "request {i} (cost {})", costs[i]);
