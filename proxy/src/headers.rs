@@ -127,13 +127,6 @@ mod tests {
             overage_meter: None,
         };
         assert_eq!(RateHeaders::render(&d).unwrap().reset, 600);
-        let unlimited = Decision {
-            allowed: true,
-            policies: vec![],
-            retry_after_secs: 0,
-            overage: false,
-            overage_meter: None,
-        };
-        assert!(RateHeaders::render(&unlimited).is_none());
+        assert!(RateHeaders::render(&Decision::unlimited()).is_none());
     }
 }

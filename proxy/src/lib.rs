@@ -37,3 +37,35 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         Err(p) => p.into_inner(),
     }
 }
+
+/// Work queued for one flush task (the spool's group commit, the Redis
+/// limiter's batches): whoever queues into an empty queue schedules the
+/// flush, which takes everything queued until it runs.
+pub(crate) struct Pending<T> {
+    items: Vec<T>,
+    /// A flush is on its way for what is queued.
+    scheduled: bool,
+}
+
+impl<T> Default for Pending<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            scheduled: false,
+        }
+    }
+}
+
+impl<T> Pending<T> {
+    /// Queues `item`; true when the caller must schedule the flush.
+    pub(crate) fn push(&mut self, item: T) -> bool {
+        self.items.push(item);
+        !std::mem::replace(&mut self.scheduled, true)
+    }
+
+    /// Everything queued; the next `push` schedules a new flush.
+    pub(crate) fn take(&mut self) -> Vec<T> {
+        self.scheduled = false;
+        std::mem::take(&mut self.items)
+    }
+}

@@ -44,6 +44,18 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Admitted with no limit to advertise: an unlimited plan, or Redis
+    /// down with `on_error: open`.
+    pub fn unlimited() -> Self {
+        Self {
+            allowed: true,
+            policies: Vec::new(),
+            retry_after_secs: 0,
+            overage: false,
+            overage_meter: None,
+        }
+    }
+
     /// The policy closest to exhaustion (lowest remaining share; ties: the
     /// one that resets last), which `X-RateLimit-*` describe.
     /// On a refusal only violated policies are candidates, so the headers
@@ -135,13 +147,7 @@ impl Backend {
             .inc();
         match on_error {
             crate::redis_conn::OnError::Local => Ok(local.decide(customer, plan, cost)),
-            crate::redis_conn::OnError::Open => Ok(Decision {
-                allowed: true,
-                policies: Vec::new(),
-                retry_after_secs: 0,
-                overage: false,
-                overage_meter: None,
-            }),
+            crate::redis_conn::OnError::Open => Ok(Decision::unlimited()),
             crate::redis_conn::OnError::Closed => Err(LimiterError::Unavailable(
                 "redis unavailable and on_error is closed".into(),
             )),
@@ -192,7 +198,8 @@ enum Counter {
     Calendar { start: Millis, used: u64 },
 }
 
-fn calendar_window(window: Window, now: Millis) -> (Millis, Millis) {
+/// A calendar window's start and end around `now`.
+pub(crate) fn calendar_window(window: Window, now: Millis) -> (Millis, Millis) {
     match window {
         Window::Day => {
             let s = day_start(now);
@@ -202,7 +209,8 @@ fn calendar_window(window: Window, now: Millis) -> (Millis, Millis) {
     }
 }
 
-fn ceil_secs(ms: Millis) -> u64 {
+/// Milliseconds as whole seconds, rounded up (as the headers count them).
+pub(crate) fn ceil_secs(ms: Millis) -> u64 {
     ms.div_ceil(1000)
 }
 
@@ -325,16 +333,10 @@ impl MemoryLimiter {
     /// requests of one customer are serialised and exact.
     pub fn decide(&self, customer: &str, plan: &Plan, cost: u64) -> Decision {
         let now = self.clock.now_ms();
-        let mut policies = Vec::with_capacity(plan.limits.len());
         if plan.limits.is_empty() {
-            return Decision {
-                allowed: true,
-                policies,
-                retry_after_secs: 0,
-                overage: false,
-                overage_meter: None,
-            };
+            return Decision::unlimited();
         }
+        let mut policies = Vec::with_capacity(plan.limits.len());
         // A panic while holding the lock cannot leave counters half charged
         // (charging happens after all checks), so a poisoned lock is fine.
         let mut shard = crate::lock(self.shard(customer));

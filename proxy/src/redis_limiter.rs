@@ -25,11 +25,11 @@ use std::sync::Arc;
 
 use redis::Script;
 
-use crate::clock::{day_start, month_bounds, Clock, DAY};
-use crate::limiter::{Decision, Limiter, LimiterError, PolicyStatus};
-use crate::lock;
+use crate::clock::Clock;
+use crate::limiter::{calendar_window, ceil_secs, Decision, Limiter, LimiterError, PolicyStatus};
 use crate::plans::{Plan, Window};
 use crate::redis_conn::RedisConn;
+use crate::{lock, Pending};
 
 const SCRIPT: &str = r#"
 -- ARGV: instance, now (ms), call sequence, number of groups; then per group
@@ -249,13 +249,6 @@ impl Group {
     }
 }
 
-#[derive(Default)]
-struct Batch {
-    items: Vec<Queued>,
-    /// A flush is on its way for what is queued.
-    scheduled: bool,
-}
-
 struct Shared {
     /// Made at start-up on Tollgate's Redis runtime; used until `here`
     /// exists and whenever it cannot be made.
@@ -269,7 +262,7 @@ struct Shared {
     clock: Arc<dyn Clock>,
     /// Numbers this instance's script calls (a sliding charge's member).
     seq: AtomicU64,
-    queue: std::sync::Mutex<Batch>,
+    queue: std::sync::Mutex<Pending<Queued>>,
     /// When to try making `here` again after a failure.
     retry_here_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
@@ -296,7 +289,7 @@ impl RedisLimiter {
                 instance: hex::encode(id),
                 clock,
                 seq: AtomicU64::new(0),
-                queue: std::sync::Mutex::new(Batch::default()),
+                queue: std::sync::Mutex::new(Pending::default()),
                 retry_here_at: std::sync::Mutex::new(None),
             }),
         })
@@ -313,13 +306,7 @@ impl RedisLimiter {
         cost: u64,
     ) -> Result<Decision, LimiterError> {
         if plan.limits.is_empty() {
-            return Ok(Decision {
-                allowed: true,
-                policies: Vec::new(),
-                retry_after_secs: 0,
-                overage: false,
-                overage_meter: None,
-            });
+            return Ok(Decision::unlimited());
         }
         let (done, rx) = tokio::sync::oneshot::channel();
         let item = Queued {
@@ -328,12 +315,7 @@ impl RedisLimiter {
             cost,
             done,
         };
-        let first = {
-            let mut q = lock(&self.shared.queue);
-            q.items.push(item);
-            !std::mem::replace(&mut q.scheduled, true)
-        };
-        if first {
+        if lock(&self.shared.queue).push(item) {
             // Yields once first, so the requests this runtime already has
             // ready join the batch. (Outside a Tokio runtime, which the
             // proxy never is, the request sends its batch itself.)
@@ -367,9 +349,9 @@ struct Unscheduled(Option<Arc<Shared>>);
 impl Drop for Unscheduled {
     fn drop(&mut self) {
         if let Some(shared) = self.0.take() {
-            let mut q = lock(&shared.queue);
-            q.scheduled = false;
-            q.items.clear();
+            // Their requests see the batch dropped: on_error applies.
+            let dropped = lock(&shared.queue).take();
+            drop(dropped);
         }
     }
 }
@@ -409,11 +391,7 @@ impl Shared {
     /// at most [`MAX_BATCH`] requests, or in cluster mode one per customer
     /// (a call's keys must share a slot).
     async fn flush(&self) {
-        let items = {
-            let mut q = lock(&self.queue);
-            q.scheduled = false;
-            std::mem::take(&mut q.items)
-        };
+        let items = lock(&self.queue).take();
         let now = self.clock.now_ms();
         let conn = self.conn_here().await;
         let mut calls: Vec<(usize, Vec<Group>)> = Vec::new();
@@ -470,7 +448,7 @@ impl Shared {
                         inv.key(set).key(total).arg("s").arg(w);
                     }
                     cal => {
-                        let (start, end) = calendar_bounds(cal, now);
+                        let (start, end) = calendar_window(cal, now);
                         // A day and a month can start at the same instant: a
                         // day's key says so (a month's keeps its old name).
                         let day = if cal == Window::Day { ":d" } else { "" };
@@ -513,13 +491,6 @@ impl Shared {
                 let _ = reply.send(Ok(replay.next(*cost, *flag)));
             }
         }
-    }
-}
-
-fn calendar_bounds(window: Window, now: u64) -> (u64, u64) {
-    match window {
-        Window::Day => (day_start(now), day_start(now) + DAY),
-        _ => month_bounds(now),
     }
 }
 
@@ -566,20 +537,12 @@ impl<'a> Replay<'a> {
                 }
             }
             let reset_secs = match l.window {
-                Window::Sliding(w) => {
-                    first.map_or(0, |t| (t + w).saturating_sub(now).div_ceil(1000))
-                }
-                cal if *used > 0 => calendar_bounds(cal, now)
-                    .1
-                    .saturating_sub(now)
-                    .div_ceil(1000),
+                Window::Sliding(w) => first.map_or(0, |t| ceil_secs((t + w).saturating_sub(now))),
+                cal if *used > 0 => ceil_secs(calendar_window(cal, now).1.saturating_sub(now)),
                 _ => 0,
             };
             if violated && !matches!(l.window, Window::Sliding(_)) {
-                let wait = calendar_bounds(l.window, now)
-                    .1
-                    .saturating_sub(now)
-                    .div_ceil(1000);
+                let wait = ceil_secs(calendar_window(l.window, now).1.saturating_sub(now));
                 retry_after_secs = retry_after_secs.max(wait.max(1));
             }
             policies.push(PolicyStatus {

@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use crate::clock::{month_bounds, Clock, Millis};
 use crate::keys::crc32;
-use crate::lock;
+use crate::{lock, Pending};
 
 /// Files are compacted when events.log or records.log grows past this.
 pub const COMPACT_AT: u64 = 8 << 20;
@@ -165,13 +165,6 @@ struct Append {
     done: tokio::sync::oneshot::Sender<bool>,
 }
 
-#[derive(Default)]
-struct Queue {
-    items: Vec<Append>,
-    /// A flush is on its way for what is queued.
-    scheduled: bool,
-}
-
 /// Work for the spool's thread.
 enum Msg {
     /// Appends a flush found the writer busy with.
@@ -195,7 +188,7 @@ pub struct MeterTotals {
 pub struct Spool {
     aging: AtomicBool,
     tx: Mutex<Option<mpsc::Sender<Msg>>>,
-    queue: Mutex<Queue>,
+    queue: Mutex<Pending<Append>>,
     /// Set by `close`: nothing is written after it.
     closed: AtomicBool,
     writer: Arc<Mutex<Writer>>,
@@ -483,7 +476,7 @@ impl Spool {
         let spool = Arc::new(Spool {
             aging: AtomicBool::new(false),
             tx: Mutex::new(Some(tx)),
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Pending::default()),
             closed: AtomicBool::new(false),
             writer,
             state,
@@ -518,12 +511,7 @@ impl Spool {
             at: self.clock.now_ms(),
             done,
         };
-        let first = {
-            let mut q = lock(&self.queue);
-            q.items.push(item);
-            !std::mem::replace(&mut q.scheduled, true)
-        };
-        if first {
+        if lock(&self.queue).push(item) {
             // The flush yields once before writing, so the tasks this
             // runtime already has ready (other responses arriving in the
             // same wake-up) queue their appends first and share the write.
@@ -547,11 +535,7 @@ impl Spool {
     /// Writes what has queued up: here if the writer is free, else on the
     /// spool's thread once it is.
     fn flush(&self) {
-        let items = {
-            let mut q = lock(&self.queue);
-            q.scheduled = false;
-            std::mem::take(&mut q.items)
-        };
+        let items = lock(&self.queue).take();
         if items.is_empty() || self.closed.load(Ordering::Acquire) {
             // After close, callers see their answer dropped: not recorded.
             return;
