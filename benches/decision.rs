@@ -1,19 +1,19 @@
 //! The per-request decision at 100k customers: key format check + SHA-256 +
 //! constant-time lookup, plan resolution, the exact memory limiter, and
-//! header rendering. Target: under 2 µs. Run: `cargo bench -p tollgate`.
+//! header rendering. Target: under 2 µs. Run: `cargo bench -p tollgate-core`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use tollgate::clock::{rfc3339, Clock, SystemClock};
-use tollgate::diag::Source;
-use tollgate::gate::Gate;
-use tollgate::headers::RateHeaders;
-use tollgate::keys;
-use tollgate::limiter::MemoryLimiter;
-use tollgate::plans::Plans;
-use tollgate::store::{CustomerRecord, KeyRecord, Snapshot, StaticKeys, StoreData};
+use tollgate_core::clock::{rfc3339, Clock, SystemClock};
+use tollgate_core::diag::Source;
+use tollgate_core::gate::Gate;
+use tollgate_core::headers::RateHeaders;
+use tollgate_core::keys;
+use tollgate_core::limiter::MemoryLimiter;
+use tollgate_core::plans::Plans;
+use tollgate_core::store::{CustomerRecord, KeyRecord, Snapshot, StaticKeys, StoreData};
 
 const CUSTOMERS: usize = 100_000;
 const PLANS: &str = "default_plan: pro\nplans:\n  pro:\n    limits:\n      - { name: burst, requests: 1000000, per: second }\n      - { name: monthly, requests: 1000000000000, per: month }\n    meter: api_requests\n";
@@ -57,6 +57,7 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
         limiter: Arc::new(MemoryLimiter::new(clock.clone())),
         clock,
         prefix: "tg_live_".into(),
+        answer_preflights: false,
     };
     (gate, raw)
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Time inside Redis of one limiter script call, without the proxy: loads the
-# script from proxy/src/redis_limiter.rs into a redis-server of its own and
+# script from proxy/redis/src/limiter.lua into a redis-server of its own and
 # runs it for one customer with a sliding second and a calendar month, as
 # the proxy would under load (a new millisecond every few calls), reporting
 # µs per call from INFO commandstats.
@@ -19,8 +19,7 @@ for _ in $(seq 1 50); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sle
 python3 - "$per" "$calls" > "$work/calls.txt" <<'PY'
 import hashlib, re, sys, time
 per, calls = int(sys.argv[1]), int(sys.argv[2])
-src = open("proxy/src/redis_limiter.rs").read()
-script = re.search(r'const SCRIPT: &str = r#"(.*?)"#;', src, re.S).group(1)
+script = open("proxy/redis/src/limiter.lua").read()
 now = int(time.time() * 1000)
 def cmd(*args):
     out = f"*{len(args)}\r\n"

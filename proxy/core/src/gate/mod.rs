@@ -1,0 +1,295 @@
+//! The per-request decision, free of sockets: which route, whose key, which
+//! plan, and whether the limiter admits it. [`Gate::admit`] takes a
+//! request's method, path and headers and answers with an [`Admission`] or
+//! a [`Refused`]; the proxy only moves headers around it. The criterion
+//! bench measures exactly this.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{HeaderMap, HeaderName, ACCESS_CONTROL_REQUEST_METHOD};
+use http::Method;
+
+use crate::clock::Clock;
+use crate::keys;
+use crate::limiter::{Decision, Limiter, LimiterError};
+use crate::metrics;
+use crate::plans::{Plan, Plans, Route, DEFAULT_COST};
+use crate::problem::Rejection;
+use crate::store::{Identity, KeyRejection, KeyStore};
+
+mod request;
+#[cfg(test)]
+mod tests;
+
+pub use request::{extract_key, is_identity_header, normalize_path, KeySource, X_API_KEY};
+
+/// Where each consumer asks about its own usage.
+pub const USAGE_PATH: &str = "/_tollgate/usage";
+
+/// What the route table says about a request.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteInfo<'a> {
+    pub public: bool,
+    pub cost: u64,
+    pub route: Option<&'a Route>,
+}
+
+/// A request Tollgate lets through (or answers itself without refusing).
+#[derive(Debug)]
+pub enum Admission {
+    /// A public route, or a CORS preflight the upstream answers itself:
+    /// forwarded with no key, no limit and no metering.
+    Forward,
+    /// A CORS preflight Tollgate answers itself.
+    Preflight,
+    /// `GET /_tollgate/usage`: the caller's own usage report (nothing charged).
+    Report(Admitted),
+    /// Authenticated and within its plan: forward it, then meter the response.
+    Pass(Admitted),
+}
+
+/// Who was admitted, under which plan, and what the response will cost.
+#[derive(Debug)]
+pub struct Admitted {
+    pub identity: Identity,
+    pub plan: Arc<Plan>,
+    pub decision: Decision,
+    /// Units charged against the limits (and billed, unless the upstream
+    /// reports the units in `usage_header`).
+    pub cost: u64,
+    /// Where billable units are metered; None: the request is not billed.
+    pub meter: Option<Arc<str>>,
+    /// The response header the upstream reports the billable units in.
+    pub usage_header: Option<HeaderName>,
+}
+
+/// A request Tollgate answers with a problem instead of the upstream, with
+/// what is known of the caller by then (for the rate-limit headers).
+#[derive(Debug)]
+pub struct Refused {
+    pub rejection: Rejection,
+    pub plan: Option<Arc<Plan>>,
+    pub decision: Option<Decision>,
+}
+
+impl From<Rejection> for Refused {
+    fn from(rejection: Rejection) -> Self {
+        Self {
+            rejection,
+            plan: None,
+            decision: None,
+        }
+    }
+}
+
+/// [`Gate::admit`]'s answer.
+#[derive(Debug)]
+pub struct Verdict {
+    pub admission: Result<Admission, Refused>,
+    /// The path to send upstream, when it differs from the one the client
+    /// sent: the normalised path Tollgate routed on.
+    pub rewrite: Option<String>,
+}
+
+/// The parts a decision needs.
+pub struct Gate<L> {
+    pub plans: Arc<Plans>,
+    pub keys: Arc<dyn KeyStore>,
+    pub limiter: Arc<L>,
+    pub clock: Arc<dyn Clock>,
+    pub prefix: String,
+    /// `cors` is configured: Tollgate answers CORS preflights itself
+    /// (otherwise they go to the upstream, which answers its own).
+    pub answer_preflights: bool,
+}
+
+impl<L: Limiter> Gate<L> {
+    /// Decides one request: preflight, public route, usage report, or a
+    /// keyed request checked against its plan's limits (charging `cost`).
+    pub async fn admit(&self, method: &Method, path: &str, headers: &HeaderMap) -> Verdict {
+        if method == Method::OPTIONS && headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD) {
+            let admission = if self.answer_preflights {
+                Admission::Preflight
+            } else {
+                Admission::Forward
+            };
+            return Verdict {
+                admission: Ok(admission),
+                rewrite: None,
+            };
+        }
+        let path = normalize_path(path);
+        let admission = self.admit_normalized(method, &path, headers).await;
+        Verdict {
+            admission,
+            rewrite: match path {
+                std::borrow::Cow::Owned(p) => Some(p),
+                std::borrow::Cow::Borrowed(_) => None,
+            },
+        }
+    }
+
+    async fn admit_normalized(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Admission, Refused> {
+        let is_usage = path == USAGE_PATH;
+        let route = self.route(method, path);
+        if route.public && !is_usage {
+            return Ok(Admission::Forward);
+        }
+        let (identity, plan) = match extract_key(headers)? {
+            Some((key, _source)) => self.authenticate(key).await?,
+            None => return Err(Rejection::MissingKey.into()),
+        };
+        let cost = if is_usage { 0 } else { route.cost };
+        let started = Instant::now();
+        let decision = self.limit(&identity, &plan, cost).await;
+        metrics::LIMITER_DURATION
+            .with_label_values(&[self.limiter.name()])
+            .observe(started.elapsed().as_secs_f64());
+        let Ok(decision) = decision else {
+            return Err(Refused {
+                rejection: Rejection::Unavailable { retry_after: 1 },
+                plan: Some(plan),
+                decision: None,
+            });
+        };
+        if !is_usage && !decision.allowed {
+            return Err(Refused {
+                rejection: limited(&decision),
+                plan: Some(plan),
+                decision: Some(decision),
+            });
+        }
+        let admitted = Admitted {
+            meter: meter_of(route.route, &plan, &decision),
+            usage_header: route.route.and_then(|r| r.usage_header.clone()),
+            identity,
+            plan,
+            decision,
+            cost,
+        };
+        if is_usage {
+            return Ok(Admission::Report(admitted));
+        }
+        count_near_limit(&admitted);
+        Ok(Admission::Pass(admitted))
+    }
+
+    pub fn route(&self, method: &http::Method, path: &str) -> RouteInfo<'_> {
+        match self.plans.route(method, path) {
+            Some(r) => RouteInfo {
+                public: r.public,
+                cost: r.cost,
+                route: Some(r),
+            },
+            None => RouteInfo {
+                public: false,
+                cost: DEFAULT_COST,
+                route: None,
+            },
+        }
+    }
+
+    /// Checks a presented key against the local snapshot: format first (no
+    /// lookup for junk), then the hash. No I/O.
+    pub fn authenticate_cached(&self, key: &str) -> Result<(Identity, Arc<Plan>), Rejection> {
+        keys::check_format(&self.prefix, key).map_err(|_| Rejection::MalformedKey)?;
+        let hash = keys::hash(key);
+        let found = self.keys.snapshot().lookup(&hash, self.clock.now_ms());
+        self.admit_identity(found)
+    }
+
+    /// [`Self::authenticate_cached`], then, for a well-formed key the
+    /// snapshot does not know, one question to a shared store.
+    pub async fn authenticate(&self, key: &str) -> Result<(Identity, Arc<Plan>), Rejection> {
+        match self.authenticate_cached(key) {
+            Err(Rejection::UnknownKey) => {
+                let hash = keys::hash(key);
+                match self.keys.lookup_miss(&hash, self.clock.now_ms()).await {
+                    Some(found) => self.admit_identity(found),
+                    None => Err(Rejection::UnknownKey),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn admit_identity(
+        &self,
+        found: Result<Identity, KeyRejection>,
+    ) -> Result<(Identity, Arc<Plan>), Rejection> {
+        let identity = found.map_err(|r| match r {
+            KeyRejection::Unknown => Rejection::UnknownKey,
+            KeyRejection::Revoked => Rejection::RevokedKey,
+            KeyRejection::Expired => Rejection::ExpiredKey,
+        })?;
+        let plan = self.plan_of(&identity);
+        if identity.suspended {
+            return Err(Rejection::Suspended);
+        }
+        Ok((identity, plan))
+    }
+
+    /// The customer's plan; a plan name no longer in plans.yaml falls back to
+    /// the default plan (`tollgate check` reports such customers).
+    pub fn plan_of(&self, identity: &Identity) -> Arc<Plan> {
+        identity
+            .plan
+            .as_deref()
+            .and_then(|p| self.plans.get(p))
+            .unwrap_or(&self.plans.default_plan)
+            .clone()
+    }
+
+    /// Asks the limiter; `cost` 0 only reports.
+    pub async fn limit(
+        &self,
+        identity: &Identity,
+        plan: &Arc<Plan>,
+        cost: u64,
+    ) -> Result<Decision, LimiterError> {
+        self.limiter.check(&identity.customer, plan, cost).await
+    }
+}
+
+/// The meter a request's units go to: its route's, else its plan's; past an
+/// included quota with `overage`, the overage meter when the limit names one.
+fn meter_of(route: Option<&Route>, plan: &Plan, decision: &Decision) -> Option<Arc<str>> {
+    if decision.overage {
+        if let Some(m) = &decision.overage_meter {
+            return Some(m.clone());
+        }
+    }
+    route
+        .and_then(|r| r.meter.clone())
+        .or_else(|| plan.meter.clone())
+}
+
+/// Counts each policy an admitted request left at or past 80 % used.
+fn count_near_limit(a: &Admitted) {
+    for p in &a.decision.policies {
+        if p.remaining.saturating_mul(5) <= p.quota {
+            metrics::NEAR_LIMIT
+                .with_label_values(&[&a.plan.name, &p.name])
+                .inc();
+        }
+    }
+}
+
+/// The 429 for a refused decision.
+pub fn limited(decision: &Decision) -> Rejection {
+    Rejection::Limited {
+        retry_after: decision.retry_after_secs,
+        violated: decision
+            .policies
+            .iter()
+            .filter(|p| p.violated)
+            .map(|p| p.name.clone())
+            .collect(),
+    }
+}

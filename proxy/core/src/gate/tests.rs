@@ -1,0 +1,211 @@
+//! `Gate::admit` from request parts alone: no socket, no Pingora.
+
+use std::sync::Arc;
+
+use http::Request;
+
+use super::*;
+use crate::clock::{days_from_civil, Date, ManualClock, Millis, DAY};
+use crate::diag::Source;
+use crate::limiter::MemoryLimiter;
+use crate::store::{CustomerRecord, KeyRecord, Snapshot, StaticKeys, StoreData};
+
+const PLANS: &str = "default_plan: free
+plans:
+  free:
+    limits:
+      - { name: burst, requests: 5, per: second }
+  pro:
+    meter: api_requests
+    limits:
+      - { name: daily, requests: 10, per: day, overage_meter: api_overage }
+routes:
+  - { match: \"GET /health\", public: true }
+  - { match: \"POST /v1/sms/*\", cost: 5, meter: sms }
+  - { match: \"GET /v1/ai/*\", usage_header: x-usage-tokens, meter: ai_tokens }
+";
+
+struct Setup {
+    gate: Gate<MemoryLimiter>,
+    free: String,
+    pro: String,
+}
+
+fn setup(answer_preflights: bool) -> Setup {
+    let now: Millis = days_from_civil(Date {
+        year: 2026,
+        month: 6,
+        day: 1,
+    }) as Millis
+        * DAY;
+    let clock = Arc::new(ManualClock::at(now));
+    let plans = Plans::parse(&Source::new(
+        std::path::Path::new("plans.yaml"),
+        PLANS.into(),
+    ))
+    .unwrap();
+    let (free, pro) = (
+        keys::from_secret("tg_test_", &[1; 32]),
+        keys::from_secret("tg_test_", &[2; 32]),
+    );
+    let mut data = StoreData::default();
+    for (i, (key, customer, plan)) in [(&free, "cus_free", None), (&pro, "cus_pro", Some("pro"))]
+        .into_iter()
+        .enumerate()
+    {
+        data.customers.insert(
+            customer.into(),
+            CustomerRecord {
+                plan: plan.map(Into::into),
+                suspended: false,
+            },
+        );
+        data.keys.push(KeyRecord {
+            id: format!("key_{i:016}"),
+            hash: hex::encode(keys::hash(key)),
+            start: key[..12].into(),
+            customer: customer.into(),
+            name: None,
+            created: "2026-01-01T00:00:00Z".into(),
+            expires: None,
+            revoked: None,
+        });
+    }
+    Setup {
+        gate: Gate {
+            plans: Arc::new(plans),
+            keys: Arc::new(StaticKeys(Arc::new(Snapshot::build(&data)))),
+            limiter: Arc::new(MemoryLimiter::new(clock.clone())),
+            clock,
+            prefix: "tg_test_".into(),
+            answer_preflights,
+        },
+        free,
+        pro,
+    }
+}
+
+fn request(method: &str, uri: &str, key: Option<&str>) -> http::request::Parts {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(k) = key {
+        b = b.header("authorization", format!("Bearer {k}"));
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+async fn admit(g: &Gate<MemoryLimiter>, r: &http::request::Parts) -> Verdict {
+    g.admit(&r.method, r.uri.path(), &r.headers).await
+}
+
+fn passed(v: Verdict) -> Admitted {
+    match v.admission {
+        Ok(Admission::Pass(a)) => a,
+        other => panic!("expected a pass, got {other:?}"),
+    }
+}
+
+fn refused(v: Verdict) -> Refused {
+    match v.admission {
+        Err(r) => r,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_keyed_request_passes_with_its_route_cost_and_meter() {
+    let s = setup(false);
+    let a = passed(admit(&s.gate, &request("POST", "/v1/sms/send", Some(&s.pro))).await);
+    assert_eq!(&*a.identity.customer, "cus_pro");
+    assert_eq!(&*a.plan.name, "pro");
+    assert_eq!((a.cost, a.meter.as_deref()), (5, Some("sms")));
+    assert_eq!(a.decision.policies[0].remaining, 5);
+    // No route: cost 1, the plan's meter.
+    let a = passed(admit(&s.gate, &request("GET", "/v1/other", Some(&s.pro))).await);
+    assert_eq!((a.cost, a.meter.as_deref()), (1, Some("api_requests")));
+    let a = passed(admit(&s.gate, &request("GET", "/v1/ai/chat", Some(&s.pro))).await);
+    assert_eq!(
+        a.usage_header.as_ref().map(|h| h.as_str()),
+        Some("x-usage-tokens")
+    );
+}
+
+#[tokio::test]
+async fn refusals_are_typed_and_carry_what_the_headers_need() {
+    let s = setup(false);
+    let r = refused(admit(&s.gate, &request("GET", "/v1/x", None)).await);
+    assert_eq!(
+        (r.rejection, r.plan.is_none()),
+        (Rejection::MissingKey, true)
+    );
+    let r = refused(admit(&s.gate, &request("GET", "/v1/x", Some("tg_test_junk"))).await);
+    assert_eq!(r.rejection, Rejection::MalformedKey);
+    let unknown = keys::from_secret("tg_test_", &[9; 32]);
+    let r = refused(admit(&s.gate, &request("GET", "/v1/x", Some(&unknown))).await);
+    assert_eq!(r.rejection, Rejection::UnknownKey);
+    for _ in 0..5 {
+        passed(admit(&s.gate, &request("GET", "/v1/x", Some(&s.free))).await);
+    }
+    let r = refused(admit(&s.gate, &request("GET", "/v1/x", Some(&s.free))).await);
+    assert!(
+        matches!(r.rejection, Rejection::Limited { retry_after: 1, .. }),
+        "{r:?}"
+    );
+    assert_eq!(r.plan.map(|p| p.name.to_string()).as_deref(), Some("free"));
+    assert!(r.decision.is_some_and(|d| !d.allowed));
+}
+
+#[tokio::test]
+async fn public_routes_preflights_and_the_usage_report_need_no_charge() {
+    let s = setup(false);
+    let v = admit(&s.gate, &request("GET", "/health", None)).await;
+    assert!(matches!(v.admission, Ok(Admission::Forward)));
+    let mut pre = request("OPTIONS", "/v1/sms/send", None);
+    pre.headers
+        .insert(ACCESS_CONTROL_REQUEST_METHOD, "POST".parse().unwrap());
+    assert!(matches!(
+        admit(&s.gate, &pre).await.admission,
+        Ok(Admission::Forward)
+    ));
+    let answered = setup(true);
+    assert!(matches!(
+        admit(&answered.gate, &pre).await.admission,
+        Ok(Admission::Preflight)
+    ));
+    for _ in 0..3 {
+        let v = admit(&s.gate, &request("GET", USAGE_PATH, Some(&s.free))).await;
+        match v.admission {
+            Ok(Admission::Report(a)) => assert_eq!(a.decision.policies[0].remaining, 5),
+            other => panic!("expected a report, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_path_is_routed_and_forwarded_normalised() {
+    let s = setup(false);
+    let v = admit(
+        &s.gate,
+        &request("POST", "/v1/%73ms/../sms//send", Some(&s.pro)),
+    )
+    .await;
+    assert_eq!(v.rewrite.as_deref(), Some("/v1/sms/send"));
+    assert_eq!(passed(v).cost, 5, "routed on the normalised path");
+    let v = admit(&s.gate, &request("GET", "/health/../v1/private", None)).await;
+    assert_eq!(refused(v).rejection, Rejection::MissingKey);
+    let v = admit(&s.gate, &request("GET", "/v1/plain", Some(&s.pro))).await;
+    assert_eq!(v.rewrite, None, "a normal path is forwarded as it came");
+}
+
+#[tokio::test]
+async fn past_an_included_quota_units_go_to_the_overage_meter() {
+    let s = setup(false);
+    for i in 0..12 {
+        let a = passed(admit(&s.gate, &request("GET", "/v1/x", Some(&s.pro))).await);
+        let want = if i < 10 {
+            "api_requests"
+        } else {
+            "api_overage"
+        };
+        assert_eq!(a.meter.as_deref(), Some(want), "request {i}");
+    }
+}

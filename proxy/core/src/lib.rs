@@ -1,0 +1,30 @@
+//! Tollgate's core: everything a request decision needs, and nothing that
+//! talks to a socket, Pingora, Redis or an HTTP client.
+//!
+//! It owns the key format ([`keys`]), plans and windows ([`plans`]), the
+//! key-store and limiter traits with the exact in-memory limiter
+//! ([`store`], [`limiter`]), the per-request decision ([`gate`]), the
+//! rate-limit header values ([`headers`]), the one error model
+//! ([`problem`]), the usage ledger ([`usage`]), time ([`clock`]), config
+//! diagnostics ([`diag`]) and the metric definitions ([`metrics`]).
+//! Backends (`tollgate-redis`, `tollgate-metering`) implement its traits;
+//! the gateway composes them. This crate may not depend on any of them, nor
+//! on Pingora, redis, reqwest or tokio's networking: the compiler enforces
+//! the layering.
+
+pub mod clock;
+pub mod diag;
+pub mod gate;
+pub mod headers;
+pub mod keys;
+pub mod limiter;
+pub mod meter;
+pub mod metrics;
+pub mod pct;
+pub mod plans;
+pub mod problem;
+pub mod store;
+pub mod sync;
+pub mod usage;
+
+pub use sync::lock;

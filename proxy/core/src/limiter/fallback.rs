@@ -1,0 +1,133 @@
+//! `on_error` as a limiter: wraps a shared-store limiter (Redis) and
+//! decides what happens when it cannot answer.
+
+use std::sync::Arc;
+
+use super::{Decision, Limiter, LimiterError, MemoryLimiter};
+use crate::plans::Plan;
+
+/// What to do when the shared store cannot answer (`redis.on_error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Keep serving known keys and enforce plans in this instance's memory.
+    Local,
+    /// Admit.
+    Open,
+    /// Answer 503 with Retry-After.
+    Closed,
+}
+
+impl OnError {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "local" => OnError::Local,
+            "open" => OnError::Open,
+            "closed" => OnError::Closed,
+            _ => return None,
+        })
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnError::Local => "local",
+            OnError::Open => "open",
+            OnError::Closed => "closed",
+        }
+    }
+}
+
+/// `primary`, and when it fails, `on_error`: the same plans enforced in
+/// this instance's memory (`local`), admit (`open`) or refuse (`closed`).
+pub struct Fallback<L> {
+    pub primary: L,
+    /// Enforces the same plans in this instance's memory for `on_error: local`.
+    pub local: MemoryLimiter,
+    pub on_error: OnError,
+}
+
+impl<L: Limiter> Fallback<L> {
+    async fn decide(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+    ) -> Result<Decision, LimiterError> {
+        if let Ok(d) = self.primary.check(customer, plan, cost).await {
+            return Ok(d);
+        }
+        crate::metrics::LIMITER_ERRORS
+            .with_label_values(&[self.primary.name()])
+            .inc();
+        crate::metrics::LIMITER_FALLBACK
+            .with_label_values(&[self.on_error.as_str()])
+            .inc();
+        match self.on_error {
+            OnError::Local => Ok(self.local.decide(customer, plan, cost)),
+            OnError::Open => Ok(Decision::unlimited()),
+            OnError::Closed => Err(LimiterError::Unavailable(
+                "redis unavailable and on_error is closed".into(),
+            )),
+        }
+    }
+}
+
+impl<L: Limiter> Limiter for Fallback<L> {
+    fn name(&self) -> &'static str {
+        self.primary.name()
+    }
+
+    fn check(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+    ) -> impl std::future::Future<Output = Result<Decision, LimiterError>> + Send {
+        self.decide(customer, plan, cost)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::limiter::conformance;
+    use crate::plans::Window;
+
+    /// A shared store that is down.
+    struct Down;
+    impl Limiter for Down {
+        fn name(&self) -> &'static str {
+            "down"
+        }
+        async fn check(
+            &self,
+            _: &Arc<str>,
+            _: &Arc<Plan>,
+            _: u64,
+        ) -> Result<Decision, LimiterError> {
+            Err(LimiterError::Unavailable("down".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn each_policy_decides_what_a_failure_means() {
+        let p = conformance::plan(&[("burst", 1, Window::Day)]);
+        let c: Arc<str> = "c".into();
+        let with = |on_error| Fallback {
+            primary: Down,
+            local: MemoryLimiter::new(Arc::new(ManualClock::at(0))),
+            on_error,
+        };
+        let local = with(OnError::Local);
+        assert!(local.check(&c, &p, 1).await.unwrap().allowed);
+        assert!(
+            !local.check(&c, &p, 1).await.unwrap().allowed,
+            "memory enforces the plan"
+        );
+        let open = with(OnError::Open);
+        for _ in 0..3 {
+            assert!(open.check(&c, &p, 1).await.unwrap().allowed);
+        }
+        assert!(with(OnError::Closed).check(&c, &p, 1).await.is_err());
+        assert_eq!(local.name(), "down");
+    }
+}

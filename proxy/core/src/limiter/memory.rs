@@ -1,0 +1,365 @@
+//! The exact in-memory limiter of the embedded default.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+use super::{Decision, Limiter, LimiterError, PolicyStatus};
+use crate::clock::{day_start, month_bounds, Clock, Millis, DAY};
+use crate::plans::{Limit, Plan, Window};
+
+/// Number of independently locked shards of customer state.
+const SHARDS: usize = 64;
+
+/// The exact in-memory limiter of the embedded default.
+pub struct MemoryLimiter {
+    shards: Vec<Mutex<HashMap<Arc<str>, CustomerState>>>,
+    clock: Arc<dyn Clock>,
+}
+
+#[derive(Debug, Default)]
+struct CustomerState {
+    policies: Vec<PolicyState>,
+}
+
+#[derive(Debug)]
+struct PolicyState {
+    name: Arc<str>,
+    window: Window,
+    counter: Counter,
+}
+
+#[derive(Debug)]
+enum Counter {
+    /// Admitted units with their time, oldest first; `total` is their sum.
+    Sliding {
+        log: VecDeque<(Millis, u64)>,
+        total: u64,
+    },
+    /// Units used in the calendar window starting at `start`.
+    Calendar { start: Millis, used: u64 },
+}
+
+/// A calendar window's start and end around `now`.
+pub fn calendar_window(window: Window, now: Millis) -> (Millis, Millis) {
+    match window {
+        Window::Day => {
+            let s = day_start(now);
+            (s, s + DAY)
+        }
+        _ => month_bounds(now),
+    }
+}
+
+/// Milliseconds as whole seconds, rounded up (as the headers count them).
+pub fn ceil_secs(ms: Millis) -> u64 {
+    ms.div_ceil(1000)
+}
+
+impl PolicyState {
+    fn new(limit: &Limit) -> Self {
+        let counter = match limit.window {
+            Window::Sliding(_) => Counter::Sliding {
+                log: VecDeque::new(),
+                total: 0,
+            },
+            _ => Counter::Calendar { start: 0, used: 0 },
+        };
+        Self {
+            name: limit.name.clone(),
+            window: limit.window,
+            counter,
+        }
+    }
+
+    /// Drops what has left the window; returns units in use now.
+    fn refresh(&mut self, now: Millis) -> u64 {
+        match (&mut self.counter, self.window) {
+            (Counter::Sliding { log, total }, Window::Sliding(w)) => {
+                while let Some(&(t, n)) = log.front() {
+                    if t + w > now {
+                        break;
+                    }
+                    *total -= n;
+                    log.pop_front();
+                }
+                *total
+            }
+            (Counter::Calendar { start, used }, w) => {
+                let (s, _) = calendar_window(w, now);
+                if *start != s {
+                    *start = s;
+                    *used = 0;
+                }
+                *used
+            }
+            // A sliding counter always has a sliding window (built in `new`).
+            _ => 0,
+        }
+    }
+
+    fn charge(&mut self, now: Millis, cost: u64) {
+        match &mut self.counter {
+            Counter::Sliding { log, total } => {
+                match log.back_mut() {
+                    Some((t, n)) if *t == now => *n += cost,
+                    _ => log.push_back((now, cost)),
+                }
+                *total += cost;
+            }
+            Counter::Calendar { used, .. } => *used += cost,
+        }
+    }
+
+    /// Seconds until any used quota comes back.
+    fn reset_secs(&self, now: Millis) -> u64 {
+        match (&self.counter, self.window) {
+            (Counter::Sliding { log, .. }, Window::Sliding(w)) => log
+                .front()
+                .map_or(0, |&(t, _)| ceil_secs((t + w).saturating_sub(now))),
+            (Counter::Calendar { used, .. }, w) if *used > 0 => {
+                ceil_secs(calendar_window(w, now).1.saturating_sub(now))
+            }
+            _ => 0,
+        }
+    }
+
+    /// Seconds until `cost` more units fit under `quota`.
+    fn wait_for_room(&self, now: Millis, quota: u64, cost: u64) -> u64 {
+        match (&self.counter, self.window) {
+            (Counter::Sliding { log, total }, Window::Sliding(w)) => {
+                if cost > quota {
+                    return ceil_secs(w);
+                }
+                let mut in_use = *total;
+                for &(t, n) in log {
+                    in_use -= n;
+                    if in_use + cost <= quota {
+                        return ceil_secs((t + w).saturating_sub(now)).max(1);
+                    }
+                }
+                ceil_secs(w)
+            }
+            (_, w) => ceil_secs(calendar_window(w, now).1.saturating_sub(now)).max(1),
+        }
+    }
+
+    fn is_idle(&self, now: Millis) -> bool {
+        match (&self.counter, self.window) {
+            (Counter::Sliding { log, .. }, Window::Sliding(w)) => {
+                log.back().is_none_or(|&(t, _)| t + w <= now)
+            }
+            (Counter::Calendar { start, used }, w) => {
+                *used == 0 || calendar_window(w, now).0 != *start
+            }
+            _ => true,
+        }
+    }
+}
+
+impl MemoryLimiter {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            clock,
+        }
+    }
+
+    fn shard(&self, customer: &str) -> &Mutex<HashMap<Arc<str>, CustomerState>> {
+        let mut h = DefaultHasher::new();
+        customer.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// The decision, taken under the customer's shard lock so concurrent
+    /// requests of one customer are serialised and exact.
+    pub fn decide(&self, customer: &str, plan: &Plan, cost: u64) -> Decision {
+        let now = self.clock.now_ms();
+        if plan.limits.is_empty() {
+            return Decision::unlimited();
+        }
+        let mut policies = Vec::with_capacity(plan.limits.len());
+        // A panic while holding the lock cannot leave counters half charged
+        // (charging happens after all checks), so a poisoned lock is fine.
+        let mut shard = crate::lock(self.shard(customer));
+        let state = match shard.get_mut(customer) {
+            Some(s) => s,
+            // A report (cost 0) for an unknown customer must not create state.
+            None if cost == 0 => {
+                for limit in &plan.limits {
+                    policies.push(PolicyStatus {
+                        name: limit.name.clone(),
+                        quota: limit.quota,
+                        remaining: limit.quota,
+                        reset_secs: 0,
+                        violated: false,
+                    });
+                }
+                return Decision {
+                    allowed: true,
+                    policies,
+                    retry_after_secs: 0,
+                    overage: false,
+                    overage_meter: None,
+                };
+            }
+            None => shard.entry(Arc::from(customer)).or_default(),
+        };
+        // Find (or create) each limit's state; index list in plan order.
+        let mut idx = [0usize; 16];
+        let mut spill = Vec::new();
+        for (i, limit) in plan.limits.iter().enumerate() {
+            let pos = match state
+                .policies
+                .iter()
+                .position(|p| p.name == limit.name && p.window == limit.window)
+            {
+                Some(p) => p,
+                None => {
+                    state.policies.push(PolicyState::new(limit));
+                    state.policies.len() - 1
+                }
+            };
+            if i < idx.len() {
+                idx[i] = pos;
+            } else {
+                spill.push(pos);
+            }
+        }
+        let at = |i: usize| if i < 16 { idx[i] } else { spill[i - 16] };
+
+        let mut allowed = true;
+        let (mut overage, mut overage_meter) = (false, None);
+        for (i, limit) in plan.limits.iter().enumerate() {
+            let used = state.policies[at(i)].refresh(now);
+            let exceeds = used.saturating_add(cost) > limit.quota;
+            // An overage limit never refuses; it marks the request as overage.
+            let violated = exceeds && !limit.overage;
+            if exceeds && limit.overage {
+                overage = true;
+                if overage_meter.is_none() {
+                    overage_meter = limit.overage_meter.clone();
+                }
+            }
+            allowed &= !violated;
+            policies.push(PolicyStatus {
+                name: limit.name.clone(),
+                quota: limit.quota,
+                remaining: limit.quota.saturating_sub(used),
+                reset_secs: 0,
+                violated,
+            });
+        }
+        let mut retry_after_secs = 0;
+        for (i, (limit, status)) in plan.limits.iter().zip(policies.iter_mut()).enumerate() {
+            let p = &mut state.policies[at(i)];
+            if allowed && cost > 0 {
+                p.charge(now, cost);
+                status.remaining = status.remaining.saturating_sub(cost);
+            }
+            status.reset_secs = p.reset_secs(now);
+            if status.violated {
+                retry_after_secs = retry_after_secs.max(p.wait_for_room(now, limit.quota, cost));
+            }
+        }
+        Decision {
+            allowed,
+            policies,
+            retry_after_secs,
+            overage: allowed && overage,
+            overage_meter: if allowed && overage {
+                overage_meter
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Forgets customers with nothing in any current window, so memory is
+    /// bounded by the customers active in the longest window.
+    pub fn sweep(&self) -> usize {
+        let now = self.clock.now_ms();
+        let mut removed = 0;
+        for shard in &self.shards {
+            let mut map = crate::lock(shard);
+            let before = map.len();
+            map.retain(|_, c| {
+                c.policies.retain(|p| !p.is_idle(now));
+                !c.policies.is_empty()
+            });
+            removed += before - map.len();
+        }
+        removed
+    }
+
+    /// Customers currently holding state.
+    pub fn tracked_customers(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
+    }
+}
+
+impl Limiter for MemoryLimiter {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn check(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+    ) -> impl Future<Output = Result<Decision, LimiterError>> + Send {
+        std::future::ready(Ok(self.decide(customer, plan, cost)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{ManualClock, SECOND};
+    use crate::limiter::conformance;
+
+    #[tokio::test]
+    async fn memory_limiter_passes_the_conformance_suite() {
+        conformance::run(|clock| MemoryLimiter::new(Arc::new(clock))).await;
+    }
+
+    #[test]
+    fn idle_customers_are_evicted() {
+        let clock = ManualClock::at(1_000_000);
+        let l = MemoryLimiter::new(Arc::new(clock.clone()));
+        let p = conformance::plan(&[("burst", 5, Window::Sliding(SECOND))]);
+        for i in 0..1000 {
+            l.decide(&format!("cus_{i}"), &p, 1);
+        }
+        assert_eq!(l.tracked_customers(), 1000);
+        assert_eq!(l.sweep(), 0, "still inside the window");
+        clock.advance(SECOND);
+        assert_eq!(l.sweep(), 1000);
+        assert_eq!(l.tracked_customers(), 0);
+    }
+
+    #[test]
+    fn concurrent_requests_are_exact() {
+        let l = Arc::new(MemoryLimiter::new(Arc::new(crate::clock::SystemClock)));
+        let p = conformance::plan(&[("monthly", 300, Window::Month)]);
+        let admitted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..16 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        if l.decide("c", &p, 1).allowed {
+                            admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.into_inner(), 300);
+    }
+}

@@ -1,0 +1,99 @@
+//! Per-customer limits: the [`Limiter`] trait and the exact in-memory backend.
+//!
+//! Semantics every backend must share (the [`conformance`] suite runs against each):
+//! - a request is admitted only if *every* limit of the plan has room for its
+//!   whole cost; then all limits are charged together, atomically;
+//! - a rejected request consumes nothing;
+//! - second/minute/hour limits are exact sliding windows (a log of admitted
+//!   units, not an estimate); day and month are UTC calendar windows.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::plans::Plan;
+
+mod fallback;
+mod memory;
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+
+pub use fallback::{Fallback, OnError};
+pub use memory::{calendar_window, ceil_secs, MemoryLimiter};
+
+/// Where one policy stands after a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyStatus {
+    pub name: Arc<str>,
+    pub quota: u64,
+    pub remaining: u64,
+    /// Seconds until quota comes back (sliding: the oldest admitted units
+    /// leave the window; calendar: the window ends). 0 when nothing is used.
+    pub reset_secs: u64,
+    /// This policy had no room for the request.
+    pub violated: bool,
+}
+
+/// The limiter's answer for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// One entry per limit of the plan, in plan order.
+    pub policies: Vec<PolicyStatus>,
+    /// When rejected: seconds until the request could be admitted.
+    pub retry_after_secs: u64,
+    /// Admitted past the quota of a limit with `overage`: bill as overage.
+    pub overage: bool,
+    /// The overage meter of the first such limit that names one.
+    pub overage_meter: Option<Arc<str>>,
+}
+
+impl Decision {
+    /// Admitted with no limit to advertise: an unlimited plan, or Redis
+    /// down with `on_error: open`.
+    pub fn unlimited() -> Self {
+        Self {
+            allowed: true,
+            policies: Vec::new(),
+            retry_after_secs: 0,
+            overage: false,
+            overage_meter: None,
+        }
+    }
+
+    /// The policy closest to exhaustion (lowest remaining share; ties: the
+    /// one that resets last), which `X-RateLimit-*` describe.
+    /// On a refusal only violated policies are candidates, so the headers
+    /// agree with `Retry-After`.
+    pub fn tightest(&self) -> Option<&PolicyStatus> {
+        let only_violated = !self.allowed && self.policies.iter().any(|p| p.violated);
+        self.policies
+            .iter()
+            .filter(|p| !only_violated || p.violated)
+            .min_by(|a, b| {
+                // remaining/quota compared without division.
+                let l = u128::from(a.remaining) * u128::from(b.quota);
+                let r = u128::from(b.remaining) * u128::from(a.quota);
+                l.cmp(&r).then(b.reset_secs.cmp(&a.reset_secs))
+            })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimiterError {
+    /// The shared store could not be reached in time.
+    Unavailable(String),
+}
+
+/// A limiter backend. `check` with `cost == 0` reports without charging.
+pub trait Limiter: Send + Sync {
+    /// The `backend` label of the limiter metrics.
+    fn name(&self) -> &'static str;
+
+    fn check(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+    ) -> impl Future<Output = Result<Decision, LimiterError>> + Send;
+}

@@ -1,0 +1,203 @@
+//! Prometheus metrics, registered in the default registry that
+//! `pingora-prometheus` serves (we use its re-exported `prometheus` so both
+//! agree on the crate version). No per-key or per-customer labels.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    self, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+};
+
+// Metric names and label sets are constants: building them only fails on a
+// programming error, which the unit test below catches. Registration can only
+// fail on a duplicate name; the metric still works, unexported.
+#[allow(clippy::expect_used)]
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("constant metric definition");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
+}
+
+#[allow(clippy::expect_used)]
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("constant metric definition");
+    let _ = prometheus::register(Box::new(g.clone()));
+    g
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+#[allow(clippy::expect_used)]
+fn histogram(name: &str, help: &str) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+        .expect("constant metric definition");
+    let _ = prometheus::register(Box::new(h.clone()));
+    h
+}
+
+#[allow(clippy::expect_used)]
+fn histogram_vec(name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()),
+        labels,
+    )
+    .expect("constant metric definition");
+    let _ = prometheus::register(Box::new(h.clone()));
+    h
+}
+
+pub static REQUESTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_requests_total",
+        "Requests by plan and outcome",
+        &["plan", "outcome"],
+    )
+});
+pub static REQUEST_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tollgate_request_duration_seconds",
+        "Time from request to the end of the response",
+    )
+});
+pub static UPSTREAM_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tollgate_upstream_duration_seconds",
+        "Time from request to upstream response header",
+    )
+});
+pub static LIMITER_DURATION: LazyLock<HistogramVec> = LazyLock::new(|| {
+    histogram_vec(
+        "tollgate_limiter_duration_seconds",
+        "Time taken by a limiter decision",
+        &["backend"],
+    )
+});
+pub static LIMITER_ERRORS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_limiter_errors_total",
+        "Limiter store errors",
+        &["backend"],
+    )
+});
+pub static LIMITER_FALLBACK: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_limiter_fallback_total",
+        "Decisions taken by redis.on_error because Redis could not answer",
+        &["policy"],
+    )
+});
+pub static NEAR_LIMIT: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_near_limit_total",
+        "Admitted requests that left a policy at or above 80% used",
+        &["plan", "policy"],
+    )
+});
+pub static USAGE_UNITS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_usage_units_total",
+        "Billable units recorded",
+        &["meter"],
+    )
+});
+pub static SPOOL_BYTES: LazyLock<IntGauge> =
+    LazyLock::new(|| int_gauge("tollgate_spool_bytes", "Bytes in the usage spool"));
+pub static BILLING_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_billing_events_total",
+        "Usage records sent to billing sinks, by result",
+        &["sink", "result"],
+    )
+});
+pub static BILLING_PENDING: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "tollgate_billing_pending_units",
+        "Units recorded but not yet delivered to the sink",
+        &["sink"],
+    )
+});
+pub static BILLING_LAG: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "tollgate_billing_lag_seconds",
+        "Age of the oldest usage not yet delivered to the sink",
+        &["sink"],
+    )
+});
+pub static SPOOL_REJECTED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_spool_rejected_total",
+        "Billable requests refused because the usage spool is full",
+        &["plan"],
+    )
+});
+pub static KEYS: LazyLock<IntGaugeVec> =
+    LazyLock::new(|| gauge("tollgate_keys", "Keys in the store by status", &["status"]));
+pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_config_reloads_total",
+        "Key store and config reloads",
+        &["result"],
+    )
+});
+
+/// Registers every metric so `/metrics` lists them from the start.
+pub fn init() {
+    LazyLock::force(&REQUESTS);
+    LazyLock::force(&REQUEST_DURATION);
+    LazyLock::force(&UPSTREAM_DURATION);
+    LazyLock::force(&LIMITER_DURATION);
+    LazyLock::force(&LIMITER_ERRORS);
+    LazyLock::force(&LIMITER_FALLBACK);
+    LazyLock::force(&NEAR_LIMIT);
+    LazyLock::force(&USAGE_UNITS);
+    LazyLock::force(&KEYS);
+    LazyLock::force(&CONFIG_RELOADS);
+    LazyLock::force(&SPOOL_BYTES);
+    LazyLock::force(&BILLING_EVENTS);
+    LazyLock::force(&BILLING_PENDING);
+    LazyLock::force(&BILLING_LAG);
+    LazyLock::force(&SPOOL_REJECTED);
+}
+
+#[allow(clippy::expect_used)]
+fn int_gauge(name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("constant metric definition");
+    let _ = prometheus::register(Box::new(g.clone()));
+    g
+}
+
+pub fn usage_units(meter: &str, units: u64) {
+    USAGE_UNITS.with_label_values(&[meter]).inc_by(units);
+}
+
+/// The Prometheus text exposition of the default registry.
+pub fn render() -> Vec<u8> {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let _ = prometheus::TextEncoder::new().encode(&prometheus::gather(), &mut buf);
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_metric_is_exported_with_the_spec_name() {
+        super::init();
+        super::REQUESTS
+            .with_label_values(&["free", "allowed"])
+            .inc();
+        super::KEYS.with_label_values(&["active"]).set(1);
+        let text = String::from_utf8(super::render()).unwrap();
+        for name in [
+            "tollgate_requests_total",
+            "tollgate_request_duration_seconds",
+            "tollgate_upstream_duration_seconds",
+            "tollgate_keys",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}

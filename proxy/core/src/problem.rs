@@ -1,0 +1,302 @@
+//! The one place where a refusal becomes an HTTP response: status, headers
+//! and an RFC 9457 `application/problem+json` body. Bodies never carry key
+//! material, internal addresses or stack traces.
+
+use std::borrow::Cow;
+use std::fmt::Write;
+use std::sync::Arc;
+
+/// Everything Tollgate itself answers instead of the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    MissingKey,
+    MalformedKey,
+    /// Two different keys, or a repeated key header.
+    AmbiguousKey,
+    UnknownKey,
+    RevokedKey,
+    ExpiredKey,
+    Suspended,
+    Limited {
+        retry_after: u64,
+        violated: Vec<Arc<str>>,
+    },
+    /// The limiter store is down and policy says closed.
+    Unavailable {
+        retry_after: u64,
+    },
+    /// The usage spool is at its bound: billable work is refused rather
+    /// than served unbilled.
+    SpoolFull,
+    /// A billable response's usage could not be made durable (a failed
+    /// spool write): the client gets this instead of an answer nobody pays for.
+    UsageNotRecorded,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    /// A request Pingora itself could not parse, or similar client errors.
+    BadRequest(u16),
+    /// Anything unexpected inside Tollgate.
+    Internal,
+}
+
+impl Rejection {
+    pub fn status(&self) -> u16 {
+        match self {
+            Rejection::MissingKey
+            | Rejection::MalformedKey
+            | Rejection::AmbiguousKey
+            | Rejection::UnknownKey
+            | Rejection::RevokedKey
+            | Rejection::ExpiredKey => 401,
+            Rejection::Suspended => 403,
+            Rejection::Limited { .. } => 429,
+            Rejection::Unavailable { .. } | Rejection::SpoolFull | Rejection::UsageNotRecorded => {
+                503
+            }
+            Rejection::UpstreamUnreachable => 502,
+            Rejection::UpstreamTimeout => 504,
+            Rejection::BadRequest(code) => *code,
+            Rejection::Internal => 500,
+        }
+    }
+
+    /// The `outcome` label of `tollgate_requests_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self.status() {
+            401 => "unauthenticated",
+            403 => "forbidden",
+            429 => "limited",
+            503 => "unavailable",
+            502 | 504 => "upstream_error",
+            500 => "error",
+            _ => "bad_request",
+        }
+    }
+
+    fn slug_title_detail(&self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Rejection::MissingKey => (
+                "missing-key",
+                "API key required",
+                "Send your key as `Authorization: Bearer <key>` or `X-API-Key: <key>`.",
+            ),
+            Rejection::MalformedKey => (
+                "malformed-key",
+                "Malformed API key",
+                "The key is not in the expected format; copy it again from where it was issued.",
+            ),
+            Rejection::AmbiguousKey => (
+                "ambiguous-key",
+                "More than one API key",
+                "Send exactly one key, in one header.",
+            ),
+            Rejection::UnknownKey => ("invalid-key", "Invalid API key", "This key is not known."),
+            Rejection::RevokedKey => (
+                "revoked-key",
+                "API key revoked",
+                "This key has been revoked.",
+            ),
+            Rejection::ExpiredKey => (
+                "expired-key",
+                "API key expired",
+                "This key has expired; use the key that replaced it.",
+            ),
+            Rejection::Suspended => (
+                "suspended",
+                "Account suspended",
+                "Access for this account is suspended; check its billing status.",
+            ),
+            Rejection::Limited { .. } => (
+                "rate-limited",
+                "Rate limit exceeded",
+                "A limit of your plan is exhausted; retry after the time in Retry-After.",
+            ),
+            Rejection::SpoolFull => (
+                "usage-spool-full",
+                "Service temporarily unavailable",
+                "Usage cannot be recorded right now; retry shortly.",
+            ),
+            Rejection::UsageNotRecorded => (
+                "usage-not-recorded",
+                "Service temporarily unavailable",
+                "Usage could not be recorded; retry shortly.",
+            ),
+            Rejection::Unavailable { .. } => (
+                "unavailable",
+                "Service temporarily unavailable",
+                "Limits cannot be checked right now; retry shortly.",
+            ),
+            Rejection::UpstreamUnreachable => (
+                "upstream-unreachable",
+                "Bad gateway",
+                "The API behind this gateway could not be reached.",
+            ),
+            Rejection::UpstreamTimeout => (
+                "upstream-timeout",
+                "Gateway timeout",
+                "The API behind this gateway did not answer in time.",
+            ),
+            Rejection::BadRequest(_) => (
+                "bad-request",
+                "Bad request",
+                "The request could not be processed.",
+            ),
+            Rejection::Internal => (
+                "internal",
+                "Internal error",
+                "The gateway failed to handle the request.",
+            ),
+        }
+    }
+
+    /// `Retry-After` in seconds, where the status has one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Rejection::Limited { retry_after, .. } | Rejection::Unavailable { retry_after } => {
+                Some(*retry_after)
+            }
+            Rejection::SpoolFull | Rejection::UsageNotRecorded => Some(5),
+            _ => None,
+        }
+    }
+
+    pub fn www_authenticate(&self) -> Option<&'static str> {
+        match self {
+            Rejection::MissingKey => Some("Bearer realm=\"tollgate\""),
+            s if s.status() == 401 => Some("Bearer realm=\"tollgate\", error=\"invalid_token\""),
+            _ => None,
+        }
+    }
+
+    /// The problem this refusal is rendered as.
+    pub fn problem(&self) -> Problem {
+        let (slug, title, detail) = self.slug_title_detail();
+        let mut p = Problem::new(self.status(), slug, title, detail);
+        if let Rejection::Limited { violated, .. } = self {
+            p.violated = Some(violated.clone());
+        }
+        p.retry_after = self.retry_after();
+        p
+    }
+
+    /// The problem+json body.
+    pub fn body(&self) -> String {
+        self.problem().body()
+    }
+}
+
+/// An RFC 9457 problem: what every refusal of the proxy and every error of
+/// the admin API is rendered from, in one place ([`Problem::body`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub status: u16,
+    /// `type` is `urn:tollgate:problem:<slug>`.
+    pub slug: Cow<'static, str>,
+    pub title: Cow<'static, str>,
+    pub detail: Cow<'static, str>,
+    /// The policies a 429 violated (`violated-policies`).
+    pub violated: Option<Vec<Arc<str>>>,
+    pub retry_after: Option<u64>,
+}
+
+impl Problem {
+    pub fn new(
+        status: u16,
+        slug: impl Into<Cow<'static, str>>,
+        title: impl Into<Cow<'static, str>>,
+        detail: impl Into<Cow<'static, str>>,
+    ) -> Self {
+        Self {
+            status,
+            slug: slug.into(),
+            title: title.into(),
+            detail: detail.into(),
+            violated: None,
+            retry_after: None,
+        }
+    }
+
+    /// The `application/problem+json` body.
+    pub fn body(&self) -> String {
+        let mut b = String::with_capacity(256);
+        let _ = write!(
+            b,
+            "{{\"type\":\"urn:tollgate:problem:{}\",\"title\":{},\"status\":{},\"detail\":{}",
+            self.slug,
+            json_string(&self.title),
+            self.status,
+            json_string(&self.detail)
+        );
+        if let Some(violated) = &self.violated {
+            b.push_str(",\"violated-policies\":[");
+            for (i, p) in violated.iter().enumerate() {
+                if i > 0 {
+                    b.push(',');
+                }
+                b.push_str(&json_string(p));
+            }
+            b.push(']');
+        }
+        if let Some(r) = self.retry_after {
+            let _ = write!(b, ",\"retry-after\":{r}");
+        }
+        b.push('}');
+        b
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_valid_problem_json() {
+        let all = [
+            Rejection::MissingKey,
+            Rejection::MalformedKey,
+            Rejection::AmbiguousKey,
+            Rejection::UnknownKey,
+            Rejection::RevokedKey,
+            Rejection::ExpiredKey,
+            Rejection::Suspended,
+            Rejection::Limited {
+                retry_after: 3,
+                violated: vec!["burst".into(), "daily".into()],
+            },
+            Rejection::Unavailable { retry_after: 1 },
+            Rejection::SpoolFull,
+            Rejection::UsageNotRecorded,
+            Rejection::UpstreamUnreachable,
+            Rejection::UpstreamTimeout,
+            Rejection::BadRequest(400),
+            Rejection::Internal,
+        ];
+        for r in all {
+            let v: serde_json::Value = serde_json::from_str(&r.body()).unwrap();
+            assert_eq!(v["status"], r.status(), "{r:?}");
+            assert!(v["type"]
+                .as_str()
+                .unwrap()
+                .starts_with("urn:tollgate:problem:"));
+            assert!(v["title"].is_string() && v["detail"].is_string());
+        }
+        let limited = Rejection::Limited {
+            retry_after: 3,
+            violated: vec!["daily".into()],
+        };
+        let v: serde_json::Value = serde_json::from_str(&limited.body()).unwrap();
+        assert_eq!(v["violated-policies"], serde_json::json!(["daily"]));
+        assert_eq!(limited.retry_after(), Some(3));
+        assert_eq!(
+            Rejection::MissingKey.www_authenticate(),
+            Some("Bearer realm=\"tollgate\"")
+        );
+        assert_eq!(Rejection::Suspended.www_authenticate(), None);
+    }
+}

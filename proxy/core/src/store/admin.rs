@@ -1,0 +1,158 @@
+//! Operations behind `tollgate keys …` and `tollgate customers …`, the same
+//! for every store.
+
+use std::path::PathBuf;
+
+use super::{KeyRecord, StoreError, UpdateStore};
+use crate::clock::{parse_rfc3339, rfc3339, Millis};
+use crate::keys;
+
+/// A key just created: the raw key is returned once and never stored.
+#[derive(Debug)]
+pub struct NewKey {
+    pub raw: String,
+    pub record: KeyRecord,
+}
+
+fn customer_id_ok(id: &str) -> Result<(), StoreError> {
+    let ok = !id.is_empty()
+        && id.len() <= 255
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\');
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(format!(
+            "customer id `{id}` must be 1-255 visible ASCII characters (e.g. a Stripe cus_… id)"
+        )))
+    }
+}
+
+fn new_record(
+    prefix: &str,
+    customer: &str,
+    name: Option<&str>,
+    now: Millis,
+    expires: Option<Millis>,
+) -> Result<NewKey, StoreError> {
+    let io = |e| StoreError::Io(PathBuf::from("<os random>"), e);
+    let raw = keys::generate(prefix).map_err(io)?;
+    let record = KeyRecord {
+        id: keys::new_key_id().map_err(io)?,
+        hash: hex::encode(keys::hash(&raw)),
+        start: raw.get(..prefix.len() + 4).unwrap_or(prefix).to_owned(),
+        customer: customer.to_owned(),
+        name: name.map(str::to_owned),
+        created: rfc3339(now),
+        expires: expires.map(rfc3339),
+        revoked: None,
+    };
+    Ok(NewKey { raw, record })
+}
+
+pub struct CreateKey<'a> {
+    pub customer: &'a str,
+    pub plan: Option<&'a str>,
+    pub name: Option<&'a str>,
+    pub expires: Option<Millis>,
+}
+
+pub fn create_key(
+    store: &impl UpdateStore,
+    prefix: &str,
+    req: CreateKey<'_>,
+    now: Millis,
+) -> Result<NewKey, StoreError> {
+    customer_id_ok(req.customer)?;
+    let new = new_record(prefix, req.customer, req.name, now, req.expires)?;
+    let record = new.record.clone();
+    store.update(|d| {
+        let c = d.customers.entry(req.customer.to_owned()).or_default();
+        if let Some(plan) = req.plan {
+            c.plan = Some(plan.to_owned());
+        }
+        d.keys.push(record);
+        Ok(())
+    })?;
+    Ok(new)
+}
+
+pub fn revoke(store: &impl UpdateStore, id: &str, now: Millis) -> Result<KeyRecord, StoreError> {
+    store.update(|d| {
+        let k = d
+            .keys
+            .iter_mut()
+            .find(|k| k.id == id)
+            .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        if k.revoked.is_none() {
+            k.revoked = Some(rfc3339(now));
+        }
+        Ok(k.clone())
+    })
+}
+
+/// Issues a new key for the same customer; the old one expires after `grace`.
+pub fn rotate(
+    store: &impl UpdateStore,
+    prefix: &str,
+    id: &str,
+    grace: Millis,
+    now: Millis,
+) -> Result<NewKey, StoreError> {
+    store.update(|d| {
+        let old = d
+            .keys
+            .iter_mut()
+            .find(|k| k.id == id)
+            .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
+        if old.revoked.is_some() {
+            return Err(StoreError::Invalid(format!(
+                "key {id} is revoked; create a new key instead"
+            )));
+        }
+        let old_expiry = old.expires.as_deref().and_then(parse_rfc3339);
+        let until = now.saturating_add(grace);
+        let new_expiry = old_expiry.map_or(until, |e| e.min(until));
+        old.expires = Some(rfc3339(new_expiry));
+        let (customer, name) = (old.customer.clone(), old.name.clone());
+        let new = new_record(prefix, &customer, name.as_deref(), now, old_expiry)?;
+        d.keys.push(new.record.clone());
+        Ok(new)
+    })
+}
+
+pub fn set_plan(store: &impl UpdateStore, customer: &str, plan: &str) -> Result<(), StoreError> {
+    customer_id_ok(customer)?;
+    store.update(|d| {
+        d.customers.entry(customer.to_owned()).or_default().plan = Some(plan.to_owned());
+        Ok(())
+    })
+}
+
+pub fn set_suspended(
+    store: &impl UpdateStore,
+    customer: &str,
+    suspended: bool,
+) -> Result<(), StoreError> {
+    store.update(|d| {
+        let c = d
+            .customers
+            .get_mut(customer)
+            .ok_or_else(|| StoreError::NotFound(format!("customer {customer}")))?;
+        c.suspended = suspended;
+        Ok(())
+    })
+}
+
+/// `active`, `revoked`, `expired`, or `expiring` (rotated, still valid).
+pub fn status(k: &KeyRecord, now: Millis) -> &'static str {
+    if k.revoked.is_some() {
+        return "revoked";
+    }
+    match k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0)) {
+        Some(t) if t <= now => "expired",
+        Some(_) => "expiring",
+        None => "active",
+    }
+}

@@ -1,0 +1,279 @@
+//! Key and customer storage. The proxy looks keys up in an in-memory
+//! [`Snapshot`]; backends keep that snapshot fresh. The file store (the
+//! embedded default) is a JSON document written atomically (lock, temp file,
+//! fsync, rename) and re-read by running proxies within ~250 ms of a change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{parse_rfc3339, Millis};
+use crate::keys::{self, KeyHash};
+
+pub mod admin;
+mod file;
+
+pub use file::FileStore;
+
+/// A stored key: never the key itself, only its SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    pub id: String,
+    /// Hex SHA-256 of the whole key.
+    pub hash: String,
+    /// Prefix and first 4 characters, for humans telling keys apart.
+    pub start: String,
+    pub customer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub created: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CustomerRecord {
+    /// None: the default plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
+}
+
+/// The whole store.
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreData {
+    pub version: u32,
+    #[serde(default)]
+    pub customers: BTreeMap<String, CustomerRecord>,
+    #[serde(default)]
+    pub keys: Vec<KeyRecord>,
+}
+
+/// Who a valid key belongs to, resolved when the snapshot is built so a
+/// lookup touches one allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub key_id: Arc<str>,
+    pub customer: Arc<str>,
+    /// None: the default plan.
+    pub plan: Option<Arc<str>>,
+    pub suspended: bool,
+}
+
+/// What a successful lookup returns; cheap to clone.
+pub type Identity = Arc<KeyInfo>;
+
+/// Why a well-formed key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRejection {
+    Unknown,
+    Revoked,
+    Expired,
+}
+
+#[derive(Debug)]
+struct Entry {
+    hash: KeyHash,
+    expires: Option<Millis>,
+    revoked: bool,
+    info: Identity,
+}
+
+/// The first 8 bytes of a SHA-256 are already uniformly distributed: they
+/// index the key map as they are, with no second hash.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassThrough(u64);
+
+impl std::hash::Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type PassThroughMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<PassThrough>>;
+
+/// An immutable, indexed view of the store for the hot path.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    /// Indexed by the first 8 bytes of the hash; the full hash is then
+    /// compared in constant time. Keys sharing those 8 bytes (never seen in
+    /// practice) go to `overflow`.
+    keys: PassThroughMap<Entry>,
+    overflow: Vec<Entry>,
+    customers: HashMap<Arc<str>, (Option<Arc<str>>, bool)>,
+    pub key_count: usize,
+}
+
+fn bucket(hash: &KeyHash) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&hash[..8]);
+    u64::from_le_bytes(b)
+}
+
+impl Snapshot {
+    pub fn build(data: &StoreData) -> Self {
+        let mut s = Snapshot::default();
+        for (id, c) in &data.customers {
+            s.customers.insert(
+                id.as_str().into(),
+                (c.plan.as_deref().map(Into::into), c.suspended),
+            );
+        }
+        s.keys.reserve(data.keys.len());
+        for k in &data.keys {
+            let mut hash = [0u8; 32];
+            if hex::decode_to_slice(&k.hash, &mut hash).is_err() {
+                log::warn!(
+                    "key store: key {} has a malformed hash and is ignored",
+                    k.id
+                );
+                continue;
+            }
+            let (customer, plan, suspended) = match s.customers.get_key_value(k.customer.as_str()) {
+                Some((c, (plan, suspended))) => (c.clone(), plan.clone(), *suspended),
+                None => (k.customer.as_str().into(), None, false),
+            };
+            let entry = Entry {
+                hash,
+                // An expiry that does not parse fails closed: expired.
+                expires: k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0)),
+                revoked: k.revoked.is_some(),
+                info: Arc::new(KeyInfo {
+                    key_id: k.id.as_str().into(),
+                    customer,
+                    plan,
+                    suspended,
+                }),
+            };
+            match s.keys.entry(bucket(&hash)) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(entry);
+                }
+                std::collections::hash_map::Entry::Occupied(_) => s.overflow.push(entry),
+            }
+            s.key_count += 1;
+        }
+        s
+    }
+
+    /// Every customer the store knows.
+    pub fn customer_ids(&self) -> impl Iterator<Item = Arc<str>> + '_ {
+        self.customers.keys().cloned()
+    }
+
+    /// A customer's plan name (None: default) and suspension.
+    pub fn customer(&self, id: &str) -> Option<(Option<Arc<str>>, bool)> {
+        self.customers.get(id).cloned()
+    }
+
+    pub fn lookup(&self, hash: &KeyHash, now: Millis) -> Result<Identity, KeyRejection> {
+        let mut found = self
+            .keys
+            .get(&bucket(hash))
+            .filter(|e| keys::hashes_equal(&e.hash, hash));
+        if found.is_none() && !self.overflow.is_empty() {
+            found = self
+                .overflow
+                .iter()
+                .find(|e| keys::hashes_equal(&e.hash, hash));
+        }
+        let e = found.ok_or(KeyRejection::Unknown)?;
+        if e.revoked {
+            return Err(KeyRejection::Revoked);
+        }
+        if e.expires.is_some_and(|t| t <= now) {
+            return Err(KeyRejection::Expired);
+        }
+        Ok(Arc::clone(&e.info))
+    }
+}
+
+/// The read side every backend offers the proxy: a current snapshot, and
+/// for shared stores a way to ask about a key the snapshot does not know.
+pub trait KeyStore: Send + Sync {
+    fn snapshot(&self) -> Arc<Snapshot>;
+
+    /// A key missing from the snapshot. `None`: unknown.
+    fn lookup_miss<'a>(
+        &'a self,
+        _hash: &'a KeyHash,
+        _now: Millis,
+    ) -> futures_util::future::BoxFuture<'a, Option<Result<Identity, KeyRejection>>> {
+        Box::pin(std::future::ready(None))
+    }
+}
+
+/// A fixed snapshot: for benchmarks and embedding.
+pub struct StaticKeys(pub Arc<Snapshot>);
+
+impl KeyStore for StaticKeys {
+    fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.0)
+    }
+}
+
+/// Errors of store administration, shown to operators.
+#[derive(Debug)]
+pub enum StoreError {
+    Io(PathBuf, std::io::Error),
+    Corrupt(PathBuf, String),
+    NotFound(String),
+    /// The request itself is wrong (a bad id, a revoked key to rotate).
+    Invalid(String),
+    /// A concurrent change won; the caller may retry.
+    Conflict(String),
+    /// The store's backend (Redis) could not be reached or answered an error.
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// The HTTP status an API answers with for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            StoreError::NotFound(_) => 404,
+            StoreError::Invalid(_) => 400,
+            StoreError::Conflict(_) => 409,
+            StoreError::Io(..) | StoreError::Corrupt(..) | StoreError::Unavailable(_) => 503,
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            StoreError::Corrupt(p, e) => write!(f, "{}: not a valid key store: {e}", p.display()),
+            StoreError::NotFound(what) => write!(f, "{what} not found"),
+            StoreError::Invalid(what) | StoreError::Conflict(what) => write!(f, "{what}"),
+            StoreError::Unavailable(why) => write!(f, "key store unavailable: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A store that can apply a change atomically: the file store, or Redis
+/// through the Redis backend's blocking admin.
+pub trait UpdateStore {
+    fn update<T: Send>(
+        &self,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError>;
+    fn data(&self) -> Result<StoreData, StoreError>;
+}

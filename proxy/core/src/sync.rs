@@ -1,0 +1,46 @@
+//! The two synchronisation helpers every layer shares.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks `m`, also after a thread panicked holding it: every structure
+/// behind these mutexes stays consistent between statements, so a poisoned
+/// lock's data is still good, and the proxy must not go down with it.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Work queued for one flush task (the spool's group commit, the Redis
+/// limiter's batches): whoever queues into an empty queue schedules the
+/// flush, which takes everything queued until it runs.
+#[derive(Debug)]
+pub struct Pending<T> {
+    items: Vec<T>,
+    /// A flush is on its way for what is queued.
+    scheduled: bool,
+}
+
+impl<T> Default for Pending<T> {
+    fn default() -> Self {
+        Self {
+            items: Vec::new(),
+            scheduled: false,
+        }
+    }
+}
+
+impl<T> Pending<T> {
+    /// Queues `item`; true when the caller must schedule the flush.
+    pub fn push(&mut self, item: T) -> bool {
+        self.items.push(item);
+        !std::mem::replace(&mut self.scheduled, true)
+    }
+
+    /// Everything queued; the next `push` schedules a new flush.
+    pub fn take(&mut self) -> Vec<T> {
+        self.scheduled = false;
+        std::mem::take(&mut self.items)
+    }
+}

@@ -1,0 +1,268 @@
+//! The composition root: the only place that picks concrete backends. From
+//! a validated [`Config`] it builds the key store, the limiter and the
+//! usage spool, and ties them to core's [`Gate`] in the [`App`] that every
+//! request, the admin API and the background services share.
+
+use std::sync::Arc;
+
+use tollgate_core::clock::Clock;
+use tollgate_core::gate::Gate;
+use tollgate_core::limiter::{Decision, Fallback, Limiter, LimiterError, MemoryLimiter};
+use tollgate_core::meter::Meter;
+use tollgate_core::plans::Plan;
+use tollgate_core::store::{FileStore, KeyStore, StaticKeys, StoreData, StoreError, UpdateStore};
+use tollgate_core::usage::UsageLedger;
+use tollgate_metering::spool::{Spool, SpoolConfig};
+use tollgate_redis::{BlockingRedisAdmin, RedisConn, RedisKeyStore, RedisLimiter, RedisRuntime};
+
+use crate::config::{Config, StoreKind};
+
+/// Everything a request needs, shared by all workers.
+pub struct App {
+    pub config: Arc<Config>,
+    pub gate: Gate<Limiters>,
+    /// The ledger, the spool and the billable statuses: the metering step.
+    pub meter: Meter<Spool>,
+    pub keys: Keys,
+    /// The durable usage spool (None with `metering.enabled: false`).
+    pub spool: Option<Arc<Spool>>,
+    /// Runs the Redis connections' driver tasks while the app lives.
+    redis_rt: Option<Arc<RedisRuntime>>,
+}
+
+/// The configured key store, and the one handle to it: the proxy reads its
+/// snapshot, and the CLI, the admin API and tests write through it.
+#[derive(Clone)]
+pub enum Keys {
+    File(Arc<FileStore>),
+    Redis {
+        /// The running proxy's local replica (None in the CLI).
+        replica: Option<Arc<RedisKeyStore>>,
+        admin: Arc<BlockingRedisAdmin>,
+    },
+}
+
+impl Keys {
+    /// The store `config` names, for writing (the CLI): connects to Redis
+    /// if the keys live there.
+    pub fn open(config: &Config) -> Result<Self, StoreError> {
+        match (config.keys_store, &config.redis) {
+            (StoreKind::Redis, Some(rc)) => Ok(Keys::Redis {
+                replica: None,
+                admin: Arc::new(BlockingRedisAdmin::connect(rc.clone())?),
+            }),
+            _ => Ok(Keys::File(Arc::new(FileStore::open(&config.keys_path)?))),
+        }
+    }
+
+    /// The read side the gate looks keys up in.
+    pub fn as_key_store(&self) -> Arc<dyn KeyStore> {
+        match self {
+            Keys::File(f) => f.clone(),
+            Keys::Redis {
+                replica: Some(r), ..
+            } => r.clone(),
+            Keys::Redis { replica: None, .. } => Arc::new(StaticKeys(Default::default())),
+        }
+    }
+
+    /// Re-reads the store now (the Redis replica otherwise follows its
+    /// change feed, the file store its watcher).
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        match self {
+            Keys::File(f) => {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f.reload().map(|_| ()))
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
+            }
+            Keys::Redis {
+                replica: Some(r), ..
+            } => r.full_reload().await,
+            Keys::Redis { replica: None, .. } => Ok(()),
+        }
+    }
+}
+
+impl UpdateStore for Keys {
+    fn update<T: Send>(
+        &self,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        match self {
+            Keys::File(s) => FileStore::update(s, f),
+            Keys::Redis { admin, .. } => admin.update(f),
+        }
+    }
+
+    /// The whole store (a running proxy's Redis store answers from its replica).
+    fn data(&self) -> Result<StoreData, StoreError> {
+        match self {
+            Keys::File(f) => f.data(),
+            Keys::Redis {
+                replica: Some(r), ..
+            } => Ok(r.data()),
+            Keys::Redis { admin, .. } => admin.data(),
+        }
+    }
+}
+
+/// The configured limiter: memory, or Redis behind `redis.on_error`.
+pub enum Limiters {
+    Memory(MemoryLimiter),
+    Redis(Fallback<RedisLimiter>),
+}
+
+impl Limiters {
+    /// The in-process limiter (the whole limiter, or Redis's fallback).
+    pub fn memory(&self) -> &MemoryLimiter {
+        match self {
+            Limiters::Memory(m) | Limiters::Redis(Fallback { local: m, .. }) => m,
+        }
+    }
+}
+
+impl Limiter for Limiters {
+    fn name(&self) -> &'static str {
+        match self {
+            Limiters::Memory(m) => m.name(),
+            Limiters::Redis(r) => r.name(),
+        }
+    }
+
+    async fn check(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+    ) -> Result<Decision, LimiterError> {
+        match self {
+            Limiters::Memory(m) => m.check(customer, plan, cost).await,
+            Limiters::Redis(r) => r.check(customer, plan, cost).await,
+        }
+    }
+}
+
+impl App {
+    /// Builds the shared state, connecting to Redis if configured
+    /// (start-up fails with a clear message if it cannot be reached).
+    pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<Arc<App>, String> {
+        let redis = connect_redis(&config)?;
+        let keys = open_keys(&config, redis.as_ref())?;
+        let limiter = limiter(&config, redis.as_ref().map(|(_, c)| c.clone()), &clock)?;
+        let usage = Arc::new(UsageLedger::new(clock.clone(), Vec::new()));
+        let spool = open_spool(&config, &usage, &clock)?;
+        let gate = Gate {
+            plans: config.plans.clone(),
+            keys: keys.as_key_store(),
+            limiter: Arc::new(limiter),
+            clock,
+            prefix: config.key_prefix.clone(),
+            answer_preflights: config.cors.is_some(),
+        };
+        let meter = Meter {
+            ledger: usage,
+            journal: spool.clone(),
+            billable: config.plans.billable.clone(),
+        };
+        Ok(Arc::new(App {
+            spool,
+            config,
+            gate,
+            meter,
+            keys,
+            redis_rt: redis.map(|(rt, _)| rt),
+        }))
+    }
+
+    /// Makes this instance see the key store as it is now, from synchronous
+    /// code (tests, after writing through [`App::keys`]).
+    pub fn reload_keys_blocking(&self) -> Result<(), StoreError> {
+        match (&self.keys, &self.redis_rt) {
+            (Keys::File(f), _) => f.reload().map(|_| ()),
+            (keys, Some(rt)) => {
+                let keys = keys.clone();
+                rt.block_on(async move { keys.reload().await })
+                    .ok_or_else(|| StoreError::Unavailable("the redis runtime stopped".into()))?
+            }
+            (_, None) => Ok(()),
+        }
+    }
+}
+
+type Redis = (Arc<RedisRuntime>, RedisConn);
+
+/// The runtime and the start-up connection, when keys or limits use Redis.
+fn connect_redis(config: &Config) -> Result<Option<Redis>, String> {
+    let uses_redis = config.keys_store == StoreKind::Redis || config.redis_limits;
+    let Some(rc) = config.redis.as_ref().filter(|_| uses_redis) else {
+        return Ok(None);
+    };
+    let rt = RedisRuntime::new().map_err(|e| format!("cannot start the redis runtime: {e}"))?;
+    let conn = rt
+        .block_on(RedisConn::connect(rc.clone()))
+        .ok_or("the redis runtime failed")?
+        .map_err(|e| format!("cannot connect to redis at {}: {e}", rc.urls.join(", ")))?;
+    Ok(Some((Arc::new(rt), conn)))
+}
+
+fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
+    match (config.keys_store, redis) {
+        (StoreKind::Redis, Some((rt, conn))) => {
+            let store = rt
+                .block_on(RedisKeyStore::open(conn.clone()))
+                .ok_or("the redis runtime failed")?
+                .map_err(|e| format!("cannot load keys from redis: {e}"))?;
+            rt.spawn(Arc::clone(&store).follow());
+            Ok(Keys::Redis {
+                replica: Some(store),
+                admin: Arc::new(BlockingRedisAdmin::from_conn(conn.clone(), rt.clone())),
+            })
+        }
+        _ => Ok(Keys::File(Arc::new(
+            FileStore::open(&config.keys_path).map_err(|e| e.to_string())?,
+        ))),
+    }
+}
+
+fn limiter(
+    config: &Config,
+    conn: Option<RedisConn>,
+    clock: &Arc<dyn Clock>,
+) -> Result<Limiters, String> {
+    Ok(match (&config.redis, conn) {
+        (Some(rc), Some(conn)) if config.redis_limits => Limiters::Redis(Fallback {
+            primary: RedisLimiter::new(conn, clock.clone()).map_err(|e| e.to_string())?,
+            local: MemoryLimiter::new(clock.clone()),
+            on_error: rc.on_error,
+        }),
+        _ => Limiters::Memory(MemoryLimiter::new(clock.clone())),
+    })
+}
+
+fn open_spool(
+    config: &Config,
+    usage: &UsageLedger,
+    clock: &Arc<dyn Clock>,
+) -> Result<Option<Arc<Spool>>, String> {
+    let m = &config.metering;
+    if !m.enabled {
+        return Ok(None);
+    }
+    let spool = Spool::open(
+        SpoolConfig {
+            dir: m.spool_dir.clone(),
+            fsync_interval: m.fsync_interval,
+            max_bytes: m.max_spool_bytes,
+            rollup: m.rollup.as_millis() as u64,
+            sinks: m.sinks.iter().map(|s| s.name().to_owned()).collect(),
+        },
+        clock.clone(),
+    )
+    .map_err(|e| format!("cannot open the usage spool: {e}"))?;
+    // /_tollgate/usage counts what was recorded before a restart too.
+    for ((customer, meter), units) in spool.recorded_this_month() {
+        usage.seed(&customer, &meter, units);
+    }
+    Ok(Some(spool))
+}

@@ -1,0 +1,178 @@
+//! The command line's arguments, and which command does what.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tollgate::app::Keys;
+use tollgate::config::Config;
+use tollgate_core::clock::{parse_duration, Clock, SystemClock};
+
+use clap::{Parser, Subcommand};
+
+mod check;
+mod customers;
+mod keys;
+mod usage;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "A metering reverse proxy: API keys, plan limits and usage in front of any HTTP API"
+)]
+pub struct Cli {
+    /// Config file (also from TOLLGATE_CONFIG).
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "TOLLGATE_CONFIG",
+        default_value = "tollgate.yaml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the proxy.
+    Run,
+    /// Validate config, plans and key store; exit 1 on any error.
+    Check,
+    /// Create, list, revoke and rotate API keys.
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Change customers' plans or suspend them.
+    #[command(subcommand)]
+    Customers(CustomersCmd),
+    /// Usage this period and remaining quota, from the running proxy.
+    Usage {
+        #[arg(long)]
+        customer: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum KeysCmd {
+    /// Print a new key on stdout, once.
+    Create {
+        #[arg(long)]
+        customer: String,
+        /// Also set the customer's plan.
+        #[arg(long)]
+        plan: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        /// Lifetime, e.g. 90d.
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        customer: Option<String>,
+    },
+    Revoke {
+        id: String,
+    },
+    /// Issue a replacement key; the old one expires after the grace period.
+    Rotate {
+        id: String,
+        #[arg(long, default_value = "24h")]
+        grace: String,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum CustomersCmd {
+    SetPlan {
+        id: String,
+        plan: String,
+    },
+    /// Refuse the customer's keys with 403 until resumed.
+    Suspend {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+}
+
+pub(crate) fn load(path: &std::path::Path) -> Result<Config, String> {
+    Config::load(path).map_err(|d| format!("{} has errors:\n{d}", path.display()))
+}
+
+pub(crate) fn duration_ms(s: &str, what: &str) -> Result<u64, String> {
+    parse_duration(s)
+        .map(|d| d.as_millis() as u64)
+        .ok_or_else(|| format!("--{what} `{s}` is not a duration (e.g. 90d, 24h, 30m)"))
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode, String> {
+    let now = SystemClock.now_ms();
+    match cli.command {
+        Command::Run => {
+            let config = Arc::new(load(&cli.config)?);
+            if config.admin.token.is_none() {
+                log::warn!(
+                    "{} is not set: the /admin API is disabled",
+                    config.admin.token_env
+                );
+            }
+            let (server, _app) = tollgate::server::build(config.clone(), Arc::new(SystemClock))?;
+            log::info!(
+                "tollgate listening on {} in front of {}:{}, admin on {}",
+                config.listen,
+                config.upstream.host,
+                config.upstream.port,
+                config.admin.listen
+            );
+            server.run_forever();
+        }
+        Command::Check => {
+            let errors = match Config::load(&cli.config) {
+                Ok(config) => check::check_store(&config, now),
+                Err(d) => d.0.iter().map(ToString::to_string).collect(),
+            };
+            if errors.is_empty() {
+                eprintln!("{}: ok", cli.config.display());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for e in &errors {
+                    println!("{e}");
+                }
+                eprintln!("{} error(s)", errors.len());
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Keys(cmd) => {
+            let config = load(&cli.config)?;
+            keys::keys(cmd, &config, &open_store(&config)?, now)
+        }
+        Command::Customers(cmd) => {
+            let config = load(&cli.config)?;
+            customers::customers(cmd, &config, &open_store(&config)?)
+        }
+        Command::Usage { customer } => {
+            let config = load(&cli.config)?;
+            usage::usage(&config, customer.as_deref())
+        }
+    }
+}
+
+pub(crate) fn open_store(config: &Config) -> Result<Keys, String> {
+    Keys::open(config).map_err(|e| e.to_string())
+}
+
+pub(crate) fn known_plan(config: &Config, plan: &str) -> Result<(), String> {
+    if config.plans.get(plan).is_some() {
+        Ok(())
+    } else {
+        let names: Vec<&str> = config.plans.plans.keys().map(String::as_str).collect();
+        Err(format!(
+            "unknown plan `{plan}` (known: {})",
+            names.join(", ")
+        ))
+    }
+}

@@ -1,0 +1,247 @@
+//! `tollgate.yaml`: read into serde structs (`deny_unknown_fields`, in
+//! [`raw`]), then validated into [`Config`], one function per section (in
+//! [`sections`], [`redis`], and each billing sink's own parser in
+//! `tollgate-metering`). Every problem is collected with file, line, column
+//! and a hint; secrets are read only from the env vars the file names;
+//! relative paths resolve against the config file; the upstream address is
+//! resolved here, once, so nothing resolves DNS on the request path.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tollgate_core::diag::{Check, Diagnostic, Diagnostics, Source};
+use tollgate_core::plans::Plans;
+
+pub use tollgate_core::clock::parse_duration;
+pub use tollgate_core::diag::{process_env, Env};
+
+mod raw;
+mod redis;
+mod sections;
+#[cfg(test)]
+mod tests;
+
+use raw::RawConfig;
+
+// ---- the validated form ------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Resolved at load.
+    pub addr: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Cors {
+    /// `*` allows any origin.
+    pub allow_origins: Vec<String>,
+    pub allow_headers: String,
+    pub expose_headers: String,
+    pub max_age_secs: u64,
+}
+
+impl Cors {
+    /// The `Access-Control-Allow-Origin` value for a request's `Origin`.
+    pub fn allow_origin<'a>(&'a self, origin: Option<&'a str>) -> Option<&'a str> {
+        if self.allow_origins.iter().any(|o| o == "*") {
+            return Some("*");
+        }
+        let origin = origin?;
+        self.allow_origins
+            .iter()
+            .any(|o| o == origin)
+            .then_some(origin)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub token_env: String,
+    /// None: the `/admin` JSON API is disabled (metrics and health still serve).
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Metering {
+    /// Usage is spooled and reported (default); off: counted in memory only.
+    pub enabled: bool,
+    pub spool_dir: PathBuf,
+    /// How often closed windows become records and sinks are fed.
+    pub flush_interval: Duration,
+    /// At most this much usage is lost on power failure.
+    pub fsync_interval: Duration,
+    /// The window usage is aggregated over (one record per customer, meter
+    /// and window).
+    pub rollup: Duration,
+    pub max_spool_bytes: u64,
+    pub sinks: Vec<tollgate_metering::billing::SinkConfig>,
+}
+
+/// Where keys and customers live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    File,
+    Redis,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub keys_store: StoreKind,
+    /// The limiter runs on Redis (else in memory).
+    pub redis_limits: bool,
+    pub redis: Option<Arc<tollgate_redis::RedisConfig>>,
+    pub listen: SocketAddr,
+    pub tls: Option<TlsFiles>,
+    pub upstream: Upstream,
+    pub plans_file: PathBuf,
+    pub plans: Arc<Plans>,
+    pub keys_path: PathBuf,
+    pub key_prefix: String,
+    pub admin: Admin,
+    pub metering: Metering,
+    pub cors: Option<Cors>,
+    pub timeouts: Timeouts,
+    pub threads: usize,
+}
+
+const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, admin, metering, billing_webhooks, cors, timeouts, threads";
+
+impl Config {
+    /// Loads and validates the config file and the plans it names.
+    pub fn load(file: &Path) -> Result<Config, Diagnostics> {
+        Self::load_with_env(file, &process_env)
+    }
+
+    pub fn load_with_env(file: &Path, env: Env<'_>) -> Result<Config, Diagnostics> {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            Diagnostics(vec![Diagnostic {
+                file: file.to_path_buf(),
+                line: 1,
+                column: 1,
+                message: format!("cannot read config file: {e}"),
+                hint: Some("pass the path with -c or TOLLGATE_CONFIG".into()),
+            }])
+        })?;
+        let src = Source::new(file, text);
+        Self::parse(&src, env)
+    }
+
+    pub fn parse(src: &Source, env: Env<'_>) -> Result<Config, Diagnostics> {
+        let mut cx = Check::new(src, env);
+        let raw = read_sections(&mut cx)?;
+        let listen = cx.addr("listen", raw.listen.as_deref().unwrap_or("0.0.0.0:8080"));
+        let tls = raw.tls.as_ref().map(|t| sections::tls(&mut cx, t));
+        let upstream = sections::upstream(&mut cx, raw.upstream.as_deref());
+        let plans_file = cx.path(raw.plans.as_deref().unwrap_or("plans.yaml"));
+        let plans = match Plans::load(&plans_file) {
+            Ok(p) => Some(Arc::new(p)),
+            Err(d) => {
+                cx.d.extend(d);
+                None
+            }
+        };
+        let keys = sections::keys(&mut cx, raw.keys.as_ref());
+        let redis_limits = sections::limits(&mut cx, raw.limits.as_ref());
+        let redis = raw.redis.as_ref().and_then(|r| redis::parse(&mut cx, r));
+        if raw.redis.is_none() {
+            sections::require_redis(&mut cx, keys.store, redis_limits);
+        }
+        if raw.billing_webhooks.is_some() {
+            cx.err(
+                "billing_webhooks",
+                "billing webhooks are not available in this version",
+                Some("change plans with `tollgate customers set-plan` for now"),
+            );
+        }
+        let admin = sections::admin(&mut cx, raw.admin.as_ref());
+        let metering = sections::metering(&mut cx, raw.metering.as_ref());
+        let cors = raw.cors.as_ref().map(|c| sections::cors(&mut cx, c));
+        let timeouts = sections::timeouts(&mut cx, raw.timeouts.as_ref());
+        let threads = sections::threads(&mut cx, raw.threads);
+        match (listen, upstream, plans, admin) {
+            (Some(listen), Some(upstream), Some(plans), Some(admin)) if cx.d.is_empty() => {
+                Ok(Config {
+                    file: src.file.clone(),
+                    keys_store: keys.store,
+                    redis_limits,
+                    redis,
+                    listen,
+                    tls,
+                    upstream,
+                    plans_file,
+                    plans,
+                    keys_path: keys.path,
+                    key_prefix: keys.prefix,
+                    admin,
+                    metering,
+                    cors,
+                    timeouts,
+                    threads,
+                })
+            }
+            _ => Err(cx.d),
+        }
+    }
+}
+
+/// The file's top-level mapping, each known section deserialised on its own.
+fn read_sections(cx: &mut Check<'_>) -> Result<RawConfig, Diagnostics> {
+    let src = cx.src;
+    let top: serde_yaml::Value =
+        serde_yaml::from_str(&src.text).map_err(|e| Diagnostics(vec![src.syntax_error(&e)]))?;
+    let map = match top {
+        serde_yaml::Value::Mapping(m) => m,
+        serde_yaml::Value::Null => serde_yaml::Mapping::new(),
+        _ => {
+            return Err(Diagnostics(vec![src.error(
+                "",
+                "the config must be a mapping of settings",
+                Some("start with `upstream: http://127.0.0.1:8000`"),
+            )]))
+        }
+    };
+    let mut raw = RawConfig::default();
+    for (k, v) in &map {
+        let Some(key) = k.as_str() else {
+            cx.err("", "setting names must be strings", None);
+            continue;
+        };
+        match key {
+            "listen" => raw.listen = cx.typed(key, v),
+            "tls" => raw.tls = cx.typed(key, v),
+            "upstream" => raw.upstream = cx.typed(key, v),
+            "plans" => raw.plans = cx.typed(key, v),
+            "keys" => raw.keys = cx.typed(key, v),
+            "limits" => raw.limits = cx.typed(key, v),
+            "redis" => raw.redis = cx.typed(key, v),
+            "admin" => raw.admin = cx.typed(key, v),
+            "metering" => raw.metering = cx.typed(key, v),
+            "billing_webhooks" => raw.billing_webhooks = Some(v.clone()),
+            "cors" => raw.cors = cx.typed(key, v),
+            "timeouts" => raw.timeouts = cx.typed(key, v),
+            "threads" => raw.threads = cx.typed(key, v),
+            other => cx.d.0.push(src.unknown_key(other, KNOWN_SETTINGS)),
+        }
+    }
+    Ok(raw)
+}

@@ -1,0 +1,125 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::sections::parse_upstream;
+use super::*;
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const PLANS: &str = "default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 5, per: second }\n";
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+#[test]
+fn minimal_config_gets_defaults_and_relative_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "plans.yaml", PLANS);
+    let f = write(
+        dir.path(),
+        "tollgate.yaml",
+        "upstream: http://127.0.0.1:8000\n",
+    );
+    let c = Config::load_with_env(&f, &|k| {
+        (k == "TOLLGATE_ADMIN_TOKEN").then(|| "s3cret".into())
+    })
+    .unwrap();
+    assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+    assert_eq!(c.upstream.addr.to_string(), "127.0.0.1:8000");
+    assert_eq!(c.keys_path, dir.path().join("keys.db"));
+    assert_eq!(c.key_prefix, "tg_live_");
+    assert_eq!(c.admin.token.as_deref(), Some("s3cret"));
+    assert_eq!(c.timeouts.connect, Duration::from_secs(5));
+}
+
+#[test]
+fn all_errors_of_both_files_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "plans.yaml", "default_plan: nope\nplans: {}\n");
+    let f = write(
+        dir.path(),
+        "tollgate.yaml",
+        "listen: everywhere\nupstream: ftp://x\nkeys: { store: file, prefix: \"bad prefix\" }\ntimeouts: { connect: soon }\ncors: { allow_origins: [app.example.com] }\n",
+    );
+    let d = Config::load_with_env(&f, &no_env).unwrap_err();
+    let all = d.to_string();
+    let cfg = f.display().to_string();
+    for needle in [
+        format!("{cfg}:1:9: error: `everywhere` is not an address"),
+        format!("{cfg}:2:11: error: upstream `ftp://x` must start with http:// or https://"),
+        format!("{cfg}:3:30: error: key prefix `bad prefix`"),
+        format!("{cfg}:4:22: error: `soon` is not a duration"),
+        format!("{cfg}:5:25: error: `app.example.com` is not an origin"),
+        "plans.yaml:1:15: error: `default_plan` names unknown plan `nope`".to_string(),
+    ] {
+        assert!(all.contains(&needle), "missing `{needle}` in:\n{all}");
+    }
+    assert_eq!(d.0.len(), 6, "{all}");
+}
+
+#[test]
+fn unknown_keys_are_errors_at_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "plans.yaml", PLANS);
+    let f = write(dir.path(), "tollgate.yaml", "upstream: http://127.0.0.1:1\nlisten: 0.0.0.0:1\nadmin:\n  listen: 127.0.0.1:2\n  tokenenv: X\n");
+    let all = Config::load_with_env(&f, &no_env).unwrap_err().to_string();
+    assert!(
+        all.contains(":5:3: error: unknown field `tokenenv`"),
+        "{all}"
+    );
+    assert!(all.contains("hint:"), "{all}");
+}
+
+#[test]
+fn a_broken_section_does_not_hide_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "plans.yaml", "default_plan: x\nplans: {}\n");
+    let f = write(
+        dir.path(),
+        "tollgate.yaml",
+        "upstreem: http://127.0.0.1:1\ntimeouts: { connect: [1] }\nthreads: many\nadmin: { listen: nowhere }\n",
+    );
+    let all = Config::load_with_env(&f, &no_env).unwrap_err().to_string();
+    for needle in [
+        ":1:1: error: unknown field `upstreem`",
+        ":2:13: error: invalid type: sequence",
+        ":3:10: error: invalid type: string \"many\"",
+        ":4:18: error: `nowhere` is not an address",
+        "`upstream` is missing",
+        "plans.yaml:1:15: error: `default_plan` names unknown plan `x`",
+    ] {
+        assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+    }
+}
+
+#[test]
+fn upstream_forms() {
+    let u = parse_upstream("https://localhost:8443/").unwrap();
+    assert!(u.tls && u.port == 8443 && u.host == "localhost");
+    assert_eq!(parse_upstream("http://127.0.0.1").unwrap().port, 80);
+    assert_eq!(
+        parse_upstream("http://[::1]:81").unwrap().addr.to_string(),
+        "[::1]:81"
+    );
+    assert!(parse_upstream("http://host/path").is_err());
+    assert!(parse_upstream("http://127.0.0.1:99999").is_err());
+    assert!(parse_upstream("http://no-such-host.invalid").is_err());
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+    assert_eq!(
+        parse_duration("90d"),
+        Some(Duration::from_secs(90 * 86_400))
+    );
+    assert_eq!(parse_duration("24h"), Some(Duration::from_secs(86_400)));
+    assert_eq!(parse_duration("1.5s"), None);
+    assert_eq!(parse_duration("s"), None);
+    assert_eq!(parse_duration("10"), None);
+}

@@ -1,0 +1,426 @@
+//! The Pingora `ProxyHttp` implementation. It stays thin: every decision is
+//! made by core's `Gate::admit`, every refusal rendered by core's `problem`,
+//! every unit recorded by core's `Meter`; this file moves headers.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::Method;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{ErrorSource, ErrorType};
+
+use tollgate_core::gate::{self, Admission, Admitted};
+use tollgate_core::headers::RateHeaders;
+use tollgate_core::metrics;
+use tollgate_core::plans::Plan;
+use tollgate_core::problem::{Rejection, PROBLEM_JSON};
+use tollgate_core::usage::{units_from_header, UsageReport};
+
+use crate::app::App;
+
+pub const H_CUSTOMER: &str = "x-tollgate-customer";
+pub const H_PLAN: &str = "x-tollgate-plan";
+pub const H_KEY_ID: &str = "x-tollgate-key-id";
+
+pub struct TollgateProxy {
+    pub app: Arc<App>,
+}
+
+/// Per-request state.
+pub struct Ctx {
+    start: Instant,
+    upstream_start: Option<Instant>,
+    outcome: &'static str,
+    plan: Option<Arc<Plan>>,
+    rate: Option<RateHeaders>,
+    /// An admitted request, metered when its response comes back.
+    admitted: Option<Admitted>,
+    origin: Option<HeaderValue>,
+    /// The normalised path, when it differs from what the client sent; the
+    /// upstream then gets the path Tollgate routed on.
+    normalized_path: Option<String>,
+    /// Why the response must be refused after the upstream answered (its
+    /// usage could not be recorded); `fail_to_proxy` renders it.
+    failure: Option<Rejection>,
+}
+
+impl TollgateProxy {
+    fn cors_headers(&self, ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
+        let Some(cors) = &self.app.config.cors else {
+            return Ok(());
+        };
+        let origin = ctx.origin.as_ref().and_then(|o| o.to_str().ok());
+        if let Some(allowed) = cors.allow_origin(origin) {
+            resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed)?;
+            resp.insert_header(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                cors.expose_headers.as_str(),
+            )?;
+            if allowed != "*" {
+                resp.append_header(header::VARY, "Origin")?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rate_headers(&self, ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
+        let (Some(rate), Some(plan)) = (&ctx.rate, &ctx.plan) else {
+            return Ok(());
+        };
+        resp.insert_header("x-ratelimit-limit", rate.limit)?;
+        resp.insert_header("x-ratelimit-remaining", rate.remaining)?;
+        resp.insert_header("x-ratelimit-reset", rate.reset)?;
+        resp.insert_header("ratelimit-policy", plan.policy_header.as_str())?;
+        resp.insert_header("ratelimit", rate.ratelimit.as_str())?;
+        Ok(())
+    }
+
+    /// Writes a response Tollgate produced itself.
+    async fn send(
+        &self,
+        session: &mut Session,
+        ctx: &Ctx,
+        status: u16,
+        content_type: &str,
+        extra: impl FnOnce(&mut ResponseHeader) -> Result<()>,
+        body: Bytes,
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(8))?;
+        if status != 204 {
+            resp.insert_header(header::CONTENT_TYPE, content_type)?;
+            resp.insert_header(header::CONTENT_LENGTH, body.len())?;
+        }
+        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        self.rate_headers(ctx, &mut resp)?;
+        self.cors_headers(ctx, &mut resp)?;
+        extra(&mut resp)?;
+        // A body we did not read would corrupt the next request on this connection.
+        if has_request_body(session) {
+            session.set_keepalive(None);
+        }
+        let head_only = session.req_header().method == Method::HEAD;
+        session
+            .write_response_header(Box::new(resp), head_only)
+            .await?;
+        if !head_only {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+
+    async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: &Rejection) -> Result<bool> {
+        ctx.outcome = r.outcome();
+        let body = Bytes::from(r.body());
+        self.send(
+            session,
+            ctx,
+            r.status(),
+            PROBLEM_JSON,
+            |resp| {
+                if let Some(v) = r.www_authenticate() {
+                    resp.insert_header(header::WWW_AUTHENTICATE, v)?;
+                }
+                if let Some(s) = r.retry_after() {
+                    resp.insert_header(header::RETRY_AFTER, s)?;
+                }
+                Ok(())
+            },
+            body,
+        )
+        .await?;
+        Ok(true)
+    }
+
+    async fn preflight(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        ctx.outcome = "preflight";
+        let cors = self.app.config.cors.clone();
+        self.send(
+            session,
+            ctx,
+            204,
+            "text/plain",
+            |resp| {
+                if let Some(c) = &cors {
+                    resp.insert_header(
+                        header::ACCESS_CONTROL_ALLOW_METHODS,
+                        "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS",
+                    )?;
+                    resp.insert_header(
+                        header::ACCESS_CONTROL_ALLOW_HEADERS,
+                        c.allow_headers.as_str(),
+                    )?;
+                    resp.insert_header(header::ACCESS_CONTROL_MAX_AGE, c.max_age_secs)?;
+                }
+                Ok(())
+            },
+            Bytes::new(),
+        )
+        .await?;
+        Ok(true)
+    }
+
+    async fn usage_report(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        a: &Admitted,
+    ) -> Result<bool> {
+        ctx.outcome = "allowed";
+        let app = &self.app;
+        let customer = &a.identity.customer;
+        let period = app.meter.ledger.usage(customer);
+        let body = UsageReport::new(
+            customer,
+            &a.plan,
+            &a.decision,
+            &period,
+            app.meter.totals(customer),
+        )
+        .to_json();
+        self.send(
+            session,
+            ctx,
+            200,
+            "application/json",
+            |_| Ok(()),
+            Bytes::from(body),
+        )
+        .await?;
+        Ok(true)
+    }
+}
+
+/// Whether the request announced a body (which may be left unread).
+fn has_request_body(session: &Session) -> bool {
+    let h = &session.req_header().headers;
+    h.contains_key(header::CONTENT_LENGTH) || h.contains_key(header::TRANSFER_ENCODING)
+}
+
+#[async_trait]
+impl ProxyHttp for TollgateProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            upstream_start: None,
+            outcome: "allowed",
+            plan: None,
+            rate: None,
+            admitted: None,
+            origin: None,
+            normalized_path: None,
+            failure: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let app = &self.app;
+        let req = session.req_header();
+        ctx.origin = req.headers.get(header::ORIGIN).cloned();
+        let verdict = app
+            .gate
+            .admit(&req.method, req.uri.path(), &req.headers)
+            .await;
+        ctx.normalized_path = verdict.rewrite;
+        let admitted = match verdict.admission {
+            Ok(Admission::Forward) => return Ok(false),
+            Ok(Admission::Preflight) => return self.preflight(session, ctx).await,
+            Ok(Admission::Report(a)) => {
+                ctx.rate = RateHeaders::render(&a.decision);
+                ctx.plan = Some(a.plan.clone());
+                return self.usage_report(session, ctx, &a).await;
+            }
+            Ok(Admission::Pass(a)) => a,
+            Err(refused) => {
+                ctx.rate = refused.decision.as_ref().and_then(RateHeaders::render);
+                ctx.plan = refused.plan;
+                return self.reject(session, ctx, &refused.rejection).await;
+            }
+        };
+        ctx.rate = RateHeaders::render(&admitted.decision);
+        ctx.plan = Some(admitted.plan.clone());
+        if let Err(r) = app.meter.check_room(&admitted) {
+            return self.reject(session, ctx, &r).await;
+        }
+        ctx.admitted = Some(admitted);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.upstream_start = Some(Instant::now());
+        let c = &self.app.config;
+        // A SocketAddr resolved at load: no DNS here.
+        let mut peer = HttpPeer::new(c.upstream.addr, c.upstream.tls, c.upstream.host.clone());
+        peer.options.connection_timeout = Some(c.timeouts.connect);
+        peer.options.total_connection_timeout = Some(c.timeouts.connect);
+        peer.options.read_timeout = Some(c.timeouts.read);
+        peer.options.write_timeout = Some(c.timeouts.write);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        req: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // Whatever the client claims about itself is dropped first, in any
+        // spelling a CGI-style upstream would fold into the same name.
+        let spoofed: Vec<HeaderName> = req
+            .headers
+            .keys()
+            .filter(|n| gate::is_identity_header(n.as_str()))
+            .cloned()
+            .collect();
+        for h in spoofed {
+            req.remove_header(&h);
+        }
+        // Keys never travel upstream, on any route: X-API-Key always,
+        // Authorization when it carries a Bearer token (another scheme is
+        // the upstream's own authentication).
+        req.remove_header(gate::X_API_KEY);
+        let bearer = req
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().get(..7))
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "));
+        if bearer {
+            req.remove_header(&header::AUTHORIZATION);
+        }
+        if let Some(p) = ctx.normalized_path.take() {
+            let pq = match req.uri.query() {
+                Some(q) => format!("{p}?{q}"),
+                None => p,
+            };
+            if let Ok(uri) = pq.parse::<http::Uri>() {
+                req.set_uri(uri);
+            }
+        }
+        if let Some(a) = &ctx.admitted {
+            req.insert_header(H_CUSTOMER, &*a.identity.customer)?;
+            req.insert_header(H_PLAN, &*a.plan.name)?;
+            req.insert_header(H_KEY_ID, &*a.identity.key_id)?;
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if resp.status.is_informational() {
+            return Ok(());
+        }
+        if let Some(t) = ctx.upstream_start {
+            metrics::UPSTREAM_DURATION.observe(t.elapsed().as_secs_f64());
+        }
+        if let Some(a) = &ctx.admitted {
+            let reported = a.usage_header.as_ref().map(|h| {
+                let units = units_from_header(resp.headers.get(h).map(HeaderValue::as_bytes));
+                resp.remove_header(h);
+                units
+            });
+            let units = self.app.meter.units(a, resp.status.as_u16(), reported);
+            // Metered now, durable before the response reaches the client.
+            if let Err(r) = self.app.meter.record(a, units).await {
+                ctx.failure = Some(r);
+                return Error::e_explain(ErrorType::InternalError, "usage could not be recorded");
+            }
+        }
+        self.rate_headers(ctx, resp)?;
+        if !resp
+            .headers
+            .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+        {
+            self.cors_headers(ctx, resp)?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        // A failure of our own after the upstream answered says what it was;
+        // anything else is classified by where and how Pingora failed.
+        let rejection = match ctx.failure.take() {
+            Some(r) => r,
+            None => match classify(e) {
+                Some(r) => r,
+                None => {
+                    ctx.outcome = "client_closed";
+                    return FailToProxy {
+                        error_code: 0,
+                        can_reuse_downstream: false,
+                    };
+                }
+            },
+        };
+        if let Some(written) = session.response_written() {
+            // Too late for a clean answer: the header is out.
+            let code = written.status.as_u16();
+            ctx.outcome = "upstream_error";
+            return FailToProxy {
+                error_code: code,
+                can_reuse_downstream: false,
+            };
+        }
+        if rejection == Rejection::Internal {
+            log::error!("internal error while proxying: {e}");
+        }
+        let code = rejection.status();
+        // Pingora closes the client's connection after a failed proxy
+        // attempt, whatever we return; the answer must say so, or a client
+        // reusing the connection (as HTTP/1.1 lets it) sends its next request
+        // into a closing socket.
+        session.set_keepalive(None);
+        if let Err(err) = self.reject(session, ctx, &rejection).await {
+            log::debug!("could not send the error response: {err}");
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// A client hanging up is not Tollgate's error; keep it out of the log.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        e.esource() == &ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            )
+    }
+
+    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let plan = ctx.plan.as_ref().map_or("none", |p| &*p.name);
+        metrics::REQUESTS
+            .with_label_values(&[plan, ctx.outcome])
+            .inc();
+        metrics::REQUEST_DURATION.observe(ctx.start.elapsed().as_secs_f64());
+    }
+}
+
+/// The refusal for a proxying error; None when the client went away.
+fn classify(e: &Error) -> Option<Rejection> {
+    Some(match (e.esource(), e.etype()) {
+        (_, ErrorType::HTTPStatus(code)) if (400..500).contains(code) => {
+            Rejection::BadRequest(*code)
+        }
+        (
+            ErrorSource::Downstream,
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed,
+        ) => return None,
+        (ErrorSource::Downstream, _) => Rejection::BadRequest(400),
+        (
+            ErrorSource::Upstream,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout,
+        ) => Rejection::UpstreamTimeout,
+        (ErrorSource::Upstream, _) => Rejection::UpstreamUnreachable,
+        _ => Rejection::Internal,
+    })
+}

@@ -1,0 +1,208 @@
+//! Assembles a Pingora [`Server`] from a validated [`Config`]: the proxy
+//! service, the admin service and the background housekeeping.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use tollgate_core::clock::{Clock, Millis};
+use tollgate_core::metrics;
+use tollgate_core::store::UpdateStore;
+
+use crate::admin::AdminApp;
+use crate::app::{App, Keys};
+use crate::config::Config;
+use crate::proxy::TollgateProxy;
+
+/// How often running proxies look for key store changes.
+pub const KEY_RELOAD_EVERY: Duration = Duration::from_millis(250);
+/// How often idle limiter state is evicted.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps the key snapshot fresh and the limiter's memory bounded.
+struct Housekeeping {
+    app: Arc<App>,
+}
+
+#[async_trait]
+impl BackgroundService for Housekeeping {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut reload = tokio::time::interval(KEY_RELOAD_EVERY);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        let mut failing = false;
+        update_key_gauge(&self.app.keys, self.app.gate.clock.now_ms());
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = reload.tick() => {
+                    // The Redis store follows its own change feed.
+                    let Keys::File(store) = &self.app.keys else { continue };
+                    let store = Arc::clone(store);
+                    // File I/O off the async workers.
+                    let result = tokio::task::spawn_blocking(move || store.reload()).await;
+                    match result {
+                        Ok(Ok(true)) => {
+                            failing = false;
+                            metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
+                            update_key_gauge(&self.app.keys, self.app.gate.clock.now_ms());
+                            log::info!("key store reloaded");
+                        }
+                        Ok(Ok(false)) => failing = false,
+                        Ok(Err(e)) => {
+                            if !failing {
+                                metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
+                                log::error!("key store reload failed, keeping the previous keys: {e}");
+                            }
+                            failing = true;
+                        }
+                        Err(e) => log::error!("key store reload task failed: {e}"),
+                    }
+                }
+                _ = sweep.tick() => {
+                    // Keys pass from expiring to expired without a store change.
+                    let app = Arc::clone(&self.app);
+                    let now = self.app.gate.clock.now_ms();
+                    let _ = tokio::task::spawn_blocking(move || update_key_gauge(&app.keys, now)).await;
+                    let removed = self.app.gate.limiter.memory().sweep();
+                    if removed > 0 {
+                        log::debug!("limiter: evicted {removed} idle customers");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn update_key_gauge(keys: &Keys, now: Millis) {
+    let Ok(data) = keys.data() else { return };
+    let mut counts = std::collections::BTreeMap::<&str, i64>::new();
+    for s in ["active", "expiring", "expired", "revoked"] {
+        counts.insert(s, 0);
+    }
+    for k in &data.keys {
+        *counts
+            .entry(tollgate_core::store::admin::status(k, now))
+            .or_default() += 1;
+    }
+    for (s, n) in counts {
+        metrics::KEYS.with_label_values(&[s]).set(n);
+    }
+}
+
+/// Rolls usage into records every `flush_interval` and feeds every sink; on
+/// shutdown, rolls up everything and gives sinks a few seconds to deliver.
+struct Billing {
+    app: Arc<App>,
+}
+
+/// How long shutdown waits for sinks to deliver what is left.
+pub const FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(4);
+
+#[async_trait]
+impl BackgroundService for Billing {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(spool) = self.app.spool.clone() else {
+            return;
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let mut loops = Vec::new();
+        for cfg in &self.app.config.metering.sinks {
+            let sink = tollgate_metering::billing::build(cfg);
+            loops.push(tokio::spawn(tollgate_metering::billing::deliver(
+                sink,
+                spool.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        let mut tick = tokio::time::interval(self.app.config.metering.flush_interval);
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = tick.tick() => {
+                    spool.rollup(false).await;
+                    spool.update_gauges();
+                }
+            }
+        }
+        let n = spool.rollup(true).await;
+        log::info!(
+            "shutting down: {n} usage records rolled up; giving sinks {}s to deliver",
+            FLUSH_ON_SHUTDOWN.as_secs()
+        );
+        let deadline = tokio::time::Instant::now() + FLUSH_ON_SHUTDOWN;
+        while tokio::time::Instant::now() < deadline
+            && self
+                .app
+                .config
+                .metering
+                .sinks
+                .iter()
+                .any(|s| !spool.unsettled(s.name(), 1, |_| true).is_empty())
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = stop_tx.send(true);
+        for l in loops {
+            let _ = l.await;
+        }
+        // The spool stays open: requests still in flight keep recording
+        // until the proxy has drained; its writer syncs on the way out.
+        spool.update_gauges();
+    }
+}
+
+/// A server ready to `run`, and the state it serves (for tests and the CLI).
+pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<App>), String> {
+    metrics::init();
+    let app = App::build(config.clone(), clock)?;
+
+    let mut conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(5),
+        ..ServerConf::default()
+    };
+    conf.upstream_keepalive_pool_size = 256;
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        TollgateProxy { app: app.clone() },
+        "tollgate proxy",
+    );
+    let listen = config.listen.to_string();
+    match &config.tls {
+        Some(tls) => proxy
+            .add_tls(
+                &listen,
+                &tls.cert.to_string_lossy(),
+                &tls.key.to_string_lossy(),
+            )
+            .map_err(|e| format!("cannot set up TLS on {listen}: {e}"))?,
+        None => proxy.add_tcp(&listen),
+    }
+    server.add_service(proxy);
+
+    let mut admin = Service::new(
+        "tollgate admin".to_string(),
+        pingora::apps::http_app::HttpServer::new_app(AdminApp { app: app.clone() }),
+    );
+    admin.add_tcp(&config.admin.listen.to_string());
+    server.add_service(admin);
+
+    server.add_service(background_service(
+        "tollgate billing",
+        Billing { app: app.clone() },
+    ));
+    server.add_service(background_service(
+        "tollgate housekeeping",
+        Housekeeping { app: app.clone() },
+    ));
+    Ok((server, app))
+}

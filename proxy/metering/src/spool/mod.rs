@@ -1,0 +1,566 @@
+//! The usage spool: a write-ahead log on local disk that makes usage durable
+//! before it counts as recorded, rolls it up per (customer, meter, window)
+//! into records with fixed identifiers, and remembers which sink has
+//! settled which record.
+//!
+//! Files in `metering.spool_dir`:
+//! - `instance-id`: this spool's id, part of every identifier;
+//! - `rollup`: the window (ms) the events on disk were written for;
+//! - `events.log`: one line per billable response: `E seq ts customer meter units crc`;
+//! - `records.log`: `H next` (the record sequence high-water mark: sequences,
+//!   and so identifiers, are never reused), `S month customer meter recorded
+//!   reported` (this month's usage already settled everywhere and dropped
+//!   from memory), and `R rseq upto window customer meter units identifier`
+//!   (records some sink still owes);
+//! - `acks-<sink>.log`: `A rseq ok|dead`, what each sink has settled;
+//! - `dead-<sink>.jsonl`: records a sink refused for good, with the reason.
+//!
+//! Every line ends with a CRC-32 of the rest, so a line torn by a crash is
+//! recognised and ignored on replay. Customer and meter are percent-escaped.
+//!
+//! Group commit happens on the caller's runtime: an append joins a queue,
+//! the first one into an empty queue spawns a flush task, and that task
+//! writes everything that queued up meanwhile in one `write` and answers
+//! each caller once its line is in the file: a `kill -9` after that loses
+//! nothing. No thread hop and no blocking on the request path: if the
+//! writer is busy (a rollup or compaction), the batch goes to the spool's
+//! own thread instead. That thread also runs `fsync` at most every
+//! `fsync_interval`, which bounds what a power loss can take, and compacts
+//! the files at start and whenever they pass [`COMPACT_AT`], so a spool
+//! whose sinks keep up stays small.
+//!
+//! A `lock` file held with `flock` keeps a second process from opening the
+//! same spool (two writers would interleave sequences).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, TryLockError};
+use std::time::Duration;
+
+use tollgate_core::clock::{month_bounds, Clock, Millis};
+use tollgate_core::sync::{lock, Pending};
+
+mod codec;
+mod compact;
+mod open;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+use codec::{io_err, line_with_crc};
+use writer::Writer;
+
+/// Files are compacted when events.log or records.log grows past this.
+pub const COMPACT_AT: u64 = 8 << 20;
+/// Undelivered usage older than this is logged as about to age out.
+pub const AGE_WARNING_SECS: u64 = 30 * 86_400;
+
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    pub dir: PathBuf,
+    pub fsync_interval: Duration,
+    /// Above this many bytes of spool, billable requests are refused (503).
+    pub max_bytes: u64,
+    /// Records aggregate usage per this window (default one minute).
+    pub rollup: Millis,
+    /// Sinks whose deliveries are tracked.
+    pub sinks: Vec<String>,
+}
+
+/// One rolled-up record: what a sink reports, under a fixed identifier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub rseq: u64,
+    /// Highest event sequence folded into this record.
+    pub upto: u64,
+    pub window_start: Millis,
+    pub customer: Arc<str>,
+    pub meter: Arc<str>,
+    pub units: u64,
+    /// `tg-<instance>-<rseq>`: unique across instances and restarts, never
+    /// changes on retry.
+    pub identifier: String,
+}
+
+type GroupKey = (Arc<str>, Arc<str>, Millis);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Group {
+    units: u64,
+    max_seq: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Summary {
+    month: Millis,
+    recorded: u64,
+    reported: u64,
+}
+
+#[derive(Default)]
+struct State {
+    pending: HashMap<GroupKey, Group>,
+    /// Records some sink still owes.
+    records: BTreeMap<u64, Record>,
+    /// Per sink: records settled, true if delivered, false if dead-lettered.
+    settled: HashMap<String, BTreeMap<u64, bool>>,
+    /// This month's usage of records settled everywhere.
+    /// Indexed by customer, then meter, so one customer's report does not
+    /// scan everyone's.
+    summaries: HashMap<Arc<str>, HashMap<Arc<str>, Summary>>,
+    next_seq: u64,
+    next_rseq: u64,
+}
+
+impl State {
+    /// Moves records every sink has settled into the summaries.
+    fn fold_settled(&mut self, sinks: &[String], month_start: Millis) {
+        let done: Vec<u64> = self
+            .records
+            .keys()
+            .copied()
+            .filter(|r| {
+                sinks
+                    .iter()
+                    .all(|s| self.settled.get(s).is_some_and(|m| m.contains_key(r)))
+            })
+            .collect();
+        for rseq in done {
+            let Some(r) = self.records.remove(&rseq) else {
+                continue;
+            };
+            let delivered = !sinks.is_empty()
+                && sinks
+                    .iter()
+                    .all(|s| self.settled.get(s).and_then(|m| m.get(&rseq)) == Some(&true));
+            for m in self.settled.values_mut() {
+                m.remove(&rseq);
+            }
+            let (month, _) = month_bounds(r.window_start);
+            if month < month_start {
+                continue;
+            }
+            let sum = self
+                .summaries
+                .entry(r.customer)
+                .or_default()
+                .entry(r.meter)
+                .or_default();
+            if sum.month != month {
+                *sum = Summary {
+                    month,
+                    ..Summary::default()
+                };
+            }
+            sum.recorded = sum.recorded.saturating_add(r.units);
+            if delivered {
+                sum.reported = sum.reported.saturating_add(r.units);
+            }
+        }
+    }
+}
+
+/// One billable response waiting for its line to be written.
+struct Append {
+    customer: Arc<str>,
+    meter: Arc<str>,
+    units: u64,
+    at: Millis,
+    done: tokio::sync::oneshot::Sender<bool>,
+}
+
+/// Work for the spool's thread.
+enum Msg {
+    /// Appends a flush found the writer busy with.
+    Appends(Vec<Append>),
+    Rollup {
+        all: bool,
+        done: Option<tokio::sync::oneshot::Sender<usize>>,
+    },
+}
+
+pub use tollgate_core::usage::MeterTotals;
+
+/// Why the spool could not open, write or settle.
+#[derive(Debug)]
+pub enum SpoolError {
+    /// A file or directory of the spool could not be read or written.
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// Another process holds the spool directory's lock.
+    InUse(PathBuf),
+    /// The spool's thread could not be started.
+    Thread(std::io::Error),
+}
+
+impl std::fmt::Display for SpoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpoolError::Io { path, source } => write!(f, "{}: {source}", path.display()),
+            SpoolError::InUse(dir) => write!(
+                f,
+                "usage spool {} is in use by another Tollgate process; each instance needs its own metering.spool_dir",
+                dir.display()
+            ),
+            SpoolError::Thread(e) => write!(f, "cannot start the spool thread: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SpoolError {}
+
+pub struct Spool {
+    aging: AtomicBool,
+    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    queue: Mutex<Pending<Append>>,
+    /// Set by `close`: nothing is written after it.
+    closed: AtomicBool,
+    writer: Arc<Mutex<Writer>>,
+    state: Arc<Mutex<State>>,
+    bytes: Arc<AtomicU64>,
+    full: AtomicBool,
+    config: SpoolConfig,
+    clock: Arc<dyn Clock>,
+    pub instance: String,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Held (flock) until the spool is closed or dropped.
+    lock: Mutex<Option<File>>,
+}
+
+impl Spool {
+    pub fn config(&self) -> &SpoolConfig {
+        &self.config
+    }
+
+    /// Queues one billable response; resolves to true once it is in the file.
+    pub fn append(
+        self: &Arc<Self>,
+        customer: &Arc<str>,
+        meter: &Arc<str>,
+        units: u64,
+    ) -> tokio::sync::oneshot::Receiver<bool> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let item = Append {
+            customer: customer.clone(),
+            meter: meter.clone(),
+            units,
+            at: self.clock.now_ms(),
+            done,
+        };
+        if lock(&self.queue).push(item) {
+            // The flush yields once before writing, so the tasks this
+            // runtime already has ready (other responses arriving in the
+            // same wake-up) queue their appends first and share the write.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let flush = FlushOnDrop(self.clone());
+                    rt.spawn(async move {
+                        tokio::task::yield_now().await;
+                        // Dropped here: flushes. Also if the task is dropped
+                        // unrun (its runtime shutting down), so the queue is
+                        // never left waiting for a flush that will not come.
+                        drop(flush);
+                    });
+                }
+                Err(_) => self.flush(),
+            }
+        }
+        rx
+    }
+
+    /// Writes what has queued up: here if the writer is free, else on the
+    /// spool's thread once it is.
+    fn flush(&self) {
+        let items = lock(&self.queue).take();
+        if items.is_empty() || self.closed.load(Ordering::Acquire) {
+            // After close, callers see their answer dropped: not recorded.
+            return;
+        }
+        match self.writer.try_lock() {
+            Ok(mut w) => w.append(items),
+            Err(TryLockError::Poisoned(p)) => p.into_inner().append(items),
+            Err(TryLockError::WouldBlock) => {
+                if let Some(tx) = lock(&self.tx).as_ref() {
+                    // If the thread is gone, the callers see their answer
+                    // dropped: not recorded.
+                    let _ = tx.send(Msg::Appends(items));
+                }
+            }
+        }
+    }
+
+    /// Whether the spool has reached `max_bytes` (billable requests then get
+    /// 503). Logged once per transition.
+    pub fn is_full(&self) -> bool {
+        let full = self.bytes.load(Ordering::Relaxed) >= self.config.max_bytes;
+        if full != self.full.swap(full, Ordering::Relaxed) {
+            if full {
+                log::error!(
+                    "usage spool {} reached its bound of {} bytes: billable requests get 503 until sinks catch up",
+                    self.config.dir.display(),
+                    self.config.max_bytes
+                );
+            } else {
+                log::warn!("usage spool is below its bound again: billable requests are served");
+            }
+        }
+        full
+    }
+
+    /// Rolls closed windows (or, with `all`, everything) into records.
+    pub async fn rollup(&self, all: bool) -> usize {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        if let Some(tx) = lock(&self.tx).as_ref() {
+            let _ = tx.send(Msg::Rollup {
+                all,
+                done: Some(done),
+            });
+        }
+        rx.await.unwrap_or(0)
+    }
+
+    /// Records `sink` has not settled and `ready` accepts, oldest first.
+    pub fn unsettled(
+        &self,
+        sink: &str,
+        limit: usize,
+        ready: impl Fn(&Record) -> bool,
+    ) -> Vec<Record> {
+        let st = lock(&self.state);
+        let settled = st.settled.get(sink);
+        st.records
+            .values()
+            .filter(|r| !settled.is_some_and(|s| s.contains_key(&r.rseq)) && ready(r))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Marks records settled by `sink` (delivered, or dead-lettered). Does
+    /// file I/O: call it off the async workers.
+    pub fn settle(&self, sink: &str, rseqs: &[u64], ok: bool) -> Result<(), SpoolError> {
+        if rseqs.is_empty() {
+            return Ok(());
+        }
+        let path = self.config.dir.join(format!("acks-{sink}.log"));
+        let mut text = String::new();
+        for r in rseqs {
+            text.push_str(&line_with_crc(&format!(
+                "A {r} {}",
+                if ok { "ok" } else { "dead" }
+            )));
+        }
+        {
+            // Under the state lock, so a compaction cannot rewrite the file
+            // between this append and the state update.
+            let mut st = lock(&self.state);
+            let mut f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| io_err(&path, e))?;
+            f.write_all(text.as_bytes()).map_err(|e| io_err(&path, e))?;
+            let set = st.settled.entry(sink.to_owned()).or_default();
+            for r in rseqs {
+                set.insert(*r, ok);
+            }
+            let (month_start, _) = month_bounds(self.clock.now_ms());
+            st.fold_settled(&self.config.sinks, month_start);
+        }
+        self.update_gauges();
+        Ok(())
+    }
+
+    /// Appends a refused record with its reason to `dead-<sink>.jsonl`.
+    pub fn dead_letter(&self, sink: &str, r: &Record, reason: &str) {
+        let path = self.config.dir.join(format!("dead-{sink}.jsonl"));
+        let line = serde_json::json!({
+            "identifier": r.identifier,
+            "customer": &*r.customer,
+            "meter": &*r.meter,
+            "units": r.units,
+            "window_start": tollgate_core::clock::rfc3339(r.window_start),
+            "reason": reason,
+        });
+        let written = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            log::error!("cannot write dead letter {}: {e}", path.display());
+        }
+    }
+
+    /// Units not yet in a record plus units in records `sink` has not
+    /// settled, and the start of the oldest such window.
+    pub fn pending_units(&self, sink: &str) -> (u64, Option<Millis>) {
+        let st = lock(&self.state);
+        let settled = st.settled.get(sink);
+        let mut units = st
+            .pending
+            .values()
+            .fold(0u64, |a, g| a.saturating_add(g.units));
+        let mut oldest: Option<Millis> = st.pending.keys().map(|k| k.2).min();
+        for r in st.records.values() {
+            if !settled.is_some_and(|s| s.contains_key(&r.rseq)) {
+                units = units.saturating_add(r.units);
+                oldest = Some(oldest.map_or(r.window_start, |o| o.min(r.window_start)));
+            }
+        }
+        (units, oldest)
+    }
+
+    /// This month's usage of one customer per meter, as the spool knows it.
+    pub fn totals(&self, customer: &str) -> BTreeMap<String, MeterTotals> {
+        let (month_start, _) = month_bounds(self.clock.now_ms());
+        let no_sinks = self.config.sinks.is_empty();
+        let st = lock(&self.state);
+        let mut out: BTreeMap<String, MeterTotals> = BTreeMap::new();
+        for (m, s) in st.summaries.get(customer).into_iter().flatten() {
+            if s.month >= month_start {
+                let t = out.entry(m.to_string()).or_default();
+                t.recorded = t.recorded.saturating_add(s.recorded);
+                t.reported = t.reported.saturating_add(s.reported);
+            }
+        }
+        let in_flight = st
+            .pending
+            .iter()
+            .filter(|(k, _)| &*k.0 == customer && k.2 >= month_start)
+            .map(|(k, g)| (&k.1, g.units))
+            .chain(
+                st.records
+                    .values()
+                    .filter(|r| &*r.customer == customer && r.window_start >= month_start)
+                    .map(|r| (&r.meter, r.units)),
+            );
+        for (m, units) in in_flight {
+            let t = out.entry(m.to_string()).or_default();
+            t.recorded = t.recorded.saturating_add(units);
+            // With no sinks nothing is reported, and nothing is pending.
+            if !no_sinks {
+                t.pending = t.pending.saturating_add(units);
+            }
+        }
+        out
+    }
+
+    /// Units recorded this month per (customer, meter), in one pass (for
+    /// seeding the in-process ledger at start).
+    pub fn recorded_this_month(&self) -> HashMap<(Arc<str>, Arc<str>), u64> {
+        let (month_start, _) = month_bounds(self.clock.now_ms());
+        let st = lock(&self.state);
+        let mut out: HashMap<(Arc<str>, Arc<str>), u64> = HashMap::new();
+        let mut add = |c: &Arc<str>, m: &Arc<str>, units: u64| {
+            let n = out.entry((c.clone(), m.clone())).or_default();
+            *n = n.saturating_add(units);
+        };
+        for (c, ms) in &st.summaries {
+            for (m, s) in ms {
+                if s.month >= month_start {
+                    add(c, m, s.recorded);
+                }
+            }
+        }
+        for ((c, m, w), g) in &st.pending {
+            if *w >= month_start {
+                add(c, m, g.units);
+            }
+        }
+        for r in st.records.values() {
+            if r.window_start >= month_start {
+                add(&r.customer, &r.meter, r.units);
+            }
+        }
+        out
+    }
+
+    /// Customers with usage this month in the spool.
+    pub fn customers(&self) -> Vec<Arc<str>> {
+        let st = lock(&self.state);
+        let mut set: BTreeSet<Arc<str>> = st.pending.keys().map(|k| k.0.clone()).collect();
+        set.extend(st.records.values().map(|r| r.customer.clone()));
+        set.extend(st.summaries.keys().cloned());
+        set.into_iter().collect()
+    }
+
+    pub fn update_gauges(&self) {
+        tollgate_core::metrics::SPOOL_BYTES.set(self.bytes.load(Ordering::Relaxed) as i64);
+        let now = self.clock.now_ms();
+        let mut max_lag = 0;
+        for sink in &self.config.sinks {
+            let (units, oldest) = self.pending_units(sink);
+            tollgate_core::metrics::BILLING_PENDING
+                .with_label_values(&[sink])
+                .set(units as i64);
+            let lag = oldest.map_or(0, |o| now.saturating_sub(o) / 1000);
+            tollgate_core::metrics::BILLING_LAG
+                .with_label_values(&[sink])
+                .set(lag as i64);
+            max_lag = max_lag.max(lag);
+        }
+        // Stripe refuses events older than 35 days: warn at 30.
+        let aging = max_lag > AGE_WARNING_SECS;
+        if aging != self.aging.swap(aging, Ordering::Relaxed) && aging {
+            log::error!(
+                "undelivered usage is {} days old; Stripe refuses events older than 35 days",
+                max_lag / 86_400
+            );
+        }
+    }
+
+    /// Stops the writer after it has written and synced everything queued.
+    pub fn close(&self) {
+        self.flush();
+        self.closed.store(true, Ordering::Release);
+        lock(&self.tx).take();
+        if let Some(h) = lock(&self.thread).take() {
+            let _ = h.join();
+        }
+        lock(&self.lock).take();
+    }
+}
+
+impl Drop for Spool {
+    /// Like `close`: the thread is stopped before the lock is released, so
+    /// a spool opened next on the same directory has it to itself.
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Flushes the spool when dropped (see `Spool::append`).
+struct FlushOnDrop(Arc<Spool>);
+
+impl Drop for FlushOnDrop {
+    fn drop(&mut self) {
+        self.0.flush();
+    }
+}
+
+impl tollgate_core::meter::UsageJournal for Spool {
+    fn is_full(&self) -> bool {
+        Spool::is_full(self)
+    }
+
+    fn append(
+        self: &Arc<Self>,
+        customer: &Arc<str>,
+        meter: &Arc<str>,
+        units: u64,
+    ) -> impl std::future::Future<Output = bool> + Send {
+        let written = Spool::append(self, customer, meter, units);
+        async move { matches!(written.await, Ok(true)) }
+    }
+
+    fn totals(&self, customer: &str) -> BTreeMap<String, MeterTotals> {
+        Spool::totals(self, customer)
+    }
+}

@@ -1,0 +1,218 @@
+//! Opening a spool: take its lock, read (or make) its instance id, replay
+//! its files into memory, compact them, and start the writer thread.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use tollgate_core::clock::{month_bounds, Clock, Millis};
+use tollgate_core::sync::Pending;
+
+use super::codec::{checked, io_err, read_lines, unesc};
+use super::compact::compact_files;
+use super::writer::Writer;
+use super::{GroupKey, Record, Spool, SpoolConfig, SpoolError, State, Summary};
+
+impl Spool {
+    /// Opens (creating) the spool, replays it, compacts it and starts the writer.
+    pub fn open(config: SpoolConfig, clock: Arc<dyn Clock>) -> Result<Arc<Self>, SpoolError> {
+        let dir = config.dir.clone();
+        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let lock_file = lock_dir(&dir)?;
+        let instance = instance_id(&dir)?;
+        // Events on disk were grouped with the rollup they were written
+        // under; a changed setting applies to new events only.
+        let rollup_path = dir.join("rollup");
+        let disk_rollup = fs::read_to_string(&rollup_path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .filter(|&r| r > 0)
+            .unwrap_or(config.rollup);
+        let (month_start, _) = month_bounds(clock.now_ms());
+        let mut st = State::default();
+        let covered = replay_records(&dir, &mut st, month_start);
+        replay_acks(&dir, &config.sinks, &mut st);
+        replay_events(&dir, &mut st, &covered, disk_rollup);
+        let size = compact_files(&dir, &config.sinks, &mut st, month_start)?;
+        fs::write(&rollup_path, config.rollup.to_string()).map_err(|e| io_err(&rollup_path, e))?;
+        let spool = Self::start(config, clock, instance, st, size, lock_file)?;
+        spool.update_gauges();
+        Ok(spool)
+    }
+
+    /// The writer and its thread, on replayed state.
+    fn start(
+        config: SpoolConfig,
+        clock: Arc<dyn Clock>,
+        instance: String,
+        st: State,
+        size: u64,
+        lock_file: File,
+    ) -> Result<Arc<Self>, SpoolError> {
+        let bytes = Arc::new(AtomicU64::new(size));
+        let state = Arc::new(Mutex::new(st));
+        let (tx, rx) = mpsc::channel();
+        let writer = Arc::new(Mutex::new(Writer::open(
+            &config,
+            &instance,
+            clock.clone(),
+            state.clone(),
+            bytes.clone(),
+        )?));
+        let handle = {
+            let writer = writer.clone();
+            let interval = config.fsync_interval;
+            std::thread::Builder::new()
+                .name("tollgate-spool".into())
+                .spawn(move || Writer::run(&writer, &rx, interval))
+                .map_err(SpoolError::Thread)?
+        };
+        Ok(Arc::new(Spool {
+            aging: AtomicBool::new(false),
+            tx: Mutex::new(Some(tx)),
+            queue: Mutex::new(Pending::default()),
+            closed: AtomicBool::new(false),
+            writer,
+            state,
+            bytes,
+            full: AtomicBool::new(false),
+            config,
+            clock,
+            instance,
+            thread: Mutex::new(Some(handle)),
+            lock: Mutex::new(Some(lock_file)),
+        }))
+    }
+}
+
+/// `dir/lock`, held (flock) for the spool's lifetime: one process per spool.
+fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let lock_path = dir.join("lock");
+    let lock_file = File::create(&lock_path).map_err(|e| io_err(&lock_path, e))?;
+    match lock_file.try_lock() {
+        Ok(()) => Ok(lock_file),
+        Err(fs::TryLockError::WouldBlock) => Err(SpoolError::InUse(dir.to_path_buf())),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(&lock_path, e)),
+    }
+}
+
+/// This spool's id, part of every identifier; made once, then kept.
+fn instance_id(dir: &Path) -> Result<String, SpoolError> {
+    let id_path = dir.join("instance-id");
+    match fs::read_to_string(&id_path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        _ => {
+            let mut b = [0u8; 5];
+            tollgate_core::keys::random_bytes(&mut b).map_err(|e| io_err(&id_path, e))?;
+            let id = hex::encode(b);
+            fs::write(&id_path, &id).map_err(|e| io_err(&id_path, e))?;
+            Ok(id)
+        }
+    }
+}
+
+/// `records.log`: the high-water mark, this month's settled summaries and
+/// the records still owed. Returns, per group, the last event sequence a
+/// record already covers.
+fn replay_records(dir: &Path, st: &mut State, month_start: Millis) -> HashMap<GroupKey, u64> {
+    let mut covered: HashMap<GroupKey, u64> = HashMap::new();
+    for line in read_lines(&dir.join("records.log")) {
+        let Some(body) = checked(&line) else { continue };
+        let f: Vec<&str> = body.split(' ').collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+        match f.first().copied() {
+            Some("H") => st.next_rseq = st.next_rseq.max(num(1).unwrap_or(0)),
+            Some("S") if f.len() == 6 => {
+                let (Some(month), Some(rec), Some(rep)) = (num(1), num(4), num(5)) else {
+                    continue;
+                };
+                if month >= month_start {
+                    st.summaries.entry(unesc(f[2])).or_default().insert(
+                        unesc(f[3]),
+                        Summary {
+                            month,
+                            recorded: rec,
+                            reported: rep,
+                        },
+                    );
+                }
+            }
+            Some("R") if f.len() == 8 => {
+                let (Some(rseq), Some(upto), Some(window), Some(units)) =
+                    (num(1), num(2), num(3), num(6))
+                else {
+                    continue;
+                };
+                let r = Record {
+                    rseq,
+                    upto,
+                    window_start: window,
+                    customer: unesc(f[4]),
+                    meter: unesc(f[5]),
+                    units,
+                    identifier: f[7].to_owned(),
+                };
+                let g = covered
+                    .entry((r.customer.clone(), r.meter.clone(), window))
+                    .or_insert(0);
+                *g = (*g).max(upto);
+                st.next_rseq = st.next_rseq.max(rseq + 1);
+                st.next_seq = st.next_seq.max(upto + 1);
+                st.records.insert(rseq, r);
+            }
+            _ => {}
+        }
+    }
+    covered
+}
+
+/// `acks-<sink>.log`: what each configured sink has settled.
+fn replay_acks(dir: &Path, sinks: &[String], st: &mut State) {
+    for sink in sinks {
+        let set = st.settled.entry(sink.clone()).or_default();
+        for line in read_lines(&dir.join(format!("acks-{sink}.log"))) {
+            let Some(body) = checked(&line) else { continue };
+            let f: Vec<&str> = body.split(' ').collect();
+            if let (3, Some("A"), Some(Ok(rseq))) = (
+                f.len(),
+                f.first().copied(),
+                f.get(1).map(|s| s.parse::<u64>()),
+            ) {
+                // Acks of records no longer on disk are stale.
+                if st.records.contains_key(&rseq) {
+                    set.insert(rseq, f[2] == "ok");
+                }
+            }
+        }
+    }
+}
+
+/// `events.log`: billable responses no record covers yet, grouped by the
+/// rollup they were written under.
+fn replay_events(dir: &Path, st: &mut State, covered: &HashMap<GroupKey, u64>, rollup: u64) {
+    for line in read_lines(&dir.join("events.log")) {
+        let Some(body) = checked(&line) else { continue };
+        let f: Vec<&str> = body.split(' ').collect();
+        if f.len() != 6 || f[0] != "E" {
+            continue;
+        }
+        let (Ok(seq), Ok(ts), Ok(units)) = (
+            f[1].parse::<u64>(),
+            f[2].parse::<u64>(),
+            f[5].parse::<u64>(),
+        ) else {
+            continue;
+        };
+        st.next_seq = st.next_seq.max(seq + 1);
+        let key: GroupKey = (unesc(f[3]), unesc(f[4]), ts - ts % rollup);
+        if covered.get(&key).is_some_and(|&upto| upto >= seq) {
+            continue; // already in a record
+        }
+        let g = st.pending.entry(key).or_default();
+        g.units = g.units.saturating_add(units);
+        g.max_seq = g.max_seq.max(seq);
+    }
+}

@@ -1,0 +1,283 @@
+use std::fs;
+use std::path::Path;
+
+use super::*;
+
+fn config(dir: &Path, sinks: &[&str]) -> SpoolConfig {
+    SpoolConfig {
+        dir: dir.to_path_buf(),
+        fsync_interval: Duration::from_millis(10),
+        max_bytes: 1 << 30,
+        rollup: 1000,
+        sinks: sinks.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn clock() -> Arc<dyn Clock> {
+    Arc::new(tollgate_core::clock::SystemClock)
+}
+
+#[tokio::test]
+async fn events_survive_a_restart_and_roll_up_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+    let s = Spool::open(config(dir.path(), &["stripe"]), clock()).unwrap();
+    for _ in 0..5 {
+        assert!(s.append(&c, &m, 2).await.unwrap());
+    }
+    // Dropped without close: like a crash after the writes.
+    drop(s);
+    let s = Spool::open(config(dir.path(), &["stripe"]), clock()).unwrap();
+    assert_eq!(
+        s.totals("cus_1")["api"],
+        MeterTotals {
+            recorded: 10,
+            reported: 0,
+            pending: 10
+        }
+    );
+    assert_eq!(s.rollup(true).await, 1);
+    let recs = s.unsettled("stripe", 10, |_| true);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].units, 10);
+    let id = recs[0].identifier.clone();
+    assert!(id.starts_with(&format!("tg-{}-", s.instance)) && id.len() <= 100);
+    s.close();
+    // The record and its identifier come back unchanged; the events do not
+    // come back as pending (no double count).
+    let s = Spool::open(config(dir.path(), &["stripe"]), clock()).unwrap();
+    let recs = s.unsettled("stripe", 10, |_| true);
+    assert_eq!(
+        (recs.len(), recs[0].identifier.as_str(), recs[0].units),
+        (1, id.as_str(), 10)
+    );
+    assert_eq!(s.totals("cus_1")["api"].recorded, 10);
+    assert_eq!(
+        s.recorded_this_month()[&(c.clone(), m.clone())],
+        10,
+        "seeds the ledger after a restart"
+    );
+    s.settle("stripe", &[recs[0].rseq], true).unwrap();
+    assert!(s.unsettled("stripe", 10, |_| true).is_empty());
+    assert_eq!(
+        s.totals("cus_1")["api"],
+        MeterTotals {
+            recorded: 10,
+            reported: 10,
+            pending: 0
+        }
+    );
+    s.close();
+    let s = Spool::open(config(dir.path(), &["stripe"]), clock()).unwrap();
+    assert!(
+        s.unsettled("stripe", 10, |_| true).is_empty(),
+        "settled stays settled"
+    );
+}
+
+#[tokio::test]
+async fn a_torn_last_line_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+    let s = Spool::open(config(dir.path(), &[]), clock()).unwrap();
+    assert!(s.append(&c, &m, 3).await.unwrap());
+    s.close();
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("events.log"))
+        .unwrap();
+    f.write_all(b"E 99 1 cus_1 api 1000 dead").unwrap(); // no CRC match, no newline
+    let s = Spool::open(config(dir.path(), &[]), clock()).unwrap();
+    assert_eq!(s.totals("cus_1")["api"].recorded, 3);
+}
+
+#[tokio::test]
+async fn each_sink_settles_on_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+    let s = Spool::open(config(dir.path(), &["a", "b"]), clock()).unwrap();
+    assert!(s.append(&c, &m, 1).await.unwrap());
+    s.rollup(true).await;
+    let r = s.unsettled("a", 1, |_| true)[0].rseq;
+    s.settle("a", &[r], true).unwrap();
+    assert!(s.unsettled("a", 9, |_| true).is_empty());
+    assert_eq!(s.unsettled("b", 9, |_| true).len(), 1);
+    assert_eq!(s.pending_units("b").0, 1);
+    assert_eq!(
+        s.totals("cus_1")["api"].reported,
+        0,
+        "reported once every sink has it"
+    );
+}
+
+#[tokio::test]
+async fn identifiers_are_never_reused_after_settled_records_are_dropped() {
+    use tollgate_core::clock::{days_from_civil, Date, ManualClock, DAY};
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+    let jan = days_from_civil(Date {
+        year: 2027,
+        month: 1,
+        day: 20,
+    }) as Millis
+        * DAY;
+    let clock = ManualClock::at(jan);
+    let s = Spool::open(config(dir.path(), &["stripe"]), Arc::new(clock.clone())).unwrap();
+    assert!(s.append(&c, &m, 1).await.unwrap());
+    s.rollup(true).await;
+    let first = s.unsettled("stripe", 9, |_| true)[0].clone();
+    s.settle("stripe", &[first.rseq], true).unwrap();
+    s.close();
+    // A month later every January record is gone from the files...
+    clock.set(jan + 31 * DAY);
+    let s = Spool::open(config(dir.path(), &["stripe"]), Arc::new(clock.clone())).unwrap();
+    assert!(s.totals("cus_1").is_empty());
+    let records = fs::read_to_string(dir.path().join("records.log")).unwrap();
+    assert!(!records.contains(&first.identifier), "{records}");
+    // ...but the next identifier is still new.
+    assert!(s.append(&c, &m, 1).await.unwrap());
+    s.rollup(true).await;
+    let second = s.unsettled("stripe", 9, |_| true)[0].clone();
+    assert!(second.rseq > first.rseq, "{second:?} reuses {first:?}");
+    assert_ne!(second.identifier, first.identifier);
+}
+
+#[tokio::test]
+async fn a_changed_rollup_does_not_count_rolled_events_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus 1%".into(), "api".into());
+    let s = Spool::open(config(dir.path(), &["stripe"]), clock()).unwrap();
+    for _ in 0..3 {
+        assert!(s.append(&c, &m, 1).await.unwrap());
+    }
+    s.rollup(true).await;
+    s.close();
+    let mut cfg = config(dir.path(), &["stripe"]);
+    cfg.rollup = 60_000;
+    let s = Spool::open(cfg, clock()).unwrap();
+    let recs = s.unsettled("stripe", 9, |_| true);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        &*recs[0].customer, "cus 1%",
+        "odd ids survive the line format"
+    );
+    assert_eq!(s.totals("cus 1%")["api"].recorded, 3, "not 6");
+}
+
+#[tokio::test]
+async fn settled_usage_leaves_memory_and_files_but_stays_in_the_totals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+    let s = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+    for _ in 0..100 {
+        assert!(s.append(&c, &m, 1).await.unwrap());
+    }
+    s.rollup(true).await;
+    let r = s.unsettled("a", 9, |_| true)[0].rseq;
+    s.settle("a", &[r], true).unwrap();
+    assert_eq!(lock(&s.state).records.len(), 0, "folded into the summary");
+    s.close();
+    let s = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+    assert_eq!(
+        s.totals("cus_1")["api"],
+        MeterTotals {
+            recorded: 100,
+            reported: 100,
+            pending: 0
+        }
+    );
+    let size = |f: &str| fs::metadata(dir.path().join(f)).unwrap().len();
+    assert!(
+        size("events.log") == 0 && size("records.log") < 200,
+        "compacted at start"
+    );
+    assert!(!s.is_full());
+}
+
+#[tokio::test]
+async fn a_dead_letter_is_not_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+    let s = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+    assert!(s.append(&c, &m, 4).await.unwrap());
+    s.rollup(true).await;
+    let r = s.unsettled("a", 9, |_| true)[0].rseq;
+    s.settle("a", &[r], false).unwrap();
+    assert_eq!(
+        s.totals("cus_1")["api"],
+        MeterTotals {
+            recorded: 4,
+            reported: 0,
+            pending: 0
+        }
+    );
+}
+
+#[test]
+fn a_second_process_cannot_open_a_spool_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(config(dir.path(), &[]), clock()).unwrap();
+    let err = Spool::open(config(dir.path(), &[]), clock())
+        .err()
+        .expect("the spool is locked");
+    assert!(matches!(err, SpoolError::InUse(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("in use by another Tollgate process"),
+        "{err}"
+    );
+    s.close();
+    Spool::open(config(dir.path(), &[]), clock()).expect("free again after close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_are_each_written_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+    let m: Arc<str> = "api".into();
+    let mut tasks = Vec::new();
+    for i in 0..400u64 {
+        let (s, m) = (s.clone(), m.clone());
+        tasks.push(tokio::spawn(async move {
+            let c: Arc<str> = format!("cus_{}", i % 4).into();
+            s.append(&c, &m, 1 + i % 3).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap());
+    }
+    // A rollup may hold the writer while appends arrive; whether they
+    // are written here or on the spool's thread, each lands once.
+    let more: Vec<_> = (0..100u64)
+        .map(|_| {
+            let (s, m) = (s.clone(), m.clone());
+            tokio::spawn(async move { s.append(&"cus_0".into(), &m, 1).await.unwrap() })
+        })
+        .collect();
+    s.rollup(false).await;
+    for t in more {
+        assert!(t.await.unwrap());
+    }
+    s.close();
+    drop(s);
+    let events = fs::read_to_string(dir.path().join("events.log")).unwrap();
+    let seqs: BTreeSet<u64> = events
+        .lines()
+        .map(|l| l.split(' ').nth(1).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(seqs.len(), 500, "one line and one sequence per response");
+    let s = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+    let expect = |c: u64| {
+        (0..400u64)
+            .filter(|i| i % 4 == c)
+            .map(|i| 1 + i % 3)
+            .sum::<u64>()
+    };
+    for c in 0..4u64 {
+        let extra = if c == 0 { 100 } else { 0 };
+        assert_eq!(
+            s.totals(&format!("cus_{c}"))["api"].recorded,
+            expect(c) + extra
+        );
+    }
+}

@@ -1,0 +1,282 @@
+//! The writer: appends event lines (group commit), rolls windows up into
+//! records, syncs at most every `fsync_interval`, and runs on the spool's
+//! own thread whenever a caller finds it busy.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tollgate_core::clock::{month_bounds, Clock, Millis};
+use tollgate_core::keys::crc32;
+use tollgate_core::sync::lock;
+
+use super::codec::{io_err, plain, record_line};
+use super::compact::compact_files;
+use super::{Append, GroupKey, Msg, Record, SpoolConfig, SpoolError, State, COMPACT_AT};
+
+pub(super) struct Writer {
+    dir: PathBuf,
+    events: LogFile,
+    records: LogFile,
+    state: Arc<Mutex<State>>,
+    bytes: Arc<AtomicU64>,
+    rollup: Millis,
+    sinks: Vec<String>,
+    instance: String,
+    clock: Arc<dyn Clock>,
+    last_sync: Instant,
+    dirty: bool,
+}
+
+impl Writer {
+    pub(super) fn open(
+        config: &SpoolConfig,
+        instance: &str,
+        clock: Arc<dyn Clock>,
+        state: Arc<Mutex<State>>,
+        bytes: Arc<AtomicU64>,
+    ) -> Result<Self, SpoolError> {
+        Ok(Self {
+            dir: config.dir.clone(),
+            events: LogFile::open(&config.dir.join("events.log"))?,
+            records: LogFile::open(&config.dir.join("records.log"))?,
+            state,
+            bytes,
+            rollup: config.rollup,
+            sinks: config.sinks.clone(),
+            instance: instance.to_owned(),
+            clock,
+            last_sync: Instant::now(),
+            dirty: false,
+        })
+    }
+
+    /// The spool's thread: rollups, appends that found the writer busy,
+    /// and the periodic fsync. Ends when the spool is closed.
+    pub(super) fn run(writer: &Mutex<Writer>, rx: &mpsc::Receiver<Msg>, fsync_interval: Duration) {
+        loop {
+            let mut batch = Vec::new();
+            match rx.recv_timeout(fsync_interval.max(Duration::from_millis(1))) {
+                Ok(m) => batch.push(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            let mut appends = Vec::new();
+            let mut rollups = Vec::new();
+            for m in batch {
+                match m {
+                    Msg::Appends(a) => appends.extend(a),
+                    Msg::Rollup { all, done } => rollups.push((all, done)),
+                }
+            }
+            {
+                let mut w = lock(writer);
+                w.append(appends);
+                for (all, done) in rollups {
+                    let n = w.roll(all);
+                    if let Some(d) = done {
+                        let _ = d.send(n);
+                    }
+                }
+            }
+            Self::sync(writer, fsync_interval);
+        }
+        Self::sync(writer, Duration::ZERO);
+    }
+
+    /// Syncs the files if they were written and the last sync is at least
+    /// `every` ago. The writer stays free meanwhile: appends go on while
+    /// the disk catches up.
+    fn sync(writer: &Mutex<Writer>, every: Duration) {
+        let files = {
+            let mut w = lock(writer);
+            if !w.dirty || w.last_sync.elapsed() < every {
+                return;
+            }
+            w.dirty = false;
+            w.last_sync = Instant::now();
+            (w.events.file.try_clone(), w.records.file.try_clone())
+        };
+        let synced = match files {
+            (Ok(e), Ok(r)) => e.sync_data().and_then(|_| r.sync_data()),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        if let Err(e) = synced {
+            log::error!("usage spool fsync failed: {e}");
+            lock(writer).dirty = true;
+        }
+    }
+
+    /// Writes the lines of `items` in one append and answers each caller.
+    pub(super) fn append(&mut self, items: Vec<Append>) {
+        if items.is_empty() {
+            return;
+        }
+        let mut text = String::with_capacity(items.len() * 64);
+        let mut added: Vec<(GroupKey, u64, u64)> = Vec::with_capacity(items.len());
+        let mut acks = Vec::with_capacity(items.len());
+        let mut st = lock(&self.state);
+        for a in items {
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            // `E seq ts customer meter units crc`, written in place: this
+            // runs for every billable response.
+            let start = text.len();
+            let _ = write!(text, "E {seq} {} ", a.at);
+            tollgate_core::pct::encode_into(&mut text, &a.customer, plain);
+            text.push(' ');
+            tollgate_core::pct::encode_into(&mut text, &a.meter, plain);
+            let _ = write!(text, " {}", a.units);
+            let crc = crc32(&text.as_bytes()[start..]);
+            let _ = writeln!(text, " {crc:08x}");
+            added.push((
+                (a.customer, a.meter, a.at - a.at % self.rollup),
+                a.units,
+                seq,
+            ));
+            acks.push(a.done);
+        }
+        // Sequences are handed out and written under the state lock, so the
+        // file holds them in order and a rollup never sees a later event of
+        // a group before an earlier one is in the file.
+        let ok = self.events.append(text.as_bytes());
+        if ok {
+            // Only what is in the file counts.
+            for (key, units, seq) in added {
+                let g = st.pending.entry(key).or_default();
+                g.units = g.units.saturating_add(units);
+                g.max_seq = g.max_seq.max(seq);
+            }
+            self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
+            self.dirty = true;
+        } else {
+            log::error!(
+                "usage spool write failed: {} responses are refused",
+                acks.len()
+            );
+        }
+        drop(st);
+        for a in acks {
+            let _ = a.send(ok);
+        }
+    }
+
+    /// Turns closed windows' groups into records (written and synced first).
+    pub(super) fn roll(&mut self, all: bool) -> usize {
+        let now = self.clock.now_ms();
+        let mut st = lock(&self.state);
+        // A window is closed once it has ended (plus a second for requests
+        // still in flight across its end).
+        let keys: Vec<GroupKey> = st
+            .pending
+            .keys()
+            .filter(|k| all || k.2 + self.rollup + 1000 <= now)
+            .cloned()
+            .collect();
+        let mut text = String::new();
+        let mut new = Vec::new();
+        for k in keys {
+            let Some(g) = st.pending.remove(&k) else {
+                continue;
+            };
+            let rseq = st.next_rseq;
+            st.next_rseq += 1;
+            let r = Record {
+                rseq,
+                upto: g.max_seq,
+                window_start: k.2,
+                customer: k.0,
+                meter: k.1,
+                units: g.units,
+                identifier: format!("tg-{}-{rseq}", self.instance),
+            };
+            text.push_str(&record_line(&r));
+            new.push(r);
+        }
+        // Records must be durable before they are offered to sinks.
+        let written = text.is_empty()
+            || (self.records.append(text.as_bytes()) && self.records.file.sync_data().is_ok());
+        if !written {
+            log::error!("usage spool: cannot write records; will try again");
+            for r in new {
+                let g = st
+                    .pending
+                    .entry((r.customer, r.meter, r.window_start))
+                    .or_default();
+                g.units = g.units.saturating_add(r.units);
+                g.max_seq = g.max_seq.max(r.upto);
+            }
+            return 0;
+        }
+        self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
+        let n = new.len();
+        for r in new {
+            st.records.insert(r.rseq, r);
+        }
+        if self.sinks.is_empty() {
+            // Nothing will ever settle them: fold straight into the summaries.
+            let (month_start, _) = month_bounds(now);
+            st.fold_settled(&self.sinks, month_start);
+        }
+        if self.events.len > COMPACT_AT || self.records.len > COMPACT_AT {
+            let (month_start, _) = month_bounds(now);
+            match compact_files(&self.dir, &self.sinks, &mut st, month_start) {
+                Ok(bytes) => {
+                    self.bytes.store(bytes, Ordering::Relaxed);
+                    match (
+                        LogFile::open(&self.dir.join("events.log")),
+                        LogFile::open(&self.dir.join("records.log")),
+                    ) {
+                        (Ok(e), Ok(r)) => {
+                            self.events = e;
+                            self.records = r;
+                        }
+                        _ => log::error!("usage spool: cannot reopen files after compaction"),
+                    }
+                }
+                Err(e) => log::error!("usage spool: compaction failed: {e}"),
+            }
+        }
+        n
+    }
+}
+
+/// A file opened for appending that knows its length.
+pub(super) struct LogFile {
+    file: File,
+    len: u64,
+}
+
+impl LogFile {
+    pub(super) fn open(p: &Path) -> Result<Self, SpoolError> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| io_err(p, e))?;
+        let len = file.metadata().map_err(|e| io_err(p, e))?.len();
+        Ok(Self { file, len })
+    }
+
+    /// Appends `data`; on failure cuts the file back so no half line is
+    /// left for the next append to be glued to.
+    pub(super) fn append(&mut self, data: &[u8]) -> bool {
+        if self.file.write_all(data).is_ok() {
+            self.len += data.len() as u64;
+            return true;
+        }
+        let _ = self.file.set_len(self.len);
+        false
+    }
+}

@@ -1,0 +1,413 @@
+//! The Redis limiter: a Lua script checks and charges every limit of the
+//! customer's plan atomically, with the memory limiter's semantics (the
+//! shared conformance suite runs against both). Requests that arrive in the
+//! same wake-up share one script call (see [`RedisLimiter`]).
+//!
+//! Keys, all under the customer's hash tag so one script touches one slot:
+//! - sliding window: `{P:cus}:s:<policy>:<window ms>` is a sorted set of
+//!   admitted charges, one per script call that admitted any (member
+//!   `<time ms>:<instance>:<call>:<cost>`, score = the time, which the
+//!   script reads from the member: scores in a reply cost more than the rest
+//!   of a call), and `…:t` the sum of their costs;
+//! - calendar window: `{P:cus}:c:<policy>:<window start ms>` (a day's with
+//!   `:d` after it) a counter that expires a minute after the window ends.
+//!
+//! Time comes from the instance (`now` argument, one per call), so all
+//! instances must run NTP; a skew of d ms shifts window edges by d ms.
+//!
+//! The script answers tersely (per group of one customer's requests under
+//! one plan, what each limit started from; per request, admitted or the
+//! wait); [`Replay`] turns that into each request's
+//! decision, so Lua does a few comparisons per request and nothing more.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use redis::Script;
+
+use crate::conn::RedisConn;
+use tollgate_core::clock::Clock;
+use tollgate_core::limiter::{
+    calendar_window, ceil_secs, Decision, Limiter, LimiterError, PolicyStatus,
+};
+use tollgate_core::plans::{Plan, Window};
+use tollgate_core::sync::{lock, Pending};
+
+/// The script; see the comments at its top for its arguments and keys.
+const SCRIPT: &str = include_str!("limiter.lua");
+
+type Reply = tokio::sync::oneshot::Sender<Result<Decision, LimiterError>>;
+
+/// One request waiting for the next script call.
+struct Queued {
+    customer: Arc<str>,
+    plan: Arc<Plan>,
+    cost: u64,
+    done: Reply,
+}
+
+/// The requests of one customer and plan in a call: their limits' keys and
+/// arguments are sent once, followed by each request's cost.
+struct Group {
+    customer: Arc<str>,
+    plan: Arc<Plan>,
+    costs: Vec<u64>,
+    replies: Vec<Reply>,
+}
+
+impl Group {
+    fn of(q: &Queued) -> Self {
+        Self {
+            customer: q.customer.clone(),
+            plan: q.plan.clone(),
+            costs: Vec::new(),
+            replies: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, q: Queued) {
+        self.costs.push(q.cost);
+        self.replies.push(q.done);
+    }
+
+    fn fail(self, e: &str) {
+        for r in self.replies {
+            let _ = r.send(Err(LimiterError::Unavailable(e.to_owned())));
+        }
+    }
+}
+
+struct Shared {
+    /// Made at start-up on Tollgate's Redis runtime; used until `here`
+    /// exists and whenever it cannot be made.
+    conn: RedisConn,
+    /// The limiter's own connection, made by the first request on the
+    /// runtime that serves requests, so a round trip costs no hop to
+    /// another thread's driver task and back.
+    here: tokio::sync::OnceCell<RedisConn>,
+    script: Script,
+    instance: String,
+    clock: Arc<dyn Clock>,
+    /// Numbers this instance's script calls (a sliding charge's member).
+    seq: AtomicU64,
+    queue: std::sync::Mutex<Pending<Queued>>,
+    /// When to try making `here` again after a failure.
+    retry_here_at: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// Requests that arrive in the same wake-up of the proxy's runtime are
+/// decided by one script call (in cluster mode, one per customer, whose keys
+/// share a slot), taken at one instant: at most one round trip per request,
+/// fewer under load. Within a call the script takes each customer's
+/// requests in arrival order, each seeing the charges of those before it,
+/// exactly as separate calls at that instant would.
+pub struct RedisLimiter {
+    shared: Arc<Shared>,
+}
+
+impl RedisLimiter {
+    pub fn new(conn: RedisConn, clock: Arc<dyn Clock>) -> std::io::Result<Self> {
+        let mut id = [0u8; 6];
+        tollgate_core::keys::random_bytes(&mut id)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                conn,
+                here: tokio::sync::OnceCell::new(),
+                script: Script::new(SCRIPT),
+                instance: hex::encode(id),
+                clock,
+                seq: AtomicU64::new(0),
+                queue: std::sync::Mutex::new(Pending::default()),
+                retry_here_at: std::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    pub fn conn(&self) -> &RedisConn {
+        &self.shared.conn
+    }
+
+    async fn run(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+    ) -> Result<Decision, LimiterError> {
+        if plan.limits.is_empty() {
+            return Ok(Decision::unlimited());
+        }
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let item = Queued {
+            customer: customer.clone(),
+            plan: plan.clone(),
+            cost,
+            done,
+        };
+        if lock(&self.shared.queue).push(item) {
+            // Yields once first, so the requests this runtime already has
+            // ready join the batch. (Outside a Tokio runtime, which the
+            // proxy never is, the request sends its batch itself.)
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    // Should the task be dropped before it sends (the
+                    // runtime shutting down, even before it first runs), the
+                    // queue must not stay "scheduled" with nobody to send
+                    // it: the guard answers its requests with an error
+                    // (on_error applies) instead.
+                    let mut guard = Unscheduled(Some(self.shared.clone()));
+                    rt.spawn(async move {
+                        tokio::task::yield_now().await;
+                        if let Some(shared) = guard.0.take() {
+                            shared.flush().await;
+                        }
+                    });
+                }
+                Err(_) => self.shared.flush().await,
+            }
+        }
+        rx.await
+            .map_err(|_| LimiterError::Unavailable("redis batch dropped".into()))?
+    }
+}
+
+/// Clears a batch whose flush will never run (see `RedisLimiter::run`);
+/// taken out (disarmed) when the flush starts.
+struct Unscheduled(Option<Arc<Shared>>);
+
+impl Drop for Unscheduled {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            // Their requests see the batch dropped: on_error applies.
+            let dropped = lock(&shared.queue).take();
+            drop(dropped);
+        }
+    }
+}
+
+/// Requests per script call at most: a call blocks Redis while it runs.
+const MAX_BATCH: usize = 128;
+
+/// After a failed attempt to make `here`, how long to use `conn` before
+/// trying again.
+const RECONNECT_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Shared {
+    /// The connection for this runtime (see `here`). A failed attempt to
+    /// make it is not a Redis failure (the start-up connection works on):
+    /// it is retried after [`RECONNECT_AFTER`].
+    async fn conn_here(&self) -> &RedisConn {
+        if let Some(c) = self.here.get() {
+            return c;
+        }
+        let due = lock(&self.retry_here_at).is_none_or(|at| at <= std::time::Instant::now());
+        if !due {
+            return &self.conn;
+        }
+        match self.here.get_or_try_init(|| self.conn.connect_here()).await {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!(
+                    "redis limiter: cannot open its own connection ({e}); using the shared one"
+                );
+                *lock(&self.retry_here_at) = Some(std::time::Instant::now() + RECONNECT_AFTER);
+                &self.conn
+            }
+        }
+    }
+
+    /// Sends what has queued up, decided at one instant: one script call of
+    /// at most [`MAX_BATCH`] requests, or in cluster mode one per customer
+    /// (a call's keys must share a slot).
+    async fn flush(&self) {
+        let items = lock(&self.queue).take();
+        let now = self.clock.now_ms();
+        let conn = self.conn_here().await;
+        let mut calls: Vec<(usize, Vec<Group>)> = Vec::new();
+        for item in items {
+            let fits = |(n, groups): &&mut (usize, Vec<Group>)| {
+                *n < MAX_BATCH && (!conn.config.cluster || groups[0].customer == item.customer)
+            };
+            let (n, groups) = match calls.iter_mut().find(fits) {
+                Some(c) => c,
+                None => {
+                    calls.push((0, Vec::new()));
+                    let last = calls.len() - 1;
+                    &mut calls[last]
+                }
+            };
+            *n += 1;
+            // The customer's latest group, if it is on the same plan: a
+            // customer whose requests come under two plans (a plan change
+            // while they are in flight) gets a group per run of one plan,
+            // so the script still takes them in arrival order.
+            let latest = groups
+                .iter_mut()
+                .rev()
+                .find(|g| g.customer == item.customer)
+                .filter(|g| Arc::ptr_eq(&g.plan, &item.plan));
+            match latest {
+                Some(g) => g.push(item),
+                None => {
+                    let mut g = Group::of(&item);
+                    g.push(item);
+                    groups.push(g);
+                }
+            }
+        }
+        futures_util::future::join_all(calls.into_iter().map(|(_, g)| self.call(conn, now, g)))
+            .await;
+    }
+
+    async fn call(&self, conn: &RedisConn, now: u64, groups: Vec<Group>) {
+        let prefix = &conn.config.prefix;
+        let mut inv = self.script.prepare_invoke();
+        inv.arg(&self.instance)
+            .arg(now)
+            .arg(self.seq.fetch_add(1, Ordering::Relaxed))
+            .arg(groups.len());
+        for g in &groups {
+            let customer = &g.customer;
+            inv.arg(g.plan.limits.len());
+            for l in &g.plan.limits {
+                match l.window {
+                    Window::Sliding(w) => {
+                        let set = format!("{{{prefix}:{customer}}}:s:{}:{w}", l.name);
+                        let total = format!("{set}:t");
+                        inv.key(set).key(total).arg("s").arg(w);
+                    }
+                    cal => {
+                        let (start, end) = calendar_window(cal, now);
+                        // A day and a month can start at the same instant: a
+                        // day's key says so (a month's keeps its old name).
+                        let day = if cal == Window::Day { ":d" } else { "" };
+                        inv.key(format!("{{{prefix}:{customer}}}:c:{}:{start}{day}", l.name))
+                            .arg("c")
+                            .arg(end);
+                    }
+                }
+                inv.arg(l.quota).arg(u8::from(l.overage));
+            }
+            inv.arg(g.costs.len());
+            for c in &g.costs {
+                inv.arg(c);
+            }
+        }
+        let expected: usize = groups
+            .iter()
+            .map(|g| 2 * g.plan.limits.len() + g.costs.len())
+            .sum();
+        let out = match conn.script::<Vec<i64>>(&inv).await {
+            Ok(out) if out.len() == expected => out,
+            Ok(out) => {
+                let e = format!("unexpected script reply of {} items", out.len());
+                groups.into_iter().for_each(|g| g.fail(&e));
+                return;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                groups.into_iter().for_each(|g| g.fail(&e));
+                return;
+            }
+        };
+        let mut at = 0;
+        for g in groups {
+            let n = 2 * g.plan.limits.len();
+            let (start, flags) = out[at..at + n + g.costs.len()].split_at(n);
+            at += n + g.costs.len();
+            let mut replay = Replay::new(&g.plan, now, start);
+            for ((cost, flag), reply) in g.costs.iter().zip(flags).zip(g.replies) {
+                let _ = reply.send(Ok(replay.next(*cost, *flag)));
+            }
+        }
+    }
+}
+
+/// Turns the script's terse reply for one group into each request's
+/// decision: from what each limit started at, it charges the requests the
+/// script admitted, in the same order, exactly as the script did.
+struct Replay<'a> {
+    plan: &'a Plan,
+    now: u64,
+    /// Per limit: units in use, and for a sliding window its oldest charge.
+    state: Vec<(u64, Option<u64>)>,
+}
+
+impl<'a> Replay<'a> {
+    fn new(plan: &'a Plan, now: u64, start: &[i64]) -> Self {
+        let state = start
+            .chunks_exact(2)
+            .map(|s| (s[0].max(0) as u64, u64::try_from(s[1]).ok()))
+            .collect();
+        Self { plan, now, state }
+    }
+
+    /// `flag`: 0 admitted; else refused, and 1 + the seconds until the
+    /// sliding limits have room.
+    fn next(&mut self, cost: u64, flag: i64) -> Decision {
+        let now = self.now;
+        let allowed = flag == 0;
+        let mut retry_after_secs = if allowed { 0 } else { (flag - 1).max(0) as u64 };
+        let (mut overage, mut overage_meter) = (false, None);
+        let mut policies = Vec::with_capacity(self.plan.limits.len());
+        for (l, (used, first)) in self.plan.limits.iter().zip(self.state.iter_mut()) {
+            let exceeds = used.saturating_add(cost) > l.quota;
+            let violated = exceeds && !l.overage;
+            if exceeds && l.overage {
+                overage = true;
+                if overage_meter.is_none() {
+                    overage_meter = l.overage_meter.clone();
+                }
+            }
+            if allowed && cost > 0 {
+                *used += cost;
+                if matches!(l.window, Window::Sliding(_)) {
+                    *first = Some(first.map_or(now, |t| t.min(now)));
+                }
+            }
+            let reset_secs = match l.window {
+                Window::Sliding(w) => first.map_or(0, |t| ceil_secs((t + w).saturating_sub(now))),
+                cal if *used > 0 => ceil_secs(calendar_window(cal, now).1.saturating_sub(now)),
+                _ => 0,
+            };
+            if violated && !matches!(l.window, Window::Sliding(_)) {
+                let wait = ceil_secs(calendar_window(l.window, now).1.saturating_sub(now));
+                retry_after_secs = retry_after_secs.max(wait.max(1));
+            }
+            policies.push(PolicyStatus {
+                name: l.name.clone(),
+                quota: l.quota,
+                remaining: l.quota.saturating_sub(*used),
+                reset_secs,
+                violated,
+            });
+        }
+        let overage = allowed && overage;
+        Decision {
+            allowed,
+            policies,
+            retry_after_secs,
+            overage,
+            overage_meter: if overage { overage_meter } else { None },
+        }
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn check(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+    ) -> Result<Decision, LimiterError> {
+        let result = self.run(customer, plan, cost).await;
+        // While the breaker is open every call fails the same way: say it once.
+        if let (Err(e), false) = (&result, self.shared.conn.breaker.is_open()) {
+            log::debug!("limiter: {e:?}");
+        }
+        result
+    }
+}
