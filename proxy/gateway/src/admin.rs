@@ -10,14 +10,15 @@ use http::Response;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 
-use tollgate_core::clock::parse_duration;
+use tollgate_core::clock::{parse_duration, Millis};
 use tollgate_core::limiter::Limiter;
 use tollgate_core::problem::{Problem, PROBLEM_JSON};
 use tollgate_core::store::admin::{self, CreateKey};
 use tollgate_core::store::{KeyInfo, StoreError, UpdateStore};
 use tollgate_core::usage::UsageReport;
 
-use crate::app::App;
+use crate::app::{App, Keys};
+use crate::config::Config;
 
 pub struct AdminApp {
     pub app: Arc<App>,
@@ -306,60 +307,7 @@ impl AdminApp {
         let config = self.app.config.clone();
         let now = self.app.gate.clock.now_ms();
         // Store I/O (a file, or Redis through a blocking adapter) off the workers.
-        let result = tokio::task::spawn_blocking(move || -> Result<(u16, serde_json::Value), (u16, String)> {
-            let bad = |m: String| (400u16, m);
-            let known = |plan: &str| -> Result<(), (u16, String)> {
-                config.plans.get(plan).map(|_| ()).ok_or_else(|| bad(format!("unknown plan `{plan}`")))
-            };
-            let store_err = |e: StoreError| (e.status(), e.to_string());
-            let duration = |v: Option<String>, what: &str| -> Result<Option<u64>, (u16, String)> {
-                match v {
-                    None => Ok(None),
-                    Some(s) => parse_duration(&s)
-                        .map(|d| Some(d.as_millis() as u64))
-                        .ok_or_else(|| bad(format!("`{what}` must be a duration like 90d or 24h"))),
-                }
-            };
-            match op {
-                Write::Create(body) => {
-                    let customer = field(&body, "customer").ok_or_else(|| bad("`customer` is required".into()))?;
-                    let plan = field(&body, "plan");
-                    if let Some(p) = &plan {
-                        known(p)?;
-                    }
-                    let expires = duration(field(&body, "expires"), "expires")?.map(|ms| now.saturating_add(ms));
-                    let name = field(&body, "name");
-                    let new = admin::create_key(
-                        &store,
-                        &config.key_prefix,
-                        CreateKey { customer: &customer, plan: plan.as_deref(), name: name.as_deref(), expires },
-                        now,
-                    )
-                    .map_err(store_err)?;
-                    Ok((201, serde_json::json!({ "key": new.raw, "id": new.record.id, "customer": customer, "expires": new.record.expires })))
-                }
-                Write::Revoke(id) => {
-                    let k = admin::revoke(&store, &id, now).map_err(store_err)?;
-                    Ok((200, serde_json::json!({ "id": k.id, "status": "revoked" })))
-                }
-                Write::Rotate(id, body) => {
-                    let grace = duration(field(&body, "grace"), "grace")?.unwrap_or(86_400_000);
-                    let new = admin::rotate(&store, &config.key_prefix, &id, grace, now).map_err(store_err)?;
-                    Ok((201, serde_json::json!({ "key": new.raw, "id": new.record.id, "replaces": id })))
-                }
-                Write::SetPlan(id, body) => {
-                    let plan = field(&body, "plan").ok_or_else(|| bad("`plan` is required".into()))?;
-                    known(&plan)?;
-                    admin::set_plan(&store, &id, &plan).map_err(store_err)?;
-                    Ok((200, serde_json::json!({ "customer": id, "plan": plan })))
-                }
-                Write::Suspend(id, suspended) => {
-                    admin::set_suspended(&store, &id, suspended).map_err(store_err)?;
-                    Ok((200, serde_json::json!({ "customer": id, "suspended": suspended })))
-                }
-            }
-        })
-        .await;
+        let result = tokio::task::spawn_blocking(move || apply(op, &store, &config, now)).await;
         match result {
             Ok(Ok((status, body))) => {
                 // This instance applies its own change now; others follow
@@ -405,6 +353,88 @@ impl AdminApp {
                     "the previous keys stay in force; see the Tollgate log",
                 )
             }
+        }
+    }
+}
+
+/// An admin API change, applied to the store as the CLI applies it: the
+/// status and body to answer with, or the status and reason of a refusal.
+fn apply(
+    op: Write,
+    store: &Keys,
+    config: &Config,
+    now: Millis,
+) -> Result<(u16, serde_json::Value), (u16, String)> {
+    let bad = |m: String| (400u16, m);
+    let known = |plan: &str| -> Result<(), (u16, String)> {
+        config
+            .plans
+            .get(plan)
+            .map(|_| ())
+            .ok_or_else(|| bad(format!("unknown plan `{plan}`")))
+    };
+    let store_err = |e: StoreError| (e.status(), e.to_string());
+    let duration = |v: Option<String>, what: &str| -> Result<Option<u64>, (u16, String)> {
+        match v {
+            None => Ok(None),
+            Some(s) => parse_duration(&s)
+                .map(|d| Some(d.as_millis() as u64))
+                .ok_or_else(|| bad(format!("`{what}` must be a duration like 90d or 24h"))),
+        }
+    };
+    match op {
+        Write::Create(body) => {
+            let customer =
+                field(&body, "customer").ok_or_else(|| bad("`customer` is required".into()))?;
+            let plan = field(&body, "plan");
+            if let Some(p) = &plan {
+                known(p)?;
+            }
+            let expires =
+                duration(field(&body, "expires"), "expires")?.map(|ms| now.saturating_add(ms));
+            let name = field(&body, "name");
+            let new = admin::create_key(
+                store,
+                &config.key_prefix,
+                CreateKey {
+                    customer: &customer,
+                    plan: plan.as_deref(),
+                    name: name.as_deref(),
+                    expires,
+                },
+                now,
+            )
+            .map_err(store_err)?;
+            Ok((
+                201,
+                serde_json::json!({ "key": new.raw, "id": new.record.id, "customer": customer, "expires": new.record.expires }),
+            ))
+        }
+        Write::Revoke(id) => {
+            let k = admin::revoke(store, &id, now).map_err(store_err)?;
+            Ok((200, serde_json::json!({ "id": k.id, "status": "revoked" })))
+        }
+        Write::Rotate(id, body) => {
+            let grace = duration(field(&body, "grace"), "grace")?.unwrap_or(86_400_000);
+            let new =
+                admin::rotate(store, &config.key_prefix, &id, grace, now).map_err(store_err)?;
+            Ok((
+                201,
+                serde_json::json!({ "key": new.raw, "id": new.record.id, "replaces": id }),
+            ))
+        }
+        Write::SetPlan(id, body) => {
+            let plan = field(&body, "plan").ok_or_else(|| bad("`plan` is required".into()))?;
+            known(&plan)?;
+            admin::set_plan(store, &id, &plan).map_err(store_err)?;
+            Ok((200, serde_json::json!({ "customer": id, "plan": plan })))
+        }
+        Write::Suspend(id, suspended) => {
+            admin::set_suspended(store, &id, suspended).map_err(store_err)?;
+            Ok((
+                200,
+                serde_json::json!({ "customer": id, "suspended": suspended }),
+            ))
         }
     }
 }

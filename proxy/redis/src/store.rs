@@ -130,67 +130,16 @@ async fn write_changes(
     let before: HashMap<&str, &KeyRecord> = old.keys.iter().map(|k| (k.hash.as_str(), k)).collect();
     let mut changes = Vec::new();
     for k in &new.keys {
-        if before.get(k.hash.as_str()) == Some(&k) {
-            continue;
+        if before.get(k.hash.as_str()) != Some(&k) {
+            write_key(conn, p, k).await?;
+            changes.push(format!("key {}", k.hash));
         }
-        let key = k_key(p, &k.hash);
-        let mut fields = vec![
-            ("id", k.id.clone()),
-            ("start", k.start.clone()),
-            ("customer", k.customer.clone()),
-            ("created", k.created.clone()),
-        ];
-        let mut absent = Vec::new();
-        for (name, v) in [
-            ("name", &k.name),
-            ("expires", &k.expires),
-            ("revoked", &k.revoked),
-        ] {
-            match v {
-                Some(v) => fields.push((name, v.clone())),
-                None => absent.push(name),
-            }
-        }
-        conn.admin::<()>(Cmd::hset_multiple(&key, &fields))
-            .await
-            .map_err(redis_err)?;
-        if !absent.is_empty() {
-            conn.admin::<()>(Cmd::hdel(&key, absent))
-                .await
-                .map_err(redis_err)?;
-        }
-        conn.admin::<()>(Cmd::set(k_keyid(p, &k.id), &k.hash))
-            .await
-            .map_err(redis_err)?;
-        conn.admin::<()>(Cmd::sadd(format!("{p}:keys"), &k.hash))
-            .await
-            .map_err(redis_err)?;
-        changes.push(format!("key {}", k.hash));
     }
     for (id, c) in &new.customers {
-        if old.customers.get(id) == Some(c) {
-            continue;
+        if old.customers.get(id) != Some(c) {
+            write_customer(conn, p, id, c).await?;
+            changes.push(format!("customer {id}"));
         }
-        let key = k_customer(p, id);
-        let fields = [
-            ("plan", c.plan.clone().unwrap_or_default()),
-            (
-                "suspended",
-                if c.suspended { "1".into() } else { "0".into() },
-            ),
-        ];
-        conn.admin::<()>(Cmd::hset_multiple(&key, &fields))
-            .await
-            .map_err(redis_err)?;
-        if c.plan.is_none() {
-            conn.admin::<()>(Cmd::hdel(&key, "plan"))
-                .await
-                .map_err(redis_err)?;
-        }
-        conn.admin::<()>(Cmd::sadd(format!("{p}:customers"), id))
-            .await
-            .map_err(redis_err)?;
-        changes.push(format!("customer {id}"));
     }
     for change in changes {
         let v: u64 = conn
@@ -204,6 +153,72 @@ async fn write_changes(
         .await
         .map_err(redis_err)?;
     }
+    Ok(())
+}
+
+/// A key's hash, its id index and its membership of the key set.
+async fn write_key(conn: &RedisConn, p: &str, k: &KeyRecord) -> Result<(), StoreError> {
+    let key = k_key(p, &k.hash);
+    let mut fields = vec![
+        ("id", k.id.clone()),
+        ("start", k.start.clone()),
+        ("customer", k.customer.clone()),
+        ("created", k.created.clone()),
+    ];
+    let mut absent = Vec::new();
+    for (name, v) in [
+        ("name", &k.name),
+        ("expires", &k.expires),
+        ("revoked", &k.revoked),
+    ] {
+        match v {
+            Some(v) => fields.push((name, v.clone())),
+            None => absent.push(name),
+        }
+    }
+    conn.admin::<()>(Cmd::hset_multiple(&key, &fields))
+        .await
+        .map_err(redis_err)?;
+    if !absent.is_empty() {
+        conn.admin::<()>(Cmd::hdel(&key, absent))
+            .await
+            .map_err(redis_err)?;
+    }
+    conn.admin::<()>(Cmd::set(k_keyid(p, &k.id), &k.hash))
+        .await
+        .map_err(redis_err)?;
+    conn.admin::<()>(Cmd::sadd(format!("{p}:keys"), &k.hash))
+        .await
+        .map_err(redis_err)?;
+    Ok(())
+}
+
+/// A customer's hash and its membership of the customer set.
+async fn write_customer(
+    conn: &RedisConn,
+    p: &str,
+    id: &str,
+    c: &CustomerRecord,
+) -> Result<(), StoreError> {
+    let key = k_customer(p, id);
+    let fields = [
+        ("plan", c.plan.clone().unwrap_or_default()),
+        (
+            "suspended",
+            if c.suspended { "1".into() } else { "0".into() },
+        ),
+    ];
+    conn.admin::<()>(Cmd::hset_multiple(&key, &fields))
+        .await
+        .map_err(redis_err)?;
+    if c.plan.is_none() {
+        conn.admin::<()>(Cmd::hdel(&key, "plan"))
+            .await
+            .map_err(redis_err)?;
+    }
+    conn.admin::<()>(Cmd::sadd(format!("{p}:customers"), id))
+        .await
+        .map_err(redis_err)?;
     Ok(())
 }
 

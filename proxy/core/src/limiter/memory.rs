@@ -24,6 +24,73 @@ struct CustomerState {
     policies: Vec<PolicyState>,
 }
 
+/// Where each limit of a plan sits in a customer's state, in plan order;
+/// no allocation for plans of up to 16 limits.
+struct Positions {
+    first: [usize; 16],
+    spill: Vec<usize>,
+}
+
+impl Positions {
+    fn get(&self, i: usize) -> usize {
+        match self.first.get(i) {
+            Some(&p) => p,
+            None => self.spill[i - self.first.len()],
+        }
+    }
+}
+
+impl CustomerState {
+    /// Finds (or creates) the state of each of `plan`'s limits. State is
+    /// keyed by name and window, so it survives a plan change for limits
+    /// that keep both.
+    fn positions(&mut self, plan: &Plan) -> Positions {
+        let mut at = Positions {
+            first: [0; 16],
+            spill: Vec::new(),
+        };
+        for (i, limit) in plan.limits.iter().enumerate() {
+            let pos = match self
+                .policies
+                .iter()
+                .position(|p| p.name == limit.name && p.window == limit.window)
+            {
+                Some(p) => p,
+                None => {
+                    self.policies.push(PolicyState::new(limit));
+                    self.policies.len() - 1
+                }
+            };
+            match at.first.get_mut(i) {
+                Some(slot) => *slot = pos,
+                None => at.spill.push(pos),
+            }
+        }
+        at
+    }
+}
+
+/// Every limit of `plan` untouched: a report for a customer with no state.
+fn untouched(plan: &Plan) -> Decision {
+    Decision {
+        allowed: true,
+        policies: plan
+            .limits
+            .iter()
+            .map(|limit| PolicyStatus {
+                name: limit.name.clone(),
+                quota: limit.quota,
+                remaining: limit.quota,
+                reset_secs: 0,
+                violated: false,
+            })
+            .collect(),
+        retry_after_secs: 0,
+        overage: false,
+        overage_meter: None,
+    }
+}
+
 #[derive(Debug)]
 struct PolicyState {
     name: Arc<str>,
@@ -180,60 +247,21 @@ impl MemoryLimiter {
         if plan.limits.is_empty() {
             return Decision::unlimited();
         }
-        let mut policies = Vec::with_capacity(plan.limits.len());
         // A panic while holding the lock cannot leave counters half charged
         // (charging happens after all checks), so a poisoned lock is fine.
         let mut shard = crate::lock(self.shard(customer));
         let state = match shard.get_mut(customer) {
             Some(s) => s,
             // A report (cost 0) for an unknown customer must not create state.
-            None if cost == 0 => {
-                for limit in &plan.limits {
-                    policies.push(PolicyStatus {
-                        name: limit.name.clone(),
-                        quota: limit.quota,
-                        remaining: limit.quota,
-                        reset_secs: 0,
-                        violated: false,
-                    });
-                }
-                return Decision {
-                    allowed: true,
-                    policies,
-                    retry_after_secs: 0,
-                    overage: false,
-                    overage_meter: None,
-                };
-            }
+            None if cost == 0 => return untouched(plan),
             None => shard.entry(Arc::from(customer)).or_default(),
         };
-        // Find (or create) each limit's state; index list in plan order.
-        let mut idx = [0usize; 16];
-        let mut spill = Vec::new();
-        for (i, limit) in plan.limits.iter().enumerate() {
-            let pos = match state
-                .policies
-                .iter()
-                .position(|p| p.name == limit.name && p.window == limit.window)
-            {
-                Some(p) => p,
-                None => {
-                    state.policies.push(PolicyState::new(limit));
-                    state.policies.len() - 1
-                }
-            };
-            if i < idx.len() {
-                idx[i] = pos;
-            } else {
-                spill.push(pos);
-            }
-        }
-        let at = |i: usize| if i < 16 { idx[i] } else { spill[i - 16] };
-
+        let at = state.positions(plan);
+        let mut policies = Vec::with_capacity(plan.limits.len());
         let mut allowed = true;
         let (mut overage, mut overage_meter) = (false, None);
         for (i, limit) in plan.limits.iter().enumerate() {
-            let used = state.policies[at(i)].refresh(now);
+            let used = state.policies[at.get(i)].refresh(now);
             let exceeds = used.saturating_add(cost) > limit.quota;
             // An overage limit never refuses; it marks the request as overage.
             let violated = exceeds && !limit.overage;
@@ -254,7 +282,7 @@ impl MemoryLimiter {
         }
         let mut retry_after_secs = 0;
         for (i, (limit, status)) in plan.limits.iter().zip(policies.iter_mut()).enumerate() {
-            let p = &mut state.policies[at(i)];
+            let p = &mut state.policies[at.get(i)];
             if allowed && cost > 0 {
                 p.charge(now, cost);
                 status.remaining = status.remaining.saturating_sub(cost);
@@ -264,16 +292,13 @@ impl MemoryLimiter {
                 retry_after_secs = retry_after_secs.max(p.wait_for_room(now, limit.quota, cost));
             }
         }
+        let overage = allowed && overage;
         Decision {
             allowed,
             policies,
             retry_after_secs,
-            overage: allowed && overage,
-            overage_meter: if allowed && overage {
-                overage_meter
-            } else {
-                None
-            },
+            overage,
+            overage_meter: if overage { overage_meter } else { None },
         }
     }
 

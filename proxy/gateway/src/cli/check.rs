@@ -3,40 +3,16 @@
 
 use tollgate::app::Keys;
 use tollgate::config::Config;
-use tollgate_core::store::UpdateStore;
+use tollgate_core::store::{StoreData, UpdateStore};
 
 use super::open_store;
 
 /// Problems in the key store (unreadable, unknown plans, broken records),
 /// located at the line of the record in the file.
 pub(super) fn check_store(config: &Config, _now: u64) -> Vec<String> {
-    let (data, text, path) = match open_store(config) {
-        Err(e) => return vec![format!("{}:1:1: error: {e}", config.file.display())],
-        Ok(Keys::File(store)) => {
-            let path = config.keys_path.display().to_string();
-            match store.data() {
-                Ok(d) => (
-                    d,
-                    std::fs::read_to_string(&config.keys_path).unwrap_or_default(),
-                    path,
-                ),
-                Err(e) => return vec![format!("{path}:1:1: error: {e}")],
-            }
-        }
-        Ok(store @ Keys::Redis { .. }) => {
-            let path = format!(
-                "redis {}",
-                config
-                    .redis
-                    .as_ref()
-                    .map(|r| r.urls.join(","))
-                    .unwrap_or_default()
-            );
-            match store.data() {
-                Ok(d) => (d, String::new(), path),
-                Err(e) => return vec![format!("{path}: error: {e}")],
-            }
-        }
+    let (data, text, path) = match read_store(config) {
+        Ok(read) => read,
+        Err(e) => return vec![e],
     };
     // The line and column where `needle` first stands in the file.
     let at = |needle: &str| -> String {
@@ -94,4 +70,37 @@ pub(super) fn check_store(config: &Config, _now: u64) -> Vec<String> {
         }
     }
     errors
+}
+
+/// The store's data, its text (for locating records: the file store's
+/// JSON) and how to name it in messages.
+fn read_store(config: &Config) -> Result<(StoreData, String, String), String> {
+    Ok(match open_store(config) {
+        Err(e) => return Err(format!("{}:1:1: error: {e}", config.file.display())),
+        Ok(Keys::File(store)) => {
+            let path = config.keys_path.display().to_string();
+            match store.data() {
+                Ok(d) => (
+                    d,
+                    std::fs::read_to_string(&config.keys_path).unwrap_or_default(),
+                    path,
+                ),
+                Err(e) => return Err(format!("{path}:1:1: error: {e}")),
+            }
+        }
+        Ok(store @ Keys::Redis { .. }) => {
+            let path = format!(
+                "redis {}",
+                config
+                    .redis
+                    .as_ref()
+                    .map(|r| r.urls.join(","))
+                    .unwrap_or_default()
+            );
+            match store.data() {
+                Ok(d) => (d, String::new(), path),
+                Err(e) => return Err(format!("{path}: error: {e}")),
+            }
+        }
+    })
 }

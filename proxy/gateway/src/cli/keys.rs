@@ -46,34 +46,7 @@ pub(super) fn keys(
             );
             println!("{}", new.raw);
         }
-        KeysCmd::List { customer } => {
-            let data = store.data().map_err(|e| e.to_string())?;
-            println!(
-                "{:<21} {:<14} {:<24} {:<12} {:<21} {:<21} STATUS",
-                "ID", "KEY", "CUSTOMER", "PLAN", "CREATED", "EXPIRES"
-            );
-            for k in data
-                .keys
-                .iter()
-                .filter(|k| customer.as_ref().is_none_or(|c| *c == k.customer))
-            {
-                let plan = data
-                    .customers
-                    .get(&k.customer)
-                    .and_then(|c| c.plan.clone())
-                    .unwrap_or_else(|| format!("{} (default)", config.plans.default_plan.name));
-                println!(
-                    "{:<21} {:<14} {:<24} {:<12} {:<21} {:<21} {}",
-                    k.id,
-                    format!("{}…", k.start),
-                    k.customer,
-                    plan,
-                    k.created,
-                    k.expires.as_deref().unwrap_or("never"),
-                    admin::status(k, now)
-                );
-            }
-        }
+        KeysCmd::List { customer } => list(config, store, customer.as_deref(), now)?,
         KeysCmd::Revoke { id } => {
             let k = admin::revoke(store, &id, now).map_err(|e| e.to_string())?;
             eprintln!("revoked {} (customer {})", k.id, k.customer);
@@ -91,4 +64,40 @@ pub(super) fn keys(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `keys list`: every key (or one customer's), never the key itself.
+fn list(
+    config: &Config,
+    store: &impl UpdateStore,
+    customer: Option<&str>,
+    now: u64,
+) -> Result<(), String> {
+    let data = store.data().map_err(|e| e.to_string())?;
+    println!(
+        "{:<21} {:<14} {:<24} {:<12} {:<21} {:<21} STATUS",
+        "ID", "KEY", "CUSTOMER", "PLAN", "CREATED", "EXPIRES"
+    );
+    for k in data
+        .keys
+        .iter()
+        .filter(|k| customer.is_none_or(|c| c == k.customer))
+    {
+        let plan = data
+            .customers
+            .get(&k.customer)
+            .and_then(|c| c.plan.clone())
+            .unwrap_or_else(|| format!("{} (default)", config.plans.default_plan.name));
+        println!(
+            "{:<21} {:<14} {:<24} {:<12} {:<21} {:<21} {}",
+            k.id,
+            format!("{}…", k.start),
+            k.customer,
+            plan,
+            k.created,
+            k.expires.as_deref().unwrap_or("never"),
+            admin::status(k, now)
+        );
+    }
+    Ok(())
 }

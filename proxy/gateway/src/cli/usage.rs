@@ -25,12 +25,42 @@ pub(super) fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode,
         eprintln!("no customers yet");
         return Ok(ExitCode::SUCCESS);
     }
+    print_limits(&list);
+    println!();
+    print_usage(&list);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str, token: &str) -> Result<String, String> {
+    let fail = |e: std::io::Error| {
+        format!("cannot reach the admin API at {addr} (is `tollgate run` up?): {e}")
+    };
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
+        .map_err(fail)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(fail)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").map_err(fail)?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).map_err(fail)?;
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed answer from the admin API")?;
+    let status = head.split(' ').nth(1).unwrap_or("");
+    if status != "200" {
+        return Err(format!("admin API answered {status}: {body}"));
+    }
+    Ok(body.to_owned())
+}
+
+/// Where each customer stands against each policy of its plan.
+fn print_limits(list: &[serde_json::Value]) {
     println!("LIMITS");
     println!(
         "{:<24} {:<12} {:<14} {:>14} {:>12} {:>9}",
         "CUSTOMER", "PLAN", "POLICY", "USED/LIMIT", "REMAINING", "RESET"
     );
-    for u in &list {
+    for u in list {
         let (c, p) = (
             u["customer"].as_str().unwrap_or(""),
             u["plan"].as_str().unwrap_or(""),
@@ -49,13 +79,16 @@ pub(super) fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode,
             );
         }
     }
-    println!();
+}
+
+/// What each customer used this month, and how much of it reached billing.
+fn print_usage(list: &[serde_json::Value]) {
     println!("USAGE THIS MONTH");
     println!(
         "{:<24} {:<12} {:<14} {:>12} {:>12} {:>12}",
         "CUSTOMER", "PLAN", "METER", "RECORDED", "REPORTED", "PENDING"
     );
-    for u in &list {
+    for u in list {
         let (c, p) = (
             u["customer"].as_str().unwrap_or(""),
             u["plan"].as_str().unwrap_or(""),
@@ -87,27 +120,4 @@ pub(super) fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode,
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn http_get(addr: std::net::SocketAddr, path: &str, token: &str) -> Result<String, String> {
-    let fail = |e: std::io::Error| {
-        format!("cannot reach the admin API at {addr} (is `tollgate run` up?): {e}")
-    };
-    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))
-        .map_err(fail)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .map_err(fail)?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").map_err(fail)?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).map_err(fail)?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed answer from the admin API")?;
-    let status = head.split(' ').nth(1).unwrap_or("");
-    if status != "200" {
-        return Err(format!("admin API answered {status}: {body}"));
-    }
-    Ok(body.to_owned())
 }

@@ -13,46 +13,7 @@ use super::raw::RawRedis;
 /// from the environment.
 pub(super) fn parse(cx: &mut Check<'_>, r: &RawRedis) -> Option<Arc<RedisConfig>> {
     let before = cx.d.0.len();
-    let (urls, cluster) = match (&r.url, &r.nodes) {
-        (Some(u), None) => (vec![u.clone()], false),
-        (None, Some(n)) if !n.is_empty() => (n.clone(), true),
-        (Some(_), Some(_)) => {
-            cx.err(
-                "redis.nodes",
-                "give either `url` (one server) or `nodes` (a cluster), not both",
-                None,
-            );
-            (Vec::new(), false)
-        }
-        _ => {
-            cx.err(
-                "redis",
-                "`redis` needs `url` or `nodes`",
-                Some("e.g. url: \"redis://127.0.0.1:6379\""),
-            );
-            (Vec::new(), false)
-        }
-    };
-    for (i, u) in urls.iter().enumerate() {
-        let path = if cluster {
-            format!("redis.nodes[{i}]")
-        } else {
-            "redis.url".to_owned()
-        };
-        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
-            cx.err(
-                &path,
-                format!("`{u}` is not a redis:// URL"),
-                Some("e.g. redis://10.0.0.5:6379"),
-            );
-        } else if u.contains('@') {
-            cx.err(
-                &path,
-                "the URL holds credentials; secrets come only from environment variables",
-                Some("remove them and set `password_env: REDIS_PASSWORD`"),
-            );
-        }
-    }
+    let (urls, cluster) = urls(cx, r);
     let password = match &r.password_env {
         Some(var) => match (cx.env)(var).filter(|p| !p.is_empty()) {
             Some(p) => Some(p),
@@ -101,4 +62,50 @@ pub(super) fn parse(cx: &mut Check<'_>, r: &RawRedis) -> Option<Arc<RedisConfig>
             prefix,
         })
     })
+}
+
+/// The server's URL, or the cluster's seed nodes; each a `redis://` URL
+/// without credentials.
+fn urls(cx: &mut Check<'_>, r: &RawRedis) -> (Vec<String>, bool) {
+    let (urls, cluster) = match (&r.url, &r.nodes) {
+        (Some(u), None) => (vec![u.clone()], false),
+        (None, Some(n)) if !n.is_empty() => (n.clone(), true),
+        (Some(_), Some(_)) => {
+            cx.err(
+                "redis.nodes",
+                "give either `url` (one server) or `nodes` (a cluster), not both",
+                None,
+            );
+            (Vec::new(), false)
+        }
+        _ => {
+            cx.err(
+                "redis",
+                "`redis` needs `url` or `nodes`",
+                Some("e.g. url: \"redis://127.0.0.1:6379\""),
+            );
+            (Vec::new(), false)
+        }
+    };
+    for (i, u) in urls.iter().enumerate() {
+        let path = if cluster {
+            format!("redis.nodes[{i}]")
+        } else {
+            "redis.url".to_owned()
+        };
+        if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+            cx.err(
+                &path,
+                format!("`{u}` is not a redis:// URL"),
+                Some("e.g. redis://10.0.0.5:6379"),
+            );
+        } else if u.contains('@') {
+            cx.err(
+                &path,
+                "the URL holds credentials; secrets come only from environment variables",
+                Some("remove them and set `password_env: REDIS_PASSWORD`"),
+            );
+        }
+    }
+    (urls, cluster)
 }

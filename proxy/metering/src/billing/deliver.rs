@@ -30,7 +30,7 @@ pub async fn deliver(
     spool: Arc<Spool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let retries: Mutex<HashMap<u64, Retry>> = Mutex::new(HashMap::new());
+    let retries: Retries = Mutex::new(HashMap::new());
     loop {
         let sent = deliver_once(&*sink, &spool, &retries).await;
         if *stop.borrow() {
@@ -45,12 +45,10 @@ pub async fn deliver(
     }
 }
 
+type Retries = Mutex<HashMap<u64, Retry>>;
+
 /// One pass: sends what is due, settles outcomes. Returns records attempted.
-async fn deliver_once(
-    sink: &dyn Sink,
-    spool: &Arc<Spool>,
-    retries: &Mutex<HashMap<u64, Retry>>,
-) -> usize {
+async fn deliver_once(sink: &dyn Sink, spool: &Arc<Spool>, retries: &Retries) -> usize {
     let now = Instant::now();
     let due: Vec<Record> = {
         let r = tollgate_core::lock(retries);
@@ -63,8 +61,47 @@ async fn deliver_once(
     if due.is_empty() {
         return 0;
     }
-    let batches: Vec<Vec<Record>> = if sink.one_in_flight_per_meter() {
-        // One record per (customer, meter) per round, up to 32 at once.
+    let batches = batches(sink, due);
+    let attempted: usize = batches.iter().map(Vec::len).sum();
+    let results = futures_util::future::join_all(batches.iter().map(|b| sink.send(b))).await;
+    let (mut ok, mut dead) = (Vec::new(), Vec::new());
+    for (batch, outcomes) in batches.iter().zip(results) {
+        for (rec, outcome) in batch.iter().zip(outcomes) {
+            match outcome {
+                Outcome::Delivered => {
+                    count(sink, "delivered");
+                    ok.push(rec.rseq);
+                }
+                Outcome::Dead(why) => {
+                    count(sink, "dead_letter");
+                    log::error!(
+                        "billing sink {name} refused {} ({} {} of {} for {}): {why}; written to dead-{name}.jsonl",
+                        rec.identifier, rec.units, rec.meter, rec.customer, rfc3339(rec.window_start),
+                        name = sink.name()
+                    );
+                    dead.push((rec.clone(), why));
+                }
+                Outcome::Retry(why) => {
+                    count(sink, "retry");
+                    schedule_retry(sink, retries, rec, now, &why);
+                }
+            }
+        }
+    }
+    {
+        let mut r = tollgate_core::lock(retries);
+        for s in ok.iter().chain(dead.iter().map(|(rec, _)| &rec.rseq)) {
+            r.remove(s);
+        }
+    }
+    settle(sink, spool, ok, dead).await;
+    attempted
+}
+
+/// What goes out in one pass: one record per (customer, meter), up to 32,
+/// for sinks that need one in flight per meter; else up to 8 full batches.
+fn batches(sink: &dyn Sink, due: Vec<Record>) -> Vec<Vec<Record>> {
+    if sink.one_in_flight_per_meter() {
         let mut seen = HashSet::new();
         due.into_iter()
             .filter(|r| seen.insert((r.customer.clone(), r.meter.clone())))
@@ -76,59 +113,35 @@ async fn deliver_once(
             .take(8)
             .map(<[Record]>::to_vec)
             .collect()
-    };
-    let attempted: usize = batches.iter().map(Vec::len).sum();
-    let results = futures_util::future::join_all(batches.iter().map(|b| sink.send(b))).await;
-    let (mut ok, mut dead) = (Vec::new(), Vec::new());
-    for (batch, outcomes) in batches.iter().zip(results) {
-        for (rec, outcome) in batch.iter().zip(outcomes) {
-            let name = sink.name();
-            match outcome {
-                Outcome::Delivered => {
-                    tollgate_core::metrics::BILLING_EVENTS
-                        .with_label_values(&[name, "delivered"])
-                        .inc();
-                    ok.push(rec.rseq);
-                }
-                Outcome::Dead(why) => {
-                    tollgate_core::metrics::BILLING_EVENTS
-                        .with_label_values(&[name, "dead_letter"])
-                        .inc();
-                    log::error!(
-                        "billing sink {name} refused {} ({} {} of {} for {}): {why}; written to dead-{name}.jsonl",
-                        rec.identifier, rec.units, rec.meter, rec.customer, rfc3339(rec.window_start)
-                    );
-                    dead.push((rec.clone(), why));
-                }
-                Outcome::Retry(why) => {
-                    tollgate_core::metrics::BILLING_EVENTS
-                        .with_label_values(&[name, "retry"])
-                        .inc();
-                    let mut r = tollgate_core::lock(retries);
-                    let e = r.entry(rec.rseq).or_insert(Retry {
-                        attempts: 0,
-                        not_before: now,
-                    });
-                    e.attempts += 1;
-                    e.not_before = Instant::now() + backoff(e.attempts);
-                    if e.attempts == 1 || e.attempts.is_multiple_of(10) {
-                        log::warn!(
-                            "billing sink {name}: {} will be retried (attempt {}): {why}",
-                            rec.identifier,
-                            e.attempts
-                        );
-                    }
-                }
-            }
-        }
     }
-    {
-        let mut r = tollgate_core::lock(retries);
-        for s in ok.iter().chain(dead.iter().map(|(rec, _)| &rec.rseq)) {
-            r.remove(s);
-        }
+}
+
+fn count(sink: &dyn Sink, result: &str) {
+    tollgate_core::metrics::BILLING_EVENTS
+        .with_label_values(&[sink.name(), result])
+        .inc();
+}
+
+fn schedule_retry(sink: &dyn Sink, retries: &Retries, rec: &Record, now: Instant, why: &str) {
+    let mut r = tollgate_core::lock(retries);
+    let e = r.entry(rec.rseq).or_insert(Retry {
+        attempts: 0,
+        not_before: now,
+    });
+    e.attempts += 1;
+    e.not_before = Instant::now() + backoff(e.attempts);
+    if e.attempts == 1 || e.attempts.is_multiple_of(10) {
+        log::warn!(
+            "billing sink {}: {} will be retried (attempt {}): {why}",
+            sink.name(),
+            rec.identifier,
+            e.attempts
+        );
     }
-    // File I/O off the async workers.
+}
+
+/// Records the pass's outcomes in the spool, file I/O off the async workers.
+async fn settle(sink: &dyn Sink, spool: &Arc<Spool>, ok: Vec<u64>, dead: Vec<(Record, String)>) {
     let name = sink.name().to_owned();
     let sp = Arc::clone(spool);
     let written = tokio::task::spawn_blocking(move || {
@@ -148,7 +161,6 @@ async fn deliver_once(
         ),
         Err(e) => log::error!("billing sink {}: settle task failed: {e}", sink.name()),
     }
-    attempted
 }
 
 #[cfg(test)]

@@ -1,0 +1,198 @@
+//! `plans.yaml`: plans with their limits, routes and what gets billed,
+//! read into serde structs and validated into [`Plans`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::clock::{Millis, DAY, HOUR, MINUTE, SECOND};
+use crate::diag::{Diagnostics, Source};
+
+mod parse;
+#[cfg(test)]
+mod tests;
+
+// ---- the validated form ----------------------------------------------------
+
+/// How a limit's window is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// An exact sliding window of this many milliseconds (second..hour).
+    Sliding(Millis),
+    /// The UTC calendar day.
+    Day,
+    /// The UTC calendar month.
+    Month,
+}
+
+impl Window {
+    pub fn parse(per: &str) -> Option<Self> {
+        Some(match per {
+            "second" => Window::Sliding(SECOND),
+            "minute" => Window::Sliding(MINUTE),
+            "hour" => Window::Sliding(HOUR),
+            "day" => Window::Day,
+            "month" => Window::Month,
+            _ => return None,
+        })
+    }
+
+    /// The name it has in plans.yaml and in the usage report.
+    pub fn name(self) -> &'static str {
+        match self {
+            Window::Sliding(ms) if ms <= SECOND => "second",
+            Window::Sliding(ms) if ms <= MINUTE => "minute",
+            Window::Sliding(_) => "hour",
+            Window::Day => "day",
+            Window::Month => "month",
+        }
+    }
+
+    /// The nominal window length in seconds, for `RateLimit-Policy: w=`.
+    /// A month is advertised as 30 days; `t` on `RateLimit` gives the real reset.
+    pub fn nominal_seconds(self) -> u64 {
+        match self {
+            Window::Sliding(ms) => ms / 1000,
+            Window::Day => DAY / 1000,
+            Window::Month => 30 * DAY / 1000,
+        }
+    }
+}
+
+/// `"burst";q=5;w=1, "daily";q=100;w=86400`: a plan's `RateLimit-Policy`
+/// (draft-ietf-httpapi-ratelimit-headers), rendered once per plan at load.
+pub fn policy_header(limits: &[Limit]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for (i, l) in limits.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        // Names are validated to `[A-Za-z0-9_.-]`, safe inside an sf-string.
+        let _ = write!(
+            out,
+            "\"{}\";q={};w={}",
+            l.name,
+            l.quota,
+            l.window.nominal_seconds()
+        );
+    }
+    out
+}
+
+/// One quota policy of a plan.
+#[derive(Debug, Clone)]
+pub struct Limit {
+    pub name: Arc<str>,
+    pub quota: u64,
+    pub window: Window,
+    /// Past the quota, requests are admitted and billed as overage instead
+    /// of refused.
+    pub overage: bool,
+    /// Where overage units are metered (None: the request's usual meter).
+    pub overage_meter: Option<Arc<str>>,
+}
+
+#[derive(Debug)]
+pub struct Plan {
+    pub name: Arc<str>,
+    pub limits: Vec<Limit>,
+    pub meter: Option<Arc<str>>,
+    /// `RateLimit-Policy` rendered once at load; empty for unlimited plans.
+    pub policy_header: String,
+}
+
+/// How the method part of a route matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub method: Option<http::Method>,
+    /// Path glob: `*` matches any run of characters, `/` included.
+    pub glob: String,
+    pub public: bool,
+    pub cost: u64,
+    pub meter: Option<Arc<str>>,
+    pub usage_header: Option<http::HeaderName>,
+}
+
+impl Route {
+    pub fn matches(&self, method: &http::Method, path: &str) -> bool {
+        self.method.as_ref().is_none_or(|m| m == method) && glob_match(&self.glob, path)
+    }
+}
+
+/// Matches `pattern` against `text` where `*` stands for any run of characters.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t) = (pattern.as_bytes(), text.as_bytes());
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
+}
+
+/// Which upstream statuses are billed: a set over 100..=599.
+#[derive(Debug, Clone)]
+pub struct StatusSet(pub(crate) [bool; 600]);
+
+impl StatusSet {
+    pub fn contains(&self, status: u16) -> bool {
+        self.0.get(usize::from(status)).copied().unwrap_or(false)
+    }
+}
+
+/// The validated plans file.
+#[derive(Debug)]
+pub struct Plans {
+    pub plans: BTreeMap<String, Arc<Plan>>,
+    pub default_plan: Arc<Plan>,
+    pub routes: Vec<Route>,
+    pub billable: StatusSet,
+}
+
+/// Cost and meter of a request that matched no route.
+pub const DEFAULT_COST: u64 = 1;
+
+impl Plans {
+    pub fn get(&self, name: &str) -> Option<&Arc<Plan>> {
+        self.plans.get(name)
+    }
+
+    /// The first route matching, if any.
+    pub fn route(&self, method: &http::Method, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.matches(method, path))
+    }
+
+    pub fn load(path: &Path) -> Result<Self, Diagnostics> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Diagnostics(vec![crate::diag::Diagnostic {
+                file: path.to_path_buf(),
+                line: 1,
+                column: 1,
+                message: format!("cannot read plans file: {e}"),
+                hint: Some("`plans:` in tollgate.yaml is relative to the config file".into()),
+            }])
+        })?;
+        Self::parse(&Source::new(path, text))
+    }
+}
+
+/// Names that go into headers and metric labels: `[A-Za-z0-9_.-]{1,64}`.
+pub fn valid_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}

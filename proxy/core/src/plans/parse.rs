@@ -1,0 +1,395 @@
+//! plans.yaml as written, and its validation into [`Plans`]: one function
+//! per part (plans and their limits, the default plan, routes, the cost
+//! check across both, billable statuses), every problem located.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use serde::Deserialize;
+
+use super::{
+    policy_header, valid_token, Limit, Plan, Plans, Route, StatusSet, Window, DEFAULT_COST,
+};
+use crate::diag::{Diagnostics, Source};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlans {
+    default_plan: Option<String>,
+    #[serde(default)]
+    plans: BTreeMap<String, serde_yaml::Value>,
+    #[serde(default)]
+    routes: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    billable_statuses: Option<Vec<serde_yaml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPlan {
+    #[serde(default)]
+    limits: Vec<RawLimit>,
+    meter: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimit {
+    name: String,
+    requests: i64,
+    per: String,
+    #[serde(default)]
+    overage: bool,
+    overage_meter: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(rename = "match")]
+    pattern: String,
+    #[serde(default)]
+    public: bool,
+    cost: Option<i64>,
+    meter: Option<String>,
+    usage_header: Option<String>,
+}
+
+impl Plans {
+    pub fn parse(src: &Source) -> Result<Self, Diagnostics> {
+        let mut d = Diagnostics::default();
+        let raw: RawPlans = match serde_yaml::from_str(&src.text) {
+            Ok(r) => r,
+            Err(e) => return Err(Diagnostics(vec![src.syntax_error(&e)])),
+        };
+        let mut plans = BTreeMap::new();
+        for (name, value) in &raw.plans {
+            if let Some(plan) = parse_plan(src, name, value, &mut d) {
+                plans.insert(name.clone(), Arc::new(plan));
+            }
+        }
+        let default_plan = default_plan(src, &raw, &plans, &mut d);
+        let routes = parse_routes(src, &raw.routes, &mut d);
+        check_costs(src, &routes, &plans, &mut d);
+        let billable = billable(src, raw.billable_statuses.as_deref(), &mut d);
+        match (default_plan, billable) {
+            (Some(default_plan), Some(billable)) if d.is_empty() => Ok(Plans {
+                plans,
+                default_plan,
+                routes: routes.into_iter().map(|(_, r)| r).collect(),
+                billable,
+            }),
+            _ => Err(d),
+        }
+    }
+}
+
+/// `plans.<name>`: its limits (each checked) and its meter.
+fn parse_plan(
+    src: &Source,
+    name: &str,
+    value: &serde_yaml::Value,
+    d: &mut Diagnostics,
+) -> Option<Plan> {
+    let path = format!("plans.{name}");
+    if !valid_token(name) {
+        d.0.push(src.error(
+            &path,
+            format!("plan name `{name}` may only hold letters, digits, `_`, `-` and `.`"),
+            None,
+        ));
+    }
+    let rp = src.typed::<RawPlan>(&path, value, d)?;
+    let mut limits = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, l) in rp.limits.iter().enumerate() {
+        let lp = format!("{path}.limits[{i}]");
+        if !seen.insert(l.name.clone()) {
+            d.0.push(src.error(
+                &format!("{lp}.name"),
+                format!("duplicate policy name `{}` in plan `{name}`", l.name),
+                Some("each limit of a plan needs its own name"),
+            ));
+        }
+        limits.extend(parse_limit(src, &lp, l, d));
+    }
+    if let Some(m) = &rp.meter {
+        check_meter(src, &format!("{path}.meter"), m, d);
+    }
+    Some(Plan {
+        name: name.into(),
+        policy_header: policy_header(&limits),
+        limits,
+        meter: rp.meter.as_deref().map(Into::into),
+    })
+}
+
+/// One limit at `lp`; None (with the errors recorded) when it cannot be used.
+fn parse_limit(src: &Source, lp: &str, l: &RawLimit, d: &mut Diagnostics) -> Option<Limit> {
+    if !valid_token(&l.name) {
+        d.0.push(src.error(
+            &format!("{lp}.name"),
+            format!(
+                "policy name `{}` may only hold letters, digits, `_`, `-` and `.`",
+                l.name
+            ),
+            Some("it is sent to clients in the RateLimit headers"),
+        ));
+    }
+    if l.requests <= 0 {
+        d.0.push(src.error(
+            &format!("{lp}.requests"),
+            format!("`requests` must be a positive number, got {}", l.requests),
+            Some("to make a plan unlimited, leave its limit out"),
+        ));
+    }
+    let window = Window::parse(&l.per);
+    if window.is_none() {
+        d.0.push(src.error(
+            &format!("{lp}.per"),
+            format!("unknown window `{}`", l.per),
+            Some("use one of: second, minute, hour, day, month"),
+        ));
+    }
+    if let Some(m) = &l.overage_meter {
+        check_meter(src, &format!("{lp}.overage_meter"), m, d);
+    }
+    let window = window.filter(|_| l.requests > 0)?;
+    Some(Limit {
+        name: l.name.as_str().into(),
+        quota: l.requests as u64,
+        window,
+        overage: l.overage || l.overage_meter.is_some(),
+        overage_meter: l.overage_meter.as_deref().map(Into::into),
+    })
+}
+
+fn default_plan(
+    src: &Source,
+    raw: &RawPlans,
+    plans: &BTreeMap<String, Arc<Plan>>,
+    d: &mut Diagnostics,
+) -> Option<Arc<Plan>> {
+    let Some(p) = &raw.default_plan else {
+        d.0.push(src.error(
+            "",
+            "`default_plan` is missing",
+            Some("name the plan new customers get, e.g. `default_plan: free`"),
+        ));
+        return None;
+    };
+    if let Some(plan) = plans.get(p) {
+        return Some(plan.clone());
+    }
+    // A plan that is there but broken has its own errors already.
+    if !raw.plans.contains_key(p) {
+        d.0.push(src.error(
+            "default_plan",
+            format!("`default_plan` names unknown plan `{p}`"),
+            Some(&known(&raw.plans)),
+        ));
+    }
+    None
+}
+
+/// `routes`, each with the index it has in the file.
+fn parse_routes(
+    src: &Source,
+    raw: &[serde_yaml::Value],
+    d: &mut Diagnostics,
+) -> Vec<(usize, Route)> {
+    let mut routes = Vec::new();
+    for (i, value) in raw.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let Some(r) = src.typed::<RawRoute>(&path, value, d) else {
+            continue;
+        };
+        match parse_route(&r) {
+            Ok(route) => {
+                if route.public
+                    && (r.cost.is_some() || r.meter.is_some() || r.usage_header.is_some())
+                {
+                    d.0.push(src.error(&path, "a public route is neither limited nor metered, so `cost`, `meter` and `usage_header` make no sense on it", None));
+                }
+                if let Some(m) = &r.meter {
+                    check_meter(src, &format!("{path}.meter"), m, d);
+                }
+                routes.push((i, route));
+            }
+            Err((field, msg, hint)) => d.0.push(src.error(&format!("{path}.{field}"), msg, hint)),
+        }
+    }
+    routes
+}
+
+/// A cost no limit can ever hold would answer 429 forever.
+fn check_costs(
+    src: &Source,
+    routes: &[(usize, Route)],
+    plans: &BTreeMap<String, Arc<Plan>>,
+    d: &mut Diagnostics,
+) {
+    for (i, route) in routes {
+        for plan in plans.values() {
+            if let Some(l) = plan
+                .limits
+                .iter()
+                .find(|l| !l.overage && l.quota < route.cost)
+            {
+                d.0.push(src.error(
+                    &format!("routes[{i}].cost"),
+                    format!(
+                        "cost {} exceeds limit `{}` of plan `{}` ({} per {}): such requests could never be admitted",
+                        route.cost, l.name, plan.name, l.quota, l.window.name()
+                    ),
+                    Some("raise the limit, lower the cost, or refuse the route for that plan upstream"),
+                ));
+            }
+        }
+    }
+}
+
+/// `billable_statuses` (default: 2xx).
+fn billable(
+    src: &Source,
+    raw: Option<&[serde_yaml::Value]>,
+    d: &mut Diagnostics,
+) -> Option<StatusSet> {
+    let statuses: Vec<String> = match raw {
+        None => vec!["2xx".into()],
+        Some(v) => v
+            .iter()
+            .map(|s| match s {
+                serde_yaml::Value::String(s) => s.clone(),
+                serde_yaml::Value::Number(n) => n.to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect(),
+    };
+    match StatusSet::parse(&statuses) {
+        Ok(s) => Some(s),
+        Err((i, msg)) => {
+            d.0.push(src.error(
+                &format!("billable_statuses[{i}]"),
+                msg,
+                Some("e.g. billable_statuses: [2xx, 304]"),
+            ));
+            None
+        }
+    }
+}
+
+impl StatusSet {
+    /// Parses `2xx`-style classes and single statuses; on error, the index
+    /// of the bad item and why.
+    fn parse(items: &[String]) -> Result<Self, (usize, String)> {
+        let mut set = [false; 600];
+        for (i, item) in items.iter().enumerate() {
+            let err = |m: String| (i, m);
+            let item = item.trim();
+            if let Some(class) = item.strip_suffix("xx") {
+                let c: usize = class
+                    .parse()
+                    .ok()
+                    .filter(|c| (1..=5).contains(c))
+                    .ok_or_else(|| err(format!("`{item}` is not a status class like 2xx")))?;
+                set[c * 100..c * 100 + 100].fill(true);
+            } else {
+                let s: usize = item
+                    .parse()
+                    .ok()
+                    .filter(|s| (100..=599).contains(s))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "`{item}` is not an HTTP status (100-599) or class (2xx)"
+                        ))
+                    })?;
+                set[s] = true;
+            }
+        }
+        Ok(Self(set))
+    }
+}
+
+fn known(plans: &BTreeMap<String, serde_yaml::Value>) -> String {
+    if plans.is_empty() {
+        return "define it under `plans:`".into();
+    }
+    let names: Vec<&str> = plans.keys().map(String::as_str).collect();
+    format!("known plans: {}", names.join(", "))
+}
+
+fn check_meter(src: &Source, path: &str, meter: &str, d: &mut Diagnostics) {
+    if !valid_token(meter) {
+        d.0.push(src.error(
+            path,
+            format!("meter name `{meter}` may only hold letters, digits, `_`, `-` and `.`"),
+            Some("it must equal the event name of the billing meter, e.g. api_requests"),
+        ));
+    }
+}
+
+type RouteError = (&'static str, String, Option<&'static str>);
+
+fn parse_route(r: &RawRoute) -> Result<Route, RouteError> {
+    let pattern = r.pattern.trim();
+    let (method, glob) = match pattern.split_once(' ') {
+        Some((m, p)) => {
+            let method = http::Method::from_bytes(m.as_bytes())
+                .ok()
+                .filter(|m| m.as_str().bytes().all(|b| b.is_ascii_uppercase()))
+                .ok_or_else(|| {
+                    (
+                        "match",
+                        format!("`{m}` is not an HTTP method"),
+                        Some("write it in capitals, e.g. \"POST /v1/sms/*\""),
+                    )
+                })?;
+            (Some(method), p.trim())
+        }
+        None => (None, pattern),
+    };
+    if !glob.starts_with('/') {
+        return Err((
+            "match",
+            format!("path `{glob}` must start with `/`"),
+            Some("e.g. \"GET /v1/items/*\""),
+        ));
+    }
+    let cost = match r.cost {
+        None => DEFAULT_COST,
+        Some(c) if c >= 0 => c as u64,
+        Some(c) => {
+            return Err((
+                "cost",
+                format!("`cost` must not be negative, got {c}"),
+                None,
+            ))
+        }
+    };
+    let usage_header = match &r.usage_header {
+        None => None,
+        Some(h) => Some(http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+            (
+                "usage_header",
+                format!("`{h}` is not a valid header name"),
+                None,
+            )
+        })?),
+    };
+    if usage_header.is_some() && r.cost.is_some() {
+        return Err((
+            "cost",
+            "a route takes either `cost` or `usage_header`, not both".into(),
+            Some("with usage_header the upstream reports the units"),
+        ));
+    }
+    Ok(Route {
+        method,
+        glob: glob.to_owned(),
+        public: r.public,
+        cost,
+        meter: r.meter.as_deref().map(Into::into),
+        usage_header,
+    })
+}

@@ -1,0 +1,152 @@
+use super::*;
+use std::path::Path;
+
+fn parse(text: &str) -> Result<Plans, Diagnostics> {
+    Plans::parse(&Source::new(Path::new("plans.yaml"), text.into()))
+}
+
+fn errors(text: &str) -> Vec<String> {
+    parse(text)
+        .expect_err("should fail")
+        .0
+        .iter()
+        .map(|d| d.to_string())
+        .collect()
+}
+
+#[test]
+fn the_shipped_plans_file_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plans.yaml");
+    let plans = Plans::load(&path).unwrap();
+    assert_eq!(&*plans.default_plan.name, "free");
+    assert!(plans.get("enterprise").unwrap().limits.is_empty());
+}
+
+#[test]
+fn spec_example_parses() {
+    let p = parse(
+        r#"default_plan: free
+plans:
+  free:
+    limits:
+      - { name: burst, requests: 5, per: second }
+      - { name: daily, requests: 100, per: day }
+  pro:
+    limits:
+      - { name: monthly, requests: 50000, per: month }
+    meter: api_requests
+routes:
+  - { match: "GET /health", public: true }
+  - { match: "POST /v1/sms/*", cost: 5, meter: sms_sent }
+  - { match: "/v1/ai/*", usage_header: X-Usage-Tokens, meter: ai_tokens }
+billable_statuses: [2xx, 304]
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        p.get("free").unwrap().policy_header,
+        r#""burst";q=5;w=1, "daily";q=100;w=86400"#
+    );
+    let get = http::Method::GET;
+    let post = http::Method::POST;
+    assert!(p.route(&get, "/health").unwrap().public);
+    assert!(p.route(&post, "/health").is_none());
+    assert_eq!(p.route(&post, "/v1/sms/send").unwrap().cost, 5);
+    assert!(p.route(&get, "/v1/sms/send").is_none());
+    let ai = p.route(&get, "/v1/ai/chat/completions").unwrap();
+    assert_eq!(ai.usage_header.as_ref().unwrap(), "x-usage-tokens");
+    assert!(p.billable.contains(204) && p.billable.contains(304));
+    assert!(!p.billable.contains(500) && !p.billable.contains(301));
+}
+
+#[test]
+fn every_error_is_reported_with_its_line() {
+    let errs = errors(
+            "default_plan: gold\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 0, per: second }\n      - { name: burst, requests: 5, per: fortnight }\n  pro:\n    limits:\n      - { name: x, requests: 5, per: second, burst: 3 }\nroutes:\n  - { match: \"get /x\" }\nbillable_statuses: [2xx, 7xx]\n",
+        );
+    let all = errs.join("\n");
+    assert!(
+        all.contains("plans.yaml:5:34: error: `requests` must be a positive number, got 0"),
+        "{all}"
+    );
+    assert!(
+        all.contains("plans.yaml:6:17: error: duplicate policy name `burst`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("plans.yaml:6:42: error: unknown window `fortnight`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("plans.yaml:9:46: error: unknown field `burst`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("plans.yaml:1:15: error: `default_plan` names unknown plan `gold`"),
+        "{all}"
+    );
+    assert!(
+        all.contains("plans.yaml:11:14: error: `get` is not an HTTP method"),
+        "{all}"
+    );
+    assert!(
+        all.contains("plans.yaml:12:26: error: `7xx` is not a status class"),
+        "{all}"
+    );
+    assert_eq!(errs.len(), 7, "{all}");
+}
+
+#[test]
+fn a_route_cost_above_a_quota_is_refused() {
+    let all = errors("default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 3, per: second }\nroutes:\n  - { match: \"POST /sms\", cost: 5, meter: sms }\n").join("\n");
+    assert!(
+        all.contains(
+            "plans.yaml:7:33: error: cost 5 exceeds limit `burst` of plan `free` (3 per second)"
+        ),
+        "{all}"
+    );
+}
+
+#[test]
+fn wrong_types_and_syntax_are_located() {
+    let all = errors("default_plan: free\nplans:\n  free:\n    limits:\n      - { name: a, requests: lots, per: day }\n").join("\n");
+    assert!(all.starts_with("plans.yaml:5:"), "{all}");
+    assert!(all.contains("invalid type"), "{all}");
+    let all = errors("default_plan: free\nplans: [\n").join("\n");
+    assert!(all.starts_with("plans.yaml:"), "{all}");
+}
+
+#[test]
+fn policy_header_follows_the_draft() {
+    let limits = [
+        Limit {
+            name: "burst".into(),
+            quota: 5,
+            window: Window::Sliding(1000),
+            overage: false,
+            overage_meter: None,
+        },
+        Limit {
+            name: "monthly".into(),
+            quota: 50_000,
+            window: Window::Month,
+            overage: false,
+            overage_meter: None,
+        },
+    ];
+    assert_eq!(
+        policy_header(&limits),
+        "\"burst\";q=5;w=1, \"monthly\";q=50000;w=2592000"
+    );
+    assert_eq!(policy_header(&[]), "");
+}
+
+#[test]
+fn glob_matching() {
+    assert!(glob_match("/v1/*", "/v1/a/b"));
+    assert!(glob_match("/v1/*/items", "/v1/x/items"));
+    assert!(!glob_match("/v1/*/items", "/v1/x/other"));
+    assert!(glob_match("/health", "/health"));
+    assert!(!glob_match("/health", "/healthz"));
+    assert!(glob_match("*", "/anything"));
+}
