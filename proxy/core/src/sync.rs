@@ -1,12 +1,29 @@
-//! The two synchronisation helpers every layer shares.
+//! The synchronisation helpers every layer shares: poison-tolerant locks
+//! (the one way Tollgate takes a lock) and the flush queue.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Locks `m`, also after a thread panicked holding it: every structure
 /// behind these mutexes stays consistent between statements, so a poisoned
 /// lock's data is still good, and the proxy must not go down with it.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// [`lock`] for readers of an `RwLock`.
+pub fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    match l.read() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// [`lock`] for the writer of an `RwLock`.
+pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    match l.write() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }

@@ -4,11 +4,13 @@
 
 mod harness;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{free_port, Harness};
 use reqwest::StatusCode;
 use serde_json::Value;
+use tollgate_core::clock::{Clock, ManualClock, SystemClock};
 
 fn header<'a>(r: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     r.headers().get(name).and_then(|v| v.to_str().ok())
@@ -71,31 +73,16 @@ async fn unauthenticated_requests_get_401_and_never_reach_the_upstream() {
     );
 
     // Revoked and expired keys.
-    tollgate_core::store::admin::revoke(
-        &h.store,
-        &id,
-        tollgate_core::clock::SystemClock.now_ms_public(),
-    )
-    .unwrap();
+    tollgate_core::store::admin::revoke(&h.store, &id, SystemClock.now_ms()).unwrap();
     h.sync();
     let r = h.get("/x").bearer_auth(&key).send().await.unwrap();
     assert_eq!(problem(r).await["type"], "urn:tollgate:problem:revoked-key");
 }
 
-trait NowPublic {
-    fn now_ms_public(&self) -> u64;
-}
-impl NowPublic for tollgate_core::clock::SystemClock {
-    fn now_ms_public(&self) -> u64 {
-        use tollgate_core::clock::Clock;
-        self.now_ms()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_keys_and_suspended_customers_are_refused() {
     let h = Harness::start();
-    let now = tollgate_core::clock::SystemClock.now_ms_public();
+    let now = SystemClock.now_ms();
     let expired = tollgate_core::store::admin::create_key(
         &h.store,
         "tg_test_",
@@ -242,9 +229,10 @@ async fn routes_match_the_normalised_path_the_upstream_will_see() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_headers_on_success_429_and_upstream_errors_then_recovery() {
-    let h = Harness::start();
+    // A frozen clock: the burst fits one window, and crossing it is a step.
+    let clock = ManualClock::at(SystemClock.now_ms());
+    let h = Harness::builder().clock(Arc::new(clock.clone())).build();
     let key = h.key("cus_burst", None); // free: 5/second, 100/day
-                                        // Start at the beginning of a second so the burst fits one window.
     let mut seen_remaining = Vec::new();
     for _ in 0..5 {
         let r = h.get("/echo").bearer_auth(&key).send().await.unwrap();
@@ -275,7 +263,7 @@ async fn rate_limit_headers_on_success_429_and_upstream_errors_then_recovery() {
     assert_eq!(h.upstream_hits(), 5, "the 429 never reached the upstream");
 
     // After the window, requests are admitted again.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    clock.advance(1_100);
     let r = h.get("/status/503").bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 503, "upstream errors pass through");
     assert_eq!(
@@ -471,7 +459,7 @@ async fn revocation_and_plan_changes_apply_within_a_second_without_restart() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let now = tollgate_core::clock::SystemClock.now_ms_public();
+    let now = SystemClock.now_ms();
     tollgate_core::store::admin::revoke(&cli_store, &id, now).unwrap();
     let revoked_at = Instant::now();
     loop {

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use redis::Cmd;
+use tollgate_core::sync::lock;
 
 use crate::conn::RedisConn;
 use tollgate_core::keys::KeyHash;
@@ -337,29 +338,23 @@ impl RedisKeyStore {
     }
 
     pub fn data(&self) -> StoreData {
-        tollgate_core::lock(&self.mirror).clone()
+        lock(&self.mirror).clone()
     }
 
     fn rebuild(&self, data: &StoreData) {
         let snap = Arc::new(Snapshot::build(data));
-        if let Ok(mut s) = self.snapshot.write() {
-            *s = snap;
-        }
+        *tollgate_core::sync::write(&self.snapshot) = snap;
     }
 
     fn clear_negative(&self) {
-        if let Ok(mut n) = self.negative.lock() {
-            n.clear();
-        }
+        lock(&self.negative).clear();
     }
 
     /// Re-reads everything (start, gaps, reconnects).
     pub async fn full_reload(&self) -> Result<(), StoreError> {
         let (version, data) = load_all(&self.conn).await?;
         self.rebuild(&data);
-        if let Ok(mut m) = self.mirror.lock() {
-            *m = data;
-        }
+        *lock(&self.mirror) = data;
         self.applied.store(version, Ordering::Release);
         self.clear_negative();
         tollgate_core::metrics::CONFIG_RELOADS
@@ -396,12 +391,10 @@ impl RedisKeyStore {
                 let rec = record_from(id, &f);
                 let mut hash = [0u8; 32];
                 if hex::decode_to_slice(id, &mut hash).is_ok() {
-                    if let Ok(mut n) = self.negative.lock() {
-                        n.remove(&hash);
-                    }
+                    lock(&self.negative).remove(&hash);
                 }
                 let data = {
-                    let mut m = self.mirror.lock().map_err(|_| redis_err("lock poisoned"))?;
+                    let mut m = lock(&self.mirror);
                     m.keys.retain(|k| k.hash != id);
                     if let Some(r) = rec {
                         m.keys.push(r);
@@ -417,7 +410,7 @@ impl RedisKeyStore {
                     .await
                     .map_err(redis_err)?;
                 let data = {
-                    let mut m = self.mirror.lock().map_err(|_| redis_err("lock poisoned"))?;
+                    let mut m = lock(&self.mirror);
                     m.customers.insert(id.to_owned(), customer_from(&f));
                     m.clone()
                 };
@@ -502,7 +495,7 @@ impl RedisKeyStore {
         now: u64,
     ) -> Option<Result<Identity, tollgate_core::store::KeyRejection>> {
         {
-            let mut neg = self.negative.lock().ok()?;
+            let mut neg = lock(&self.negative);
             if let Some(t) = neg.get(hash) {
                 if t.elapsed() < NEGATIVE_TTL {
                     return None;
@@ -531,7 +524,7 @@ impl RedisKeyStore {
                     .await
                     .ok()?;
                 let data = {
-                    let mut m = self.mirror.lock().ok()?;
+                    let mut m = lock(&self.mirror);
                     m.customers.insert(rec.customer.clone(), customer_from(&c));
                     m.keys.retain(|k| k.hash != hex);
                     m.keys.push(rec);
@@ -541,19 +534,18 @@ impl RedisKeyStore {
                 Some(self.snapshot().lookup(hash, now))
             }
             None => {
-                if let Ok(mut neg) = self.negative.lock() {
-                    if neg.len() >= NEGATIVE_CAP {
-                        neg.clear();
-                    }
-                    neg.insert(*hash, Instant::now());
+                let mut neg = lock(&self.negative);
+                if neg.len() >= NEGATIVE_CAP {
+                    neg.clear();
                 }
+                neg.insert(*hash, Instant::now());
                 None
             }
         }
     }
 
     pub fn negative_len(&self) -> usize {
-        self.negative.lock().map(|n| n.len()).unwrap_or(0)
+        lock(&self.negative).len()
     }
 }
 
@@ -565,10 +557,7 @@ impl RedisKeyStore {
 
 impl KeyStore for RedisKeyStore {
     fn snapshot(&self) -> Arc<Snapshot> {
-        match self.snapshot.read() {
-            Ok(s) => Arc::clone(&s),
-            Err(p) => Arc::clone(&p.into_inner()),
-        }
+        Arc::clone(&tollgate_core::sync::read(&self.snapshot))
     }
 
     fn lookup_miss<'a>(

@@ -321,10 +321,7 @@ impl MemoryLimiter {
 
     /// Customers currently holding state.
     pub fn tracked_customers(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
-            .sum()
+        self.shards.iter().map(|s| crate::lock(s).len()).sum()
     }
 }
 

@@ -62,9 +62,7 @@ impl FileStore {
         }
         let data = read_data(&self.path)?;
         let snap = Arc::new(Snapshot::build(&data));
-        if let Ok(mut cur) = self.current.write() {
-            *cur = snap;
-        }
+        *crate::sync::write(&self.current) = snap;
         *crate::lock(&self.stamp) = now_stamp;
         Ok(true)
     }
@@ -146,10 +144,7 @@ impl FileStore {
 
 impl KeyStore for FileStore {
     fn snapshot(&self) -> Arc<Snapshot> {
-        match self.current.read() {
-            Ok(s) => Arc::clone(&s),
-            Err(p) => Arc::clone(&p.into_inner()),
-        }
+        Arc::clone(&crate::sync::read(&self.current))
     }
 }
 
