@@ -1,23 +1,19 @@
-//! The metering step of a request: before it goes upstream, refuse billable
-//! work the journal has no room for; when the response comes back, turn its
+//! The metering step of a request: when the response comes back, turn its
 //! status and reported units into billed units and make them durable
-//! before the client has its answer.
+//! before the client has its answer. (Refusing billable work while the
+//! journal is full happens earlier, in the gate, before anything is charged.)
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
 use crate::gate::Admitted;
-use crate::metrics;
 use crate::plans::StatusSet;
 use crate::problem::Rejection;
 use crate::usage::{MeterTotals, UsageLedger};
 
 /// Where billable usage becomes durable: the metering crate's spool.
 pub trait UsageJournal: Send + Sync + 'static {
-    /// At its bound: billable work is refused until sinks catch up.
-    fn is_full(&self) -> bool;
-
     /// Resolves to true once `units` of `meter` for `customer` are durable.
     fn append(
         self: &Arc<Self>,
@@ -35,9 +31,6 @@ pub trait UsageJournal: Send + Sync + 'static {
 pub struct NoJournal;
 
 impl UsageJournal for NoJournal {
-    fn is_full(&self) -> bool {
-        false
-    }
     async fn append(self: &Arc<Self>, _: &Arc<str>, _: &Arc<str>, _: u64) -> bool {
         true
     }
@@ -55,17 +48,6 @@ pub struct Meter<J> {
 }
 
 impl<J: UsageJournal> Meter<J> {
-    /// Billable work is refused rather than served unbilled.
-    pub fn check_room(&self, a: &Admitted) -> Result<(), Rejection> {
-        if a.meter.is_some() && self.journal.as_ref().is_some_and(|j| j.is_full()) {
-            metrics::SPOOL_REJECTED
-                .with_label_values(&[&a.plan.name])
-                .inc();
-            return Err(Rejection::SpoolFull);
-        }
-        Ok(())
-    }
-
     /// The units a response is billed: none for a status that is not
     /// billable; else what the upstream reported in the route's usage
     /// header (`reported`: None when the route has none, `Some(None)` when
@@ -125,13 +107,9 @@ mod tests {
     #[derive(Default)]
     struct Flaky {
         broken: AtomicBool,
-        full: AtomicBool,
     }
 
     impl UsageJournal for Flaky {
-        fn is_full(&self) -> bool {
-            self.full.load(Ordering::Relaxed)
-        }
         async fn append(self: &Arc<Self>, _: &Arc<str>, _: &Arc<str>, _: u64) -> bool {
             !self.broken.load(Ordering::Relaxed)
         }
@@ -178,16 +156,9 @@ mod tests {
         j.broken.store(true, Ordering::Relaxed);
         assert_eq!(m.record(&a, 3).await, Err(Rejection::UsageNotRecorded));
         assert_eq!(
-            m.check_room(&a),
+            m.record(&admitted(None), 3).await,
             Ok(()),
-            "a failed write does not fill the spool"
-        );
-        j.full.store(true, Ordering::Relaxed);
-        assert_eq!(m.check_room(&a), Err(Rejection::SpoolFull));
-        assert_eq!(
-            m.check_room(&admitted(None)),
-            Ok(()),
-            "unbilled work is served"
+            "unbilled work records nothing"
         );
     }
 

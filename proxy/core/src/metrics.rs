@@ -5,7 +5,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    self, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    self, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts,
 };
 
 // Metric names and label sets are constants: building them only fails on a
@@ -143,6 +144,13 @@ pub static CONFIG_RELOADS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static CLIENT_DISCONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    int_counter(
+        "tollgate_client_disconnects_total",
+        "Connections the client closed before its request head was read",
+    )
+});
+
 /// Registers every metric so `/metrics` lists them from the start.
 pub fn init() {
     LazyLock::force(&REQUESTS);
@@ -160,6 +168,14 @@ pub fn init() {
     LazyLock::force(&BILLING_PENDING);
     LazyLock::force(&BILLING_LAG);
     LazyLock::force(&SPOOL_REJECTED);
+    LazyLock::force(&CLIENT_DISCONNECTS);
+}
+
+#[allow(clippy::expect_used)]
+fn int_counter(name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("constant metric definition");
+    let _ = prometheus::register(Box::new(c.clone()));
+    c
 }
 
 #[allow(clippy::expect_used)]

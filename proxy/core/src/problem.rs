@@ -33,6 +33,9 @@ pub enum Rejection {
     UsageNotRecorded,
     UpstreamUnreachable,
     UpstreamTimeout,
+    /// A path an upstream could route differently from Tollgate (an encoded
+    /// `/`, `\` or `.`, a NUL, a broken escape): see `gate::PathError`.
+    BadPath,
     /// A request Pingora itself could not parse, or similar client errors.
     BadRequest(u16),
     /// Anything unexpected inside Tollgate.
@@ -55,6 +58,7 @@ impl Rejection {
             }
             Rejection::UpstreamUnreachable => 502,
             Rejection::UpstreamTimeout => 504,
+            Rejection::BadPath => 400,
             Rejection::BadRequest(code) => *code,
             Rejection::Internal => 500,
         }
@@ -135,6 +139,11 @@ impl Rejection {
                 "upstream-timeout",
                 "Gateway timeout",
                 "The API behind this gateway did not answer in time.",
+            ),
+            Rejection::BadPath => (
+                "bad-path",
+                "Bad request path",
+                "The path holds an encoded `/`, `\\` or `.`, a backslash, a NUL, or a broken or non-UTF-8 escape.",
             ),
             Rejection::BadRequest(_) => (
                 "bad-request",
@@ -274,6 +283,7 @@ mod tests {
             Rejection::UsageNotRecorded,
             Rejection::UpstreamUnreachable,
             Rejection::UpstreamTimeout,
+            Rejection::BadPath,
             Rejection::BadRequest(400),
             Rejection::Internal,
         ];

@@ -182,6 +182,17 @@ impl ServeHttp for AdminApp {
         let method = req.method.clone();
         let path = req.uri.path().to_owned();
         let query = req.uri.query().map(str::to_owned);
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .map(|h| h.to_str().unwrap_or(""));
+        if !self.app.config.admin.host_allowed(host) {
+            return problem(
+                403,
+                "Host not allowed",
+                "this admin port answers only the hosts in admin.allowed_hosts (by default, loopback names)",
+            );
+        }
         if method == http::Method::GET {
             match path.as_str() {
                 "/metrics" => {

@@ -159,6 +159,9 @@ impl App {
             clock,
             prefix: config.key_prefix.clone(),
             answer_preflights: config.cors.is_some(),
+            journal_full: spool
+                .clone()
+                .map(|s| Arc::new(move || s.is_full()) as Arc<dyn Fn() -> bool + Send + Sync>),
         };
         let meter = Meter {
             ledger: usage,

@@ -17,5 +17,6 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod logging;
 pub mod proxy;
 pub mod server;

@@ -13,7 +13,7 @@ mod cli;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    tollgate::logging::init();
     let cli = cli::Cli::parse();
     match cli::run(cli) {
         Ok(code) => code,

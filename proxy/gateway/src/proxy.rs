@@ -222,6 +222,10 @@ impl ProxyHttp for TollgateProxy {
         let app = &self.app;
         let req = session.req_header();
         ctx.origin = req.headers.get(header::ORIGIN).cloned();
+        // RFC 9112 3.2: an HTTP/1.1 request without Host is refused.
+        if req.version == http::Version::HTTP_11 && !req.headers.contains_key(header::HOST) {
+            return self.reject(session, ctx, &Rejection::BadRequest(400)).await;
+        }
         let verdict = app
             .gate
             .admit(&req.method, req.uri.path(), &req.headers)
@@ -244,9 +248,6 @@ impl ProxyHttp for TollgateProxy {
         };
         ctx.rate = RateHeaders::render(&admitted.decision);
         ctx.plan = Some(admitted.plan.clone());
-        if let Err(r) = app.meter.check_room(&admitted) {
-            return self.reject(session, ctx, &r).await;
-        }
         ctx.admitted = Some(admitted);
         Ok(false)
     }
@@ -269,26 +270,25 @@ impl ProxyHttp for TollgateProxy {
         req: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // Whatever the client claims about itself is dropped first, in any
-        // spelling a CGI-style upstream would fold into the same name.
-        let spoofed: Vec<HeaderName> = req
+        // What only Tollgate may assert (identity), the key, and method
+        // overrides are dropped first, in any spelling a CGI-style upstream
+        // would fold into the same name.
+        let dropped: Vec<HeaderName> = req
             .headers
             .keys()
-            .filter(|n| gate::is_identity_header(n.as_str()))
+            .filter(|n| gate::never_forwarded(n.as_str()))
             .cloned()
             .collect();
-        for h in spoofed {
+        for h in dropped {
             req.remove_header(&h);
         }
-        // Keys never travel upstream, on any route: X-API-Key always,
-        // Authorization when it carries a Bearer token (another scheme is
-        // the upstream's own authentication).
-        req.remove_header(gate::X_API_KEY);
+        // Authorization goes too when it carries a Bearer token (another
+        // scheme is the upstream's own authentication).
         let bearer = req
             .headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.as_bytes().get(..7))
-            .is_some_and(|s| s.eq_ignore_ascii_case(b"bearer "));
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| gate::bearer_token(v).is_some());
         if bearer {
             req.remove_header(&header::AUTHORIZATION);
         }
@@ -385,6 +385,23 @@ impl ProxyHttp for TollgateProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// What Pingora's own error lines say about a request: method, path and
+    /// host, never the query string, where a client may have put its key.
+    fn request_summary(&self, session: &Session, _ctx: &Ctx) -> String {
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()))
+            .unwrap_or_default();
+        let query = if req.uri.query().is_some() {
+            "?…"
+        } else {
+            ""
+        };
+        format!("{} {}{query}, Host: {host}", req.method, req.uri.path())
     }
 
     /// A client hanging up is not Tollgate's error; keep it out of the log.

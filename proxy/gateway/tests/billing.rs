@@ -546,8 +546,10 @@ async fn overage_admits_past_the_quota_and_bills_the_overage_meter() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_spool_refuses_billable_requests_loudly() {
+    // A spool that starts at its 1 MB bound: usage nobody has rolled up yet.
     let h = Harness::builder()
-        .config("metering: { max_spool_mb: 0 }")
+        .config("metering: { max_spool_mb: 1 }")
+        .file("data/spool/events.log", pending_events(25_000))
         .build();
     let billed = h.key("cus_billed", Some("pro"));
     let free = h.key("cus_free", None); // free has no meter: nothing to record
@@ -575,4 +577,31 @@ async fn a_full_spool_refuses_billable_requests_loudly() {
         metrics.contains("tollgate_spool_rejected_total{plan=\"pro\"} 1"),
         "{metrics}"
     );
+    // The refusal consumed nothing of the plan's limits.
+    let usage: Value = h
+        .get("/_tollgate/usage")
+        .bearer_auth(&billed)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["policies"][0]["remaining"], 1000, "{usage}");
+}
+
+/// `n` spool event lines (`E seq ts customer meter units crc`, the spool's
+/// own format), one customer each so that compaction at start keeps them
+/// all, written now.
+fn pending_events(n: u64) -> String {
+    let now = tollgate_core::clock::Clock::now_ms(&tollgate_core::clock::SystemClock);
+    (1..=n)
+        .map(|seq| {
+            let body = format!("E {seq} {now} cus_backlog_{seq} api_requests 1");
+            format!(
+                "{body} {:08x}\n",
+                tollgate_core::keys::crc32(body.as_bytes())
+            )
+        })
+        .collect()
 }

@@ -1,5 +1,5 @@
-//! The per-request decision, free of sockets: which route, whose key, which
-//! plan, and whether the limiter admits it. [`Gate::admit`] takes a
+//! The per-request decision, free of sockets: which route (on the one
+//! canonical path), whose key, which plan, and whether the limiter admits it. [`Gate::admit`] takes a
 //! request's method, path and headers and answers with an [`Admission`] or
 //! a [`Refused`]; the proxy only moves headers around it. The criterion
 //! bench measures exactly this.
@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::header::{HeaderMap, HeaderName, ACCESS_CONTROL_REQUEST_METHOD};
+use http::header::{HeaderMap, HeaderName};
 use http::Method;
 
 use crate::clock::Clock;
@@ -22,7 +22,10 @@ mod request;
 #[cfg(test)]
 mod tests;
 
-pub use request::{extract_key, is_identity_header, normalize_path, KeySource, X_API_KEY};
+pub use request::{
+    bearer_token, canonical_path, extract_key, has_body, is_identity_header, is_preflight,
+    never_forwarded, CanonicalPath, KeySource, PathError, X_API_KEY,
+};
 
 /// Where each consumer asks about its own usage.
 pub const USAGE_PATH: &str = "/_tollgate/usage";
@@ -102,13 +105,20 @@ pub struct Gate<L> {
     /// `cors` is configured: Tollgate answers CORS preflights itself
     /// (otherwise they go to the upstream, which answers its own).
     pub answer_preflights: bool,
+    /// Whether the usage journal is at its bound (billable work is then
+    /// refused before it is charged); None: metering is off.
+    pub journal_full: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
 }
 
 impl<L: Limiter> Gate<L> {
+    fn journal_full(&self) -> bool {
+        self.journal_full.as_ref().is_some_and(|full| full())
+    }
+
     /// Decides one request: preflight, public route, usage report, or a
     /// keyed request checked against its plan's limits (charging `cost`).
     pub async fn admit(&self, method: &Method, path: &str, headers: &HeaderMap) -> Verdict {
-        if method == Method::OPTIONS && headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD) {
+        if is_preflight(method, headers) {
             let admission = if self.answer_preflights {
                 Admission::Preflight
             } else {
@@ -119,18 +129,22 @@ impl<L: Limiter> Gate<L> {
                 rewrite: None,
             };
         }
-        let path = normalize_path(path);
-        let admission = self.admit_normalized(method, &path, headers).await;
+        let path = match canonical_path(path) {
+            Ok(p) => p,
+            Err(_) => {
+                return Verdict {
+                    admission: Err(Rejection::BadPath.into()),
+                    rewrite: None,
+                }
+            }
+        };
         Verdict {
-            admission,
-            rewrite: match path {
-                std::borrow::Cow::Owned(p) => Some(p),
-                std::borrow::Cow::Borrowed(_) => None,
-            },
+            admission: self.admit_canonical(method, &path.routed, headers).await,
+            rewrite: path.forward,
         }
     }
 
-    async fn admit_normalized(
+    async fn admit_canonical(
         &self,
         method: &Method,
         path: &str,
@@ -146,6 +160,17 @@ impl<L: Limiter> Gate<L> {
             None => return Err(Rejection::MissingKey.into()),
         };
         let cost = if is_usage { 0 } else { route.cost };
+        // Refused before anything is charged: a refusal consumes nothing.
+        if !is_usage && self.journal_full() && may_bill(route.route, &plan) {
+            metrics::SPOOL_REJECTED
+                .with_label_values(&[&plan.name])
+                .inc();
+            return Err(Refused {
+                rejection: Rejection::SpoolFull,
+                plan: Some(plan),
+                decision: None,
+            });
+        }
         let started = Instant::now();
         let decision = self.limit(&identity, &plan, cost).await;
         metrics::LIMITER_DURATION
@@ -268,6 +293,14 @@ fn meter_of(route: Option<&Route>, plan: &Plan, decision: &Decision) -> Option<A
     route
         .and_then(|r| r.meter.clone())
         .or_else(|| plan.meter.clone())
+}
+
+/// Whether a request could be billed: its route or plan names a meter, or
+/// one of its plan's limits an overage meter.
+fn may_bill(route: Option<&Route>, plan: &Plan) -> bool {
+    route.is_some_and(|r| r.meter.is_some())
+        || plan.meter.is_some()
+        || plan.limits.iter().any(|l| l.overage_meter.is_some())
 }
 
 /// Counts each policy an admitted request left at or past 80 % used.

@@ -1,6 +1,6 @@
 //! What a request says about itself: the key it carries (and in which
-//! header), the path it is routed on, and which headers claim an identity
-//! only Tollgate may assert.
+//! header), the one canonical path it is routed on and forwarded with, and
+//! which headers never reach the upstream.
 
 use http::header::{HeaderMap, AUTHORIZATION};
 
@@ -29,11 +29,7 @@ pub fn extract_key(headers: &HeaderMap) -> Result<Option<(&str, KeySource)>, Rej
         }
         let v = v.to_str().map_err(|_| Rejection::MalformedKey)?;
         // Another scheme (e.g. Basic for the upstream) is not ours; leave it.
-        if let Some((scheme, token)) = v.split_once(' ') {
-            if scheme.eq_ignore_ascii_case("bearer") {
-                bearer = Some(token.trim());
-            }
-        }
+        bearer = bearer_token(v);
     }
     let mut api = headers.get_all(X_API_KEY).iter();
     let api_key = match api.next() {
@@ -56,36 +52,100 @@ pub fn extract_key(headers: &HeaderMap) -> Result<Option<(&str, KeySource)>, Rej
     })
 }
 
-/// The path routes are matched on: percent-escapes of unreserved characters
-/// decoded, repeated slashes merged, `.` and `..` segments resolved (RFC 3986
-/// 6.2.2). Matching the raw path would let `/v1/%73ms/send` or
-/// `/public/../private` be routed differently from how the upstream reads
-/// them. Borrowed when the path is already normal.
-pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
+/// Why a request's path is refused before routing (400 `bad-path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathError {
+    /// `%2F`, `%5C` or `%2E`: a separator or dot that an upstream which
+    /// decodes the path would route differently from Tollgate.
+    EncodedSeparator,
+    /// A raw `\`, which some upstreams read as `/`.
+    Backslash,
+    /// `%00`.
+    Nul,
+    /// A `%` not followed by two hex digits.
+    BadEscape,
+    /// Escapes that do not decode to UTF-8 text.
+    NotText,
+}
+
+/// A request path in the one form Tollgate routes on and forwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanonicalPath<'a> {
+    /// Every escape decoded, repeated slashes merged, `.` and `..` resolved
+    /// (RFC 3986 6.2.2 and 5.2.4): what routes and public checks match.
+    pub routed: std::borrow::Cow<'a, str>,
+    /// What goes upstream when it differs from what the client sent: the
+    /// routed path with only the bytes a path cannot hold escaped again,
+    /// so an upstream that decodes it reads exactly `routed`.
+    pub forward: Option<String>,
+}
+
+/// The canonical form of `path` (the request target's path, without its
+/// query). Borrowed, with nothing to forward, when the path is already
+/// canonical. Encoded separators and dots, NUL, backslashes, broken escapes
+/// and escapes that are not UTF-8 are refused: no upstream can then read
+/// the path as a route other than the one Tollgate matched.
+pub fn canonical_path(path: &str) -> Result<CanonicalPath<'_>, PathError> {
     let b = path.as_bytes();
+    if b.contains(&b'\\') {
+        return Err(PathError::Backslash);
+    }
     let needs = b.windows(2).any(|w| w == b"//")
         || b.contains(&b'%')
-        || path.split('/').any(|seg| seg == "." || seg == "..");
+        || path.split('/').any(|seg| seg == "." || seg == "..")
+        || !path.starts_with('/')
+        || b.iter().any(|&c| !path_safe(c));
     if !needs {
-        return std::borrow::Cow::Borrowed(path);
+        return Ok(CanonicalPath {
+            routed: std::borrow::Cow::Borrowed(path),
+            forward: None,
+        });
     }
-    // Decode escapes of unreserved characters only.
-    let mut decoded = String::with_capacity(path.len());
+    let decoded = percent_decode(b)?;
+    let routed = remove_dot_segments(&decoded);
+    let forward = encode_path(&routed);
+    Ok(CanonicalPath {
+        forward: (forward != path).then_some(forward),
+        routed: std::borrow::Cow::Owned(routed),
+    })
+}
+
+/// Bytes a path segment holds as they are (RFC 3986 `pchar` without `%`):
+/// unreserved, sub-delims, `:` and `@`; and `/` between segments.
+fn path_safe(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&c)
+}
+
+fn percent_decode(b: &[u8]) -> Result<String, PathError> {
+    let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
-            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                if v.is_ascii_alphanumeric() || b"-._~".contains(&v) {
-                    decoded.push(char::from(v));
-                    i += 3;
-                    continue;
-                }
-            }
+        if b[i] != b'%' {
+            out.push(b[i]);
+            i += 1;
+            continue;
         }
-        decoded.push(char::from(b[i]));
-        i += 1;
+        let hex = |c: u8| char::from(c).to_digit(16);
+        let v = match (
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) {
+            (Some(h), Some(l)) => (h * 16 + l) as u8,
+            _ => return Err(PathError::BadEscape),
+        };
+        match v {
+            b'/' | b'\\' | b'.' => return Err(PathError::EncodedSeparator),
+            0 => return Err(PathError::Nul),
+            _ => out.push(v),
+        }
+        i += 3;
     }
+    String::from_utf8(out).map_err(|_| PathError::NotText)
+}
+
+/// `/` followed by the segments left after `.` and `..` are resolved and
+/// empty segments merged; a trailing slash is kept.
+fn remove_dot_segments(decoded: &str) -> String {
     let mut out: Vec<&str> = Vec::new();
     let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
     for seg in decoded.split('/') {
@@ -97,7 +157,7 @@ pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
             s => out.push(s),
         }
     }
-    let mut normal = String::with_capacity(decoded.len());
+    let mut normal = String::with_capacity(decoded.len() + 1);
     for seg in &out {
         normal.push('/');
         normal.push_str(seg);
@@ -105,19 +165,71 @@ pub fn normalize_path(path: &str) -> std::borrow::Cow<'_, str> {
     if normal.is_empty() || (trailing && !out.is_empty()) {
         normal.push('/');
     }
-    std::borrow::Cow::Owned(normal)
+    normal
+}
+
+/// Escapes the bytes a path cannot hold as they are (`%`, `?`, `#`,
+/// spaces, controls, non-ASCII).
+fn encode_path(routed: &str) -> String {
+    crate::pct::encode(routed, path_safe)
+}
+
+/// Whether a request header spells `canonical` (lower case, `-`
+/// separated) in a way an upstream may fold into it: any case, and `_`
+/// for `-` as CGI-style servers read it.
+fn spells(name: &str, canonical: &str) -> bool {
+    name.len() == canonical.len()
+        && name.bytes().zip(canonical.bytes()).all(|(a, b)| {
+            let a = a.to_ascii_lowercase();
+            a == b || (a == b'_' && b == b'-')
+        })
 }
 
 /// Whether a request header claims to be one of Tollgate's identity headers,
 /// also in the `X-Tollgate_Customer` spelling CGI-style servers fold into it.
 pub fn is_identity_header(name: &str) -> bool {
-    let n = name.as_bytes();
-    n.len() >= 11
-        && n[..10].iter().zip(b"x-tollgate").all(|(a, b)| {
-            let a = a.to_ascii_lowercase();
-            a == *b || (a == b'_' && *b == b'-')
-        })
-        && (n[10] == b'-' || n[10] == b'_')
+    name.len() >= 11
+        && spells(&name[..10], "x-tollgate")
+        && matches!(name.as_bytes()[10], b'-' | b'_')
+}
+
+/// Headers that never reach the upstream, in any spelling it could fold
+/// into the same name: Tollgate's identity headers (only Tollgate asserts
+/// them), the key header, and the method-override headers some frameworks
+/// honour (a `GET` must not become a `POST` upstream without paying the
+/// `POST` route's cost).
+pub fn never_forwarded(name: &str) -> bool {
+    is_identity_header(name)
+        || spells(name, X_API_KEY)
+        || spells(name, "x-http-method-override")
+        || spells(name, "x-http-method")
+        || spells(name, "x-method-override")
+}
+
+/// The token of an `Authorization: Bearer <token>` value: the scheme in any
+/// case, then any run of spaces or tabs. None for another scheme.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once([' ', '\t'])?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// A CORS preflight: `OPTIONS` with `Origin` and
+/// `Access-Control-Request-Method`, and no body. Anything else sent as
+/// `OPTIONS` is an ordinary request, authenticated and limited.
+pub fn is_preflight(method: &http::Method, headers: &HeaderMap) -> bool {
+    method == http::Method::OPTIONS
+        && headers.contains_key(http::header::ORIGIN)
+        && headers.contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+        && !has_body(headers)
+}
+
+/// Whether the request announces a body.
+pub fn has_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.as_bytes() != b"0")
 }
 
 #[cfg(test)]
@@ -155,6 +267,12 @@ mod tests {
         );
         let h = headers(&[("authorization", b"Bearer k"), ("x-api-key", b"k")]);
         assert_eq!(extract_key(&h).unwrap(), Some(("k", KeySource::Both)));
+        let h = headers(&[("authorization", b"Bearer\ttg_abc")]);
+        assert_eq!(
+            extract_key(&h).unwrap(),
+            Some(("tg_abc", KeySource::Bearer)),
+            "a tab after Bearer still makes a bearer token"
+        );
         // Basic auth is the upstream's business; the key is in X-API-Key.
         let h = headers(&[("authorization", b"Basic dXNlcg=="), ("x-api-key", b"k")]);
         assert_eq!(extract_key(&h).unwrap(), Some(("k", KeySource::ApiKey)));
@@ -162,25 +280,107 @@ mod tests {
     }
 
     #[test]
-    fn paths_are_normalised_before_routing() {
-        for (raw, normal) in [
-            ("/v1/sms/send", "/v1/sms/send"),
-            ("/v1/%73ms/send", "/v1/sms/send"),
-            ("/v1/%41i", "/v1/Ai"),
-            ("//v1///sms/", "/v1/sms/"),
-            ("/public/../private", "/private"),
-            ("/a/./b/../../c", "/c"),
-            ("/../..", "/"),
-            ("/x/%2F/y", "/x/%2F/y"),
-            ("/x%", "/x%"),
-            ("/", "/"),
+    fn paths_are_routed_decoded_and_resolved() {
+        for (raw, routed, forward) in [
+            ("/v1/sms/send", "/v1/sms/send", None),
+            ("/v1/%73ms/send", "/v1/sms/send", Some("/v1/sms/send")),
+            ("/v1/%41i", "/v1/Ai", Some("/v1/Ai")),
+            ("//v1///sms/", "/v1/sms/", Some("/v1/sms/")),
+            ("/public/../private", "/private", Some("/private")),
+            ("/a/./b/../../c", "/c", Some("/c")),
+            ("/../..", "/", Some("/")),
+            ("/", "/", None),
+            // Decoded for routing, escaped again where a path needs it.
+            ("/v1/caf%C3%A9", "/v1/caf\u{e9}", None),
+            ("/a%20b", "/a b", None),
+            ("/x%3Fy", "/x?y", None),
+            ("/%25", "/%", None),
+            ("/a%2Cb", "/a,b", Some("/a,b")),
         ] {
-            assert_eq!(normalize_path(raw), normal, "{raw}");
+            let c = canonical_path(raw).unwrap();
+            assert_eq!(c.routed, routed, "{raw}");
+            assert_eq!(c.forward.as_deref(), forward, "{raw}");
         }
         assert!(matches!(
-            normalize_path("/v1/x"),
+            canonical_path("/v1/x").unwrap().routed,
             std::borrow::Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn paths_an_upstream_could_route_differently_are_refused() {
+        for (raw, why) in [
+            ("/v1%2Fsms%2Fsend", PathError::EncodedSeparator),
+            ("/v1%2fai%2fchat", PathError::EncodedSeparator),
+            ("/docs/..%2fv1%2fsecret", PathError::EncodedSeparator),
+            ("/%2e%2e/v1/secret", PathError::EncodedSeparator),
+            ("/a%5Cb", PathError::EncodedSeparator),
+            ("/a\\b", PathError::Backslash),
+            ("/a%00b", PathError::Nul),
+            ("/x%", PathError::BadEscape),
+            ("/x%zz", PathError::BadEscape),
+            ("/x%4", PathError::BadEscape),
+            ("/a%FFb", PathError::NotText),
+        ] {
+            assert_eq!(canonical_path(raw), Err(why), "{raw}");
+        }
+    }
+
+    #[test]
+    fn bearer_tokens_follow_any_whitespace_and_other_schemes_are_left() {
+        assert_eq!(bearer_token("Bearer abc"), Some("abc"));
+        assert_eq!(bearer_token("bearer\tabc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER   abc "), Some("abc"));
+        assert_eq!(bearer_token("Basic dXNlcg=="), None);
+        assert_eq!(bearer_token("Bearer"), None);
+    }
+
+    #[test]
+    fn key_and_method_override_headers_never_go_upstream_in_any_spelling() {
+        for n in [
+            "x-api-key",
+            "X_Api_Key",
+            "x-api_key",
+            "x-http-method-override",
+            "X_HTTP_Method_Override",
+            "x-http-method",
+            "x-method-override",
+            "x-tollgate-plan",
+        ] {
+            assert!(never_forwarded(n), "{n}");
+        }
+        for n in [
+            "x-api-keys",
+            "authorization",
+            "x-request-id",
+            "content-type",
+        ] {
+            assert!(!never_forwarded(n), "{n}");
+        }
+    }
+
+    #[test]
+    fn only_a_bodiless_options_with_origin_is_a_preflight() {
+        let m = http::Method::OPTIONS;
+        let pre = [
+            ("origin", &b"https://app.example.com"[..]),
+            ("access-control-request-method", b"POST"),
+        ];
+        assert!(is_preflight(&m, &headers(&pre)));
+        assert!(!is_preflight(&http::Method::POST, &headers(&pre)));
+        assert!(!is_preflight(
+            &m,
+            &headers(&[("access-control-request-method", b"POST")])
+        ));
+        let mut with_body = pre.to_vec();
+        with_body.push(("content-length", b"5"));
+        assert!(!is_preflight(&m, &headers(&with_body)));
+        let mut chunked = pre.to_vec();
+        chunked.push(("transfer-encoding", b"chunked"));
+        assert!(!is_preflight(&m, &headers(&chunked)));
+        let mut empty = pre.to_vec();
+        empty.push(("content-length", b"0"));
+        assert!(is_preflight(&m, &headers(&empty)));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `Gate::admit` from request parts alone: no socket, no Pingora.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use http::Request;
@@ -32,6 +33,10 @@ struct Setup {
 }
 
 fn setup(answer_preflights: bool) -> Setup {
+    setup_with(answer_preflights, None)
+}
+
+fn setup_with(answer_preflights: bool, journal_full: Option<Arc<AtomicBool>>) -> Setup {
     let now: Millis = days_from_civil(Date {
         year: 2026,
         month: 6,
@@ -79,6 +84,9 @@ fn setup(answer_preflights: bool) -> Setup {
             clock,
             prefix: "tg_test_".into(),
             answer_preflights,
+            journal_full: journal_full.map(|f| {
+                Arc::new(move || f.load(Ordering::Relaxed)) as Arc<dyn Fn() -> bool + Send + Sync>
+            }),
         },
         free,
         pro,
@@ -160,12 +168,28 @@ async fn public_routes_preflights_and_the_usage_report_need_no_charge() {
     let v = admit(&s.gate, &request("GET", "/health", None)).await;
     assert!(matches!(v.admission, Ok(Admission::Forward)));
     let mut pre = request("OPTIONS", "/v1/sms/send", None);
-    pre.headers
-        .insert(ACCESS_CONTROL_REQUEST_METHOD, "POST".parse().unwrap());
+    pre.headers.insert(
+        http::header::ACCESS_CONTROL_REQUEST_METHOD,
+        "POST".parse().unwrap(),
+    );
+    // Without an Origin it is no browser's preflight: it needs a key.
+    let r = refused(admit(&s.gate, &pre).await);
+    assert_eq!(r.rejection, Rejection::MissingKey);
+    pre.headers.insert(
+        http::header::ORIGIN,
+        "https://app.example.com".parse().unwrap(),
+    );
     assert!(matches!(
         admit(&s.gate, &pre).await.admission,
         Ok(Admission::Forward)
     ));
+    // With a body it is not a preflight either.
+    let mut with_body = pre.clone();
+    with_body
+        .headers
+        .insert(http::header::CONTENT_LENGTH, "5".parse().unwrap());
+    let r = refused(admit(&s.gate, &with_body).await);
+    assert_eq!(r.rejection, Rejection::MissingKey);
     let answered = setup(true);
     assert!(matches!(
         admit(&answered.gate, &pre).await.admission,
@@ -208,4 +232,51 @@ async fn past_an_included_quota_units_go_to_the_overage_meter() {
         };
         assert_eq!(a.meter.as_deref(), Some(want), "request {i}");
     }
+}
+
+#[tokio::test]
+async fn encoded_separators_are_refused_before_any_lookup() {
+    let s = setup(false);
+    for path in ["/v1%2Fsms%2Fsend", "/health/..%2fv1%2fsecret", "/v1/a%00"] {
+        let v = admit(&s.gate, &request("POST", path, Some(&s.pro))).await;
+        assert_eq!(refused(v).rejection, Rejection::BadPath, "{path}");
+    }
+    // The daily quota of pro is untouched by the refusals.
+    let a = passed(admit(&s.gate, &request("GET", "/v1/x", Some(&s.pro))).await);
+    assert_eq!(a.decision.policies[0].remaining, 9);
+}
+
+#[tokio::test]
+async fn a_full_journal_refuses_billable_work_before_charging_it() {
+    let full = Arc::new(AtomicBool::new(true));
+    let s = setup_with(false, Some(full.clone()));
+    let r = refused(admit(&s.gate, &request("GET", "/v1/x", Some(&s.pro))).await);
+    assert_eq!(r.rejection, Rejection::SpoolFull);
+    // free bills nothing on an unmetered route: it is served.
+    passed(admit(&s.gate, &request("GET", "/v1/x", Some(&s.free))).await);
+    full.store(false, Ordering::Relaxed);
+    let a = passed(admit(&s.gate, &request("GET", "/v1/x", Some(&s.pro))).await);
+    assert_eq!(
+        a.decision.policies[0].remaining, 9,
+        "the refusal consumed nothing"
+    );
+}
+
+#[tokio::test]
+async fn case_insensitive_routes_are_a_choice_of_the_plans_file() {
+    let s = setup(false);
+    let a = passed(admit(&s.gate, &request("POST", "/V1/SMS/send", Some(&s.pro))).await);
+    assert_eq!(a.cost, 1, "case-sensitive by default: no route matched");
+    let mut ci = setup(false);
+    let plans = Plans::parse(&Source::new(
+        std::path::Path::new("plans.yaml"),
+        format!("{PLANS}routes_case_insensitive: true\n"),
+    ))
+    .unwrap();
+    assert!(plans.routes_case_insensitive);
+    ci.gate.plans = Arc::new(plans);
+    let a = passed(admit(&ci.gate, &request("POST", "/V1/SMS/send", Some(&ci.pro))).await);
+    assert_eq!((a.cost, a.meter.as_deref()), (5, Some("sms")));
+    let v = admit(&ci.gate, &request("GET", "/HEALTH", None)).await;
+    assert!(matches!(v.admission, Ok(Admission::Forward)));
 }

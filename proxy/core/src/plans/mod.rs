@@ -115,13 +115,21 @@ pub struct Route {
 }
 
 impl Route {
-    pub fn matches(&self, method: &http::Method, path: &str) -> bool {
-        self.method.as_ref().is_none_or(|m| m == method) && glob_match(&self.glob, path)
+    /// Whether the route takes a request; `ci`: paths compare ignoring
+    /// ASCII case (`routes_case_insensitive`).
+    pub fn matches(&self, method: &http::Method, path: &str, ci: bool) -> bool {
+        self.method.as_ref().is_none_or(|m| m == method) && glob_match_with(&self.glob, path, ci)
     }
 }
 
 /// Matches `pattern` against `text` where `*` stands for any run of characters.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
+    glob_match_with(pattern, text, false)
+}
+
+/// [`glob_match`], ignoring ASCII case when `ci` is set.
+pub fn glob_match_with(pattern: &str, text: &str, ci: bool) -> bool {
+    let eq = |a: u8, b: u8| a == b || (ci && a.eq_ignore_ascii_case(&b));
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
@@ -129,7 +137,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
         if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, ti));
             pi += 1;
-        } else if pi < p.len() && p[pi] == t[ti] {
+        } else if pi < p.len() && eq(p[pi], t[ti]) {
             pi += 1;
             ti += 1;
         } else if let Some((sp, st)) = star {
@@ -159,6 +167,9 @@ pub struct Plans {
     pub plans: BTreeMap<String, Arc<Plan>>,
     pub default_plan: Arc<Plan>,
     pub routes: Vec<Route>,
+    /// Routes match paths ignoring ASCII case, for upstreams that route
+    /// `/V1/SMS` like `/v1/sms` (default: case-sensitive, as most do).
+    pub routes_case_insensitive: bool,
     pub billable: StatusSet,
 }
 
@@ -172,7 +183,8 @@ impl Plans {
 
     /// The first route matching, if any.
     pub fn route(&self, method: &http::Method, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matches(method, path))
+        let ci = self.routes_case_insensitive;
+        self.routes.iter().find(|r| r.matches(method, path, ci))
     }
 
     pub fn load(path: &Path) -> Result<Self, Diagnostics> {

@@ -22,6 +22,8 @@ struct RawPlans {
     routes: Vec<serde_yaml::Value>,
     #[serde(default)]
     billable_statuses: Option<Vec<serde_yaml::Value>>,
+    #[serde(default)]
+    routes_case_insensitive: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -77,6 +79,7 @@ impl Plans {
                 plans,
                 default_plan,
                 routes: routes.into_iter().map(|(_, r)| r).collect(),
+                routes_case_insensitive: raw.routes_case_insensitive,
                 billable,
             }),
             _ => Err(d),
@@ -356,6 +359,13 @@ fn parse_route(r: &RawRoute) -> Result<Route, RouteError> {
             Some("e.g. \"GET /v1/items/*\""),
         ));
     }
+    if let Some(why) = never_matches(glob) {
+        return Err((
+            "match",
+            format!("path `{glob}` can never match: {why}"),
+            Some("routes match the decoded path with `.` and `..` resolved, without the query"),
+        ));
+    }
     let cost = match r.cost {
         None => DEFAULT_COST,
         Some(c) if c >= 0 => c as u64,
@@ -392,4 +402,22 @@ fn parse_route(r: &RawRoute) -> Result<Route, RouteError> {
         meter: r.meter.as_deref().map(Into::into),
         usage_header,
     })
+}
+
+/// Why a route's path can never match a request's canonical path (escapes
+/// decoded, dot segments resolved, slashes merged, no query), if it cannot.
+fn never_matches(glob: &str) -> Option<&'static str> {
+    if glob.contains('%') {
+        Some("it holds a percent-escape; write the character itself")
+    } else if glob.contains('?') {
+        Some("it holds a query; routes match the path alone")
+    } else if glob.contains('\\') {
+        Some("it holds a backslash, which requests may not")
+    } else if glob.contains("//") {
+        Some("it holds an empty segment (`//`)")
+    } else if glob.split('/').any(|seg| seg == "." || seg == "..") {
+        Some("it holds a `.` or `..` segment")
+    } else {
+        None
+    }
 }

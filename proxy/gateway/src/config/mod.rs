@@ -78,6 +78,42 @@ pub struct Admin {
     pub token_env: String,
     /// None: the `/admin` JSON API is disabled (metrics and health still serve).
     pub token: Option<String>,
+    /// `Host` values the admin port answers (any port). None: loopback
+    /// names and addresses when it listens on loopback (so a web page
+    /// cannot read it through DNS rebinding), any otherwise.
+    pub allowed_hosts: Option<Vec<String>>,
+}
+
+impl Admin {
+    /// Whether a request with this `Host` header (None: absent) is served.
+    pub fn host_allowed(&self, host: Option<&str>) -> bool {
+        let Some(host) = host else { return true };
+        let name = strip_port(host);
+        match &self.allowed_hosts {
+            Some(list) => list.iter().any(|h| h.eq_ignore_ascii_case(name)),
+            None if self.listen.ip().is_loopback() => {
+                name.eq_ignore_ascii_case("localhost")
+                    || name
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
+            }
+            None => true,
+        }
+    }
+}
+
+/// `host` of `host:port` (`[v6]:port` keeps its brackets).
+fn strip_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        Some((h, p))
+            if p.bytes().all(|b| b.is_ascii_digit()) && (!h.contains(':') || h.ends_with(']')) =>
+        {
+            h
+        }
+        _ => host,
+    }
 }
 
 #[derive(Debug, Clone)]

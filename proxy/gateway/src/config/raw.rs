@@ -59,6 +59,7 @@ pub(super) struct RawRedis {
 pub(super) struct RawAdmin {
     pub(super) listen: Option<String>,
     pub(super) token_env: Option<String>,
+    pub(super) allowed_hosts: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

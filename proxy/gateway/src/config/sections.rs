@@ -134,6 +134,7 @@ pub(super) fn admin(cx: &mut Check<'_>, admin: Option<&RawAdmin>) -> Option<Admi
         listen: listen?,
         token_env,
         token,
+        allowed_hosts: admin.and_then(|a| a.allowed_hosts.clone()),
     })
 }
 
@@ -178,6 +179,13 @@ pub(super) fn metering(cx: &mut Check<'_>, metering: Option<&RawMetering>) -> Me
             .saturating_mul(1 << 20),
         sinks,
     };
+    if metering.max_spool_bytes == 0 {
+        cx.err(
+            "metering.max_spool_mb",
+            "`max_spool_mb` must be at least 1",
+            Some("with no room every billable request would get 503; the default is 1024"),
+        );
+    }
     if !metering.enabled && !metering.sinks.is_empty() {
         cx.err("metering.enabled", "sinks need metering enabled", None);
     }

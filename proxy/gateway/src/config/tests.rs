@@ -123,3 +123,59 @@ fn durations() {
     assert_eq!(parse_duration("s"), None);
     assert_eq!(parse_duration("10"), None);
 }
+
+#[test]
+fn admin_hosts() {
+    let admin = |listen: &str, allowed: Option<Vec<String>>| Admin {
+        listen: listen.parse().unwrap(),
+        token_env: "T".into(),
+        token: None,
+        allowed_hosts: allowed,
+    };
+    let local = admin("127.0.0.1:9090", None);
+    for host in [
+        None,
+        Some("127.0.0.1:9090"),
+        Some("localhost"),
+        Some("LOCALHOST:1"),
+        Some("[::1]:9090"),
+    ] {
+        assert!(local.host_allowed(host), "{host:?}");
+    }
+    for host in [
+        Some("evil.example.com"),
+        Some("evil.example.com:9090"),
+        Some("10.0.0.5:9090"),
+        Some(""),
+    ] {
+        assert!(!local.host_allowed(host), "DNS rebinding through {host:?}");
+    }
+    let listed = admin("127.0.0.1:9090", Some(vec!["tollgate.internal".into()]));
+    assert!(listed.host_allowed(Some("tollgate.internal:9090")));
+    assert!(!listed.host_allowed(Some("localhost")));
+    assert!(admin("0.0.0.0:9090", None).host_allowed(Some("tollgate.monitoring.svc:9090")));
+}
+
+#[test]
+fn config_that_can_never_work_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "plans.yaml",
+        "default_plan: free\nplans:\n  free: {}\nroutes:\n  - { match: \"GET /%68ealth\", public: true }\n  - { match: \"POST /v1/sms/../ai/*\" }\n  - { match: \"GET /health?x=1\", public: true }\n",
+    );
+    let f = write(
+        dir.path(),
+        "tollgate.yaml",
+        "upstream: http://127.0.0.1:1\nmetering: { max_spool_mb: 0 }\n",
+    );
+    let all = Config::load_with_env(&f, &no_env).unwrap_err().to_string();
+    for needle in [
+        ":2:27: error: `max_spool_mb` must be at least 1",
+        "plans.yaml:5:14: error: path `/%68ealth` can never match: it holds a percent-escape",
+        "plans.yaml:6:14: error: path `/v1/sms/../ai/*` can never match: it holds a `.` or `..` segment",
+        "plans.yaml:7:14: error: path `/health?x=1` can never match: it holds a query",
+    ] {
+        assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+    }
+}

@@ -45,6 +45,8 @@ billable_statuses: [2xx]
 "#;
 
 pub struct HarnessBuilder {
+    /// Files written into the proxy's folder before it starts.
+    files: Vec<(PathBuf, Vec<u8>)>,
     clock: Option<Arc<dyn Clock>>,
     plans: String,
     extra: String,
@@ -82,6 +84,13 @@ impl HarnessBuilder {
         self
     }
 
+    /// A file the proxy finds in its folder at start (e.g. a spool's
+    /// events), at `path` relative to tollgate.yaml.
+    pub fn file(mut self, path: &str, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((path.into(), contents.into()));
+        self
+    }
+
     /// The proxy's clock (a shared `ManualClock` freezes windows).
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
@@ -102,6 +111,13 @@ impl HarnessBuilder {
         let upstream = self.upstream.unwrap_or_else(|| mock.as_ref().unwrap().addr);
         let (port, admin_port) = (free_port(), free_port());
         std::fs::write(dir.path().join("plans.yaml"), &self.plans).unwrap();
+        for (path, contents) in &self.files {
+            let path = dir.path().join(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).unwrap();
+            }
+            std::fs::write(path, contents).unwrap();
+        }
         let backends = match &self.redis {
             Some(r) => format!("keys: {{ store: redis, prefix: tg_test_ }}\nlimits: {{ backend: redis }}\nredis: {{ {r} }}\n"),
             None => "keys: { store: file, path: keys.db, prefix: tg_test_ }\n".to_owned(),
@@ -179,6 +195,7 @@ pub struct Harness {
 impl Harness {
     pub fn builder() -> HarnessBuilder {
         HarnessBuilder {
+            files: Vec::new(),
             clock: None,
             plans: DEFAULT_PLANS.into(),
             extra: String::new(),

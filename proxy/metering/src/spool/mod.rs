@@ -546,10 +546,6 @@ impl Drop for FlushOnDrop {
 }
 
 impl tollgate_core::meter::UsageJournal for Spool {
-    fn is_full(&self) -> bool {
-        Spool::is_full(self)
-    }
-
     fn append(
         self: &Arc<Self>,
         customer: &Arc<str>,

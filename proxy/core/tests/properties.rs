@@ -1,0 +1,65 @@
+//! Properties of the parsers every request and every config goes through,
+//! checked on generated input in every CI run (proptest; failing cases are
+//! kept in `proptest-regressions/` and replayed first).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::Path;
+
+use proptest::prelude::*;
+use tollgate_core::diag::Source;
+use tollgate_core::gate::{canonical_path, extract_key};
+use tollgate_core::keys;
+use tollgate_core::pct;
+use tollgate_core::plans::Plans;
+
+/// Paths as clients write them: segments of letters, dots, escapes (of
+/// anything, separators included) and the odd backslash.
+fn paths() -> impl Strategy<Value = String> {
+    "(/([a-zA-Z0-9._~!$&'()*+,;=:@ -]|%[0-9A-Fa-f]{2}|%|\\.\\.|\\.|\\\\){0,5}){0,6}/?"
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    /// What an upstream that decodes the forwarded path reads is exactly
+    /// the path Tollgate routed on, and that path has no dot segments or
+    /// empty segments left for the upstream to resolve differently.
+    #[test]
+    fn the_routed_path_is_what_a_decoding_upstream_sees(raw in paths()) {
+        match canonical_path(&raw) {
+            Ok(c) => {
+                let forwarded = c.forward.clone().unwrap_or_else(|| raw.clone());
+                prop_assert_eq!(pct::decode(&forwarded, false), c.routed.to_string());
+                let routed: &str = &c.routed;
+                prop_assert!(routed.starts_with('/'));
+                prop_assert!(!routed.contains("//"), "{}", routed);
+                prop_assert!(!routed.split('/').any(|s| s == "." || s == ".."), "{}", routed);
+                // Forwarding what was forwarded changes nothing.
+                let again = canonical_path(&forwarded).unwrap();
+                prop_assert_eq!(again.routed.to_string(), c.routed.to_string());
+                prop_assert_eq!(again.forward, None);
+            }
+            Err(_) => prop_assert!(raw.contains('%') || raw.contains('\\'), "{}", raw),
+        }
+    }
+
+    /// Any string is classified without a panic, and only keys made by
+    /// `keys::generate`'s scheme pass.
+    #[test]
+    fn key_checks_never_panic_and_only_pass_real_keys(s in "\\PC{0,80}", secret in any::<[u8; 32]>()) {
+        let _ = keys::check_format("tg_live_", &s);
+        prop_assert_eq!(keys::check_format("tg_live_", &keys::from_secret("tg_live_", &secret)), Ok(()));
+        let mut headers = http::HeaderMap::new();
+        if let Ok(v) = http::HeaderValue::from_str(&format!("Bearer {s}")) {
+            headers.insert(http::header::AUTHORIZATION, v);
+            let _ = extract_key(&headers);
+        }
+    }
+
+    /// Whatever plans.yaml holds, parsing answers with plans or located
+    /// errors, never a panic.
+    #[test]
+    fn plans_parsing_never_panics(text in "(default_plan: [a-z]{0,5}\\n)?(plans:\\n(  [a-z]{1,5}:\\n(    limits: \\[\\{ name: [a-z]{1,4}, requests: -?[0-9]{1,3}, per: [a-z]{3,7} \\}\\]\\n)?){0,3})?(routes:\\n(  - \\{ match: \"[A-Z]{0,4} ?/[a-z/*%.]{0,8}\", cost: [0-9]{1,2} \\}\\n){0,3})?\\PC{0,20}") {
+        let _ = Plans::parse(&Source::new(Path::new("plans.yaml"), text));
+    }
+}
