@@ -178,11 +178,11 @@ impl Rejection {
     }
 
     /// The problem this refusal is rendered as.
-    pub fn problem(&self) -> Problem {
+    pub fn problem(&self) -> Problem<'_> {
         let (slug, title, detail) = self.slug_title_detail();
         let mut p = Problem::new(self.status(), slug, title, detail);
         if let Rejection::Limited { violated, .. } = self {
-            p.violated = Some(violated.clone());
+            p.violated = Some(violated);
         }
         p.retry_after = self.retry_after();
         p
@@ -197,23 +197,23 @@ impl Rejection {
 /// An RFC 9457 problem: what every refusal of the proxy and every error of
 /// the admin API is rendered from, in one place ([`Problem::body`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
+pub struct Problem<'a> {
     pub status: u16,
     /// `type` is `urn:tollgate:problem:<slug>`.
-    pub slug: Cow<'static, str>,
-    pub title: Cow<'static, str>,
-    pub detail: Cow<'static, str>,
+    pub slug: Cow<'a, str>,
+    pub title: Cow<'a, str>,
+    pub detail: Cow<'a, str>,
     /// The policies a 429 violated (`violated-policies`).
-    pub violated: Option<Vec<Arc<str>>>,
+    pub violated: Option<&'a [Arc<str>]>,
     pub retry_after: Option<u64>,
 }
 
-impl Problem {
+impl<'a> Problem<'a> {
     pub fn new(
         status: u16,
-        slug: impl Into<Cow<'static, str>>,
-        title: impl Into<Cow<'static, str>>,
-        detail: impl Into<Cow<'static, str>>,
+        slug: impl Into<Cow<'a, str>>,
+        title: impl Into<Cow<'a, str>>,
+        detail: impl Into<Cow<'a, str>>,
     ) -> Self {
         Self {
             status,
@@ -236,7 +236,7 @@ impl Problem {
             self.status,
             json_string(&self.detail)
         );
-        if let Some(violated) = &self.violated {
+        if let Some(violated) = self.violated {
             b.push_str(",\"violated-policies\":[");
             for (i, p) in violated.iter().enumerate() {
                 if i > 0 {

@@ -136,14 +136,15 @@ impl UsageLedger {
     }
 }
 
-/// Usage of one customer and meter as the durable spool sees it this month.
+/// Usage of one customer and meter as the durable spool sees it this month
+/// (fields in alphabetical order, as the JSON always had them).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MeterTotals {
+    /// Not yet settled by every sink.
+    pub pending: u64,
     pub recorded: u64,
     /// Delivered by every sink.
     pub reported: u64,
-    /// Not yet settled by every sink.
-    pub pending: u64,
 }
 
 /// One policy in a [`UsageReport`].

@@ -282,13 +282,13 @@ impl ProxyHttp for TollgateProxy {
         for h in dropped {
             req.remove_header(&h);
         }
-        // Authorization goes too when it carries a Bearer token (another
-        // scheme is the upstream's own authentication).
+        // Authorization goes too when any of its values carries a Bearer
+        // token (another scheme is the upstream's own authentication).
         let bearer = req
             .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| gate::bearer_token(v).is_some());
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .any(|v| gate::is_bearer(v.as_bytes()));
         if bearer {
             req.remove_header(&header::AUTHORIZATION);
         }

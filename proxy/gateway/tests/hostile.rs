@@ -258,3 +258,93 @@ fn keys_appear_in_no_log_line_at_any_level() {
         "client hang-ups are counted, not logged:\n{log}"
     );
 }
+
+fn raw_bytes(h: &Harness, request: &[u8]) -> u16 {
+    let mut conn = TcpStream::connect(h.addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = conn.write_all(request);
+    let mut out = Vec::new();
+    let _ = conn.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    text.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Request smuggling and malformed framing: every attempt ends in a 4xx or
+/// a closed connection, never a 5xx of Tollgate's, and nothing, hidden or
+/// not, reaches the upstream without a key.
+#[test]
+fn smuggled_and_malformed_requests_never_reach_the_upstream() {
+    let h = Harness::start();
+    let hidden = "GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
+    let big = "a".repeat(2 << 20);
+    let many: String = (0..300).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "CL and TE",
+            format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{hidden}").into_bytes(),
+        ),
+        (
+            "two Content-Lengths",
+            format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello {hidden}").into_bytes(),
+        ),
+        (
+            "obfuscated TE",
+            format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\nContent-Length: 3\r\n\r\nabc{hidden}").into_bytes(),
+        ),
+        (
+            "TE list",
+            format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{hidden}").into_bytes(),
+        ),
+        (
+            "bad chunk size",
+            format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n{hidden}").into_bytes(),
+        ),
+        (
+            "a request hidden in the body of a 401",
+            format!("POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{hidden}", hidden.len()).into_bytes(),
+        ),
+        (
+            "bare LF",
+            format!("GET /v1/x HTTP/1.1\nHost: x\n\n{hidden}").into_bytes(),
+        ),
+        (
+            "bare CR in a header value",
+            b"GET /v1/x HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n".to_vec(),
+        ),
+        (
+            "NUL in a header value",
+            b"GET /v1/x HTTP/1.1\r\nHost: x\r\nX-A: a\0b\r\n\r\n".to_vec(),
+        ),
+        (
+            "non-UTF-8 path",
+            b"GET /v1/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+        ),
+        (
+            "a 2 MiB header",
+            format!("GET /v1/x HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").into_bytes(),
+        ),
+        (
+            "300 headers",
+            format!("GET /v1/x HTTP/1.1\r\nHost: x\r\n{many}\r\n").into_bytes(),
+        ),
+        (
+            "h2 preface",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+        ),
+        (
+            "h2c upgrade",
+            b"GET /v1/x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n".to_vec(),
+        ),
+    ];
+    for (name, request) in &cases {
+        let status = raw_bytes(&h, request);
+        assert!(
+            status == 0 || (400..500).contains(&status),
+            "{name}: answered {status}"
+        );
+    }
+    assert_eq!(h.upstream_hits(), 0, "something reached the upstream");
+}

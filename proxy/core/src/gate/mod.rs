@@ -23,8 +23,8 @@ mod request;
 mod tests;
 
 pub use request::{
-    bearer_token, canonical_path, extract_key, has_body, is_identity_header, is_preflight,
-    never_forwarded, CanonicalPath, KeySource, PathError, X_API_KEY,
+    bearer_token, canonical_path, extract_key, has_body, is_bearer, is_identity_header,
+    is_preflight, never_forwarded, CanonicalPath, KeySource, PathError, X_API_KEY,
 };
 
 /// Where each consumer asks about its own usage.
@@ -118,28 +118,23 @@ impl<L: Limiter> Gate<L> {
     /// Decides one request: preflight, public route, usage report, or a
     /// keyed request checked against its plan's limits (charging `cost`).
     pub async fn admit(&self, method: &Method, path: &str, headers: &HeaderMap) -> Verdict {
-        if is_preflight(method, headers) {
-            let admission = if self.answer_preflights {
+        let Ok(path) = canonical_path(path) else {
+            return Verdict {
+                admission: Err(Rejection::BadPath.into()),
+                rewrite: None,
+            };
+        };
+        let admission = if is_preflight(method, headers) {
+            Ok(if self.answer_preflights {
                 Admission::Preflight
             } else {
                 Admission::Forward
-            };
-            return Verdict {
-                admission: Ok(admission),
-                rewrite: None,
-            };
-        }
-        let path = match canonical_path(path) {
-            Ok(p) => p,
-            Err(_) => {
-                return Verdict {
-                    admission: Err(Rejection::BadPath.into()),
-                    rewrite: None,
-                }
-            }
+            })
+        } else {
+            self.admit_canonical(method, &path.routed, headers).await
         };
         Verdict {
-            admission: self.admit_canonical(method, &path.routed, headers).await,
+            admission,
             rewrite: path.forward,
         }
     }
@@ -161,7 +156,7 @@ impl<L: Limiter> Gate<L> {
         };
         let cost = if is_usage { 0 } else { route.cost };
         // Refused before anything is charged: a refusal consumes nothing.
-        if !is_usage && self.journal_full() && may_bill(route.route, &plan) {
+        if !is_usage && may_bill(route.route, &plan) && self.journal_full() {
             metrics::SPOOL_REJECTED
                 .with_label_values(&[&plan.name])
                 .inc();

@@ -60,6 +60,10 @@ pub enum PathError {
     EncodedSeparator,
     /// A raw `\`, which some upstreams read as `/`.
     Backslash,
+    /// A `;` (raw or `%3B`): Java servers strip path parameters before
+    /// routing, so `/public/..;/private` or `/v1/sms;/send` would run a
+    /// route other than the one matched.
+    PathParameter,
     /// `%00`.
     Nul,
     /// A `%` not followed by two hex digits.
@@ -86,20 +90,19 @@ pub struct CanonicalPath<'a> {
 /// and escapes that are not UTF-8 are refused: no upstream can then read
 /// the path as a route other than the one Tollgate matched.
 pub fn canonical_path(path: &str) -> Result<CanonicalPath<'_>, PathError> {
-    let b = path.as_bytes();
-    if b.contains(&b'\\') {
-        return Err(PathError::Backslash);
-    }
-    let needs = b.windows(2).any(|w| w == b"//")
-        || b.contains(&b'%')
-        || path.split('/').any(|seg| seg == "." || seg == "..")
-        || !path.starts_with('/')
-        || b.iter().any(|&c| !path_safe(c));
-    if !needs {
+    // `OPTIONS *` (asterisk-form) names no resource: it goes as it came.
+    if is_canonical(path.as_bytes()) || path == "*" {
         return Ok(CanonicalPath {
             routed: std::borrow::Cow::Borrowed(path),
             forward: None,
         });
+    }
+    let b = path.as_bytes();
+    if b.contains(&b'\\') {
+        return Err(PathError::Backslash);
+    }
+    if b.contains(&b';') {
+        return Err(PathError::PathParameter);
     }
     let decoded = percent_decode(b)?;
     let routed = remove_dot_segments(&decoded);
@@ -110,10 +113,65 @@ pub fn canonical_path(path: &str) -> Result<CanonicalPath<'_>, PathError> {
     })
 }
 
-/// Bytes a path segment holds as they are (RFC 3986 `pchar` without `%`):
-/// unreserved, sub-delims, `:` and `@`; and `/` between segments.
+/// Bytes a canonical path holds as they are: RFC 3986 `pchar` without `%`
+/// and `;` (unreserved, the other sub-delims, `:` and `@`), and `/`.
+static PATH_SAFE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b'='
+                    | b':'
+                    | b'@'
+                    | b'/'
+            );
+        c += 1;
+    }
+    t
+};
+
 fn path_safe(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&c)
+    PATH_SAFE[usize::from(c)]
+}
+
+/// One pass over a path: it starts with `/`, holds only safe bytes, and no
+/// empty, `.` or `..` segment.
+fn is_canonical(b: &[u8]) -> bool {
+    if b.first() != Some(&b'/') {
+        return false;
+    }
+    // The current segment's length, and whether it is all dots so far.
+    let (mut len, mut dots) = (0usize, true);
+    for (i, &c) in b.iter().enumerate() {
+        if !path_safe(c) {
+            return false;
+        }
+        if c == b'/' {
+            if i > 0 && (len == 0 || (dots && len <= 2)) {
+                return false;
+            }
+            (len, dots) = (0, true);
+        } else {
+            len += 1;
+            dots &= c == b'.';
+        }
+    }
+    !(dots && (1..=2).contains(&len))
 }
 
 fn percent_decode(b: &[u8]) -> Result<String, PathError> {
@@ -135,6 +193,7 @@ fn percent_decode(b: &[u8]) -> Result<String, PathError> {
         };
         match v {
             b'/' | b'\\' | b'.' => return Err(PathError::EncodedSeparator),
+            b';' => return Err(PathError::PathParameter),
             0 => return Err(PathError::Nul),
             _ => out.push(v),
         }
@@ -178,8 +237,12 @@ fn encode_path(routed: &str) -> String {
 /// separated) in a way an upstream may fold into it: any case, and `_`
 /// for `-` as CGI-style servers read it.
 fn spells(name: &str, canonical: &str) -> bool {
+    spells_bytes(name.as_bytes(), canonical.as_bytes())
+}
+
+fn spells_bytes(name: &[u8], canonical: &[u8]) -> bool {
     name.len() == canonical.len()
-        && name.bytes().zip(canonical.bytes()).all(|(a, b)| {
+        && name.iter().zip(canonical).all(|(&a, &b)| {
             let a = a.to_ascii_lowercase();
             a == b || (a == b'_' && b == b'-')
         })
@@ -188,9 +251,8 @@ fn spells(name: &str, canonical: &str) -> bool {
 /// Whether a request header claims to be one of Tollgate's identity headers,
 /// also in the `X-Tollgate_Customer` spelling CGI-style servers fold into it.
 pub fn is_identity_header(name: &str) -> bool {
-    name.len() >= 11
-        && spells(&name[..10], "x-tollgate")
-        && matches!(name.as_bytes()[10], b'-' | b'_')
+    let n = name.as_bytes();
+    n.len() >= 11 && spells_bytes(&n[..10], b"x-tollgate") && matches!(n[10], b'-' | b'_')
 }
 
 /// Headers that never reach the upstream, in any spelling it could fold
@@ -204,6 +266,14 @@ pub fn never_forwarded(name: &str) -> bool {
         || spells(name, "x-http-method-override")
         || spells(name, "x-http-method")
         || spells(name, "x-method-override")
+}
+
+/// Whether an `Authorization` value carries a Bearer token (compared as
+/// bytes, so a value that is not text is still recognised).
+pub fn is_bearer(value: &[u8]) -> bool {
+    value.len() > 6
+        && value[..6].eq_ignore_ascii_case(b"bearer")
+        && matches!(value[6], b' ' | b'\t')
 }
 
 /// The token of an `Authorization: Bearer <token>` value: the scheme in any
@@ -290,6 +360,10 @@ mod tests {
             ("/a/./b/../../c", "/c", Some("/c")),
             ("/../..", "/", Some("/")),
             ("/", "/", None),
+            ("*", "*", None),
+            ("/a/.../b", "/a/.../b", None),
+            ("/a/.b/..c", "/a/.b/..c", None),
+            ("/a/.", "/a/", Some("/a/")),
             // Decoded for routing, escaped again where a path needs it.
             ("/v1/caf%C3%A9", "/v1/caf\u{e9}", None),
             ("/a%20b", "/a b", None),
@@ -315,6 +389,9 @@ mod tests {
             ("/docs/..%2fv1%2fsecret", PathError::EncodedSeparator),
             ("/%2e%2e/v1/secret", PathError::EncodedSeparator),
             ("/a%5Cb", PathError::EncodedSeparator),
+            ("/public/..;/private", PathError::PathParameter),
+            ("/v1/sms;jsessionid=1/send", PathError::PathParameter),
+            ("/v1/sms%3b/send", PathError::PathParameter),
             ("/a\\b", PathError::Backslash),
             ("/a%00b", PathError::Nul),
             ("/x%", PathError::BadEscape),

@@ -218,6 +218,26 @@ async fn the_path_is_routed_and_forwarded_normalised() {
     assert_eq!(refused(v).rejection, Rejection::MissingKey);
     let v = admit(&s.gate, &request("GET", "/v1/plain", Some(&s.pro))).await;
     assert_eq!(v.rewrite, None, "a normal path is forwarded as it came");
+    // A trailing slash does not dodge a route's cost.
+    let a = passed(admit(&s.gate, &request("POST", "/v1/sms/send/", Some(&s.pro))).await);
+    assert_eq!(a.cost, 5);
+    // Path parameters, which Java servers strip before routing, are refused.
+    for path in ["/health/..;/v1/x", "/v1/sms;/send", "/v1/sms%3B/send"] {
+        let v = admit(&s.gate, &request("POST", path, Some(&s.pro))).await;
+        assert_eq!(refused(v).rejection, Rejection::BadPath, "{path}");
+    }
+    // A preflight is canonicalised like any request.
+    let mut pre = request("OPTIONS", "/health/..%2fv1", None);
+    pre.headers
+        .insert(http::header::ORIGIN, "https://a.example".parse().unwrap());
+    pre.headers.insert(
+        http::header::ACCESS_CONTROL_REQUEST_METHOD,
+        "POST".parse().unwrap(),
+    );
+    assert_eq!(
+        refused(admit(&s.gate, &pre).await).rejection,
+        Rejection::BadPath
+    );
 }
 
 #[tokio::test]

@@ -117,8 +117,18 @@ pub struct Route {
 impl Route {
     /// Whether the route takes a request; `ci`: paths compare ignoring
     /// ASCII case (`routes_case_insensitive`).
+    /// A trailing `/` on the path is ignored when the glob has none (as
+    /// Express and most routers do), so `/v1/sms/send/` pays like `/v1/sms/send`.
     pub fn matches(&self, method: &http::Method, path: &str, ci: bool) -> bool {
-        self.method.as_ref().is_none_or(|m| m == method) && glob_match_with(&self.glob, path, ci)
+        if self.method.as_ref().is_some_and(|m| m != method) {
+            return false;
+        }
+        glob_match_with(&self.glob, path, ci)
+            || (path.len() > 1
+                && !self.glob.ends_with('/')
+                && path
+                    .strip_suffix('/')
+                    .is_some_and(|p| glob_match_with(&self.glob, p, ci)))
     }
 }
 

@@ -107,6 +107,16 @@ fn parse_plan(
     let mut seen = HashSet::new();
     for (i, l) in rp.limits.iter().enumerate() {
         let lp = format!("{path}.limits[{i}]");
+        if !valid_token(&l.name) {
+            d.0.push(src.error(
+                &format!("{lp}.name"),
+                format!(
+                    "policy name `{}` may only hold letters, digits, `_`, `-` and `.`",
+                    l.name
+                ),
+                Some("it is sent to clients in the RateLimit headers"),
+            ));
+        }
         if !seen.insert(l.name.clone()) {
             d.0.push(src.error(
                 &format!("{lp}.name"),
@@ -129,16 +139,6 @@ fn parse_plan(
 
 /// One limit at `lp`; None (with the errors recorded) when it cannot be used.
 fn parse_limit(src: &Source, lp: &str, l: &RawLimit, d: &mut Diagnostics) -> Option<Limit> {
-    if !valid_token(&l.name) {
-        d.0.push(src.error(
-            &format!("{lp}.name"),
-            format!(
-                "policy name `{}` may only hold letters, digits, `_`, `-` and `.`",
-                l.name
-            ),
-            Some("it is sent to clients in the RateLimit headers"),
-        ));
-    }
     if l.requests <= 0 {
         d.0.push(src.error(
             &format!("{lp}.requests"),

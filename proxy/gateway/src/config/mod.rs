@@ -89,6 +89,14 @@ impl Admin {
     pub fn host_allowed(&self, host: Option<&str>) -> bool {
         let Some(host) = host else { return true };
         let name = strip_port(host);
+        // The address it listens on always names it (`tollgate usage` uses it).
+        let ip = name.trim_start_matches('[').trim_end_matches(']');
+        if ip
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip == self.listen.ip())
+        {
+            return true;
+        }
         match &self.allowed_hosts {
             Some(list) => list.iter().any(|h| h.eq_ignore_ascii_case(name)),
             None if self.listen.ip().is_loopback() => {

@@ -299,7 +299,11 @@ impl Spool {
     /// 503). Logged once per transition.
     pub fn is_full(&self) -> bool {
         let full = self.bytes.load(Ordering::Relaxed) >= self.config.max_bytes;
-        if full != self.full.swap(full, Ordering::Relaxed) {
+        // A plain load on the hot path; the shared line is written only
+        // when the state changes (and then by one caller only).
+        if full != self.full.load(Ordering::Relaxed)
+            && full != self.full.swap(full, Ordering::Relaxed)
+        {
             if full {
                 log::error!(
                     "usage spool {} reached its bound of {} bytes: billable requests get 503 until sinks catch up",
