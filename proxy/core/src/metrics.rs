@@ -151,6 +151,13 @@ pub static CLIENT_DISCONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+pub static CONNECTIONS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
+    int_counter(
+        "tollgate_connections_refused_total",
+        "Connections closed at accept because connections.max were open",
+    )
+});
+
 /// Registers every metric so `/metrics` lists them from the start.
 pub fn init() {
     LazyLock::force(&REQUESTS);
@@ -169,6 +176,7 @@ pub fn init() {
     LazyLock::force(&BILLING_LAG);
     LazyLock::force(&SPOOL_REJECTED);
     LazyLock::force(&CLIENT_DISCONNECTS);
+    LazyLock::force(&CONNECTIONS_REFUSED);
 }
 
 #[allow(clippy::expect_used)]

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod connections;
 pub mod logging;
 pub mod proxy;
 pub mod server;

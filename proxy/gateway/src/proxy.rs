@@ -220,6 +220,9 @@ impl ProxyHttp for TollgateProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let app = &self.app;
+        // Between requests a kept-alive connection may idle this long
+        // (Pingora's default for HTTP/1.1 is forever).
+        session.set_keepalive(Some(app.config.connections.idle_timeout.as_secs().max(1)));
         let req = session.req_header();
         ctx.origin = req.headers.get(header::ORIGIN).cloned();
         // RFC 9112 3.2: an HTTP/1.1 request without Host is refused.

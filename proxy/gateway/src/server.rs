@@ -17,6 +17,7 @@ use tollgate_core::store::UpdateStore;
 use crate::admin::AdminApp;
 use crate::app::{App, Keys};
 use crate::config::Config;
+use crate::connections::GuardedApp;
 use crate::proxy::TollgateProxy;
 
 /// How often running proxies look for key store changes.
@@ -171,10 +172,12 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        TollgateProxy { app: app.clone() },
-        "tollgate proxy",
+    let mut proxy = Service::new(
+        "tollgate proxy".to_string(),
+        GuardedApp::new(
+            pingora::proxy::http_proxy(&server.configuration, TollgateProxy { app: app.clone() }),
+            config.connections,
+        ),
     );
     let listen = config.listen.to_string();
     match &config.tls {

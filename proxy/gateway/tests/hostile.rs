@@ -348,3 +348,84 @@ fn smuggled_and_malformed_requests_never_reach_the_upstream() {
     }
     assert_eq!(h.upstream_hits(), 0, "something reached the upstream");
 }
+
+/// Slowloris: 200 connections dribbling a request head are closed at the
+/// head deadline, and good requests are not delayed meanwhile.
+#[test]
+fn slow_heads_are_cut_off_at_the_deadline_without_delaying_others() {
+    let h = Harness::builder()
+        .config("connections: { header_timeout: 1s, max: 1000 }")
+        .build();
+    let key = h.key("cus_good", Some("pro"));
+    let started = std::time::Instant::now();
+    let mut slow: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut c = TcpStream::connect(h.addr).unwrap();
+            c.write_all(b"GET /v1/x HTTP/1.1\r\nHost: x\r\n").unwrap();
+            c
+        })
+        .collect();
+    for round in 0..8 {
+        for c in &mut slow {
+            let _ = c.write_all(b"X");
+        }
+        let t = std::time::Instant::now();
+        let a = raw(
+            &h,
+            &get("/v1/x", &format!("Authorization: Bearer {key}\r\n")),
+        );
+        assert_eq!(a.status, 200, "round {round}: {}", a.head);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "a good request waited {:?} behind the slow ones",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    for (i, c) in slow.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        match c.read(&mut buf) {
+            Ok(n) => assert_eq!(n, 0, "slow connection {i} was answered, not closed"),
+            Err(e) => assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "slow connection {i} still open after {:?}",
+                started.elapsed()
+            ),
+        }
+    }
+    assert_eq!(h.upstream_hits(), 8, "only the good requests went upstream");
+}
+
+/// Past `connections.max`, a new connection is closed at accept (and
+/// counted); a slot comes back when a connection closes.
+#[test]
+fn connections_past_the_cap_are_closed_at_accept() {
+    let h = Harness::builder().config("connections: { max: 3 }").build();
+    let key = h.key("cus_cap", Some("pro"));
+    std::thread::sleep(Duration::from_millis(200)); // the harness's own port probes close
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(h.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let auth = format!("Authorization: Bearer {key}\r\n");
+    let a = raw(&h, &get("/v1/x", &auth));
+    assert_eq!(a.status, 0, "a fourth connection got an answer: {}", a.head);
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let a = raw(&h, &get("/v1/x", &auth));
+    assert_eq!(a.status, 200, "{}", a.head);
+    let mut admin = TcpStream::connect(h.admin).unwrap();
+    admin
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut metrics = String::new();
+    let _ = admin.read_to_string(&mut metrics);
+    assert!(
+        metrics.contains("tollgate_connections_refused_total 1"),
+        "{metrics}"
+    );
+}

@@ -14,7 +14,9 @@ use super::{KeyStore, Snapshot, StoreData, StoreError, UpdateStore};
 pub struct FileStore {
     path: PathBuf,
     current: RwLock<Arc<Snapshot>>,
-    stamp: std::sync::Mutex<Option<Stamp>>,
+    /// What the file looked like when last read (None: never read; `Some(None)`:
+    /// it did not exist), so a missing file is not re-read four times a second.
+    stamp: std::sync::Mutex<Option<Option<Stamp>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,14 +58,14 @@ impl FileStore {
         let now_stamp = stamp(&self.path);
         {
             let last = crate::lock(&self.stamp);
-            if last.is_some() && *last == now_stamp {
+            if last.as_ref() == Some(&now_stamp) {
                 return Ok(false);
             }
         }
         let data = read_data(&self.path)?;
         let snap = Arc::new(Snapshot::build(&data));
         *crate::sync::write(&self.current) = snap;
-        *crate::lock(&self.stamp) = now_stamp;
+        *crate::lock(&self.stamp) = Some(now_stamp);
         Ok(true)
     }
 
@@ -251,6 +253,16 @@ mod tests {
             revoke(&s, "key_missing", NOW),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn a_missing_file_is_read_once_until_it_appears() {
+        let (dir, s) = store();
+        assert!(!s.reload().unwrap(), "still missing: nothing to re-read");
+        let other = FileStore::open(&dir.path().join("keys.db")).unwrap();
+        create(&other, "cus_late");
+        assert!(s.reload().unwrap(), "it appeared: read it");
+        assert_eq!(s.snapshot().key_count, 1);
     }
 
     #[test]

@@ -166,9 +166,11 @@ pub struct Config {
     pub cors: Option<Cors>,
     pub timeouts: Timeouts,
     pub threads: usize,
+    /// What a client connection may cost before its first request.
+    pub connections: crate::connections::Limits,
 }
 
-const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, admin, metering, billing_webhooks, cors, timeouts, threads";
+const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, admin, metering, billing_webhooks, cors, timeouts, threads, connections";
 
 impl Config {
     /// Loads and validates the config file and the plans it names.
@@ -222,6 +224,7 @@ impl Config {
         let cors = raw.cors.as_ref().map(|c| sections::cors(&mut cx, c));
         let timeouts = sections::timeouts(&mut cx, raw.timeouts.as_ref());
         let threads = sections::threads(&mut cx, raw.threads);
+        let connections = sections::connections(&mut cx, raw.connections.as_ref());
         match (listen, upstream, plans, admin) {
             (Some(listen), Some(upstream), Some(plans), Some(admin)) if cx.d.is_empty() => {
                 Ok(Config {
@@ -241,6 +244,7 @@ impl Config {
                     cors,
                     timeouts,
                     threads,
+                    connections,
                 })
             }
             _ => Err(cx.d),
@@ -284,6 +288,7 @@ fn read_sections(cx: &mut Check<'_>) -> Result<RawConfig, Diagnostics> {
             "cors" => raw.cors = cx.typed(key, v),
             "timeouts" => raw.timeouts = cx.typed(key, v),
             "threads" => raw.threads = cx.typed(key, v),
+            "connections" => raw.connections = cx.typed(key, v),
             other => cx.d.0.push(src.unknown_key(other, KNOWN_SETTINGS)),
         }
     }

@@ -20,6 +20,16 @@ pub(super) struct RawConfig {
     pub(super) cors: Option<RawCors>,
     pub(super) timeouts: Option<RawTimeouts>,
     pub(super) threads: Option<usize>,
+    pub(super) connections: Option<RawConnections>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConnections {
+    pub(super) max: Option<usize>,
+    pub(super) header_timeout: Option<String>,
+    pub(super) idle_timeout: Option<String>,
+    pub(super) max_header_kb: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,8 +8,11 @@ use std::time::Duration;
 use tollgate_core::diag::Check;
 use tollgate_metering::billing::SinkConfig;
 
-use super::raw::{RawAdmin, RawCors, RawKeys, RawLimits, RawMetering, RawTimeouts, RawTls};
+use super::raw::{
+    RawAdmin, RawConnections, RawCors, RawKeys, RawLimits, RawMetering, RawTimeouts, RawTls,
+};
 use super::{Admin, Cors, Metering, StoreKind, Timeouts, TlsFiles, Upstream};
+use crate::connections::Limits;
 
 pub(super) fn tls(cx: &mut Check<'_>, t: &RawTls) -> TlsFiles {
     let files = TlsFiles {
@@ -264,6 +267,45 @@ pub(super) fn timeouts(cx: &mut Check<'_>, t: Option<&RawTimeouts>) -> Timeouts 
             t.and_then(|t| t.write.as_deref()),
             Duration::from_secs(60),
         ),
+    }
+}
+
+/// `connections:` (all optional; see `connections::Limits` for defaults).
+pub(super) fn connections(cx: &mut Check<'_>, c: Option<&RawConnections>) -> Limits {
+    let d = Limits::default();
+    let max = match c.and_then(|c| c.max) {
+        Some(0) => {
+            cx.err("connections.max", "`max` must be at least 1", None);
+            d.max
+        }
+        Some(n) => n,
+        None => d.max,
+    };
+    let max_header_kb = match c.and_then(|c| c.max_header_kb) {
+        Some(n) if !(1..=1024).contains(&n) => {
+            cx.err(
+                "connections.max_header_kb",
+                "`max_header_kb` must be 1 to 1024",
+                Some("Pingora refuses request heads over 1 MiB in any case"),
+            );
+            d.max_header_bytes / 1024
+        }
+        Some(n) => n,
+        None => d.max_header_bytes / 1024,
+    };
+    Limits {
+        max,
+        header_timeout: cx.duration(
+            "connections.header_timeout",
+            c.and_then(|c| c.header_timeout.as_deref()),
+            d.header_timeout,
+        ),
+        idle_timeout: cx.duration(
+            "connections.idle_timeout",
+            c.and_then(|c| c.idle_timeout.as_deref()),
+            d.idle_timeout,
+        ),
+        max_header_bytes: max_header_kb * 1024,
     }
 }
 

@@ -1,0 +1,379 @@
+//! What one client connection may cost before it has sent a request:
+//! Pingora 0.9 reads a request head with a timeout per read (a byte every
+//! minute keeps a connection forever), buffers up to 1 MiB of it, and has
+//! no connection cap. [`GuardedApp`] wraps the proxy's application and
+//! [`GuardedStream`] each accepted connection, so that:
+//!
+//! - at most `max` connections are open at once; more are closed at accept
+//!   and counted in `tollgate_connections_refused_total`;
+//! - a connection that sends nothing for `idle_timeout` is closed;
+//! - its first request head must be complete within `header_timeout` of its
+//!   first byte, and no longer than `max_header_bytes`; past either, the
+//!   connection is closed (and counted as a client hang-up by Pingora's
+//!   log line, see `logging`).
+//!
+//! Later requests on a kept-alive connection come from a client that has
+//! already sent a complete request; their reads are bounded by the
+//! keep-alive timeout set in `proxy.rs`.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::apps::ServerApp;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::tls::{SslDigest, TlsRef};
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+
+/// `connections:` in tollgate.yaml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Open connections per process.
+    pub max: usize,
+    /// From the first byte to the end of the first request head.
+    pub header_timeout: Duration,
+    /// Silence before the first byte (and between requests, see `proxy.rs`).
+    pub idle_timeout: Duration,
+    /// The first request head's size.
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max: 10_000,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// An application whose connections are [`GuardedStream`]s.
+pub struct GuardedApp<A> {
+    inner: Arc<A>,
+    limits: Limits,
+    open: Arc<AtomicUsize>,
+}
+
+impl<A> GuardedApp<A> {
+    pub fn new(inner: A, limits: Limits) -> Self {
+        Self {
+            inner: Arc::new(inner),
+            limits,
+            open: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        // A kept-alive connection comes back already guarded.
+        let stream: Stream = if stream.as_any().is::<GuardedStream>() {
+            stream
+        } else {
+            let Some(slot) = Slot::take(&self.open, self.limits.max) else {
+                tollgate_core::metrics::CONNECTIONS_REFUSED.inc();
+                return None;
+            };
+            Box::new(GuardedStream::new(stream, slot, self.limits))
+        };
+        self.inner.process_new(stream, shutdown).await
+    }
+
+    async fn cleanup(&self) {
+        self.inner.cleanup().await;
+    }
+}
+
+/// One of the `max` connection slots, given back when dropped.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A client connection held to [`Limits`] until its first request head is in.
+#[derive(Debug)]
+pub struct GuardedStream {
+    inner: Stream,
+    _slot: Slot,
+    limits: Limits,
+    /// Armed until the first request head is complete.
+    deadline: Option<Pin<Box<Sleep>>>,
+    /// Bytes of the first head seen so far (0: none yet).
+    head_bytes: usize,
+    /// The last bytes seen, to find the blank line that ends the head.
+    tail: [u8; 3],
+}
+
+impl GuardedStream {
+    fn new(inner: Stream, slot: Slot, limits: Limits) -> Self {
+        Self {
+            inner,
+            _slot: slot,
+            limits,
+            deadline: Some(Box::pin(tokio::time::sleep(limits.idle_timeout))),
+            head_bytes: 0,
+            tail: [0; 3],
+        }
+    }
+
+    /// Follows the first head through `data`; an error once it is too large.
+    fn scan(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.head_bytes == 0 && !data.is_empty() {
+            if let Some(d) = self.deadline.as_mut() {
+                d.as_mut()
+                    .reset(Instant::now() + self.limits.header_timeout);
+            }
+        }
+        for (i, &b) in data.iter().enumerate() {
+            let [a, c, d] = self.tail;
+            // CRLF CRLF, or LF LF as lenient parsers accept.
+            if (b == b'\n' && d == b'\n') || (b == b'\n' && d == b'\r' && c == b'\n' && a == b'\r')
+            {
+                self.deadline = None;
+                self.head_bytes += i + 1;
+                return Ok(());
+            }
+            self.tail = [c, d, b];
+        }
+        self.head_bytes += data.len();
+        if self.head_bytes > self.limits.max_header_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request head larger than connections.max_header_kb",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if let Some(d) = this.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no complete request head in time",
+                )));
+            }
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if this.deadline.is_some() => {
+                let filled = buf.filled();
+                Poll::Ready(this.scan(&filled[before..]))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await;
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for GuardedStream {
+    fn get_ssl(&self) -> Option<&TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest);
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+    fn set_socket_digest(&mut self, socket_digest: SocketDigest) {
+        self.inner.set_socket_digest(socket_digest);
+    }
+}
+
+#[async_trait]
+impl Peek for GuardedStream {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(limits: Limits) -> (GuardedStream, tokio::io::DuplexStream, Arc<AtomicUsize>) {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let open = Arc::new(AtomicUsize::new(0));
+        let slot = Slot::take(&open, 1).unwrap();
+        (GuardedStream::new(Box::new(a), slot, limits), b, open)
+    }
+
+    async fn read_all(s: &mut GuardedStream) -> io::Result<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        let mut out = vec![0u8; 1 << 20];
+        let n = s.read(&mut out).await?;
+        out.truncate(n);
+        Ok(out)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_dribbled_past_the_deadline_is_cut_off() {
+        use tokio::io::AsyncWriteExt;
+        let (mut s, mut client, _) = stream(Limits {
+            header_timeout: Duration::from_secs(10),
+            ..Limits::default()
+        });
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(read_all(&mut s).await.unwrap(), b"GET / HTTP/1.1\r\n");
+        // Slowloris: a byte every few seconds keeps each read within any
+        // per-read timeout, but not within the head's deadline.
+        for _ in 0..3 {
+            tokio::time::advance(Duration::from_secs(3)).await;
+            client.write_all(b"X").await.unwrap();
+            assert!(read_all(&mut s).await.is_ok());
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        let err = read_all(&mut s).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_head_disarms_the_guard_and_silence_is_bounded() {
+        use tokio::io::AsyncWriteExt;
+        let (mut s, mut client, _) = stream(Limits::default());
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nab")
+            .await
+            .unwrap();
+        assert!(read_all(&mut s).await.is_ok());
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        client.write_all(b"c").await.unwrap();
+        assert_eq!(
+            read_all(&mut s).await.unwrap(),
+            b"c",
+            "the body is not a head"
+        );
+
+        let (mut idle, _client, _) = stream(Limits::default());
+        tokio::time::advance(Duration::from_secs(61)).await;
+        let err = read_all(&mut idle).await.unwrap_err();
+        assert_eq!(
+            err.kind(),
+            io::ErrorKind::TimedOut,
+            "silent for the idle timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_head_is_refused_and_slots_come_back() {
+        use tokio::io::AsyncWriteExt;
+        let (mut s, mut client, open) = stream(Limits {
+            max_header_bytes: 1024,
+            ..Limits::default()
+        });
+        assert!(Slot::take(&open, 1).is_none(), "the one slot is taken");
+        client.write_all(&[b'a'; 2048]).await.unwrap();
+        let err = read_all(&mut s).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        drop(s);
+        assert!(
+            Slot::take(&open, 1).is_some(),
+            "closing gives the slot back"
+        );
+    }
+}
