@@ -113,7 +113,8 @@ impl BackgroundService for Billing {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let mut loops = Vec::new();
         for cfg in &self.app.config.metering.sinks {
-            let sink = tollgate_metering::billing::build(cfg);
+            let sink =
+                tollgate_metering::billing::build(cfg, self.app.config.metering.sink_timeout);
             loops.push(tokio::spawn(tollgate_metering::billing::deliver(
                 sink,
                 spool.clone(),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use harness::{Captured, Harness, MockProvider, Reply};
 use serde_json::Value;
 
-use harness::{MockStripe as Stripe, STRIPE_KEY};
+use harness::{Fault, MockStripe as Stripe, STRIPE_KEY};
 
 fn metering(sinks: &[String]) -> String {
     format!(
@@ -208,6 +208,50 @@ async fn usage_reported_in_a_header_is_billed_under_its_own_meter() {
         stripe.total("ai_tokens") == 1239 && stripe.total("api_requests") == 1
     })
     .await;
+}
+
+/// Stripe answering 429 for a while, then recording events but answering
+/// only after the sink gave up (a timeout): every unit is billed once, the
+/// retries of what Stripe already had de-duplicated by their identifiers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limited_then_stalling_provider_bills_everything_once() {
+    let stripe = Stripe::start_with(|i| match i {
+        1..=3 => Fault::Status(429),
+        4..=6 => Fault::RecordThenStall(Duration::from_millis(900)),
+        _ => Fault::None,
+    });
+    let h = Harness::builder()
+        .env("TEST_STRIPE_KEY", STRIPE_KEY)
+        .config(&format!(
+            "metering: {{ flush_interval: 100ms, rollup: 1s, sink_timeout: 300ms, sinks: [{}] }}",
+            stripe.sink()
+        ))
+        .build();
+    let (a, b) = (h.key("cus_a", Some("pro")), h.key("cus_b", Some("pro")));
+    for i in 0..24 {
+        let k = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(h.get_n("/v1/x", k, 1).await, vec![200]);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    wait_for("24 units at Stripe", 30, || {
+        stripe.total("api_requests") == 24
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        stripe.billed(),
+        BTreeMap::from([
+            (("api_requests".into(), "cus_a".into()), 12),
+            (("api_requests".into(), "cus_b".into()), 12),
+        ]),
+        "each unit billed once"
+    );
+    let sent = stripe.server.captured().len();
+    let kept = stripe.events.lock().unwrap().len();
+    assert!(
+        sent >= kept + 6,
+        "429s and stalls were retried: {sent} sent, {kept} kept"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

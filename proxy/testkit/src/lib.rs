@@ -316,8 +316,31 @@ pub struct MockStripe {
     pub events: StripeEvents,
 }
 
+/// What [`MockStripe::start_with`] does with its `i`-th request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer as Stripe does.
+    None,
+    /// Record nothing and answer this status (500, 429, ...).
+    Status(u16),
+    /// Record the event, then answer only after this long: a client that
+    /// gave up meanwhile retries what Stripe already has.
+    RecordThenStall(Duration),
+}
+
 impl MockStripe {
+    /// `fail(i)`: answer the `i`-th request with 500 instead.
     pub fn start(fail: impl Fn(usize) -> bool + Send + Sync + 'static) -> Self {
+        Self::start_with(move |i| {
+            if fail(i) {
+                Fault::Status(500)
+            } else {
+                Fault::None
+            }
+        })
+    }
+
+    pub fn start_with(fault: impl Fn(usize) -> Fault + Send + Sync + 'static) -> Self {
         let events: StripeEvents = Arc::default();
         let seen = events.clone();
         let n = Arc::new(Mutex::new(0usize));
@@ -337,8 +360,16 @@ impl MockStripe {
                         .into(),
                 );
             }
-            if fail(i) {
-                return (500, r#"{"error":{"type":"api_error"}}"#.into());
+            let fault = fault(i);
+            match fault {
+                Fault::Status(429) => {
+                    return (
+                        429,
+                        r#"{"error":{"type":"invalid_request_error","code":"rate_limit"}}"#.into(),
+                    )
+                }
+                Fault::Status(s) => return (s, r#"{"error":{"type":"api_error"}}"#.into()),
+                Fault::None | Fault::RecordThenStall(_) => {}
             }
             let f = c.form();
             let id = f["identifier"].clone();
@@ -347,6 +378,9 @@ impl MockStripe {
                 f["payload[stripe_customer_id]"].clone(),
                 f["payload[value]"].parse().unwrap(),
             ));
+            if let Fault::RecordThenStall(d) = fault {
+                std::thread::sleep(d);
+            }
             (
                 200,
                 format!(

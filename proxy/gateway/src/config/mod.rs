@@ -138,6 +138,9 @@ pub struct Metering {
     pub rollup: Duration,
     pub max_spool_bytes: u64,
     pub sinks: Vec<tollgate_metering::billing::SinkConfig>,
+    /// How long one request to a billing provider may take before it is
+    /// retried (under the same identifier).
+    pub sink_timeout: Duration,
 }
 
 /// Where keys and customers live.

@@ -81,6 +81,7 @@ pub(super) struct RawMetering {
     pub(super) fsync_interval: Option<String>,
     pub(super) rollup: Option<String>,
     pub(super) max_spool_mb: Option<u64>,
+    pub(super) sink_timeout: Option<String>,
     #[serde(default)]
     pub(super) sinks: Vec<serde_yaml::Value>,
 }

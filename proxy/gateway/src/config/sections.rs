@@ -170,6 +170,11 @@ pub(super) fn metering(cx: &mut Check<'_>, metering: Option<&RawMetering>) -> Me
         );
     }
     let sinks = sinks(cx, metering.map(|m| m.sinks.as_slice()).unwrap_or_default());
+    let sink_timeout = cx.duration(
+        "metering.sink_timeout",
+        metering.and_then(|m| m.sink_timeout.as_deref()),
+        Duration::from_secs(10),
+    );
     let metering = Metering {
         enabled: metering.and_then(|m| m.enabled).unwrap_or(true),
         spool_dir,
@@ -181,6 +186,7 @@ pub(super) fn metering(cx: &mut Check<'_>, metering: Option<&RawMetering>) -> Me
             .unwrap_or(1024)
             .saturating_mul(1 << 20),
         sinks,
+        sink_timeout,
     };
     if metering.max_spool_bytes == 0 {
         cx.err(

@@ -1,5 +1,7 @@
 //! Lago: `POST /api/v1/events/batch`.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use tollgate_core::diag::Check;
@@ -17,12 +19,12 @@ pub struct Lago {
 }
 
 impl Lago {
-    pub fn new(name: String, url: String, api_key: String) -> Self {
+    pub fn new(name: String, url: String, api_key: String, timeout: Duration) -> Self {
         Self {
             name,
             url,
             api_key,
-            client: http_client(),
+            client: http_client(timeout),
         }
     }
 

@@ -59,10 +59,11 @@ pub trait Sink: Send + Sync {
     async fn send(&self, records: &[Record]) -> Vec<Outcome>;
 }
 
-pub(crate) fn http_client() -> reqwest::Client {
+/// A client whose requests give up after `timeout` (connecting: at most 5 s).
+pub(crate) fn http_client(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
         .build()
         .unwrap_or_default()
 }
@@ -122,7 +123,9 @@ fn pct(s: &str) -> String {
 }
 
 /// The sink a config entry describes.
-pub fn build(cfg: &SinkConfig) -> Arc<dyn Sink> {
+/// `timeout`: how long one request to the provider may take before it is
+/// retried (`metering.sink_timeout`).
+pub fn build(cfg: &SinkConfig, timeout: Duration) -> Arc<dyn Sink> {
     use SinkConfig as C;
     match cfg.clone() {
         C::Stripe {
@@ -132,7 +135,7 @@ pub fn build(cfg: &SinkConfig) -> Arc<dyn Sink> {
             api_key,
             version,
             ..
-        } => Arc::new(StripeV1::new(name, base_url, api_key, version)),
+        } => Arc::new(StripeV1::new(name, base_url, api_key, version, timeout)),
         C::Stripe {
             name,
             v2: true,
@@ -140,14 +143,16 @@ pub fn build(cfg: &SinkConfig) -> Arc<dyn Sink> {
             stream_url,
             api_key,
             version,
-        } => Arc::new(StripeV2::new(name, base_url, stream_url, api_key, version)),
+        } => Arc::new(StripeV2::new(
+            name, base_url, stream_url, api_key, version, timeout,
+        )),
         C::OpenMeter {
             name,
             url,
             token,
             source,
-        } => Arc::new(OpenMeter::new(name, url, token, source)),
-        C::Lago { name, url, api_key } => Arc::new(Lago::new(name, url, api_key)),
-        C::Webhook { name, url, secret } => Arc::new(Webhook::new(name, url, &secret)),
+        } => Arc::new(OpenMeter::new(name, url, token, source, timeout)),
+        C::Lago { name, url, api_key } => Arc::new(Lago::new(name, url, api_key, timeout)),
+        C::Webhook { name, url, secret } => Arc::new(Webhook::new(name, url, &secret, timeout)),
     }
 }

@@ -1,5 +1,7 @@
 //! OpenMeter: a CloudEvents batch.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 
 use tollgate_core::clock::rfc3339;
@@ -19,13 +21,19 @@ pub struct OpenMeter {
 }
 
 impl OpenMeter {
-    pub fn new(name: String, url: String, token: Option<String>, source: String) -> Self {
+    pub fn new(
+        name: String,
+        url: String,
+        token: Option<String>,
+        source: String,
+        timeout: Duration,
+    ) -> Self {
         Self {
             name,
             url,
             token,
             source,
-            client: http_client(),
+            client: http_client(timeout),
         }
     }
 

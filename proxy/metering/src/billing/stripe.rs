@@ -26,13 +26,19 @@ pub struct StripeV1 {
 }
 
 impl StripeV1 {
-    pub fn new(name: String, base_url: String, api_key: String, version: String) -> Self {
+    pub fn new(
+        name: String,
+        base_url: String,
+        api_key: String,
+        version: String,
+        timeout: Duration,
+    ) -> Self {
         Self {
             name,
             base_url,
             api_key,
             version,
-            client: http_client(),
+            client: http_client(timeout),
             pace: tokio::sync::Mutex::new(Instant::now()),
         }
     }
@@ -113,6 +119,7 @@ impl StripeV2 {
         stream_url: String,
         api_key: String,
         version: String,
+        timeout: Duration,
     ) -> Self {
         Self {
             name,
@@ -120,7 +127,7 @@ impl StripeV2 {
             stream_url,
             api_key,
             version,
-            client: http_client(),
+            client: http_client(timeout),
             session: tokio::sync::Mutex::new(None),
         }
     }

@@ -1,5 +1,7 @@
 //! A JSON batch signed per the Standard Webhooks specification.
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -46,12 +48,12 @@ pub fn webhook_key(secret: &str) -> Vec<u8> {
 }
 
 impl Webhook {
-    pub fn new(name: String, url: String, secret: &str) -> Self {
+    pub fn new(name: String, url: String, secret: &str, timeout: Duration) -> Self {
         Self {
             name,
             url,
             key: webhook_key(secret),
-            client: http_client(),
+            client: http_client(timeout),
         }
     }
 }
