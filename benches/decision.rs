@@ -58,7 +58,7 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
         clock,
         prefix: "tg_live_".into(),
         answer_preflights: false,
-        journal_full: None,
+        journal: None,
     };
     (gate, raw)
 }

@@ -12,6 +12,17 @@ use crate::plans::StatusSet;
 use crate::problem::Rejection;
 use crate::usage::{MeterTotals, UsageLedger};
 
+/// Whether the journal can take billable work now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JournalState {
+    Open,
+    /// At its size bound: refused with `usage-spool-full`.
+    Full,
+    /// Its last write failed moments ago (a full or read-only disk):
+    /// refused with `usage-not-recorded` before the upstream runs.
+    Failing,
+}
+
 /// Where billable usage becomes durable: the metering crate's spool.
 pub trait UsageJournal: Send + Sync + 'static {
     /// Resolves to true once `units` of `meter` for `customer` are durable.
@@ -75,13 +86,14 @@ impl<J: UsageJournal> Meter<J> {
             return Ok(());
         };
         let customer = &a.identity.customer;
-        self.ledger.record(customer, meter, units);
         if let Some(journal) = &self.journal {
             if !journal.append(customer, meter, units).await {
                 log::error!("usage of {units} {meter} could not be written to the spool");
                 return Err(Rejection::UsageNotRecorded);
             }
         }
+        // Counted once it is durable: what /_tollgate/usage shows is billed.
+        self.ledger.record(customer, meter, units);
         Ok(())
     }
 
@@ -155,6 +167,11 @@ mod tests {
         assert_eq!(m.record(&a, 3).await, Ok(()));
         j.broken.store(true, Ordering::Relaxed);
         assert_eq!(m.record(&a, 3).await, Err(Rejection::UsageNotRecorded));
+        assert_eq!(
+            m.ledger.usage("cus_1").meters,
+            vec![("api".into(), 3)],
+            "what was not recorded is not counted either"
+        );
         assert_eq!(
             m.record(&admitted(None), 3).await,
             Ok(()),

@@ -151,6 +151,13 @@ pub static CLIENT_DISCONNECTS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+pub static SPOOL_WRITE_ERRORS: LazyLock<IntCounter> = LazyLock::new(|| {
+    int_counter(
+        "tollgate_spool_write_errors_total",
+        "Usage spool appends that failed (a full or read-only disk)",
+    )
+});
+
 pub static CONNECTIONS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
     int_counter(
         "tollgate_connections_refused_total",
@@ -177,6 +184,7 @@ pub fn init() {
     LazyLock::force(&SPOOL_REJECTED);
     LazyLock::force(&CLIENT_DISCONNECTS);
     LazyLock::force(&CONNECTIONS_REFUSED);
+    LazyLock::force(&SPOOL_WRITE_ERRORS);
 }
 
 #[allow(clippy::expect_used)]

@@ -203,7 +203,7 @@ impl ServeHttp for AdminApp {
                     )
                 }
                 "/healthz" => return respond(200, "text/plain", b"ok\n".to_vec()),
-                "/readyz" => return respond(200, "text/plain", b"ready\n".to_vec()),
+                "/readyz" => return self.readiness(),
                 "/" => {
                     return respond(
                         200,
@@ -451,6 +451,26 @@ fn apply(
 }
 
 impl AdminApp {
+    /// Ready unless the usage spool's disk refused a write in the last 10 s
+    /// (billable work is then refused here; a load balancer should send it
+    /// to another instance).
+    fn readiness(&self) -> Response<Vec<u8>> {
+        let failing = self
+            .app
+            .spool
+            .as_ref()
+            .is_some_and(|s| s.is_failing(std::time::Duration::from_secs(10)));
+        if failing {
+            respond(
+                503,
+                "text/plain",
+                b"not ready: the usage spool cannot be written\n".to_vec(),
+            )
+        } else {
+            respond(200, "text/plain", b"ready\n".to_vec())
+        }
+    }
+
     fn status_page(&self) -> String {
         let app = &self.app;
         let snap = app.gate.keys.snapshot();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use tollgate_core::clock::Clock;
 use tollgate_core::gate::Gate;
 use tollgate_core::limiter::{Decision, Fallback, Limiter, LimiterError, MemoryLimiter};
-use tollgate_core::meter::Meter;
+use tollgate_core::meter::{JournalState, Meter};
 use tollgate_core::plans::Plan;
 use tollgate_core::store::{FileStore, KeyStore, StaticKeys, StoreData, StoreError, UpdateStore};
 use tollgate_core::usage::UsageLedger;
@@ -159,9 +159,9 @@ impl App {
             clock,
             prefix: config.key_prefix.clone(),
             answer_preflights: config.cors.is_some(),
-            journal_full: spool
-                .clone()
-                .map(|s| Arc::new(move || s.is_full()) as Arc<dyn Fn() -> bool + Send + Sync>),
+            journal: spool.clone().map(|s| {
+                Arc::new(move || s.state()) as Arc<dyn Fn() -> JournalState + Send + Sync>
+            }),
         };
         let meter = Meter {
             ledger: usage,

@@ -649,3 +649,140 @@ fn pending_events(n: u64) -> String {
         })
         .collect()
 }
+
+/// A tmpfs of the test's own, unmounted on drop (mounting needs root, which
+/// CI has; elsewhere the test says so and does nothing).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
+        let root = std::process::Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&root.stdout).trim() != "0" {
+            eprintln!("not root: the full-disk test needs to mount a tmpfs, skipped");
+            return None;
+        }
+        std::fs::create_dir_all(path).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "root could not mount a tmpfs");
+        Some(Self(path.to_path_buf()))
+    }
+
+    fn resize(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The spool's disk fills up: the response whose usage could not be written
+/// is refused (503), billable work is then refused before it reaches the
+/// upstream, `/readyz` says not ready, and every answered request is in the
+/// spool. With room again, requests are served and the instance is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_billable_work_and_loses_nothing_answered() {
+    let mnt = tempfile::tempdir().unwrap();
+    let spool_dir = mnt.path().join("spool");
+    let Some(disk) = Tmpfs::mount(&spool_dir, "64k") else {
+        return;
+    };
+    let h = Harness::builder()
+        .config(&format!(
+            "metering: {{ spool_dir: \"{}\" }}",
+            spool_dir.display()
+        ))
+        .build();
+    let key = h.key("cus_disk", Some("enterprise")); // unlimited, metered
+    let mut answered = 0u64;
+    let first_refusal: Value = loop {
+        let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+        match r.status().as_u16() {
+            200 => answered += 1,
+            503 => break r.json().await.unwrap(),
+            s => panic!("answered {s}"),
+        }
+        assert!(answered < 10_000, "64 KiB never filled up");
+    };
+    assert_eq!(
+        first_refusal["type"],
+        "urn:tollgate:problem:usage-not-recorded"
+    );
+    let hits = h.upstream_hits();
+    let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(h.upstream_hits(), hits, "refused before the upstream ran");
+    let admin = |path: &str| format!("http://{}{path}", h.admin);
+    let ready = h.client.get(admin("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(h
+        .metrics()
+        .await
+        .contains("tollgate_spool_write_errors_total 1"));
+
+    disk.resize("4m");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(h.get_n("/v1/x", &key, 3).await, vec![200; 3]);
+    let ready = h.client.get(admin("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let usage: Value = h
+        .get("/_tollgate/usage")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        usage["billing"]["api_requests"]["recorded"],
+        answered + 3,
+        "{usage}"
+    );
+    assert_eq!(usage["usage"]["api_requests"], answered + 3, "{usage}");
+    drop(h);
+}
+
+/// An upstream that resets every connection mid-request: 502, never billed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_resets_is_502_and_never_billed() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 16];
+            let _ = std::io::Read::read(&mut &conn, &mut buf);
+            drop(conn); // closed with the request half read
+        }
+    });
+    let h = Harness::builder().upstream(addr).build();
+    let key = h.key("cus_reset", Some("enterprise"));
+    assert_eq!(h.get_n("/v1/x", &key, 5).await, vec![502; 5]);
+    let usage: Value = h
+        .get("/_tollgate/usage")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(usage["usage"], serde_json::json!({}), "{usage}");
+    assert_eq!(usage["billing"], serde_json::json!({}), "{usage}");
+}

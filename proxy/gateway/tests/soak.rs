@@ -153,7 +153,7 @@ async fn sustained_load_with_key_churn_and_reloads_stays_bounded() {
         tokio::task::spawn_blocking(move || cli(&path, &["keys", "revoke", &old.1]))
             .await
             .unwrap();
-        if round % 3 == 0 {
+        if round.is_multiple_of(3) {
             let r = admin_client
                 .post(format!("http://127.0.0.1:{admin}/admin/reload"))
                 .bearer_auth(TOKEN)

@@ -13,6 +13,7 @@ use http::Method;
 use crate::clock::Clock;
 use crate::keys;
 use crate::limiter::{Decision, Limiter, LimiterError};
+use crate::meter::JournalState;
 use crate::metrics;
 use crate::plans::{Plan, Plans, Route, DEFAULT_COST};
 use crate::problem::Rejection;
@@ -105,14 +106,16 @@ pub struct Gate<L> {
     /// `cors` is configured: Tollgate answers CORS preflights itself
     /// (otherwise they go to the upstream, which answers its own).
     pub answer_preflights: bool,
-    /// Whether the usage journal is at its bound (billable work is then
-    /// refused before it is charged); None: metering is off.
-    pub journal_full: Option<Arc<dyn Fn() -> bool + Send + Sync>>,
+    /// Whether the usage journal can take billable work (refused before it
+    /// is charged when it cannot); None: metering is off.
+    pub journal: Option<Arc<dyn Fn() -> JournalState + Send + Sync>>,
 }
 
 impl<L: Limiter> Gate<L> {
-    fn journal_full(&self) -> bool {
-        self.journal_full.as_ref().is_some_and(|full| full())
+    fn journal_state(&self) -> JournalState {
+        self.journal
+            .as_ref()
+            .map_or(JournalState::Open, |state| state())
     }
 
     /// Decides one request: preflight, public route, usage report, or a
@@ -156,15 +159,22 @@ impl<L: Limiter> Gate<L> {
         };
         let cost = if is_usage { 0 } else { route.cost };
         // Refused before anything is charged: a refusal consumes nothing.
-        if !is_usage && may_bill(route.route, &plan) && self.journal_full() {
-            metrics::SPOOL_REJECTED
-                .with_label_values(&[&plan.name])
-                .inc();
-            return Err(Refused {
-                rejection: Rejection::SpoolFull,
-                plan: Some(plan),
-                decision: None,
-            });
+        if !is_usage && may_bill(route.route, &plan) {
+            let rejection = match self.journal_state() {
+                JournalState::Open => None,
+                JournalState::Full => Some(Rejection::SpoolFull),
+                JournalState::Failing => Some(Rejection::UsageNotRecorded),
+            };
+            if let Some(rejection) = rejection {
+                metrics::SPOOL_REJECTED
+                    .with_label_values(&[&plan.name])
+                    .inc();
+                return Err(Refused {
+                    rejection,
+                    plan: Some(plan),
+                    decision: None,
+                });
+            }
         }
         let started = Instant::now();
         let decision = self.limit(&identity, &plan, cost).await;

@@ -9,6 +9,7 @@ use super::*;
 use crate::clock::{days_from_civil, Date, ManualClock, Millis, DAY};
 use crate::diag::Source;
 use crate::limiter::MemoryLimiter;
+use crate::meter::JournalState;
 use crate::store::{CustomerRecord, KeyRecord, Snapshot, StaticKeys, StoreData};
 
 const PLANS: &str = "default_plan: free
@@ -84,8 +85,14 @@ fn setup_with(answer_preflights: bool, journal_full: Option<Arc<AtomicBool>>) ->
             clock,
             prefix: "tg_test_".into(),
             answer_preflights,
-            journal_full: journal_full.map(|f| {
-                Arc::new(move || f.load(Ordering::Relaxed)) as Arc<dyn Fn() -> bool + Send + Sync>
+            journal: journal_full.map(|f| {
+                Arc::new(move || {
+                    if f.load(Ordering::Relaxed) {
+                        JournalState::Full
+                    } else {
+                        JournalState::Open
+                    }
+                }) as Arc<dyn Fn() -> JournalState + Send + Sync>
             }),
         },
         free,

@@ -224,6 +224,8 @@ pub struct Spool {
     writer: Arc<Mutex<Writer>>,
     state: Arc<Mutex<State>>,
     bytes: Arc<AtomicU64>,
+    /// When an append last failed (ms; 0: the last one succeeded).
+    failed_at: Arc<AtomicU64>,
     full: AtomicBool,
     config: SpoolConfig,
     clock: Arc<dyn Clock>,
@@ -315,6 +317,26 @@ impl Spool {
             }
         }
         full
+    }
+
+    /// Whether an append failed within `window` (a full or read-only disk):
+    /// while it is, billable work is refused before it reaches the upstream
+    /// (for 1 s after each failure), and `/readyz` says not ready (10 s).
+    pub fn is_failing(&self, window: Duration) -> bool {
+        let t = self.failed_at.load(Ordering::Relaxed);
+        t != 0 && self.clock.now_ms() < t.saturating_add(window.as_millis() as u64)
+    }
+
+    /// What billable work meets now.
+    pub fn state(&self) -> tollgate_core::meter::JournalState {
+        use tollgate_core::meter::JournalState;
+        if self.is_full() {
+            JournalState::Full
+        } else if self.is_failing(Duration::from_secs(1)) {
+            JournalState::Failing
+        } else {
+            JournalState::Open
+        }
     }
 
     /// Rolls closed windows (or, with `all`, everything) into records.

@@ -53,6 +53,7 @@ impl Spool {
         lock_file: File,
     ) -> Result<Arc<Self>, SpoolError> {
         let bytes = Arc::new(AtomicU64::new(size));
+        let failed_at = Arc::new(AtomicU64::new(0));
         let state = Arc::new(Mutex::new(st));
         let (tx, rx) = mpsc::channel();
         let writer = Arc::new(Mutex::new(Writer::open(
@@ -61,6 +62,7 @@ impl Spool {
             clock.clone(),
             state.clone(),
             bytes.clone(),
+            failed_at.clone(),
         )?));
         let handle = {
             let writer = writer.clone();
@@ -78,6 +80,7 @@ impl Spool {
             writer,
             state,
             bytes,
+            failed_at,
             full: AtomicBool::new(false),
             config,
             clock,

@@ -25,6 +25,8 @@ pub(super) struct Writer {
     records: LogFile,
     state: Arc<Mutex<State>>,
     bytes: Arc<AtomicU64>,
+    /// When an append last failed (ms; 0: the last one succeeded).
+    failed_at: Arc<AtomicU64>,
     rollup: Millis,
     sinks: Vec<String>,
     instance: String,
@@ -40,6 +42,7 @@ impl Writer {
         clock: Arc<dyn Clock>,
         state: Arc<Mutex<State>>,
         bytes: Arc<AtomicU64>,
+        failed_at: Arc<AtomicU64>,
     ) -> Result<Self, SpoolError> {
         Ok(Self {
             dir: config.dir.clone(),
@@ -47,6 +50,7 @@ impl Writer {
             records: LogFile::open(&config.dir.join("records.log"))?,
             state,
             bytes,
+            failed_at,
             rollup: config.rollup,
             sinks: config.sinks.clone(),
             instance: instance.to_owned(),
@@ -160,7 +164,14 @@ impl Writer {
             }
             self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
             self.dirty = true;
+            if self.failed_at.load(Ordering::Relaxed) != 0 {
+                self.failed_at.store(0, Ordering::Relaxed);
+                log::warn!("usage spool writes succeed again");
+            }
         } else {
+            tollgate_core::metrics::SPOOL_WRITE_ERRORS.inc();
+            self.failed_at
+                .store(self.clock.now_ms().max(1), Ordering::Relaxed);
             log::error!(
                 "usage spool write failed: {} responses are refused",
                 acks.len()
