@@ -279,3 +279,46 @@ async fn two_instances_on_a_three_node_cluster_share_one_exact_quota() {
     let (ok, limited) = hammer(&[&a, &b], &key, 900).await;
     assert_eq!((ok, limited), (300, 600));
 }
+
+/// A Redis Cluster node dies under load: customers whose slots it held are
+/// decided by `on_error: local` (memory), every request is still answered
+/// 200 or 429 (never a 5xx), and the breaker keeps each answer fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_cluster_node_falls_back_to_local_limits_without_errors() {
+    let mut cluster = RedisCluster::start(3);
+    let r = format!("{}, timeout: 300ms, on_error: local", cluster.nodes_yaml());
+    let h = Harness::builder().redis(&r).build();
+    // Twelve customers: their hash tags spread them over the three nodes.
+    let keys: Vec<String> = (0..12)
+        .map(|i| h.key(&format!("cus_node_{i}"), None))
+        .collect();
+    for k in &keys {
+        assert_eq!(h.get_n("/v1/x", k, 1).await, vec![200]);
+    }
+    cluster.nodes[0].kill();
+    let started = Instant::now();
+    let mut statuses = std::collections::BTreeMap::<u16, u32>::new();
+    for _ in 0..3 {
+        for k in &keys {
+            *statuses.entry(h.get_n("/v1/x", k, 1).await[0]).or_default() += 1;
+        }
+    }
+    assert!(
+        statuses.keys().all(|s| [200, 429].contains(s)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.get(&200).copied().unwrap_or(0) >= 24,
+        "{statuses:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains("tollgate_limiter_fallback_total{policy=\"local\"}"),
+        "{metrics}"
+    );
+}
