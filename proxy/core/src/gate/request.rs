@@ -64,7 +64,7 @@ pub enum PathError {
     /// routing, so `/public/..;/private` or `/v1/sms;/send` would run a
     /// route other than the one matched.
     PathParameter,
-    /// `%00`.
+    /// A NUL, raw or as `%00`.
     Nul,
     /// A `%` not followed by two hex digits.
     BadEscape,
@@ -179,6 +179,9 @@ fn percent_decode(b: &[u8]) -> Result<String, PathError> {
     let mut i = 0;
     while i < b.len() {
         if b[i] != b'%' {
+            if b[i] == 0 {
+                return Err(PathError::Nul);
+            }
             out.push(b[i]);
             i += 1;
             continue;
@@ -394,6 +397,8 @@ mod tests {
             ("/v1/sms%3b/send", PathError::PathParameter),
             ("/a\\b", PathError::Backslash),
             ("/a%00b", PathError::Nul),
+            // Found by fuzzing: a raw NUL was routed, then refused once encoded.
+            ("/docs/..%1f\u{1}\0", PathError::Nul),
             ("/x%", PathError::BadEscape),
             ("/x%zz", PathError::BadEscape),
             ("/x%4", PathError::BadEscape),
