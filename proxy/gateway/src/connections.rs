@@ -6,26 +6,30 @@
 //!
 //! - at most `max` connections are open at once; more are closed at accept
 //!   and counted in `tollgate_connections_refused_total`;
-//! - a connection that sends nothing for `idle_timeout` is closed;
-//! - its first request head must be complete within `header_timeout` of its
+//! - a connection that sends nothing for `idle_timeout` (before its first
+//!   request, or between two on a kept-alive connection) is closed;
+//! - each request head must be complete within `header_timeout` of its
 //!   first byte, and no longer than `max_header_bytes`; past either, the
 //!   connection is closed (and counted as a client hang-up by Pingora's
 //!   log line, see `logging`).
 //!
-//! Later requests on a kept-alive connection come from a client that has
-//! already sent a complete request; their reads are bounded by the
-//! keep-alive timeout set in `proxy.rs`.
+//! [`Rearm`] sits between Pingora's HTTP loop and the proxy: each request a
+//! connection starts (its first, and every one after on a kept-alive
+//! connection) re-arms the guard, so a request's body, and what follows a
+//! `100 Continue`, are never taken for a head.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
+use pingora::apps::{HttpServerApp, HttpServerOptions, ReusedHttpStream, ServerApp};
+use pingora::protocols::http::v2::server::H2Options;
+use pingora::protocols::http::ServerSession;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{
@@ -84,7 +88,6 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        // A kept-alive connection comes back already guarded.
         let stream: Stream = if stream.as_any().is::<GuardedStream>() {
             stream
         } else {
@@ -99,6 +102,45 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await;
+    }
+}
+
+/// The proxy application, re-arming its connection's [`GuardedStream`]
+/// for each request Pingora's HTTP/1 loop starts on it.
+pub struct Rearm<A>(Arc<A>);
+
+impl<A> Rearm<A> {
+    pub fn new(inner: A) -> Self {
+        Self(Arc::new(inner))
+    }
+}
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> HttpServerApp for Rearm<A> {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        let guarded = session
+            .stream()
+            .and_then(|s| s.as_any().downcast_ref::<GuardedStream>());
+        if let Some(g) = guarded {
+            g.rearm_requested.store(true, Ordering::Relaxed);
+        }
+        self.0.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<H2Options> {
+        self.0.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&HttpServerOptions> {
+        self.0.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.0.http_cleanup().await;
     }
 }
 
@@ -122,15 +164,20 @@ impl Drop for Slot {
     }
 }
 
-/// A client connection held to [`Limits`] until its first request head is in.
+/// A client connection held to [`Limits`] while it owes a request head.
 #[derive(Debug)]
 pub struct GuardedStream {
     inner: Stream,
     _slot: Slot,
     limits: Limits,
-    /// Armed until the first request head is complete.
-    deadline: Option<Pin<Box<Sleep>>>,
-    /// Bytes of the first head seen so far (0: none yet).
+    /// While `armed`: when the connection is closed for being idle or slow.
+    deadline: Pin<Box<Sleep>>,
+    /// Waiting for a request head (from accept, or a kept-alive reuse,
+    /// until the head is complete).
+    armed: bool,
+    /// Set by [`Rearm`] when Pingora starts reading the next request.
+    rearm_requested: AtomicBool,
+    /// Bytes of the current head seen so far (0: none yet).
     head_bytes: usize,
     /// The last bytes seen, to find the blank line that ends the head.
     tail: [u8; 3],
@@ -142,26 +189,34 @@ impl GuardedStream {
             inner,
             _slot: slot,
             limits,
-            deadline: Some(Box::pin(tokio::time::sleep(limits.idle_timeout))),
+            deadline: Box::pin(tokio::time::sleep(limits.idle_timeout)),
+            armed: true,
+            rearm_requested: AtomicBool::new(false),
             head_bytes: 0,
             tail: [0; 3],
         }
     }
 
-    /// Follows the first head through `data`; an error once it is too large.
+    /// Waits for the next request's head (a kept-alive reuse).
+    fn rearm(&mut self) {
+        self.armed = true;
+        self.head_bytes = 0;
+        self.tail = [0; 3];
+        let at = Instant::now() + self.limits.idle_timeout;
+        self.deadline.as_mut().reset(at);
+    }
+
+    /// Follows the current head through `data`; an error once it is too large.
     fn scan(&mut self, data: &[u8]) -> io::Result<()> {
         if self.head_bytes == 0 && !data.is_empty() {
-            if let Some(d) = self.deadline.as_mut() {
-                d.as_mut()
-                    .reset(Instant::now() + self.limits.header_timeout);
-            }
+            let at = Instant::now() + self.limits.header_timeout;
+            self.deadline.as_mut().reset(at);
         }
         for (i, &b) in data.iter().enumerate() {
             let [a, c, d] = self.tail;
             // CRLF CRLF, or LF LF as lenient parsers accept.
-            if (b == b'\n' && d == b'\n') || (b == b'\n' && d == b'\r' && c == b'\n' && a == b'\r')
-            {
-                self.deadline = None;
+            if b == b'\n' && (d == b'\n' || (d == b'\r' && c == b'\n' && a == b'\r')) {
+                self.armed = false;
                 self.head_bytes += i + 1;
                 return Ok(());
             }
@@ -185,17 +240,19 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if let Some(d) = this.deadline.as_mut() {
-            if d.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no complete request head in time",
-                )));
-            }
+        if this.rearm_requested.load(Ordering::Relaxed) {
+            this.rearm_requested.store(false, Ordering::Relaxed);
+            this.rearm();
+        }
+        if this.armed && this.deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no complete request head in time",
+            )));
         }
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(Ok(())) if this.deadline.is_some() => {
+            Poll::Ready(Ok(())) if this.armed => {
                 let filled = buf.filled();
                 Poll::Ready(this.scan(&filled[before..]))
             }
@@ -357,6 +414,24 @@ mod tests {
             io::ErrorKind::TimedOut,
             "silent for the idle timeout"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_connection_is_guarded_again_for_each_request() {
+        use tokio::io::AsyncWriteExt;
+        let (mut s, mut client, _) = stream(Limits::default());
+        client
+            .write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_all(&mut s).await.is_ok());
+        // The next request: a head dribbled past the deadline is cut off.
+        s.rearm();
+        client.write_all(b"GET /2 HTTP/1.1\r\n").await.unwrap();
+        assert!(read_all(&mut s).await.is_ok());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let err = read_all(&mut s).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use tollgate_core::store::UpdateStore;
 use crate::admin::AdminApp;
 use crate::app::{App, Keys};
 use crate::config::Config;
-use crate::connections::GuardedApp;
+use crate::connections::{GuardedApp, Rearm};
 use crate::proxy::TollgateProxy;
 
 /// How often running proxies look for key store changes.
@@ -176,7 +176,10 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
     let mut proxy = Service::new(
         "tollgate proxy".to_string(),
         GuardedApp::new(
-            pingora::proxy::http_proxy(&server.configuration, TollgateProxy { app: app.clone() }),
+            Rearm::new(pingora::proxy::http_proxy(
+                &server.configuration,
+                TollgateProxy { app: app.clone() },
+            )),
             config.connections,
         ),
     );

@@ -429,3 +429,106 @@ fn connections_past_the_cap_are_closed_at_accept() {
         "{metrics}"
     );
 }
+
+/// RFC 9112 3.2.2: a server accepts the absolute form of a request target;
+/// it is routed, limited and metered on its path like any other.
+#[test]
+fn absolute_form_targets_are_accepted_and_routed_on_their_path() {
+    let h = Harness::start();
+    let key = h.key("cus_abs", Some("pro"));
+    let a = raw(
+        &h,
+        &format!("POST http://api.test/v1/sms/send HTTP/1.1\r\nHost: api.test\r\nAuthorization: Bearer {key}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+    );
+    assert_eq!(a.status, 200, "{}", a.head);
+    let target = echoed(&a)["_target"][0].as_str().unwrap().to_owned();
+    assert!(target.ends_with("/v1/sms/send"), "{target}");
+    assert!(
+        a.head.contains("x-ratelimit-remaining: 995"),
+        "cost 5 of the sms route: {}",
+        a.head
+    );
+}
+
+/// After a complete request, the next head on the same kept-alive
+/// connection is held to the same deadline.
+#[test]
+fn a_slow_second_head_on_a_kept_alive_connection_is_cut_off() {
+    let h = Harness::builder()
+        .config("connections: { header_timeout: 1s }")
+        .build();
+    let key = h.key("cus_keepalive", Some("pro"));
+    let mut c = TcpStream::connect(h.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    write!(
+        c,
+        "GET /v1/x HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n"
+    )
+    .unwrap();
+    // Read the whole first answer (its Content-Length tells where it ends).
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "closed after the first request");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap();
+            if body.len() >= len {
+                assert!(head.starts_with("http/1.1 200"), "{head}");
+                break;
+            }
+        }
+    }
+    c.write_all(b"GET /v1/x HTTP/1.1\r\nHost: x\r\n").unwrap();
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(250));
+        let _ = c.write_all(b"X");
+    }
+    match c.read(&mut buf) {
+        Ok(n) => assert_eq!(n, 0, "answered instead of closed"),
+        Err(e) => assert!(
+            !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "the slow second head was not cut off"
+        ),
+    }
+    assert_eq!(h.upstream_hits(), 1);
+}
+
+/// The head deadline and size limit are for heads: a large body sent slowly
+/// after a prompt head (as after `Expect: 100-continue`) goes through.
+#[test]
+fn a_large_body_sent_slowly_after_the_head_is_not_cut_off() {
+    let h = Harness::builder()
+        .config("connections: { header_timeout: 1s, max_header_kb: 8 }")
+        .build();
+    let key = h.key("cus_upload", Some("pro"));
+    let mut c = TcpStream::connect(h.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let body = vec![b'a'; 300_000];
+    write!(
+        c,
+        "POST /v1/upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nExpect: 100-continue\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    c.write_all(&body[..100_000]).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    c.write_all(&body[100_000..]).unwrap();
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+}
