@@ -259,6 +259,7 @@ fn open_spool(
             max_bytes: m.max_spool_bytes,
             rollup: m.rollup.as_millis() as u64,
             sinks: m.sinks.iter().map(|s| s.name().to_owned()).collect(),
+            seal: m.seal.clone(),
         },
         clock.clone(),
     )

@@ -141,6 +141,8 @@ pub struct Metering {
     /// How long one request to a billing provider may take before it is
     /// retried (under the same identifier).
     pub sink_timeout: Duration,
+    /// Seal the spool's files at rest with these keys (`encryption`).
+    pub seal: Option<Arc<tollgate_metering::spool::Seal>>,
 }
 
 /// Where keys and customers live.

@@ -82,8 +82,16 @@ pub(super) struct RawMetering {
     pub(super) rollup: Option<String>,
     pub(super) max_spool_mb: Option<u64>,
     pub(super) sink_timeout: Option<String>,
+    pub(super) encryption: Option<RawEncryption>,
     #[serde(default)]
     pub(super) sinks: Vec<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEncryption {
+    pub(super) key_env: String,
+    pub(super) previous_key_env: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

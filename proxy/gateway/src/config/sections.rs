@@ -9,10 +9,14 @@ use tollgate_core::diag::Check;
 use tollgate_metering::billing::SinkConfig;
 
 use super::raw::{
-    RawAdmin, RawConnections, RawCors, RawKeys, RawLimits, RawMetering, RawTimeouts, RawTls,
+    RawAdmin, RawConnections, RawCors, RawEncryption, RawKeys, RawLimits, RawMetering, RawTimeouts,
+    RawTls,
 };
 use super::{Admin, Cors, Metering, StoreKind, Timeouts, TlsFiles, Upstream};
 use crate::connections::Limits;
+use std::sync::Arc;
+use tollgate_metering::spool::seal::parse_key;
+use tollgate_metering::spool::Seal;
 
 pub(super) fn tls(cx: &mut Check<'_>, t: &RawTls) -> TlsFiles {
     let files = TlsFiles {
@@ -170,6 +174,9 @@ pub(super) fn metering(cx: &mut Check<'_>, metering: Option<&RawMetering>) -> Me
         );
     }
     let sinks = sinks(cx, metering.map(|m| m.sinks.as_slice()).unwrap_or_default());
+    let seal = metering
+        .and_then(|m| m.encryption.as_ref())
+        .and_then(|e| encryption(cx, e));
     let sink_timeout = cx.duration(
         "metering.sink_timeout",
         metering.and_then(|m| m.sink_timeout.as_deref()),
@@ -187,6 +194,7 @@ pub(super) fn metering(cx: &mut Check<'_>, metering: Option<&RawMetering>) -> Me
             .saturating_mul(1 << 20),
         sinks,
         sink_timeout,
+        seal,
     };
     if metering.max_spool_bytes == 0 {
         cx.err(
@@ -199,6 +207,30 @@ pub(super) fn metering(cx: &mut Check<'_>, metering: Option<&RawMetering>) -> Me
         cx.err("metering.enabled", "sinks need metering enabled", None);
     }
     metering
+}
+
+/// `metering.encryption`: the spool's key (and the previous one while it is
+/// rotated), each 32 bytes as 64 hex digits or base64, from the environment.
+fn encryption(cx: &mut Check<'_>, e: &RawEncryption) -> Option<Arc<Seal>> {
+    let key = |cx: &mut Check<'_>, field: &str, var: &str| {
+        let path = format!("metering.encryption.{field}");
+        let text = cx.secret(&path, var)?;
+        let key = parse_key(&text);
+        if key.is_none() {
+            cx.err(
+                &path,
+                format!("{var} does not hold a 256-bit key"),
+                Some("64 hex digits, or 32 bytes in base64 (`openssl rand -base64 32`)"),
+            );
+        }
+        key
+    };
+    let current = key(cx, "key_env", &e.key_env);
+    let previous = match &e.previous_key_env {
+        Some(var) => Some(key(cx, "previous_key_env", var)?),
+        None => None,
+    };
+    Some(Arc::new(Seal::new(&current?, previous.as_ref())))
 }
 
 /// `metering.sinks`: each parsed by its provider; names must differ.

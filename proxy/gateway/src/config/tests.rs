@@ -179,3 +179,32 @@ fn config_that_can_never_work_is_refused() {
         assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
     }
 }
+
+#[test]
+fn spool_encryption_keys_come_from_the_environment_and_must_be_256_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "plans.yaml", PLANS);
+    let f = write(
+        dir.path(),
+        "tollgate.yaml",
+        "upstream: http://127.0.0.1:1\nmetering:\n  encryption: { key_env: SPOOL_KEY, previous_key_env: OLD_KEY }\n",
+    );
+    let good = "ab".repeat(32);
+    let c = Config::load_with_env(&f, &|k| match k {
+        "SPOOL_KEY" | "OLD_KEY" => Some(good.clone()),
+        _ => None,
+    })
+    .unwrap();
+    assert!(c.metering.seal.is_some());
+    let all = Config::load_with_env(&f, &|k| (k == "SPOOL_KEY").then(|| "short".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        all.contains("SPOOL_KEY does not hold a 256-bit key"),
+        "{all}"
+    );
+    assert!(
+        all.contains("environment variable OLD_KEY is not set"),
+        "{all}"
+    );
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tollgate_core::keys::crc32;
 
-use super::{Record, SpoolError};
+use super::{Record, Seal, SpoolError};
 
 pub(super) fn line_with_crc(body: &str) -> String {
     format!("{body} {:08x}\n", crc32(body.as_bytes()))
@@ -58,9 +58,23 @@ pub(super) fn record_line(r: &Record) -> String {
     ))
 }
 
-pub(super) fn read_lines(path: &Path) -> Vec<String> {
-    match File::open(path) {
-        Ok(f) => BufReader::new(f).lines().map_while(Result::ok).collect(),
-        Err(_) => Vec::new(),
+/// The lines of a spool file, opened when the spool is sealed (a line that
+/// opens with no key, torn by a crash, is left out as a bad CRC would be).
+pub(super) fn read_lines(path: &Path, seal: Option<&Seal>) -> Vec<String> {
+    let lines = match File::open(path) {
+        Ok(f) => BufReader::new(f).lines().map_while(Result::ok),
+        Err(_) => return Vec::new(),
+    };
+    match seal {
+        None => lines.collect(),
+        Some(seal) => lines.filter_map(|l| seal.open(&l)).collect(),
+    }
+}
+
+/// `text` as it is written: sealed line by line when the spool is sealed.
+pub(super) fn sealed(seal: Option<&Seal>, text: String) -> Result<String, SpoolError> {
+    match seal {
+        None => Ok(text),
+        Some(seal) => seal.seal(&text),
     }
 }

@@ -6,10 +6,17 @@ use std::path::Path;
 
 use tollgate_core::clock::Millis;
 
-use super::codec::{esc, io_err, line_with_crc, record_line};
-use super::{SpoolError, State};
+use super::codec::{esc, io_err, line_with_crc, record_line, sealed};
+use super::{Seal, SpoolError, State};
 
-pub(super) fn replace_file(path: &Path, text: &str) -> Result<(), SpoolError> {
+/// Replaces `path` with `text` (sealed if the spool is) atomically;
+/// returns the bytes written.
+pub(super) fn replace_file(
+    path: &Path,
+    text: String,
+    seal: Option<&Seal>,
+) -> Result<u64, SpoolError> {
+    let text = sealed(seal, text)?;
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
     f.write_all(text.as_bytes()).map_err(|e| io_err(&tmp, e))?;
@@ -20,7 +27,7 @@ pub(super) fn replace_file(path: &Path, text: &str) -> Result<(), SpoolError> {
             let _ = d.sync_all();
         }
     }
-    Ok(())
+    Ok(text.len() as u64)
 }
 
 /// Rewrites the three kinds of file with what is still needed, in the order
@@ -32,6 +39,7 @@ pub(super) fn compact_files(
     sinks: &[String],
     st: &mut State,
     month_start: Millis,
+    seal: Option<&Seal>,
 ) -> Result<u64, SpoolError> {
     st.fold_settled(sinks, month_start);
     let mut events = String::new();
@@ -66,8 +74,8 @@ pub(super) fn compact_files(
     for r in st.records.values() {
         records.push_str(&record_line(r));
     }
-    replace_file(&dir.join("events.log"), &events)?;
-    replace_file(&dir.join("records.log"), &records)?;
+    let size = replace_file(&dir.join("events.log"), events, seal)?
+        + replace_file(&dir.join("records.log"), records, seal)?;
     for sink in sinks {
         let mut acks = String::new();
         for (r, ok) in st.settled.get(sink).into_iter().flatten() {
@@ -76,7 +84,7 @@ pub(super) fn compact_files(
                 if *ok { "ok" } else { "dead" }
             )));
         }
-        replace_file(&dir.join(format!("acks-{sink}.log")), &acks)?;
+        replace_file(&dir.join(format!("acks-{sink}.log")), acks, seal)?;
     }
-    Ok((events.len() + records.len()) as u64)
+    Ok(size)
 }

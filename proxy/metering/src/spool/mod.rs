@@ -47,11 +47,13 @@ use tollgate_core::sync::{lock, Pending};
 mod codec;
 mod compact;
 mod open;
+pub mod seal;
 #[cfg(test)]
 mod tests;
 mod writer;
 
 use codec::{io_err, line_with_crc};
+pub use seal::Seal;
 use writer::Writer;
 
 /// Files are compacted when events.log or records.log grows past this.
@@ -69,6 +71,8 @@ pub struct SpoolConfig {
     pub rollup: Millis,
     /// Sinks whose deliveries are tracked.
     pub sinks: Vec<String>,
+    /// Seal the files at rest (`metering.encryption`); None: plain text.
+    pub seal: Option<Arc<Seal>>,
 }
 
 /// One rolled-up record: what a sink reports, under a fixed identifier.
@@ -197,6 +201,13 @@ pub enum SpoolError {
     InUse(PathBuf),
     /// The spool's thread could not be started.
     Thread(std::io::Error),
+    /// Sealing a line failed.
+    Seal(&'static str),
+    /// The spool was sealed with a key that is neither the configured one
+    /// nor the previous one.
+    WrongKey(PathBuf),
+    /// The spool is sealed but no key is configured.
+    Sealed(PathBuf),
 }
 
 impl std::fmt::Display for SpoolError {
@@ -209,6 +220,17 @@ impl std::fmt::Display for SpoolError {
                 dir.display()
             ),
             SpoolError::Thread(e) => write!(f, "cannot start the spool thread: {e}"),
+            SpoolError::Seal(why) => write!(f, "{why}"),
+            SpoolError::WrongKey(dir) => write!(
+                f,
+                "usage spool {} was sealed with another key than metering.encryption's key_env (or previous_key_env); nothing is read or dropped until the right key is set",
+                dir.display()
+            ),
+            SpoolError::Sealed(dir) => write!(
+                f,
+                "usage spool {} is sealed; set metering.encryption with its key to open it",
+                dir.display()
+            ),
         }
     }
 }
@@ -386,6 +408,7 @@ impl Spool {
             // Under the state lock, so a compaction cannot rewrite the file
             // between this append and the state update.
             let mut st = lock(&self.state);
+            let text = codec::sealed(self.config.seal.as_deref(), text)?;
             let mut f = OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -414,11 +437,15 @@ impl Spool {
             "window_start": tollgate_core::clock::rfc3339(r.window_start),
             "reason": reason,
         });
-        let written = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .and_then(|mut f| writeln!(f, "{line}"));
+        let written = codec::sealed(self.config.seal.as_deref(), format!("{line}\n"))
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|text| {
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)?
+                    .write_all(text.as_bytes())
+            });
         if let Err(e) = written {
             log::error!("cannot write dead letter {}: {e}", path.display());
         }

@@ -12,9 +12,10 @@ use tollgate_core::clock::{month_bounds, Clock, Millis};
 use tollgate_core::sync::Pending;
 
 use super::codec::{checked, io_err, read_lines, unesc};
-use super::compact::compact_files;
+use super::compact::{compact_files, replace_file};
+use super::seal::KEY_CHECK;
 use super::writer::Writer;
-use super::{GroupKey, Record, Spool, SpoolConfig, SpoolError, State, Summary};
+use super::{GroupKey, Record, Seal, Spool, SpoolConfig, SpoolError, State, Summary};
 
 impl Spool {
     /// Opens (creating) the spool, replays it, compacts it and starts the writer.
@@ -22,6 +23,7 @@ impl Spool {
         let dir = config.dir.clone();
         fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
         let lock_file = lock_dir(&dir)?;
+        check_key(&dir, config.seal.as_deref())?;
         let instance = instance_id(&dir)?;
         // Events on disk were grouped with the rollup they were written
         // under; a changed setting applies to new events only.
@@ -33,10 +35,13 @@ impl Spool {
             .unwrap_or(config.rollup);
         let (month_start, _) = month_bounds(clock.now_ms());
         let mut st = State::default();
-        let covered = replay_records(&dir, &mut st, month_start);
-        replay_acks(&dir, &config.sinks, &mut st);
-        replay_events(&dir, &mut st, &covered, disk_rollup);
-        let size = compact_files(&dir, &config.sinks, &mut st, month_start)?;
+        let seal = config.seal.as_deref();
+        let covered = replay_records(&dir, &mut st, month_start, seal);
+        replay_acks(&dir, &config.sinks, &mut st, seal);
+        replay_events(&dir, &mut st, &covered, disk_rollup, seal);
+        // Rewritten under the current key (a rotation ends here).
+        let size = compact_files(&dir, &config.sinks, &mut st, month_start, seal)?;
+        write_key_check(&dir, seal)?;
         fs::write(&rollup_path, config.rollup.to_string()).map_err(|e| io_err(&rollup_path, e))?;
         let spool = Self::start(config, clock, instance, st, size, lock_file)?;
         spool.update_gauges();
@@ -102,6 +107,38 @@ fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
     }
 }
 
+/// A sealed spool opens only with its key (or the previous one, while it
+/// is rotated away from), and only sealed: `key-check` holds a known line
+/// sealed with the key the files were last written with.
+fn check_key(dir: &Path, seal: Option<&Seal>) -> Result<(), SpoolError> {
+    let path = dir.join("key-check");
+    let line = match fs::read_to_string(&path) {
+        Ok(s) => s.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err(&path, e)),
+    };
+    match seal {
+        None => Err(SpoolError::Sealed(dir.to_path_buf())),
+        Some(seal) if seal.open(&line).as_deref() == Some(KEY_CHECK) => Ok(()),
+        Some(_) => Err(SpoolError::WrongKey(dir.to_path_buf())),
+    }
+}
+
+/// Records which key the files are now sealed with (none: no file).
+fn write_key_check(dir: &Path, seal: Option<&Seal>) -> Result<(), SpoolError> {
+    let path = dir.join("key-check");
+    match seal {
+        Some(seal) => {
+            replace_file(&path, format!("{KEY_CHECK}\n"), Some(seal))?;
+            Ok(())
+        }
+        None => match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&path, e)),
+            _ => Ok(()),
+        },
+    }
+}
+
 /// This spool's id, part of every identifier; made once, then kept.
 fn instance_id(dir: &Path) -> Result<String, SpoolError> {
     let id_path = dir.join("instance-id");
@@ -120,9 +157,14 @@ fn instance_id(dir: &Path) -> Result<String, SpoolError> {
 /// `records.log`: the high-water mark, this month's settled summaries and
 /// the records still owed. Returns, per group, the last event sequence a
 /// record already covers.
-fn replay_records(dir: &Path, st: &mut State, month_start: Millis) -> HashMap<GroupKey, u64> {
+fn replay_records(
+    dir: &Path,
+    st: &mut State,
+    month_start: Millis,
+    seal: Option<&Seal>,
+) -> HashMap<GroupKey, u64> {
     let mut covered: HashMap<GroupKey, u64> = HashMap::new();
-    for line in read_lines(&dir.join("records.log")) {
+    for line in read_lines(&dir.join("records.log"), seal) {
         let Some(body) = checked(&line) else { continue };
         let f: Vec<&str> = body.split(' ').collect();
         let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
@@ -173,10 +215,10 @@ fn replay_records(dir: &Path, st: &mut State, month_start: Millis) -> HashMap<Gr
 }
 
 /// `acks-<sink>.log`: what each configured sink has settled.
-fn replay_acks(dir: &Path, sinks: &[String], st: &mut State) {
+fn replay_acks(dir: &Path, sinks: &[String], st: &mut State, seal: Option<&Seal>) {
     for sink in sinks {
         let set = st.settled.entry(sink.clone()).or_default();
-        for line in read_lines(&dir.join(format!("acks-{sink}.log"))) {
+        for line in read_lines(&dir.join(format!("acks-{sink}.log")), seal) {
             let Some(body) = checked(&line) else { continue };
             let f: Vec<&str> = body.split(' ').collect();
             if let (3, Some("A"), Some(Ok(rseq))) = (
@@ -195,8 +237,14 @@ fn replay_acks(dir: &Path, sinks: &[String], st: &mut State) {
 
 /// `events.log`: billable responses no record covers yet, grouped by the
 /// rollup they were written under.
-fn replay_events(dir: &Path, st: &mut State, covered: &HashMap<GroupKey, u64>, rollup: u64) {
-    for line in read_lines(&dir.join("events.log")) {
+fn replay_events(
+    dir: &Path,
+    st: &mut State,
+    covered: &HashMap<GroupKey, u64>,
+    rollup: u64,
+    seal: Option<&Seal>,
+) {
+    for line in read_lines(&dir.join("events.log"), seal) {
         let Some(body) = checked(&line) else { continue };
         let f: Vec<&str> = body.split(' ').collect();
         if f.len() != 6 || f[0] != "E" {

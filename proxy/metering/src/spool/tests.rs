@@ -10,7 +10,95 @@ fn config(dir: &Path, sinks: &[&str]) -> SpoolConfig {
         max_bytes: 1 << 30,
         rollup: 1000,
         sinks: sinks.iter().map(|s| s.to_string()).collect(),
+        seal: None,
     }
+}
+
+fn sealed(dir: &Path, sinks: &[&str], key: u8, previous: Option<u8>) -> SpoolConfig {
+    SpoolConfig {
+        seal: Some(Arc::new(Seal::new(
+            &[key; 32],
+            previous.map(|p| [p; 32]).as_ref(),
+        ))),
+        ..config(dir, sinks)
+    }
+}
+
+/// Every file the spool wrote, as one text.
+fn all_files(dir: &Path) -> String {
+    let mut out = String::new();
+    for e in fs::read_dir(dir).unwrap().flatten() {
+        out.push_str(&String::from_utf8_lossy(
+            &fs::read(e.path()).unwrap_or_default(),
+        ));
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_sealed_spool_holds_no_plain_usage_and_opens_only_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_secret".into(), "api".into());
+    let s = Spool::open(sealed(dir.path(), &["stripe"], 1, None), clock()).unwrap();
+    for _ in 0..3 {
+        assert!(s.append(&c, &m, 2).await.unwrap());
+    }
+    assert_eq!(s.rollup(true).await, 1);
+    let r = s.unsettled("stripe", 10, |_| true).remove(0);
+    s.dead_letter("stripe", &r, "refused");
+    assert!(s.append(&c, &m, 1).await.unwrap());
+    s.close();
+    let files = all_files(dir.path());
+    assert!(
+        !files.contains("cus_secret"),
+        "plain usage at rest:\n{files}"
+    );
+
+    // The right key: everything back. Another key, or none: refused, and
+    // nothing is dropped (the files are untouched).
+    let wrong = Spool::open(sealed(dir.path(), &["stripe"], 9, None), clock());
+    assert!(
+        matches!(wrong, Err(SpoolError::WrongKey(_))),
+        "{:?}",
+        wrong.err()
+    );
+    let none = Spool::open(config(dir.path(), &["stripe"]), clock());
+    assert!(
+        matches!(none, Err(SpoolError::Sealed(_))),
+        "{:?}",
+        none.err()
+    );
+    let s = Spool::open(sealed(dir.path(), &["stripe"], 1, None), clock()).unwrap();
+    assert_eq!(s.totals("cus_secret")["api"].recorded, 7);
+    assert_eq!(s.unsettled("stripe", 10, |_| true).len(), 1);
+    s.close();
+}
+
+#[tokio::test]
+async fn keys_rotate_and_a_plain_spool_is_sealed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_rot".into(), "api".into());
+    // Written plain, before sealing was turned on.
+    let s = Spool::open(config(dir.path(), &[]), clock()).unwrap();
+    assert!(s.append(&c, &m, 5).await.unwrap());
+    s.close();
+    let s = Spool::open(sealed(dir.path(), &[], 1, None), clock()).unwrap();
+    assert_eq!(s.totals("cus_rot")["api"].recorded, 5);
+    s.close();
+    assert!(!all_files(dir.path()).contains("cus_rot"), "sealed on open");
+    // Rotate from key 1 to key 2, then drop key 1.
+    let s = Spool::open(sealed(dir.path(), &[], 2, Some(1)), clock()).unwrap();
+    assert!(s.append(&c, &m, 1).await.unwrap());
+    s.close();
+    let s = Spool::open(sealed(dir.path(), &[], 2, None), clock()).unwrap();
+    assert_eq!(s.totals("cus_rot")["api"].recorded, 6);
+    s.close();
+    let old = Spool::open(sealed(dir.path(), &[], 1, None), clock());
+    assert!(
+        matches!(old, Err(SpoolError::WrongKey(_))),
+        "{:?}",
+        old.err()
+    );
 }
 
 fn clock() -> Arc<dyn Clock> {

@@ -17,7 +17,7 @@ use tollgate_core::sync::lock;
 
 use super::codec::{io_err, plain, record_line};
 use super::compact::compact_files;
-use super::{Append, GroupKey, Msg, Record, SpoolConfig, SpoolError, State, COMPACT_AT};
+use super::{Append, GroupKey, Msg, Record, Seal, SpoolConfig, SpoolError, State, COMPACT_AT};
 
 pub(super) struct Writer {
     dir: PathBuf,
@@ -33,6 +33,7 @@ pub(super) struct Writer {
     clock: Arc<dyn Clock>,
     last_sync: Instant,
     dirty: bool,
+    seal: Option<Arc<Seal>>,
 }
 
 impl Writer {
@@ -46,8 +47,9 @@ impl Writer {
     ) -> Result<Self, SpoolError> {
         Ok(Self {
             dir: config.dir.clone(),
-            events: LogFile::open(&config.dir.join("events.log"))?,
-            records: LogFile::open(&config.dir.join("records.log"))?,
+            events: LogFile::open(&config.dir.join("events.log"), config.seal.clone())?,
+            records: LogFile::open(&config.dir.join("records.log"), config.seal.clone())?,
+            seal: config.seal.clone(),
             state,
             bytes,
             failed_at,
@@ -154,15 +156,16 @@ impl Writer {
         // Sequences are handed out and written under the state lock, so the
         // file holds them in order and a rollup never sees a later event of
         // a group before an earlier one is in the file.
-        let ok = self.events.append(text.as_bytes());
-        if ok {
+        let written = self.events.append(&text);
+        let ok = written.is_some();
+        if let Some(n) = written {
             // Only what is in the file counts.
             for (key, units, seq) in added {
                 let g = st.pending.entry(key).or_default();
                 g.units = g.units.saturating_add(units);
                 g.max_seq = g.max_seq.max(seq);
             }
-            self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
+            self.bytes.fetch_add(n, Ordering::Relaxed);
             self.dirty = true;
             if self.failed_at.load(Ordering::Relaxed) != 0 {
                 self.failed_at.store(0, Ordering::Relaxed);
@@ -216,9 +219,14 @@ impl Writer {
             new.push(r);
         }
         // Records must be durable before they are offered to sinks.
-        let written = text.is_empty()
-            || (self.records.append(text.as_bytes()) && self.records.file.sync_data().is_ok());
-        if !written {
+        let written = if text.is_empty() {
+            Some(0)
+        } else {
+            self.records
+                .append(&text)
+                .filter(|_| self.records.file.sync_data().is_ok())
+        };
+        let Some(written) = written else {
             log::error!("usage spool: cannot write records; will try again");
             for r in new {
                 let g = st
@@ -229,8 +237,8 @@ impl Writer {
                 g.max_seq = g.max_seq.max(r.upto);
             }
             return 0;
-        }
-        self.bytes.fetch_add(text.len() as u64, Ordering::Relaxed);
+        };
+        self.bytes.fetch_add(written, Ordering::Relaxed);
         let n = new.len();
         for r in new {
             st.records.insert(r.rseq, r);
@@ -240,54 +248,82 @@ impl Writer {
             let (month_start, _) = month_bounds(now);
             st.fold_settled(&self.sinks, month_start);
         }
-        if self.events.len > COMPACT_AT || self.records.len > COMPACT_AT {
-            let (month_start, _) = month_bounds(now);
-            match compact_files(&self.dir, &self.sinks, &mut st, month_start) {
-                Ok(bytes) => {
-                    self.bytes.store(bytes, Ordering::Relaxed);
-                    match (
-                        LogFile::open(&self.dir.join("events.log")),
-                        LogFile::open(&self.dir.join("records.log")),
-                    ) {
-                        (Ok(e), Ok(r)) => {
-                            self.events = e;
-                            self.records = r;
-                        }
-                        _ => log::error!("usage spool: cannot reopen files after compaction"),
-                    }
-                }
-                Err(e) => log::error!("usage spool: compaction failed: {e}"),
-            }
+        let compacted =
+            (self.events.len > COMPACT_AT || self.records.len > COMPACT_AT).then(|| {
+                let (month_start, _) = month_bounds(now);
+                compact_files(
+                    &self.dir,
+                    &self.sinks,
+                    &mut st,
+                    month_start,
+                    self.seal.as_deref(),
+                )
+            });
+        drop(st);
+        if let Some(result) = compacted {
+            self.after_compaction(result);
         }
         n
     }
 }
 
-/// A file opened for appending that knows its length.
+impl Writer {
+    /// Takes the compacted files' size and reopens them for appending.
+    fn after_compaction(&mut self, result: Result<u64, SpoolError>) {
+        match result {
+            Ok(bytes) => {
+                self.bytes.store(bytes, Ordering::Relaxed);
+                match (
+                    LogFile::open(&self.dir.join("events.log"), self.seal.clone()),
+                    LogFile::open(&self.dir.join("records.log"), self.seal.clone()),
+                ) {
+                    (Ok(e), Ok(r)) => {
+                        self.events = e;
+                        self.records = r;
+                    }
+                    _ => log::error!("usage spool: cannot reopen files after compaction"),
+                }
+            }
+            Err(e) => log::error!("usage spool: compaction failed: {e}"),
+        }
+    }
+}
+
+/// A file opened for appending that knows its length (and seals what it
+/// appends when the spool is sealed).
 pub(super) struct LogFile {
     file: File,
     len: u64,
+    seal: Option<Arc<Seal>>,
 }
 
 impl LogFile {
-    pub(super) fn open(p: &Path) -> Result<Self, SpoolError> {
+    pub(super) fn open(p: &Path, seal: Option<Arc<Seal>>) -> Result<Self, SpoolError> {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(p)
             .map_err(|e| io_err(p, e))?;
         let len = file.metadata().map_err(|e| io_err(p, e))?.len();
-        Ok(Self { file, len })
+        Ok(Self { file, len, seal })
     }
 
-    /// Appends `data`; on failure cuts the file back so no half line is
-    /// left for the next append to be glued to.
-    pub(super) fn append(&mut self, data: &[u8]) -> bool {
+    /// Appends `text`; the bytes written, or None after cutting the file
+    /// back so no half line is left for the next append to be glued to.
+    pub(super) fn append(&mut self, text: &str) -> Option<u64> {
+        let sealed;
+        let data = match &self.seal {
+            None => text.as_bytes(),
+            Some(seal) => {
+                sealed = seal.seal(text).ok()?;
+                sealed.as_bytes()
+            }
+        };
         if self.file.write_all(data).is_ok() {
             self.len += data.len() as u64;
-            return true;
+            return Some(data.len() as u64);
         }
         let _ = self.file.set_len(self.len);
-        false
+        None
     }
 }
