@@ -64,6 +64,42 @@ proptest! {
         }
     }
 
+    /// Rate-limit headers are valid header values in the draft's shape for
+    /// any plan and any decision.
+    #[test]
+    fn rate_limit_headers_are_valid_for_any_decision(
+        policies in proptest::collection::vec(("[A-Za-z0-9_.-]{1,16}", 1u64..u64::MAX, 0u64..u64::MAX, 0u64..u64::MAX, any::<bool>()), 0..6),
+        allowed in any::<bool>(),
+    ) {
+        use tollgate_core::headers::RateHeaders;
+        use tollgate_core::limiter::{Decision, PolicyStatus};
+        use tollgate_core::plans::{policy_header, Limit, Window};
+        let limits: Vec<Limit> = policies.iter().map(|(n, q, ..)| Limit {
+            name: n.as_str().into(), quota: *q, window: Window::Day, overage: false, overage_meter: None,
+        }).collect();
+        let policy = policy_header(&limits);
+        prop_assert!(http::HeaderValue::from_str(&policy).is_ok(), "{}", policy);
+        let d = Decision {
+            allowed,
+            policies: policies.iter().map(|(n, q, r, t, v)| PolicyStatus {
+                name: n.as_str().into(), quota: *q, remaining: (*r).min(*q), reset_secs: *t, violated: *v,
+            }).collect(),
+            retry_after_secs: 1,
+            overage: false,
+            overage_meter: None,
+        };
+        match RateHeaders::render(&d) {
+            None => prop_assert!(policies.is_empty()),
+            Some(h) => {
+                prop_assert!(http::HeaderValue::from_str(&h.ratelimit).is_ok(), "{}", h.ratelimit);
+                for item in h.ratelimit.split(", ") {
+                    prop_assert!(item.starts_with('"') && item.contains("\";r=") && item.contains(";t="), "{}", item);
+                }
+                prop_assert!(h.remaining <= h.limit);
+            }
+        }
+    }
+
     /// Whatever plans.yaml holds, parsing answers with plans or located
     /// errors, never a panic.
     #[test]

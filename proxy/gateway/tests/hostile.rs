@@ -357,6 +357,7 @@ fn slow_heads_are_cut_off_at_the_deadline_without_delaying_others() {
         .config("connections: { header_timeout: 1s, max: 1000 }")
         .build();
     let key = h.key("cus_good", Some("pro"));
+    let rss_before = rss_kb();
     let started = std::time::Instant::now();
     let mut slow: Vec<TcpStream> = (0..200)
         .map(|_| {
@@ -398,6 +399,22 @@ fn slow_heads_are_cut_off_at_the_deadline_without_delaying_others() {
         }
     }
     assert_eq!(h.upstream_hits(), 8, "only the good requests went upstream");
+    // The proxy runs in this process: its memory is bounded by the limits.
+    let grown = rss_kb().saturating_sub(rss_before);
+    assert!(
+        grown < 64 * 1024,
+        "RSS grew by {grown} kB for 200 slow heads"
+    );
+}
+
+/// This process's resident memory (the proxy under test runs in it).
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
 }
 
 /// Past `connections.max`, a new connection is closed at accept (and
