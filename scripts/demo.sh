@@ -11,6 +11,8 @@ cargo build --release --quiet -p tollgate
 bin=target/release/tollgate
 config=examples/tollgate.yaml
 export TOLLGATE_ADMIN_TOKEN="${TOLLGATE_ADMIN_TOKEN:-$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')}"
+# The example keeps its key store and spool under data/ (git-ignored).
+mkdir -p data
 
 "$bin" -c "$config" check
 

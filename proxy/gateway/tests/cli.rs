@@ -170,3 +170,167 @@ fn the_shipped_example_config_is_valid() {
         text(&out.stderr)
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `tollgate run` in `dir`, killed after `secs` if it is still up: its exit
+/// code (None: it was still running) and stderr.
+fn run_for(dir: &Path, secs: u64) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("run")
+        .current_dir(dir)
+        .env_remove("TOLLGATE_CONFIG")
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+    (code, err)
+}
+
+fn listen_on(dir: &Path, port: u16, admin: u16) {
+    std::fs::write(
+        dir.join("tollgate.yaml"),
+        format!("listen: 127.0.0.1:{port}\nupstream: http://127.0.0.1:8000\nkeys: {{ path: keys.db, prefix: sk_live_ }}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nmetering: {{ spool_dir: spool }}\n"),
+    )
+    .unwrap();
+}
+
+#[test]
+fn run_refuses_to_strand_customers_on_a_plan_that_no_longer_exists() {
+    let dir = project();
+    listen_on(dir.path(), free_port(), free_port());
+    assert!(tollgate(
+        dir.path(),
+        &[
+            "keys",
+            "create",
+            "--customer",
+            "cus_paying",
+            "--plan",
+            "pro"
+        ]
+    )
+    .status
+    .success());
+    // The operator renames `pro` in plans.yaml.
+    std::fs::write(
+        dir.path().join("plans.yaml"),
+        "default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 5, per: second }\n  professional:\n    limits: []\n",
+    )
+    .unwrap();
+    let check = text(&tollgate(dir.path(), &["check"]).stdout);
+    let (code, err) = run_for(dir.path(), 10);
+    assert_eq!(code, Some(1), "{err}");
+    let line = check.lines().next().unwrap();
+    assert!(
+        line.contains("customer cus_paying is on plan `pro`"),
+        "{check}"
+    );
+    assert!(err.contains(line), "run says what check says:\n{err}");
+}
+
+#[test]
+fn a_busy_port_ends_the_process_at_once_with_one_line() {
+    let dir = project();
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    listen_on(dir.path(), port, free_port());
+    let started = std::time::Instant::now();
+    let (code, err) = run_for(dir.path(), 10);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    assert!(
+        errors[0].contains(&format!("cannot listen on 127.0.0.1:{port} (listen)")),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn run_says_once_what_it_loaded() {
+    let dir = project();
+    let port = free_port();
+    listen_on(dir.path(), port, free_port());
+    assert!(
+        tollgate(dir.path(), &["keys", "create", "--customer", "cus_1"])
+            .status
+            .success()
+    );
+    let (code, err) = run_for(dir.path(), 3);
+    assert_eq!(code, None, "still serving: {err}");
+    assert!(
+        err.contains("loaded 2 plans, 1 keys, 1 customers, 0 sinks"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_key_store_path_in_a_missing_directory_is_an_error_not_a_new_store() {
+    let dir = project();
+    std::fs::write(
+        dir.path().join("tollgate.yaml"),
+        "upstream: http://127.0.0.1:8000\nkeys: { path: conf/keys.db, prefix: sk_live_ }\n",
+    )
+    .unwrap();
+    let out = tollgate(dir.path(), &["keys", "create", "--customer", "cus_1"]);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("tollgate.yaml:2:15: error: the key store's directory"),
+        "{err}"
+    );
+    assert!(err.contains("conf does not exist"), "{err}");
+    assert!(!dir.path().join("conf").exists(), "no directory was made");
+    let check = tollgate(dir.path(), &["check"]);
+    assert_eq!(check.status.code(), Some(1));
+}
+
+#[test]
+fn key_commands_need_no_sink_secrets_but_check_and_run_do() {
+    let dir = project();
+    std::fs::write(
+        dir.path().join("tollgate.yaml"),
+        "upstream: http://127.0.0.1:8000\nkeys: { path: keys.db, prefix: sk_live_ }\nmetering:\n  sinks:\n    - stripe: { api_key_env: TEST_UNSET_STRIPE_KEY }\n  encryption: { key_env: TEST_UNSET_SPOOL_KEY }\n",
+    )
+    .unwrap();
+    for args in [
+        &["keys", "create", "--customer", "cus_1"][..],
+        &["keys", "list"],
+        &["customers", "set-plan", "cus_1", "pro"],
+    ] {
+        let out = tollgate(dir.path(), args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    let check = text(&tollgate(dir.path(), &["check"]).stdout);
+    assert!(
+        check.contains("environment variable TEST_UNSET_STRIPE_KEY is not set"),
+        "{check}"
+    );
+    assert!(
+        check.contains("environment variable TEST_UNSET_SPOOL_KEY is not set"),
+        "{check}"
+    );
+}

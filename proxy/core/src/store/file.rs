@@ -105,8 +105,16 @@ impl FileStore {
         f: impl FnOnce(&mut StoreData) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let io = |e| StoreError::Io(self.path.clone(), e);
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).map_err(io)?;
+        // A missing directory is a wrong path, not a store to create.
+        if let Some(dir) = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            return Err(StoreError::Invalid(format!(
+                "the key store's directory {} does not exist",
+                dir.display()
+            )));
         }
         let lock_path = with_suffix(&self.path, ".lock");
         let lock = OpenOptions::new()

@@ -103,6 +103,36 @@ pub(crate) fn load(path: &std::path::Path) -> Result<Config, String> {
     Config::load(path).map_err(|d| format!("{} has errors:\n{d}", path.display()))
 }
 
+/// For commands that use no secret: sink and spool keys may be unset.
+fn load_without_secrets(path: &std::path::Path) -> Result<Config, String> {
+    Config::load_without_secrets(path).map_err(|d| format!("{} has errors:\n{d}", path.display()))
+}
+
+/// `run` starts only where `check` passes: the same errors, the same lines.
+fn refuse_on(errors: Vec<String>, config: &std::path::Path) -> Result<(), String> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} has errors; not starting:\n{}",
+        config.display(),
+        errors.join("\n")
+    ))
+}
+
+/// Every address the process listens on is free, or it does not start:
+/// one line and a non-zero exit, not Pingora's retries and panic.
+fn listeners_free(config: &Config) -> Result<(), String> {
+    for (what, addr) in [
+        ("listen", config.listen),
+        ("admin.listen", config.admin.listen),
+    ] {
+        std::net::TcpListener::bind(addr)
+            .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))?;
+    }
+    Ok(())
+}
+
 pub(crate) fn duration_ms(s: &str, what: &str) -> Result<u64, String> {
     parse_duration(s)
         .map(|d| d.as_millis() as u64)
@@ -114,13 +144,30 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Run => {
             let config = Arc::new(load(&cli.config)?);
+            refuse_on(check::check_store(&config, now), &cli.config)?;
+            listeners_free(&config)?;
+            if config.keys_store == tollgate::config::StoreKind::File && !config.keys_path.exists()
+            {
+                log::warn!(
+                    "key store {} does not exist yet: no key is valid until `tollgate keys create` makes one",
+                    config.keys_path.display()
+                );
+            }
             if config.admin.token.is_none() {
                 log::warn!(
                     "{} is not set: the /admin API is disabled",
                     config.admin.token_env
                 );
             }
-            let (server, _app) = tollgate::server::build(config.clone(), Arc::new(SystemClock))?;
+            let (server, app) = tollgate::server::build(config.clone(), Arc::new(SystemClock))?;
+            let data = tollgate_core::store::UpdateStore::data(&app.keys).unwrap_or_default();
+            log::info!(
+                "loaded {} plans, {} keys, {} customers, {} sinks",
+                config.plans.plans.len(),
+                data.keys.len(),
+                data.customers.len(),
+                config.metering.sinks.len()
+            );
             log::info!(
                 "tollgate listening on {} in front of {}:{}, admin on {}",
                 config.listen,
@@ -147,15 +194,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
             }
         }
         Command::Keys(cmd) => {
-            let config = load(&cli.config)?;
+            let config = load_without_secrets(&cli.config)?;
             keys::keys(cmd, &config, &open_store(&config)?, now)
         }
         Command::Customers(cmd) => {
-            let config = load(&cli.config)?;
+            let config = load_without_secrets(&cli.config)?;
             customers::customers(cmd, &config, &open_store(&config)?)
         }
         Command::Usage { customer } => {
-            let config = load(&cli.config)?;
+            let config = load_without_secrets(&cli.config)?;
             usage::usage(&config, customer.as_deref())
         }
     }

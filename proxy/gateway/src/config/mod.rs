@@ -183,7 +183,17 @@ impl Config {
         Self::load_with_env(file, &process_env)
     }
 
+    /// For commands that use no secret (keys, customers, usage): sink and
+    /// spool secrets may be unset; their values are then empty.
+    pub fn load_without_secrets(file: &Path) -> Result<Config, Diagnostics> {
+        Self::read(file, &process_env, true)
+    }
+
     pub fn load_with_env(file: &Path, env: Env<'_>) -> Result<Config, Diagnostics> {
+        Self::read(file, env, false)
+    }
+
+    fn read(file: &Path, env: Env<'_>, defer_secrets: bool) -> Result<Config, Diagnostics> {
         let text = std::fs::read_to_string(file).map_err(|e| {
             Diagnostics(vec![Diagnostic {
                 file: file.to_path_buf(),
@@ -194,11 +204,16 @@ impl Config {
             }])
         })?;
         let src = Source::new(file, text);
-        Self::parse(&src, env)
+        Self::parse_with(&src, env, defer_secrets)
     }
 
     pub fn parse(src: &Source, env: Env<'_>) -> Result<Config, Diagnostics> {
+        Self::parse_with(src, env, false)
+    }
+
+    fn parse_with(src: &Source, env: Env<'_>, defer_secrets: bool) -> Result<Config, Diagnostics> {
         let mut cx = Check::new(src, env);
+        cx.defer_secrets = defer_secrets;
         let raw = read_sections(&mut cx)?;
         let listen = cx.addr("listen", raw.listen.as_deref().unwrap_or("0.0.0.0:8080"));
         let tls = raw.tls.as_ref().map(|t| sections::tls(&mut cx, t));

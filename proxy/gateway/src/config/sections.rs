@@ -76,6 +76,19 @@ pub(super) fn keys(cx: &mut Check<'_>, keys: Option<&RawKeys>) -> Keys {
         }
     };
     let path = cx.path(keys.and_then(|k| k.path.as_deref()).unwrap_or("keys.db"));
+    // A typo must not make a new, empty store somewhere else.
+    if store == StoreKind::File {
+        if let Some(dir) = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            cx.err(
+                "keys.path",
+                format!("the key store's directory {} does not exist", dir.display()),
+                Some("keys.path is relative to the config file; create the directory, or fix the path"),
+            );
+        }
+    }
     let prefix = keys
         .and_then(|k| k.prefix.clone())
         .unwrap_or_else(|| "tg_live_".into());
@@ -215,6 +228,9 @@ fn encryption(cx: &mut Check<'_>, e: &RawEncryption) -> Option<Arc<Seal>> {
     let key = |cx: &mut Check<'_>, field: &str, var: &str| {
         let path = format!("metering.encryption.{field}");
         let text = cx.secret(&path, var)?;
+        if text.is_empty() {
+            return None; // deferred: this command opens no spool
+        }
         let key = parse_key(&text);
         if key.is_none() {
             cx.err(
