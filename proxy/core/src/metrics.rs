@@ -187,6 +187,58 @@ pub fn init() {
     LazyLock::force(&SPOOL_WRITE_ERRORS);
 }
 
+/// The `outcome` label values of `tollgate_requests_total`.
+pub const OUTCOMES: &[&str] = &[
+    "allowed",
+    "unauthenticated",
+    "forbidden",
+    "limited",
+    "unavailable",
+    "upstream_error",
+    "bad_request",
+    "preflight",
+    "client_closed",
+    "error",
+];
+
+/// Creates every series whose labels are known from the config at 0, so
+/// `increase()` and `rate()` alerts see the first event too.
+pub fn expose(plans: &crate::plans::Plans, sinks: &[&str], limiter: &str, on_error: Option<&str>) {
+    let mut meters = std::collections::BTreeSet::new();
+    for plan in plans.plans.values() {
+        let name: &str = &plan.name;
+        for outcome in OUTCOMES {
+            REQUESTS.with_label_values(&[name, outcome]);
+        }
+        SPOOL_REJECTED.with_label_values(&[name]);
+        for l in &plan.limits {
+            NEAR_LIMIT.with_label_values(&[name, &l.name]);
+            meters.extend(l.overage_meter.clone());
+        }
+        meters.extend(plan.meter.clone());
+    }
+    for outcome in OUTCOMES {
+        REQUESTS.with_label_values(&["none", outcome]);
+    }
+    meters.extend(plans.routes.iter().filter_map(|r| r.meter.clone()));
+    for m in &meters {
+        USAGE_UNITS.with_label_values(&[m]);
+    }
+    for sink in sinks {
+        for result in ["delivered", "retry", "dead_letter"] {
+            BILLING_EVENTS.with_label_values(&[sink, result]);
+        }
+    }
+    LIMITER_DURATION.with_label_values(&[limiter]);
+    if let Some(policy) = on_error {
+        LIMITER_ERRORS.with_label_values(&[limiter]);
+        LIMITER_FALLBACK.with_label_values(&[policy]);
+    }
+    for result in ["success", "error"] {
+        CONFIG_RELOADS.with_label_values(&[result]);
+    }
+}
+
 #[allow(clippy::expect_used)]
 fn int_counter(name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("constant metric definition");
@@ -215,6 +267,29 @@ pub fn render() -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn known_series_are_exported_at_zero_from_the_start() {
+        let plans = crate::plans::Plans::parse(&crate::diag::Source::new(
+            std::path::Path::new("plans.yaml"),
+            "default_plan: gold\nplans:\n  gold:\n    meter: calls\n    limits:\n      - { name: daily, requests: 5, per: day }\n".into(),
+        ))
+        .unwrap();
+        super::expose(&plans, &["stripe"], "redis", Some("local"));
+        let text = String::from_utf8(super::render()).unwrap();
+        // Other tests of this process may have counted some already: each
+        // series must be there, whatever its value.
+        for series in [
+            "tollgate_requests_total{outcome=\"limited\",plan=\"gold\"} ",
+            "tollgate_near_limit_total{plan=\"gold\",policy=\"daily\"} ",
+            "tollgate_usage_units_total{meter=\"calls\"} ",
+            "tollgate_billing_events_total{result=\"dead_letter\",sink=\"stripe\"} ",
+            "tollgate_limiter_fallback_total{policy=\"local\"} ",
+            "tollgate_config_reloads_total{result=\"error\"} ",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
+    }
+
     #[test]
     fn every_metric_is_exported_with_the_spec_name() {
         super::init();

@@ -20,6 +20,9 @@ pub enum Rejection {
     Limited {
         retry_after: u64,
         violated: Vec<Arc<str>>,
+        /// Says what the request costs and what is left, when it was too
+        /// big rather than the limit spent.
+        detail: Option<String>,
     },
     /// The limiter store is down and policy says closed.
     Unavailable {
@@ -181,8 +184,14 @@ impl Rejection {
     pub fn problem(&self) -> Problem<'_> {
         let (slug, title, detail) = self.slug_title_detail();
         let mut p = Problem::new(self.status(), slug, title, detail);
-        if let Rejection::Limited { violated, .. } = self {
+        if let Rejection::Limited {
+            violated, detail, ..
+        } = self
+        {
             p.violated = Some(violated);
+            if let Some(d) = detail {
+                p.detail = d.as_str().into();
+            }
         }
         p.retry_after = self.retry_after();
         p
@@ -277,6 +286,7 @@ mod tests {
             Rejection::Limited {
                 retry_after: 3,
                 violated: vec!["burst".into(), "daily".into()],
+                detail: None,
             },
             Rejection::Unavailable { retry_after: 1 },
             Rejection::SpoolFull,
@@ -299,9 +309,14 @@ mod tests {
         let limited = Rejection::Limited {
             retry_after: 3,
             violated: vec!["daily".into()],
+            detail: Some("This request costs 5 units and `daily` has 2 left".into()),
         };
         let v: serde_json::Value = serde_json::from_str(&limited.body()).unwrap();
         assert_eq!(v["violated-policies"], serde_json::json!(["daily"]));
+        assert_eq!(
+            v["detail"],
+            "This request costs 5 units and `daily` has 2 left"
+        );
         assert_eq!(limited.retry_after(), Some(3));
         assert_eq!(
             Rejection::MissingKey.www_authenticate(),

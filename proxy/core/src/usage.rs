@@ -154,7 +154,7 @@ pub struct PolicyReport<'a> {
     pub name: &'a str,
     pub remaining: u64,
     pub reset: u64,
-    pub window: &'static str,
+    pub window: std::borrow::Cow<'static, str>,
 }
 
 /// The period of a [`UsageReport`], as RFC 3339 timestamps.

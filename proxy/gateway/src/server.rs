@@ -162,6 +162,17 @@ impl BackgroundService for Billing {
 pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<App>), String> {
     metrics::init();
     let app = App::build(config.clone(), clock)?;
+    let sinks: Vec<&str> = config.metering.sinks.iter().map(|s| s.name()).collect();
+    metrics::expose(
+        &config.plans,
+        &sinks,
+        tollgate_core::limiter::Limiter::name(&*app.gate.limiter),
+        config
+            .redis
+            .as_ref()
+            .filter(|_| config.redis_limits)
+            .map(|r| r.on_error.as_str()),
+    );
 
     let mut conf = ServerConf {
         threads: config.threads,

@@ -716,13 +716,20 @@ async fn admin_port_serves_metrics_health_and_the_token_protected_api() {
             .text()
             .await
             .unwrap();
-        if metrics.contains("tollgate_requests_total{outcome=\"allowed\",plan=\"pro\"}") {
+        if harness::metric(
+            &metrics,
+            "tollgate_requests_total{outcome=\"allowed\",plan=\"pro\"}",
+        ) >= Some(1.0)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
-        metrics.contains("tollgate_requests_total{outcome=\"allowed\",plan=\"pro\"}"),
+        harness::metric(
+            &metrics,
+            "tollgate_requests_total{outcome=\"allowed\",plan=\"pro\"}"
+        ) >= Some(1.0),
         "{metrics}"
     );
     assert!(!metrics.contains("cus_adm"), "no per-customer labels");

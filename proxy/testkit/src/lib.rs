@@ -30,6 +30,14 @@ pub fn wait_for_port(addr: SocketAddr) {
     }
 }
 
+/// The value of one series (`name{labels}` exactly as exported) in a
+/// Prometheus text exposition; None when it is not there.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 // ---- mock upstream ---------------------------------------------------------
 
 /// A small HTTP/1.1 server standing in for the operator's API.

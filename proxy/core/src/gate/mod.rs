@@ -190,7 +190,7 @@ impl<L: Limiter> Gate<L> {
         };
         if !is_usage && !decision.allowed {
             return Err(Refused {
-                rejection: limited(&decision),
+                rejection: limited(&decision, cost),
                 plan: Some(plan),
                 decision: Some(decision),
             });
@@ -320,14 +320,23 @@ fn count_near_limit(a: &Admitted) {
 }
 
 /// The 429 for a refused decision.
-pub fn limited(decision: &Decision) -> Rejection {
+pub fn limited(decision: &Decision, cost: u64) -> Rejection {
+    let violated = decision.policies.iter().filter(|p| p.violated);
+    // A request that costs more than is left (but something is) says so:
+    // a smaller one may pass now.
+    let short = violated
+        .clone()
+        .filter(|p| p.remaining > 0)
+        .min_by_key(|p| p.remaining)
+        .map(|p| {
+            format!(
+                "This request costs {cost} units and `{}` has {} left; retry after the time in Retry-After, or send a request that costs less.",
+                p.name, p.remaining
+            )
+        });
     Rejection::Limited {
         retry_after: decision.retry_after_secs,
-        violated: decision
-            .policies
-            .iter()
-            .filter(|p| p.violated)
-            .map(|p| p.name.clone())
-            .collect(),
+        violated: violated.map(|p| p.name.clone()).collect(),
+        detail: short,
     }
 }

@@ -307,3 +307,34 @@ async fn case_insensitive_routes_are_a_choice_of_the_plans_file() {
     let v = admit(&ci.gate, &request("GET", "/HEALTH", None)).await;
     assert!(matches!(v.admission, Ok(Admission::Forward)));
 }
+
+#[tokio::test]
+async fn a_request_too_big_for_what_is_left_says_so_and_head_follows_get() {
+    let s = setup(false);
+    for _ in 0..3 {
+        passed(admit(&s.gate, &request("GET", "/v1/x", Some(&s.free))).await);
+    }
+    // 2 left of burst 5: the sms route's cost 5 does not fit.
+    let r = refused(admit(&s.gate, &request("POST", "/v1/sms/send", Some(&s.free))).await);
+    let body: serde_json::Value = serde_json::from_str(&r.rejection.body()).unwrap();
+    assert_eq!(
+        body["detail"],
+        "This request costs 5 units and `burst` has 2 left; retry after the time in Retry-After, or send a request that costs less."
+    );
+    let v = admit(&s.gate, &request("HEAD", "/health", None)).await;
+    assert!(
+        matches!(v.admission, Ok(Admission::Forward)),
+        "HEAD of a public GET route"
+    );
+}
+
+#[test]
+fn sliding_windows_of_any_whole_seconds_up_to_an_hour() {
+    use crate::plans::Window;
+    assert_eq!(Window::parse("10s"), Some(Window::Sliding(10_000)));
+    assert_eq!(Window::parse("5m"), Some(Window::Sliding(300_000)));
+    assert_eq!(Window::parse("2h"), None);
+    assert_eq!(Window::parse("1500ms"), None);
+    assert_eq!(Window::Sliding(10_000).name(), "10s");
+    assert_eq!(Window::Sliding(60_000).name(), "minute");
+}

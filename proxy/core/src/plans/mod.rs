@@ -26,6 +26,8 @@ pub enum Window {
 }
 
 impl Window {
+    /// `second`, `minute`, `hour`, `day`, `month`, or a sliding window of
+    /// whole seconds up to an hour (`10s`, `5m`, `90s`).
     pub fn parse(per: &str) -> Option<Self> {
         Some(match per {
             "second" => Window::Sliding(SECOND),
@@ -33,18 +35,25 @@ impl Window {
             "hour" => Window::Sliding(HOUR),
             "day" => Window::Day,
             "month" => Window::Month,
-            _ => return None,
+            other => {
+                let ms = crate::clock::parse_duration(other)?.as_millis() as Millis;
+                if ms == 0 || ms > HOUR || !ms.is_multiple_of(SECOND) {
+                    return None;
+                }
+                Window::Sliding(ms)
+            }
         })
     }
 
     /// The name it has in plans.yaml and in the usage report.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> std::borrow::Cow<'static, str> {
         match self {
-            Window::Sliding(ms) if ms <= SECOND => "second",
-            Window::Sliding(ms) if ms <= MINUTE => "minute",
-            Window::Sliding(_) => "hour",
-            Window::Day => "day",
-            Window::Month => "month",
+            Window::Sliding(SECOND) => "second".into(),
+            Window::Sliding(MINUTE) => "minute".into(),
+            Window::Sliding(HOUR) => "hour".into(),
+            Window::Sliding(ms) => format!("{}s", ms / SECOND).into(),
+            Window::Day => "day".into(),
+            Window::Month => "month".into(),
         }
     }
 
@@ -119,8 +128,12 @@ impl Route {
     /// ASCII case (`routes_case_insensitive`).
     /// A trailing `/` on the path is ignored when the glob has none (as
     /// Express and most routers do), so `/v1/sms/send/` pays like `/v1/sms/send`.
+    /// A `GET` route takes `HEAD` too, as every router does.
     pub fn matches(&self, method: &http::Method, path: &str, ci: bool) -> bool {
-        if self.method.as_ref().is_some_and(|m| m != method) {
+        let method_ok = self.method.as_ref().is_none_or(|m| {
+            m == method || (m == http::Method::GET && method == http::Method::HEAD)
+        });
+        if !method_ok {
             return false;
         }
         glob_match_with(&self.glob, path, ci)

@@ -151,7 +151,7 @@ fn parse_limit(src: &Source, lp: &str, l: &RawLimit, d: &mut Diagnostics) -> Opt
         d.0.push(src.error(
             &format!("{lp}.per"),
             format!("unknown window `{}`", l.per),
-            Some("use one of: second, minute, hour, day, month"),
+            Some("use one of: second, minute, hour, day, month, or whole seconds up to 1h like 10s or 5m"),
         ));
     }
     if let Some(m) = &l.overage_meter {
