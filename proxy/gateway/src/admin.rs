@@ -308,6 +308,24 @@ async fn read_body(
     }
 }
 
+/// A body with a field the operation does not take is refused, naming it:
+/// a typo (`plna`) must not be ignored.
+fn only_fields(body: &serde_json::Value, allowed: &[&str]) -> Result<(), (u16, String)> {
+    let unknown = body
+        .as_object()
+        .and_then(|o| o.keys().find(|k| !allowed.contains(&k.as_str())));
+    match unknown {
+        Some(k) => Err((
+            400,
+            format!(
+                "unknown field `{k}`; this request takes {}",
+                allowed.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn field(body: &serde_json::Value, name: &str) -> Option<String> {
     body.get(name).and_then(|v| v.as_str()).map(str::to_owned)
 }
@@ -395,6 +413,7 @@ fn apply(
     };
     match op {
         Write::Create(body) => {
+            only_fields(&body, &["customer", "plan", "name", "expires", "set_plan"])?;
             let customer =
                 field(&body, "customer").ok_or_else(|| bad("`customer` is required".into()))?;
             let plan = field(&body, "plan");
@@ -412,6 +431,8 @@ fn apply(
                     plan: plan.as_deref(),
                     name: name.as_deref(),
                     expires,
+                    set_plan: body.get("set_plan").and_then(serde_json::Value::as_bool)
+                        == Some(true),
                 },
                 now,
             )
@@ -426,6 +447,7 @@ fn apply(
             Ok((200, serde_json::json!({ "id": k.id, "status": "revoked" })))
         }
         Write::Rotate(id, body) => {
+            only_fields(&body, &["grace"])?;
             let grace = duration(field(&body, "grace"), "grace")?.unwrap_or(86_400_000);
             let new =
                 admin::rotate(store, &config.key_prefix, &id, grace, now).map_err(store_err)?;
@@ -435,6 +457,7 @@ fn apply(
             ))
         }
         Write::SetPlan(id, body) => {
+            only_fields(&body, &["plan"])?;
             let plan = field(&body, "plan").ok_or_else(|| bad("`plan` is required".into()))?;
             known(&plan)?;
             admin::set_plan(store, &id, &plan).map_err(store_err)?;

@@ -62,6 +62,7 @@ async fn kill_9_under_load_then_restart_bills_every_answered_request_once() {
             plan: None,
             name: None,
             expires: None,
+            set_plan: false,
         },
         SystemClock.now_ms(),
     )

@@ -91,6 +91,7 @@ async fn expired_keys_and_suspended_customers_are_refused() {
             plan: None,
             name: None,
             expires: Some(now - 1000),
+            set_plan: false,
         },
         now,
     )
@@ -1013,4 +1014,69 @@ async fn the_admin_api_manages_keys_and_plans() {
         .await
         .unwrap();
     assert_eq!(usage[0]["plan"], "enterprise");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_refuses_unknown_fields_and_silent_plan_moves() {
+    let h = Harness::builder().admin_token("t0ken").build();
+    let send = |method: reqwest::Method, p: &str, body: &str| {
+        h.client
+            .request(method, format!("http://{}{}", h.admin, p))
+            .bearer_auth("t0ken")
+            .body(body.to_owned())
+            .send()
+    };
+    let r = send(
+        reqwest::Method::POST,
+        "/admin/keys",
+        r#"{"customer":"cus_f","plna":"pro"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    let body = problem(r).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `plna`"),
+        "{body}"
+    );
+    let r = send(
+        reqwest::Method::PUT,
+        "/admin/customers/cus_f/plan",
+        r#"{"plna":"pro"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    // A second key with another plan would move the customer's first key.
+    let r = send(
+        reqwest::Method::POST,
+        "/admin/keys",
+        r#"{"customer":"cus_f","plan":"pro"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = send(
+        reqwest::Method::POST,
+        "/admin/keys",
+        r#"{"customer":"cus_f","plan":"enterprise"}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(problem(r).await["detail"]
+        .as_str()
+        .unwrap()
+        .contains("set_plan"));
+    let r = send(
+        reqwest::Method::POST,
+        "/admin/keys",
+        r#"{"customer":"cus_f","plan":"enterprise","set_plan":true}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
 }

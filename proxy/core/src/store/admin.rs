@@ -56,6 +56,9 @@ pub struct CreateKey<'a> {
     pub plan: Option<&'a str>,
     pub name: Option<&'a str>,
     pub expires: Option<Millis>,
+    /// `plan` may change the plan of an existing customer (and so of all
+    /// its keys); without it that is refused.
+    pub set_plan: bool,
 }
 
 pub fn create_key(
@@ -68,6 +71,15 @@ pub fn create_key(
     let new = new_record(prefix, req.customer, req.name, now, req.expires)?;
     let record = new.record.clone();
     store.update(|d| {
+        if let (Some(plan), Some(c), false) = (req.plan, d.customers.get(req.customer), req.set_plan) {
+            if c.plan.as_deref() != Some(plan) {
+                return Err(StoreError::Invalid(format!(
+                    "customer {} is on plan {}; a new key with plan {plan} would move all its keys: say so with set_plan (--set-plan), or leave the plan out",
+                    req.customer,
+                    c.plan.as_deref().unwrap_or("(default)")
+                )));
+            }
+        }
         let c = d.customers.entry(req.customer.to_owned()).or_default();
         if let Some(plan) = req.plan {
             c.plan = Some(plan.to_owned());

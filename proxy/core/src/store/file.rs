@@ -212,6 +212,7 @@ mod tests {
                 plan: Some("pro"),
                 name: None,
                 expires: None,
+                set_plan: false,
             },
             NOW,
         )

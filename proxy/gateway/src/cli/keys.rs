@@ -20,6 +20,7 @@ pub(super) fn keys(
             plan,
             name,
             expires,
+            set_plan,
         } => {
             if let Some(p) = &plan {
                 known_plan(config, p)?;
@@ -36,6 +37,7 @@ pub(super) fn keys(
                     plan: plan.as_deref(),
                     name: name.as_deref(),
                     expires,
+                    set_plan,
                 },
                 now,
             )

@@ -68,6 +68,10 @@ pub(crate) enum KeysCmd {
         /// Lifetime, e.g. 90d.
         #[arg(long)]
         expires: Option<String>,
+        /// Let --plan change the plan of a customer that already has one
+        /// (and so of all its keys).
+        #[arg(long)]
+        set_plan: bool,
     },
     List {
         #[arg(long)]

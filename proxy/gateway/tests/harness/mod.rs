@@ -254,6 +254,7 @@ impl Harness {
                 plan,
                 name: None,
                 expires: None,
+                set_plan: false,
             },
             SystemClock.now_ms(),
         )
