@@ -334,3 +334,25 @@ fn key_commands_need_no_sink_secrets_but_check_and_run_do() {
         "{check}"
     );
 }
+
+#[test]
+fn keys_list_json_parses_and_never_holds_a_key_or_hash() {
+    let dir = project();
+    let out = tollgate(
+        dir.path(),
+        &["keys", "create", "--customer", "cus_json", "--plan", "pro"],
+    );
+    let key = text(&out.stdout).trim().to_owned();
+    let out = tollgate(dir.path(), &["keys", "list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let item = &list.as_array().unwrap()[0];
+    assert_eq!(item["customer"], "cus_json");
+    assert_eq!(item["plan"], "pro");
+    assert_eq!(item["status"], "active");
+    assert!(tollgate_core::keys::valid_key_id(
+        item["id"].as_str().unwrap()
+    ));
+    let raw = text(&out.stdout);
+    assert!(!raw.contains(&key) && !raw.contains(&hex::encode(tollgate_core::keys::hash(&key))));
+}

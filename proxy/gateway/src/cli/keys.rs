@@ -48,7 +48,7 @@ pub(super) fn keys(
             );
             println!("{}", new.raw);
         }
-        KeysCmd::List { customer } => list(config, store, customer.as_deref(), now)?,
+        KeysCmd::List { customer, json } => list(config, store, customer.as_deref(), json, now)?,
         KeysCmd::Revoke { id } => {
             let k = admin::revoke(store, &id, now).map_err(|e| e.to_string())?;
             eprintln!("revoked {} (customer {})", k.id, k.customer);
@@ -73,18 +73,38 @@ fn list(
     config: &Config,
     store: &impl UpdateStore,
     customer: Option<&str>,
+    json: bool,
     now: u64,
 ) -> Result<(), String> {
     let data = store.data().map_err(|e| e.to_string())?;
+    let keys = data
+        .keys
+        .iter()
+        .filter(|k| customer.is_none_or(|c| c == k.customer));
+    if json {
+        let list: Vec<serde_json::Value> = keys
+            .map(|k| {
+                let plan = data.customers.get(&k.customer).and_then(|c| c.plan.clone());
+                serde_json::json!({
+                    "id": k.id,
+                    "start": k.start,
+                    "customer": k.customer,
+                    "plan": plan.unwrap_or_else(|| config.plans.default_plan.name.to_string()),
+                    "name": k.name,
+                    "created": k.created,
+                    "expires": k.expires,
+                    "status": admin::status(k, now),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::from(list));
+        return Ok(());
+    }
     println!(
         "{:<21} {:<14} {:<24} {:<12} {:<21} {:<21} STATUS",
         "ID", "KEY", "CUSTOMER", "PLAN", "CREATED", "EXPIRES"
     );
-    for k in data
-        .keys
-        .iter()
-        .filter(|k| customer.is_none_or(|c| c == k.customer))
-    {
+    for k in keys {
         let plan = data
             .customers
             .get(&k.customer)

@@ -51,6 +51,9 @@ enum Command {
     Usage {
         #[arg(long)]
         customer: Option<String>,
+        /// The admin API's JSON instead of the tables.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -76,6 +79,9 @@ pub(crate) enum KeysCmd {
     List {
         #[arg(long)]
         customer: Option<String>,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     Revoke {
         id: String,
@@ -205,9 +211,9 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
             let config = load_without_secrets(&cli.config)?;
             customers::customers(cmd, &config, &open_store(&config)?)
         }
-        Command::Usage { customer } => {
+        Command::Usage { customer, json } => {
             let config = load_without_secrets(&cli.config)?;
-            usage::usage(&config, customer.as_deref())
+            usage::usage(&config, customer.as_deref(), json)
         }
     }
 }

@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use tollgate::config::Config;
 
 /// Asks the running proxy's admin API and prints a table.
-pub(super) fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode, String> {
+pub(super) fn usage(
+    config: &Config,
+    customer: Option<&str>,
+    json: bool,
+) -> Result<ExitCode, String> {
     let token = config.admin.token.as_deref().ok_or_else(|| {
         format!("{} is not set: `tollgate usage` reads usage from the running proxy's admin API with that token", config.admin.token_env)
     })?;
@@ -21,6 +25,10 @@ pub(super) fn usage(config: &Config, customer: Option<&str>) -> Result<ExitCode,
     let body = http_get(config.admin.listen, &path, token)?;
     let list: Vec<serde_json::Value> = serde_json::from_str(&body)
         .map_err(|e| format!("unexpected answer from the admin API: {e}"))?;
+    if json {
+        println!("{}", serde_json::Value::from(list));
+        return Ok(ExitCode::SUCCESS);
+    }
     if list.is_empty() {
         eprintln!("no customers yet");
         return Ok(ExitCode::SUCCESS);
