@@ -37,19 +37,6 @@ pub trait UsageJournal: Send + Sync + 'static {
     fn totals(&self, customer: &str) -> BTreeMap<String, MeterTotals>;
 }
 
-/// A journal for metering switched off: nothing is durable, nothing is full.
-#[derive(Debug, Default)]
-pub struct NoJournal;
-
-impl UsageJournal for NoJournal {
-    async fn append(self: &Arc<Self>, _: &Arc<str>, _: &Arc<str>, _: u64) -> bool {
-        true
-    }
-    fn totals(&self, _: &str) -> BTreeMap<String, MeterTotals> {
-        BTreeMap::new()
-    }
-}
-
 /// The in-process ledger, the durable journal (None with metering off),
 /// and which upstream statuses are billed.
 pub struct Meter<J> {

@@ -96,14 +96,6 @@ impl Seal {
             .ok()?;
         String::from_utf8(plain).ok()
     }
-
-    /// Whether `line` opens with the current key (not only the previous).
-    pub fn opens_with_current(&self, line: &str) -> bool {
-        let raw = line.strip_prefix('~').and_then(|s| B64.decode(s).ok());
-        raw.as_deref()
-            .and_then(|r| Some((r.get(..12)?, r.get(12..)?)))
-            .is_some_and(|(n, t)| self.current.decrypt(Nonce::from_slice(n), t).is_ok())
-    }
 }
 
 /// What `key-check` holds, sealed.
@@ -131,7 +123,6 @@ mod tests {
             rotated.open(lines[1]).as_deref(),
             Some("E 2 3 cus api 1 ef01")
         );
-        assert!(!rotated.opens_with_current(lines[1]));
         // A torn line opens with no key; a plain one is read as it is.
         assert_eq!(seal.open(&lines[0][..lines[0].len() - 3]), None);
         assert_eq!(seal.open("H 7 0000").as_deref(), Some("H 7 0000"));
