@@ -34,7 +34,7 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
             customer.clone(),
             CustomerRecord {
                 plan: Some("pro".into()),
-                suspended: false,
+                ..CustomerRecord::default()
             },
         );
         data.keys.push(KeyRecord {

@@ -43,7 +43,13 @@ A fresh key for customer cus_demo (plan free: 5 requests/second, 100/day):
   curl -i -H "Authorization: Bearer $key" http://127.0.0.1:8080/v1/vat/DE136695976
 
 Run it a few times and watch X-RateLimit-Remaining count down; the 6th call
-within a second gets a 429 with Retry-After. Also try:
+within a second gets a 429 with Retry-After.
+
+Your consumers' dashboard (paste the key there to see plan, limits, usage):
+
+  http://127.0.0.1:8080/_tollgate/
+
+Also try:
 
   curl -s -H "Authorization: Bearer $key" http://127.0.0.1:8080/_tollgate/usage
   curl -s -X POST -H "Authorization: Bearer $key" -d '{"text":"a long text to summarise"}' http://127.0.0.1:8080/v1/ai/summarize

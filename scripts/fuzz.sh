@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fuzzes core's parsers (request paths, plans.yaml, key headers) with
-# cargo-fuzz / libFuzzer, each target for a while, starting from the seeds
+# Fuzzes core's parsers (request paths, plans.yaml, key headers, webhook
+# signatures and payloads) with cargo-fuzz / libFuzzer, each target for a while, starting from the seeds
 # in proxy/core/fuzz/seeds. A crash exits non-zero and leaves its input in
 # proxy/core/fuzz/artifacts/<target>/; make it a regression test and a seed.
 #
@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-15}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(canonical_path plans keys)
+[ ${#targets[@]} -gt 0 ] || targets=(canonical_path plans keys signatures)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked cargo-fuzz
 cd proxy/core
 export RUSTC_BOOTSTRAP=1

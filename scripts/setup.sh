@@ -12,6 +12,14 @@ command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)  # tests start their own servers
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v perl >/dev/null 2>&1 || need+=(perl)
+# What only the test suite needs (scripts/test.sh sets TOLLGATE_SETUP=test):
+# the dashboard test drives a real headless Chromium through chromedriver.
+testing=${TOLLGATE_SETUP:-}
+if [ "$testing" = test ]; then
+  [ -x /usr/bin/chromium ] || need+=(chromium)
+  [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+  python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+fi
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "tollgate setup: installing ${need[*]}" >&2
@@ -28,4 +36,19 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   echo "tollgate setup: cargo (Rust 1.89 or newer) is required; install it with rustup or your distribution" >&2
   exit 1
+fi
+
+# Python libraries the tests use as real peers: Stripe's official SDK and
+# the Standard Webhooks library sign webhook deliveries, Selenium drives
+# Chromium. Installed from PyPI, never as prebuilt browsers or drivers.
+if [ "$testing" = test ]; then
+  py_need=()
+  python3 -c "import stripe" 2>/dev/null || py_need+=("stripe>=16")
+  python3 -c "import standardwebhooks" 2>/dev/null || py_need+=("standardwebhooks>=1.0")
+  python3 -c "import selenium" 2>/dev/null || py_need+=("selenium>=4.20")
+  if [ ${#py_need[@]} -gt 0 ]; then
+    echo "tollgate setup: installing Python packages ${py_need[*]}" >&2
+    python3 -m pip install --quiet "${py_need[@]}" 2>/dev/null \
+      || python3 -m pip install --quiet --break-system-packages "${py_need[@]}"
+  fi
 fi

@@ -5,7 +5,8 @@
 //! key-store and limiter traits with the exact in-memory limiter
 //! ([`store`], [`limiter`]), the per-request decision ([`gate`]), the
 //! rate-limit header values ([`headers`]), the one error model
-//! ([`problem`]), the usage ledger ([`usage`]), time ([`clock`]), config
+//! ([`problem`]), the usage ledger ([`usage`]), billing webhooks turned into plan
+//! changes ([`lifecycle`]), time ([`clock`]), config
 //! diagnostics ([`diag`]) and the metric definitions ([`metrics`]).
 //! Backends (`tollgate-redis`, `tollgate-metering`) implement its traits;
 //! the gateway composes them. This crate may not depend on any of them, nor
@@ -17,6 +18,7 @@ pub mod diag;
 pub mod gate;
 pub mod headers;
 pub mod keys;
+pub mod lifecycle;
 pub mod limiter;
 pub mod meter;
 pub mod metrics;

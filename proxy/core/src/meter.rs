@@ -124,6 +124,7 @@ mod tests {
                 customer: "cus_1".into(),
                 plan: None,
                 suspended: false,
+                billing: None,
             }),
             plan: crate::limiter::conformance::plan(&[]),
             decision: Decision::unlimited(),

@@ -165,6 +165,33 @@ pub static CONNECTIONS_REFUSED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+pub static WEBHOOK_EVENTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_webhook_events_total",
+        "Billing webhook deliveries by provider and result (applied, duplicate, stale, ignored, rejected)",
+        &["provider", "result"],
+    )
+});
+
+pub static PLAN_CHANGES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_plan_changes_total",
+        "Customer plan or suspension changes made by a billing provider's webhooks, by provider",
+        &["source"],
+    )
+});
+
+pub static CHECKOUT_SESSIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_billing_sessions_total",
+        "Checkout and billing-portal sessions consumers asked for, by kind and result",
+        &["kind", "result"],
+    )
+});
+
+/// The `result` label values of `tollgate_webhook_events_total`.
+pub const WEBHOOK_RESULTS: &[&str] = &["applied", "duplicate", "stale", "ignored", "rejected"];
+
 /// Registers every metric so `/metrics` lists them from the start.
 pub fn init() {
     LazyLock::force(&REQUESTS);
@@ -185,6 +212,9 @@ pub fn init() {
     LazyLock::force(&CLIENT_DISCONNECTS);
     LazyLock::force(&CONNECTIONS_REFUSED);
     LazyLock::force(&SPOOL_WRITE_ERRORS);
+    LazyLock::force(&WEBHOOK_EVENTS);
+    LazyLock::force(&PLAN_CHANGES);
+    LazyLock::force(&CHECKOUT_SESSIONS);
 }
 
 /// The `outcome` label values of `tollgate_requests_total`.
@@ -203,7 +233,13 @@ pub const OUTCOMES: &[&str] = &[
 
 /// Creates every series whose labels are known from the config at 0, so
 /// `increase()` and `rate()` alerts see the first event too.
-pub fn expose(plans: &crate::plans::Plans, sinks: &[&str], limiter: &str, on_error: Option<&str>) {
+pub fn expose(
+    plans: &crate::plans::Plans,
+    sinks: &[&str],
+    limiter: &str,
+    on_error: Option<&str>,
+    webhooks: &[&str],
+) {
     let mut meters = std::collections::BTreeSet::new();
     for plan in plans.plans.values() {
         let name: &str = &plan.name;
@@ -236,6 +272,12 @@ pub fn expose(plans: &crate::plans::Plans, sinks: &[&str], limiter: &str, on_err
     }
     for result in ["success", "error"] {
         CONFIG_RELOADS.with_label_values(&[result]);
+    }
+    for provider in webhooks {
+        for result in WEBHOOK_RESULTS {
+            WEBHOOK_EVENTS.with_label_values(&[provider, result]);
+        }
+        PLAN_CHANGES.with_label_values(&[provider]);
     }
 }
 
@@ -274,7 +316,7 @@ mod tests {
             "default_plan: gold\nplans:\n  gold:\n    meter: calls\n    limits:\n      - { name: daily, requests: 5, per: day }\n".into(),
         ))
         .unwrap();
-        super::expose(&plans, &["stripe"], "redis", Some("local"));
+        super::expose(&plans, &["stripe"], "redis", Some("local"), &["paddle"]);
         let text = String::from_utf8(super::render()).unwrap();
         // Other tests of this process may have counted some already: each
         // series must be there, whatever its value.
@@ -285,6 +327,8 @@ mod tests {
             "tollgate_billing_events_total{result=\"dead_letter\",sink=\"stripe\"} ",
             "tollgate_limiter_fallback_total{policy=\"local\"} ",
             "tollgate_config_reloads_total{result=\"error\"} ",
+            "tollgate_webhook_events_total{provider=\"paddle\",result=\"rejected\"} ",
+            "tollgate_plan_changes_total{source=\"paddle\"} ",
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }

@@ -175,6 +175,9 @@ pub struct UsageReport<'a> {
     pub period: PeriodReport,
     pub plan: &'a str,
     pub policies: Vec<PolicyReport<'a>>,
+    /// The subscription's state when billing webhooks drive the plan
+    /// (`active`, `past_due`, `paused`, `canceling`, `canceled`), else null.
+    pub subscription: Option<&'static str>,
     pub usage: BTreeMap<&'a str, u64>,
 }
 
@@ -213,6 +216,7 @@ impl<'a> UsageReport<'a> {
             },
             plan: &plan.name,
             policies,
+            subscription: None,
             usage,
         }
     }

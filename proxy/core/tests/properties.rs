@@ -10,6 +10,7 @@ use proptest::test_runner::FileFailurePersistence;
 use tollgate_core::diag::Source;
 use tollgate_core::gate::{canonical_path, extract_key};
 use tollgate_core::keys;
+use tollgate_core::lifecycle::{events, signature, Provider};
 use tollgate_core::pct;
 use tollgate_core::plans::Plans;
 
@@ -105,5 +106,28 @@ proptest! {
     #[test]
     fn plans_parsing_never_panics(text in "(default_plan: [a-z]{0,5}\\n)?(plans:\\n(  [a-z]{1,5}:\\n(    limits: \\[\\{ name: [a-z]{1,4}, requests: -?[0-9]{1,3}, per: [a-z]{3,7} \\}\\]\\n)?){0,3})?(routes:\\n(  - \\{ match: \"[A-Z]{0,4} ?/[a-z/*%.]{0,8}\", cost: [0-9]{1,2} \\}\\n){0,3})?\\PC{0,20}") {
         let _ = Plans::parse(&Source::new(Path::new("plans.yaml"), text));
+    }
+
+    #[test]
+    fn webhook_signature_headers_never_panic_and_a_forgery_never_passes(
+        header in "(t|ts|v1|h1|v0|[a-z]{0,3})=[0-9a-f]{0,70}([,;] ?(t|ts|v1|h1)=[0-9a-zA-Z+/=,]{0,70}){0,4}|\\PC{0,120}",
+        body in proptest::collection::vec(any::<u8>(), 0..200),
+    ) {
+        let secrets = ["whsec_property".to_owned()];
+        let now = 1_700_000_000;
+        // Nothing generated here knows the secret: nothing may verify.
+        prop_assert!(signature::stripe(Some(&header), &body, &secrets, now, u64::MAX).is_err());
+        prop_assert!(signature::paddle(Some(&header), &body, &secrets, now, u64::MAX).is_err());
+        prop_assert!(signature::paystack(Some(&header), &body, &secrets).is_err());
+        let parts: Vec<&str> = header.splitn(3, ',').collect();
+        let h = signature::StandardHeaders {
+            id: parts.first().copied(),
+            timestamp: parts.get(1).copied(),
+            signature: parts.get(2).copied(),
+        };
+        prop_assert!(signature::standard(h, &body, &secrets, now, u64::MAX).is_err());
+        for p in Provider::ALL {
+            let _ = events::parse(p, &body, Some("msg_1"), Some(now), now * 1000);
+        }
     }
 }

@@ -107,12 +107,13 @@ impl AdminApp {
         };
         let mut out = Vec::new();
         for id in ids {
-            let (plan, suspended) = snap.customer(&id).unwrap_or((None, false));
+            let view = snap.customer(&id).unwrap_or_default();
             let identity = Arc::new(KeyInfo {
                 key_id: "".into(),
                 customer: id,
-                plan,
-                suspended,
+                plan: view.plan,
+                suspended: view.suspended,
+                billing: view.billing,
             });
             let plan = app.gate.plan_of(&identity);
             let decision = match app.gate.limiter.check(&identity.customer, &plan, 0).await {
@@ -127,7 +128,9 @@ impl AdminApp {
             };
             let period = app.meter.ledger.usage(&identity.customer);
             let billing = app.meter.totals(&identity.customer);
-            let report = UsageReport::new(&identity.customer, &plan, &decision, &period, billing);
+            let mut report =
+                UsageReport::new(&identity.customer, &plan, &decision, &period, billing);
+            report.subscription = identity.billing.map(|b| b.as_str());
             if let Ok(v) = serde_json::to_value(&report) {
                 out.push(v);
             }
@@ -528,7 +531,8 @@ impl AdminApp {
     }
 }
 
-fn html(s: &str) -> String {
+/// Text escaped for HTML content and quoted attributes.
+pub(crate) fn html(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

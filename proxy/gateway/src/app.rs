@@ -26,6 +26,10 @@ pub struct App {
     pub keys: Keys,
     /// The durable usage spool (None with `metering.enabled: false`).
     pub spool: Option<Arc<Spool>>,
+    /// Consumer self-service at Stripe (`checkout:`).
+    pub checkout: Option<tollgate_metering::billing::checkout::StripeCheckout>,
+    /// The consumer dashboard page, rendered once.
+    pub dashboard: crate::own::dashboard::Dashboard,
     /// Runs the Redis connections' driver tasks while the app lives.
     redis_rt: Option<Arc<RedisRuntime>>,
 }
@@ -168,7 +172,15 @@ impl App {
             journal: spool.clone(),
             billable: config.plans.billable.clone(),
         };
+        let checkout = config.checkout.clone().map(|c| {
+            tollgate_metering::billing::checkout::StripeCheckout::new(
+                c,
+                config.metering.sink_timeout,
+            )
+        });
         Ok(Arc::new(App {
+            checkout,
+            dashboard: crate::own::dashboard::Dashboard::new(&config),
             spool,
             config,
             gate,

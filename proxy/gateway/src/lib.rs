@@ -7,6 +7,8 @@
 //!   config names, into the [`app::App`] every request shares;
 //! - [`proxy`] is the thin Pingora `ProxyHttp`: it asks core's `Gate` for an
 //!   admission, moves headers, and runs the metering step;
+//! - [`own`] answers Tollgate's own public routes under `/_tollgate`:
+//!   billing webhooks, self-service checkout and portal, the dashboard;
 //! - [`admin`] serves metrics, health, the status page and the `/admin` API;
 //! - [`server`] assembles the Pingora server and its background services;
 //! - the `tollgate` binary (`main.rs`, `cli/`) is the command line.
@@ -19,5 +21,6 @@ pub mod app;
 pub mod config;
 pub mod connections;
 pub mod logging;
+pub mod own;
 pub mod proxy;
 pub mod server;

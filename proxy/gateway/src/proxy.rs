@@ -173,14 +173,15 @@ impl TollgateProxy {
         let app = &self.app;
         let customer = &a.identity.customer;
         let period = app.meter.ledger.usage(customer);
-        let body = UsageReport::new(
+        let mut report = UsageReport::new(
             customer,
             &a.plan,
             &a.decision,
             &period,
             app.meter.totals(customer),
-        )
-        .to_json();
+        );
+        report.subscription = a.identity.billing.map(|b| b.as_str());
+        let body = report.to_json();
         self.send(
             session,
             ctx,
@@ -188,6 +189,39 @@ impl TollgateProxy {
             "application/json",
             |_| Ok(()),
             Bytes::from(body),
+        )
+        .await?;
+        Ok(true)
+    }
+}
+
+impl TollgateProxy {
+    /// Tollgate's own routes (webhooks, self-service billing, dashboard).
+    async fn own(&self, session: &mut Session, ctx: &mut Ctx, path: &str) -> Result<bool> {
+        let reply = match crate::own::serve(&self.app, session, path).await {
+            Ok(r) => r,
+            Err(rejection) => return self.reject(session, ctx, &rejection).await,
+        };
+        ctx.outcome = reply.outcome;
+        let crate::own::Reply {
+            status,
+            content_type,
+            headers,
+            body,
+            ..
+        } = reply;
+        self.send(
+            session,
+            ctx,
+            status,
+            content_type,
+            |resp| {
+                for (name, value) in headers {
+                    resp.insert_header(name, value)?;
+                }
+                Ok(())
+            },
+            body,
         )
         .await?;
         Ok(true)
@@ -236,6 +270,7 @@ impl ProxyHttp for TollgateProxy {
         ctx.normalized_path = verdict.rewrite;
         let admitted = match verdict.admission {
             Ok(Admission::Forward) => return Ok(false),
+            Ok(Admission::Own(path)) => return self.own(session, ctx, &path).await,
             Ok(Admission::Preflight) => return self.preflight(session, ctx).await,
             Ok(Admission::Report(a)) => {
                 ctx.rate = RateHeaders::render(&a.decision);

@@ -172,6 +172,11 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
             .as_ref()
             .filter(|_| config.redis_limits)
             .map(|r| r.on_error.as_str()),
+        &config
+            .webhooks
+            .iter()
+            .map(|w| w.provider.name())
+            .collect::<Vec<_>>(),
     );
 
     let mut conf = ServerConf {

@@ -4,7 +4,10 @@
 //! Layout (prefix `P`, default `tg`):
 //! - `P:key:<sha256 hex>`: hash with id, start, customer, name, created,
 //!   expires, revoked; `P:keyid:<id>` → the hash; `P:keys`: set of hashes;
-//! - `P:customer:<id>`: hash with plan, suspended; `P:customers`: set of ids;
+//! - `P:customer:<id>`: hash with plan, suspended, billing (JSON);
+//!   `P:customers`: set of ids;
+//! - `P:webhook_events`: hash of applied billing webhook deliveries
+//!   (`provider:event id` → Unix ms), read and written under the store lock;
 //! - `P:version`: incremented on every change, which is also published on
 //!   channel `P:changes` as `<version> key <hash>` or `<version> customer <id>`.
 //!
@@ -63,6 +66,11 @@ fn customer_from(fields: &HashMap<String, String>) -> CustomerRecord {
     CustomerRecord {
         plan: fields.get("plan").cloned(),
         suspended: fields.get("suspended").is_some_and(|s| s == "1"),
+        // A state this version cannot read is dropped, not fatal: the next
+        // webhook writes it again.
+        billing: fields
+            .get("billing")
+            .and_then(|b| serde_json::from_str(b).ok()),
     }
 }
 
@@ -116,6 +124,11 @@ pub async fn load_all(conn: &RedisConn) -> Result<(u64, StoreData), StoreError> 
             .map_err(redis_err)?;
         data.customers.insert(id, customer_from(&f));
     }
+    let events: HashMap<String, u64> = conn
+        .admin(Cmd::hgetall(format!("{p}:webhook_events")))
+        .await
+        .map_err(redis_err)?;
+    data.webhook_events = events.into_iter().collect();
     data.keys
         .sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
     Ok((version.unwrap_or(0), data))
@@ -141,6 +154,29 @@ async fn write_changes(
             write_customer(conn, p, id, c).await?;
             changes.push(format!("customer {id}"));
         }
+    }
+    // Applied webhook deliveries: one hash, read and written under the
+    // store lock only (the proxies' replicas do not need it).
+    let events = format!("{p}:webhook_events");
+    let added: Vec<(&String, &u64)> = new
+        .webhook_events
+        .iter()
+        .filter(|(id, _)| !old.webhook_events.contains_key(*id))
+        .collect();
+    if !added.is_empty() {
+        conn.admin::<()>(Cmd::hset_multiple(&events, &added))
+            .await
+            .map_err(redis_err)?;
+    }
+    let gone: Vec<&String> = old
+        .webhook_events
+        .keys()
+        .filter(|id| !new.webhook_events.contains_key(*id))
+        .collect();
+    if !gone.is_empty() {
+        conn.admin::<()>(Cmd::hdel(&events, gone))
+            .await
+            .map_err(redis_err)?;
     }
     for change in changes {
         let v: u64 = conn
@@ -202,18 +238,24 @@ async fn write_customer(
     c: &CustomerRecord,
 ) -> Result<(), StoreError> {
     let key = k_customer(p, id);
-    let fields = [
-        ("plan", c.plan.clone().unwrap_or_default()),
-        (
-            "suspended",
-            if c.suspended { "1".into() } else { "0".into() },
-        ),
-    ];
+    let mut fields = vec![(
+        "suspended",
+        if c.suspended { "1".into() } else { "0".into() },
+    )];
+    let mut absent = Vec::new();
+    match &c.plan {
+        Some(plan) => fields.push(("plan", plan.clone())),
+        None => absent.push("plan"),
+    }
+    match &c.billing {
+        Some(b) => fields.push(("billing", serde_json::to_string(b).map_err(redis_err)?)),
+        None => absent.push("billing"),
+    }
     conn.admin::<()>(Cmd::hset_multiple(&key, &fields))
         .await
         .map_err(redis_err)?;
-    if c.plan.is_none() {
-        conn.admin::<()>(Cmd::hdel(&key, "plan"))
+    if !absent.is_empty() {
+        conn.admin::<()>(Cmd::hdel(&key, absent))
             .await
             .map_err(redis_err)?;
     }

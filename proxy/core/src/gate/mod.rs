@@ -31,6 +31,17 @@ pub use request::{
 /// Where each consumer asks about its own usage.
 pub const USAGE_PATH: &str = "/_tollgate/usage";
 
+/// Tollgate's own namespace on the public port: never forwarded.
+pub const OWN_PREFIX: &str = "/_tollgate";
+
+/// Whether a canonical path is Tollgate's own (other than the usage
+/// report, which the gate answers itself).
+pub fn is_own_path(path: &str) -> bool {
+    path.strip_prefix(OWN_PREFIX)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        && path != USAGE_PATH
+}
+
 /// What the route table says about a request.
 #[derive(Debug, Clone, Copy)]
 pub struct RouteInfo<'a> {
@@ -49,6 +60,10 @@ pub enum Admission {
     Preflight,
     /// `GET /_tollgate/usage`: the caller's own usage report (nothing charged).
     Report(Admitted),
+    /// Any other path under `/_tollgate` (webhooks, self-service billing,
+    /// the dashboard): the gateway answers it; nothing is charged. Holds
+    /// the canonical path.
+    Own(String),
     /// Authenticated and within its plan: forward it, then meter the response.
     Pass(Admitted),
 }
@@ -127,7 +142,11 @@ impl<L: Limiter> Gate<L> {
                 rewrite: None,
             };
         };
-        let admission = if is_preflight(method, headers) {
+        let admission = if is_own_path(&path.routed)
+            && !(self.answer_preflights && is_preflight(method, headers))
+        {
+            Ok(Admission::Own(path.routed.into_owned()))
+        } else if is_preflight(method, headers) {
             Ok(if self.answer_preflights {
                 Admission::Preflight
             } else {
@@ -237,27 +256,32 @@ impl<L: Limiter> Gate<L> {
     /// [`Self::authenticate_cached`], then, for a well-formed key the
     /// snapshot does not know, one question to a shared store.
     pub async fn authenticate(&self, key: &str) -> Result<(Identity, Arc<Plan>), Rejection> {
-        match self.authenticate_cached(key) {
-            Err(Rejection::UnknownKey) => {
-                let hash = keys::hash(key);
-                match self.keys.lookup_miss(&hash, self.clock.now_ms()).await {
-                    Some(found) => self.admit_identity(found),
-                    None => Err(Rejection::UnknownKey),
-                }
-            }
+        let identity = self.identify(key).await?;
+        self.admit_identity(Ok(identity))
+    }
+
+    /// Whose key this is, suspended or not: self-service billing lets a
+    /// suspended customer pay.
+    pub async fn identify(&self, key: &str) -> Result<Identity, Rejection> {
+        keys::check_format(&self.prefix, key).map_err(|_| Rejection::MalformedKey)?;
+        let hash = keys::hash(key);
+        let now = self.clock.now_ms();
+        let found = match self.keys.snapshot().lookup(&hash, now) {
+            Err(KeyRejection::Unknown) => self
+                .keys
+                .lookup_miss(&hash, now)
+                .await
+                .unwrap_or(Err(KeyRejection::Unknown)),
             other => other,
-        }
+        };
+        found.map_err(key_rejection)
     }
 
     fn admit_identity(
         &self,
         found: Result<Identity, KeyRejection>,
     ) -> Result<(Identity, Arc<Plan>), Rejection> {
-        let identity = found.map_err(|r| match r {
-            KeyRejection::Unknown => Rejection::UnknownKey,
-            KeyRejection::Revoked => Rejection::RevokedKey,
-            KeyRejection::Expired => Rejection::ExpiredKey,
-        })?;
+        let identity = found.map_err(key_rejection)?;
         let plan = self.plan_of(&identity);
         if identity.suspended {
             return Err(Rejection::Suspended);
@@ -284,6 +308,14 @@ impl<L: Limiter> Gate<L> {
         cost: u64,
     ) -> Result<Decision, LimiterError> {
         self.limiter.check(&identity.customer, plan, cost).await
+    }
+}
+
+fn key_rejection(r: KeyRejection) -> Rejection {
+    match r {
+        KeyRejection::Unknown => Rejection::UnknownKey,
+        KeyRejection::Revoked => Rejection::RevokedKey,
+        KeyRejection::Expired => Rejection::ExpiredKey,
     }
 }
 

@@ -63,7 +63,7 @@ fn setup_with(answer_preflights: bool, journal_full: Option<Arc<AtomicBool>>) ->
             customer.into(),
             CustomerRecord {
                 plan: plan.map(Into::into),
-                suspended: false,
+                ..CustomerRecord::default()
             },
         );
         data.keys.push(KeyRecord {

@@ -14,7 +14,8 @@ pub struct NewKey {
     pub record: KeyRecord,
 }
 
-fn customer_id_ok(id: &str) -> Result<(), StoreError> {
+/// A customer id the stores and headers can carry.
+pub fn customer_id_ok(id: &str) -> Result<(), StoreError> {
     let ok = !id.is_empty()
         && id.len() <= 255
         && id
@@ -153,6 +154,10 @@ pub fn set_suspended(
             .get_mut(customer)
             .ok_or_else(|| StoreError::NotFound(format!("customer {customer}")))?;
         c.suspended = suspended;
+        // An operator's resume also lifts a suspension billing imposed.
+        if let (false, Some(b)) = (suspended, c.billing.as_mut()) {
+            b.suspended = false;
+        }
         Ok(())
     })
 }

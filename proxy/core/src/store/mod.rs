@@ -44,6 +44,61 @@ pub struct CustomerRecord {
     pub plan: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
+    /// What the billing provider last said, when its webhooks drive the
+    /// plan (`billing_webhooks`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub billing: Option<BillingState>,
+}
+
+impl CustomerRecord {
+    /// Suspended by an operator, or by billing (`on_past_due: suspend`).
+    pub fn is_suspended(&self) -> bool {
+        self.suspended || self.billing.as_ref().is_some_and(|b| b.suspended)
+    }
+}
+
+/// A customer's subscription as its billing provider's webhooks describe it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BillingState {
+    /// `stripe`, `paystack`, `paddle` or `standard`.
+    pub provider: String,
+    pub status: BillingStatus,
+    /// The plan the subscription pays for, restored when a late payment
+    /// arrives (`on_past_due` may have moved the customer elsewhere).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paid_plan: Option<String>,
+    /// Suspended by billing; lifted by a payment or an operator's resume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
+    /// The provider's time of the last event applied (Unix ms): an older
+    /// event changes nothing, as providers do not deliver in order.
+    pub last_event_at: u64,
+    pub last_event_id: String,
+}
+
+/// A subscription's state, as the dashboard and `/_tollgate/usage` show it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BillingStatus {
+    Active,
+    PastDue,
+    Paused,
+    /// Cancelled at the end of the period: the plan stays until then.
+    Canceling,
+    Canceled,
+}
+
+impl BillingStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BillingStatus::Active => "active",
+            BillingStatus::PastDue => "past_due",
+            BillingStatus::Paused => "paused",
+            BillingStatus::Canceling => "canceling",
+            BillingStatus::Canceled => "canceled",
+        }
+    }
 }
 
 /// The whole store.
@@ -55,6 +110,11 @@ pub struct StoreData {
     pub customers: BTreeMap<String, CustomerRecord>,
     #[serde(default)]
     pub keys: Vec<KeyRecord>,
+    /// Billing webhook deliveries already applied (`provider:event id` →
+    /// when, Unix ms), so a redelivery changes nothing. Bounded: see
+    /// [`crate::lifecycle::remember`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub webhook_events: BTreeMap<String, u64>,
 }
 
 /// Who a valid key belongs to, resolved when the snapshot is built so a
@@ -66,6 +126,8 @@ pub struct KeyInfo {
     /// None: the default plan.
     pub plan: Option<Arc<str>>,
     pub suspended: bool,
+    /// The subscription's state, when billing webhooks drive the plan.
+    pub billing: Option<BillingStatus>,
 }
 
 /// What a successful lookup returns; cheap to clone.
@@ -116,8 +178,17 @@ pub struct Snapshot {
     /// practice) go to `overflow`.
     keys: PassThroughMap<Entry>,
     overflow: Vec<Entry>,
-    customers: HashMap<Arc<str>, (Option<Arc<str>>, bool)>,
+    customers: HashMap<Arc<str>, CustomerView>,
     pub key_count: usize,
+}
+
+/// What the snapshot keeps of a customer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CustomerView {
+    /// None: the default plan.
+    pub plan: Option<Arc<str>>,
+    pub suspended: bool,
+    pub billing: Option<BillingStatus>,
 }
 
 fn bucket(hash: &KeyHash) -> u64 {
@@ -132,7 +203,11 @@ impl Snapshot {
         for (id, c) in &data.customers {
             s.customers.insert(
                 id.as_str().into(),
-                (c.plan.as_deref().map(Into::into), c.suspended),
+                CustomerView {
+                    plan: c.plan.as_deref().map(Into::into),
+                    suspended: c.is_suspended(),
+                    billing: c.billing.as_ref().map(|b| b.status),
+                },
             );
         }
         s.keys.reserve(data.keys.len());
@@ -145,9 +220,9 @@ impl Snapshot {
                 );
                 continue;
             }
-            let (customer, plan, suspended) = match s.customers.get_key_value(k.customer.as_str()) {
-                Some((c, (plan, suspended))) => (c.clone(), plan.clone(), *suspended),
-                None => (k.customer.as_str().into(), None, false),
+            let (customer, view) = match s.customers.get_key_value(k.customer.as_str()) {
+                Some((c, view)) => (c.clone(), view.clone()),
+                None => (k.customer.as_str().into(), CustomerView::default()),
             };
             let entry = Entry {
                 hash,
@@ -157,8 +232,9 @@ impl Snapshot {
                 info: Arc::new(KeyInfo {
                     key_id: k.id.as_str().into(),
                     customer,
-                    plan,
-                    suspended,
+                    plan: view.plan,
+                    suspended: view.suspended,
+                    billing: view.billing,
                 }),
             };
             match s.keys.entry(bucket(&hash)) {
@@ -177,8 +253,8 @@ impl Snapshot {
         self.customers.keys().cloned()
     }
 
-    /// A customer's plan name (None: default) and suspension.
-    pub fn customer(&self, id: &str) -> Option<(Option<Arc<str>>, bool)> {
+    /// A customer's plan name (None: default), suspension and billing state.
+    pub fn customer(&self, id: &str) -> Option<CustomerView> {
         self.customers.get(id).cloned()
     }
 

@@ -22,8 +22,10 @@ mod redis;
 mod sections;
 #[cfg(test)]
 mod tests;
+mod webhooks;
 
 use raw::RawConfig;
+pub use webhooks::WebhookConfig;
 
 // ---- the validated form ------------------------------------------------------
 
@@ -173,9 +175,20 @@ pub struct Config {
     pub threads: usize,
     /// What a client connection may cost before its first request.
     pub connections: crate::connections::Limits,
+    /// The billing providers whose webhooks change plans.
+    pub webhooks: Vec<WebhookConfig>,
+    /// Consumer self-service at Stripe (checkout, portal).
+    pub checkout: Option<tollgate_metering::billing::checkout::CheckoutConfig>,
 }
 
-const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, admin, metering, billing_webhooks, cors, timeouts, threads, connections";
+impl Config {
+    /// The endpoint config of `provider`, when its webhooks are followed.
+    pub fn webhook(&self, provider: tollgate_core::lifecycle::Provider) -> Option<&WebhookConfig> {
+        self.webhooks.iter().find(|w| w.provider == provider)
+    }
+}
+
+const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, admin, metering, billing_webhooks, checkout, cors, timeouts, threads, connections";
 
 impl Config {
     /// Loads and validates the config file and the plans it names.
@@ -232,13 +245,15 @@ impl Config {
         if raw.redis.is_none() {
             sections::require_redis(&mut cx, keys.store, redis_limits);
         }
-        if raw.billing_webhooks.is_some() {
-            cx.err(
-                "billing_webhooks",
-                "billing webhooks are not available in this version",
-                Some("change plans with `tollgate customers set-plan` for now"),
-            );
-        }
+        let webhooks = raw
+            .billing_webhooks
+            .as_ref()
+            .map(|w| webhooks::parse(&mut cx, w, plans.as_deref()))
+            .unwrap_or_default();
+        let checkout = raw.checkout.as_ref().and_then(|c| {
+            let known = |p: &str| plans.as_ref().is_none_or(|ps| ps.get(p).is_some());
+            tollgate_metering::billing::checkout::CheckoutConfig::parse(&mut cx, c, &known)
+        });
         let admin = sections::admin(&mut cx, raw.admin.as_ref());
         let metering = sections::metering(&mut cx, raw.metering.as_ref());
         let cors = raw.cors.as_ref().map(|c| sections::cors(&mut cx, c));
@@ -265,6 +280,8 @@ impl Config {
                     timeouts,
                     threads,
                     connections,
+                    webhooks,
+                    checkout,
                 })
             }
             _ => Err(cx.d),
@@ -305,6 +322,7 @@ fn read_sections(cx: &mut Check<'_>) -> Result<RawConfig, Diagnostics> {
             "admin" => raw.admin = cx.typed(key, v),
             "metering" => raw.metering = cx.typed(key, v),
             "billing_webhooks" => raw.billing_webhooks = Some(v.clone()),
+            "checkout" => raw.checkout = Some(v.clone()),
             "cors" => raw.cors = cx.typed(key, v),
             "timeouts" => raw.timeouts = cx.typed(key, v),
             "threads" => raw.threads = cx.typed(key, v),

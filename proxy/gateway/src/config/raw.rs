@@ -16,7 +16,10 @@ pub(super) struct RawConfig {
     pub(super) redis: Option<RawRedis>,
     pub(super) admin: Option<RawAdmin>,
     pub(super) metering: Option<RawMetering>,
+    /// Read provider by provider in `webhooks.rs`.
     pub(super) billing_webhooks: Option<serde_yaml::Value>,
+    /// Parsed by `tollgate_metering::billing::checkout`.
+    pub(super) checkout: Option<serde_yaml::Value>,
     pub(super) cors: Option<RawCors>,
     pub(super) timeouts: Option<RawTimeouts>,
     pub(super) threads: Option<usize>,

@@ -208,3 +208,49 @@ fn spool_encryption_keys_come_from_the_environment_and_must_be_256_bits() {
         "{all}"
     );
 }
+
+#[test]
+fn billing_webhooks_and_checkout_are_read_and_checked_against_the_plans() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "plans.yaml", PLANS);
+    let ok = write(
+        dir.path(),
+        "tollgate.yaml",
+        "upstream: http://127.0.0.1:8000\nbilling_webhooks:\n  stripe: { secret_env: WH, previous_secret_env: WH_OLD, plans: { price_1: free }, on_cancel: free, on_past_due: suspend, tolerance: 2m }\n  standard: { secret_env: WH }\ncheckout:\n  stripe: { api_key_env: SK, prices: { free: price_1 }, success_url: \"https://e.com/ok\", cancel_url: \"https://e.com/no\" }\n",
+    );
+    let env = |k: &str| matches!(k, "WH" | "WH_OLD" | "SK").then(|| format!("{k}-value"));
+    let c = Config::load_with_env(&ok, &env).unwrap();
+    let stripe = c
+        .webhook(tollgate_core::lifecycle::Provider::Stripe)
+        .unwrap();
+    assert_eq!(stripe.secrets, ["WH-value", "WH_OLD-value"]);
+    assert_eq!(stripe.tolerance_secs, 120);
+    assert_eq!(
+        stripe.policy.on_past_due,
+        tollgate_core::lifecycle::OnPastDue::Suspend
+    );
+    assert_eq!(c.webhooks.len(), 2);
+    assert_eq!(c.checkout.as_ref().unwrap().prices["free"], "price_1");
+    // Secrets stay out of debug output.
+    assert!(!format!("{c:?}").contains("-value"));
+
+    let bad = write(
+        dir.path(),
+        "tollgate.yaml",
+        "upstream: http://127.0.0.1:8000\nbilling_webhooks:\n  stripe: { secret_env: WH, plans: { price_1: gold }, on_cancel: silver }\n  paystack: { secret_env: NOPE, tolerance: 1m }\n  standard: { secret_env: WH, plans: { a: free } }\n  chargebee: { secret_env: WH }\ncheckout:\n  stripe: { api_key_env: SK, prices: { bronze: price_9 }, success_url: \"/ok\", cancel_url: \"https://e.com/no\" }\n",
+    );
+    let all = Config::load_with_env(&bad, &env).unwrap_err().to_string();
+    let cfg = bad.display().to_string();
+    for needle in [
+        format!("{cfg}:3:47: error: `gold` is not a plan in plans.yaml"),
+        "error: `silver` is not a plan in plans.yaml".to_string(),
+        "error: Paystack signs no timestamp".to_string(),
+        "error: environment variable NOPE is not set".to_string(),
+        "error: `plans` does not apply to Standard Webhooks".to_string(),
+        "chargebee".to_string(),
+        "error: `bronze` is not a plan in plans.yaml".to_string(),
+        "error: `/ok` is not an http(s) URL".to_string(),
+    ] {
+        assert!(all.contains(&needle), "missing `{needle}` in:\n{all}");
+    }
+}

@@ -22,6 +22,7 @@ use async_trait::async_trait;
 
 use crate::spool::Record;
 
+pub mod checkout;
 pub mod config;
 mod deliver;
 mod lago;

@@ -3,9 +3,6 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use base64::Engine;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 
 use tollgate_core::clock::{rfc3339, Clock};
 use tollgate_core::diag::Check;
@@ -23,29 +20,7 @@ pub struct Webhook {
     client: reqwest::Client,
 }
 
-type HmacSha256 = Hmac<Sha256>;
-
-/// `v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>` per the
-/// Standard Webhooks spec.
-pub fn standard_webhooks_signature(key: &[u8], id: &str, timestamp: u64, body: &str) -> String {
-    let mut mac = match HmacSha256::new_from_slice(key) {
-        Ok(m) => m,
-        // HMAC takes keys of any length; this cannot happen.
-        Err(_) => return String::new(),
-    };
-    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
-    let sig = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
-    format!("v1,{sig}")
-}
-
-/// The key of a `whsec_<base64>` secret (a secret without the prefix is
-/// decoded as base64 too, falling back to its bytes).
-pub fn webhook_key(secret: &str) -> Vec<u8> {
-    let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap_or_else(|_| secret.as_bytes().to_vec())
-}
+pub use tollgate_core::lifecycle::signature::{standard_webhooks_signature, webhook_key};
 
 impl Webhook {
     pub fn new(name: String, url: String, secret: &str, timeout: Duration) -> Self {
@@ -125,24 +100,4 @@ pub(super) fn parse_config(
         url: r.url,
         secret,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn standard_webhooks_signature_matches_the_published_test_vector() {
-        // From the Standard Webhooks specification's reference test vector
-        // (standard-webhooks/standard-webhooks, spec/standard-webhooks.md and
-        // the libraries' tests).
-        let key = webhook_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
-        let sig = standard_webhooks_signature(
-            &key,
-            "msg_p5jXN8AQM9LWM0D4loKWxJek",
-            1_614_265_330,
-            r#"{"test": 2432232314}"#,
-        );
-        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
-    }
 }

@@ -1,0 +1,151 @@
+//! `POST /_tollgate/billing/checkout` (`plan=pro`, form or JSON) and
+//! `POST /_tollgate/billing/portal`, with the consumer's own key: a Stripe
+//! Checkout or customer-portal session, answered `303` to its URL, or
+//! `{"url": …}` when the client asks for JSON. A suspended customer may use
+//! both (that is how it pays); never charged, never billed.
+
+use tollgate_core::gate::extract_key;
+use tollgate_core::metrics::CHECKOUT_SESSIONS;
+use tollgate_core::problem::Rejection;
+use tollgate_metering::billing::checkout::SessionError;
+
+use super::{header_str, read_body, BodyError, Reply};
+use crate::app::App;
+
+const MAX_BODY: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+pub enum Kind {
+    Checkout,
+    Portal,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Checkout => "checkout",
+            Kind::Portal => "portal",
+        }
+    }
+}
+
+pub async fn session(
+    app: &App,
+    session: &mut pingora::proxy::Session,
+    kind: Kind,
+) -> Result<Reply, Rejection> {
+    let Some(stripe) = app.checkout.as_ref() else {
+        return Ok(Reply::problem(
+            404,
+            "billing-not-configured",
+            "Self-service billing is not available",
+            "This API does not offer checkout or a billing portal here.".into(),
+        ));
+    };
+    let key = extract_key(&session.req_header().headers)?
+        .map(|(k, _)| k.to_owned())
+        .ok_or(Rejection::MissingKey)?;
+    let identity = app.gate.identify(&key).await?;
+    let wants_json = header_str(session, "accept").is_some_and(|a| a.contains("application/json"));
+    let is_json = header_str(session, "content-type")
+        .is_some_and(|c| c.trim_start().starts_with("application/json"));
+    let body = match read_body(session, MAX_BODY).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            return Ok(Reply::problem(
+                413,
+                "body-too-large",
+                "Body too large",
+                format!("this request takes at most {MAX_BODY} bytes"),
+            ))
+        }
+        Err(BodyError::Unreadable) => return Err(Rejection::BadRequest(400)),
+    };
+    let result = match kind {
+        Kind::Checkout => {
+            let Some(plan) = plan_field(&body, is_json) else {
+                return Ok(Reply::problem(
+                    400,
+                    "plan-required",
+                    "Plan required",
+                    format!("send plan=<name>; plans on sale: {}", on_sale(app)),
+                ));
+            };
+            stripe.checkout(&identity.customer, &plan).await
+        }
+        Kind::Portal => stripe.portal(&identity.customer).await,
+    };
+    let url = match result {
+        Ok(url) => url,
+        Err(SessionError::UnknownPlan(plan)) => {
+            CHECKOUT_SESSIONS
+                .with_label_values(&[kind.name(), "refused"])
+                .inc();
+            return Ok(Reply::problem(
+                400,
+                "unknown-plan",
+                "Unknown plan",
+                format!(
+                    "`{}` is not on sale; plans on sale: {}",
+                    plan.chars().take(64).collect::<String>(),
+                    on_sale(app)
+                ),
+            ));
+        }
+        Err(SessionError::Provider(why)) => {
+            CHECKOUT_SESSIONS
+                .with_label_values(&[kind.name(), "error"])
+                .inc();
+            log::warn!(
+                "stripe {} session for customer {} failed: {why}",
+                kind.name(),
+                identity.customer
+            );
+            return Ok(Reply::problem(
+                502,
+                "billing-provider-error",
+                "Billing provider error",
+                "The billing provider could not start a session; try again shortly.".into(),
+            ));
+        }
+    };
+    CHECKOUT_SESSIONS
+        .with_label_values(&[kind.name(), "created"])
+        .inc();
+    Ok(if wants_json {
+        Reply::json(200, serde_json::json!({ "url": url }).to_string())
+    } else {
+        let mut r = Reply::json(303, serde_json::json!({ "url": url }).to_string());
+        r.headers.push((http::header::LOCATION, url));
+        r
+    })
+}
+
+fn on_sale(app: &App) -> String {
+    app.checkout
+        .as_ref()
+        .map(|c| {
+            c.config
+                .prices
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "none".into())
+}
+
+/// `plan` from a form (`plan=pro`) or a JSON object (`{"plan": "pro"}`).
+fn plan_field(body: &[u8], is_json: bool) -> Option<String> {
+    if is_json {
+        let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+        return v.get("plan")?.as_str().map(str::to_owned);
+    }
+    let text = std::str::from_utf8(body).ok()?;
+    text.split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "plan")
+        .map(|(_, v)| tollgate_core::pct::decode(v, true))
+        .filter(|p| !p.is_empty())
+}
