@@ -28,6 +28,8 @@ pub struct App {
     pub spool: Option<Arc<Spool>>,
     /// Consumer self-service at Stripe (`checkout:`).
     pub checkout: Option<tollgate_metering::billing::checkout::StripeCheckout>,
+    /// Checkout and portal sessions per customer and minute.
+    pub sessions: crate::own::billing::Throttle,
     /// The consumer dashboard page, rendered once.
     pub dashboard: crate::own::dashboard::Dashboard,
     /// Runs the Redis connections' driver tasks while the app lives.
@@ -181,6 +183,7 @@ impl App {
         Ok(Arc::new(App {
             checkout,
             dashboard: crate::own::dashboard::Dashboard::new(&config),
+            sessions: Default::default(),
             spool,
             config,
             gate,

@@ -13,6 +13,8 @@ use std::sync::{Arc, OnceLock};
 
 use harness::{Captured, Harness, MockProvider, STRIPE_KEY};
 use serde_json::{json, Value};
+use tollgate_core::clock::ManualClock;
+use tollgate_core::store::UpdateStore;
 
 /// A Stripe stand-in: sessions for known customers, Stripe's error body
 /// (`invalid_request_error`, `resource_missing`) for `cus_missing`.
@@ -51,6 +53,10 @@ fn stripe() -> (MockProvider, Arc<OnceLock<String>>) {
 }
 
 fn harness(stripe: &MockProvider) -> Harness {
+    builder(stripe).build()
+}
+
+fn builder(stripe: &MockProvider) -> harness::HarnessBuilder {
     Harness::builder()
         .env("T_STRIPE_KEY", STRIPE_KEY)
         .config(&format!(
@@ -59,7 +65,6 @@ fn harness(stripe: &MockProvider) -> Harness {
 "#,
             stripe.url()
         ))
-        .build()
 }
 
 fn sessions(stripe: &MockProvider, path: &str) -> Vec<Captured> {
@@ -197,6 +202,30 @@ async fn an_unknown_plan_is_400_and_a_stripe_error_is_502_without_its_internals(
     ] {
         assert!(!text.contains(internal), "{internal} leaked: {text}");
     }
+    // A subscriber changes plans in the portal: a second Checkout Session
+    // would start a second subscription beside the first.
+    h.store
+        .update(|d| {
+            d.customers.entry("cus_shop2".into()).or_default().billing =
+                Some(tollgate_core::store::BillingState {
+                    provider: "stripe".into(),
+                    status: tollgate_core::store::BillingStatus::Active,
+                    paid_plan: Some("pro".into()),
+                    suspended: false,
+                    last_event_at: 1,
+                    last_event_id: "evt_1".into(),
+                });
+            Ok(())
+        })
+        .unwrap();
+    h.sync();
+    let before = stripe.captured().len();
+    let r = post(key.clone(), "plan=enterprise").await.unwrap();
+    assert_eq!(r.status(), 409);
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["type"], "urn:tollgate:problem:already-subscribed");
+    assert_eq!(stripe.captured().len(), before);
+
     // No key: 401, as anywhere.
     let r = h
         .client
@@ -212,7 +241,9 @@ async fn an_unknown_plan_is_400_and_a_stripe_error_is_502_without_its_internals(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_portal_works_for_a_suspended_customer_and_sessions_are_never_charged() {
     let (stripe, base) = stripe();
-    let h = harness(&stripe);
+    // A frozen clock: the sessions below all fall in one minute.
+    let clock = Arc::new(ManualClock::at(1_796_000_000_000));
+    let h = builder(&stripe).clock(clock.clone()).build();
     let key = h.key("cus_portal", None);
     // The free plan allows 5 a second: ten sessions in a row all pass,
     // and leave its limits untouched.
@@ -255,6 +286,25 @@ async fn the_portal_works_for_a_suspended_customer_and_sessions_are_never_charge
             )
         ]
     );
+    // Each session is a call on the operator's Stripe account: a customer
+    // gets at most 20 a minute.
+    let mut statuses = Vec::new();
+    for _ in 0..12 {
+        let r = h
+            .client
+            .post(h.url("/_tollgate/billing/portal"))
+            .bearer_auth(&key)
+            .header("accept", "application/json")
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+    }
+    let mut expect = vec![200; 10];
+    expect.extend([429, 429]);
+    assert_eq!(statuses, expect);
+    assert_eq!(sessions(&stripe, "/v1/billing_portal/sessions").len(), 20);
+    clock.advance(60_000);
     // Suspended (by an operator, or by billing): the API refuses the key,
     // but the portal, where the customer pays, still opens.
     tollgate_core::store::admin::set_suspended(&h.store, "cus_portal", true).unwrap();

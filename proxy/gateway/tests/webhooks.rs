@@ -352,6 +352,13 @@ async fn stripe_events_set_the_plan_once_and_in_order() {
     );
     assert_eq!(stripe(&h, &other).await.1["result"], "ignored");
     assert_eq!(plan_name(&h, &key).await, "pro");
+    // A failed invoice for another product (its line's price is not
+    // mapped) leaves the API plan alone.
+    let tshirt = json!({"id": "evt_3b", "object": "event", "created": t - 70, "type": "invoice.payment_failed",
+        "data": {"object": {"id": "in_9", "object": "invoice", "customer": "cus_life",
+            "lines": {"object": "list", "data": [{"id": "il_1", "price": {"id": "price_tshirt"}}]}}}}).to_string();
+    assert_eq!(stripe(&h, &tshirt).await.1["result"], "ignored");
+    assert_eq!(plan_of(&h, &key).await.unwrap().1, "active");
     // Cancelled: on_cancel.
     let deleted = stripe_sub(
         "evt_4",
@@ -395,7 +402,7 @@ async fn stripe_events_set_the_plan_once_and_in_order() {
         ("applied", 4.0),
         ("duplicate", 1.0),
         ("stale", 1.0),
-        ("ignored", 2.0),
+        ("ignored", 3.0),
     ] {
         let series =
             format!(r#"tollgate_webhook_events_total{{provider="stripe",result="{result}"}}"#);

@@ -143,19 +143,25 @@ fn stripe(v: &Value) -> Result<Option<Event>, BodyError> {
     let customer = id_at(obj, "customer")
         .or_else(|| str_at(obj, &["client_reference_id"]))
         .ok_or_else(|| bad("`data.object.customer` is missing"))?;
+    // A subscription's items, or an invoice's lines: their prices (older
+    // API versions put them under `price`, newer invoice lines under
+    // `pricing.price_details.price`).
     let mut sources = Vec::new();
-    if let Some(items) = obj
-        .get("items")
-        .and_then(|i| i.get("data"))
-        .and_then(Value::as_array)
-    {
+    for list in ["items", "lines"] {
+        let Some(items) = obj
+            .get(list)
+            .and_then(|i| i.get("data"))
+            .and_then(Value::as_array)
+        else {
+            continue;
+        };
         for item in items {
-            if let Some(id) = str_at(item, &["price", "id"]) {
-                sources.push(id.to_owned());
-            }
-            if let Some(lk) = str_at(item, &["price", "lookup_key"]) {
-                sources.push(lk.to_owned());
-            }
+            let candidates = [
+                str_at(item, &["price", "id"]),
+                str_at(item, &["price", "lookup_key"]),
+                str_at(item, &["pricing", "price_details", "price"]),
+            ];
+            sources.extend(candidates.into_iter().flatten().map(str::to_owned));
         }
     }
     Ok(Some(Event {
@@ -190,7 +196,10 @@ fn paystack(v: &Value, body: &[u8], received: Millis) -> Result<Option<Event>, B
     )?;
     // Paystack events carry no id: a redelivery is the same bytes.
     let digest = sha2::Sha256::digest(body);
-    let at = ["paid_at", "paidAt", "createdAt", "created_at"]
+    // The time of the event itself: a charge's payment time, else when the
+    // object last changed, else when it arrived (`createdAt` is when the
+    // subscription began, not when it was disabled).
+    let at = ["paid_at", "paidAt", "updatedAt", "updated_at"]
         .iter()
         .find_map(|k| str_at(data, &[k]).and_then(parse_time))
         .unwrap_or(received);

@@ -137,6 +137,9 @@ pub const REMEMBER_MS: Millis = 7 * 86_400_000;
 /// applied, and applying the same change twice leaves the same plan.
 pub const REMEMBER_MAX: usize = 20_000;
 
+/// How far past now an event's own time is believed.
+pub const MAX_SKEW_MS: Millis = 5 * 60_000;
+
 /// Records `key` as applied at `now`, forgetting what is past the bounds.
 pub fn remember(events: &mut BTreeMap<String, u64>, key: String, now: Millis) {
     events.retain(|_, at| now.saturating_sub(*at) < REMEMBER_MS);
@@ -177,16 +180,25 @@ pub fn apply(
         .plan
         .clone()
         .or_else(|| ev.sources.iter().find_map(|s| policy.plans.get(s).cloned()));
-    let c = d.customers.entry(ev.customer.clone()).or_default();
-    if c.billing.as_ref().is_some_and(|b| b.last_event_at > ev.at) {
+    // A signed time far in the future would freeze the customer: no event
+    // is taken to be later than now plus the signature tolerance.
+    let at = ev.at.min(now.saturating_add(MAX_SKEW_MS));
+    let last = d
+        .customers
+        .get(&ev.customer)
+        .and_then(|c| c.billing.as_ref())
+        .map(|b| b.last_event_at);
+    if last.is_some_and(|last| last > at) {
         remember(&mut d.webhook_events, key, now);
         return Ok(Applied::Stale);
     }
-    // A subscription event for a price Tollgate does not sell changes nothing.
-    if mapped.is_none() && !ev.sources.is_empty() && ev.change == Change::Active {
+    // An event about prices Tollgate does not sell (another product of the
+    // same account) changes nothing, whatever it says.
+    if mapped.is_none() && !ev.sources.is_empty() {
         remember(&mut d.webhook_events, key, now);
         return Ok(Applied::Unmapped);
     }
+    let c = d.customers.entry(ev.customer.clone()).or_default();
     let was_suspended = c.is_suspended();
     let CustomerRecord { plan, billing, .. } = c;
     let old_plan = plan.clone();
@@ -202,7 +214,7 @@ pub fn apply(
     });
     transition(b, plan, ev.change, mapped, policy);
     b.provider = provider.name().to_owned();
-    b.last_event_at = ev.at;
+    b.last_event_at = at;
     b.last_event_id.clone_from(&ev.id);
     let status = b.status;
     let applied = Applied::Done {

@@ -81,6 +81,64 @@ fn an_unmapped_price_changes_nothing() {
 }
 
 #[test]
+fn events_about_another_product_change_nothing_whatever_they_say() {
+    let p = policy(OnPastDue::Suspend);
+    for change in [
+        Change::Canceled,
+        Change::PastDue,
+        Change::Paused,
+        Change::Paid,
+    ] {
+        let (plan, suspended, out) = run(
+            &p,
+            &[
+                ev("e1", T0, Change::Active, &["price_pro"]),
+                ev("e2", T0 + 1, change, &["price_tshirt"]),
+            ],
+        );
+        assert_eq!(
+            (plan.as_deref(), suspended),
+            (Some("pro"), false),
+            "{change:?}"
+        );
+        assert_eq!(out[1], Applied::Unmapped, "{change:?}");
+    }
+    // And they create no customer record either.
+    let mut d = StoreData::default();
+    let e = ev("e9", T0, Change::Canceled, &["price_tshirt"]);
+    apply(&mut d, Provider::Stripe, &e, &p, &any_plan, T0).unwrap();
+    assert!(d.customers.is_empty());
+}
+
+#[test]
+fn a_far_future_event_time_cannot_freeze_a_customer() {
+    let p = policy(OnPastDue::Keep);
+    let mut d = StoreData::default();
+    let year = 365 * 86_400_000;
+    apply(
+        &mut d,
+        Provider::Stripe,
+        &ev("e1", T0 + year, Change::Active, &["price_pro"]),
+        &p,
+        &any_plan,
+        T0,
+    )
+    .unwrap();
+    let later = ev("e2", T0 + MAX_SKEW_MS + 1000, Change::Canceled, &[]);
+    let out = apply(
+        &mut d,
+        Provider::Stripe,
+        &later,
+        &p,
+        &any_plan,
+        T0 + 2 * MAX_SKEW_MS,
+    )
+    .unwrap();
+    assert!(matches!(out, Applied::Done { .. }), "{out:?}");
+    assert_eq!(d.customers["cus_1"].plan.as_deref(), Some("free"));
+}
+
+#[test]
 fn each_past_due_policy_and_the_payment_that_restores() {
     let events = |fail: Change| {
         vec![

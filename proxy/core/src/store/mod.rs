@@ -58,8 +58,9 @@ impl CustomerRecord {
 }
 
 /// A customer's subscription as its billing provider's webhooks describe it.
+/// Unknown fields are tolerated (unlike the rest of the store): during a
+/// rolling upgrade an older instance must not drop a newer one's state.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
 pub struct BillingState {
     /// `stripe`, `paystack`, `paddle` or `standard`.
     pub provider: String,

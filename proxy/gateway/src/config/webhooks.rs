@@ -137,6 +137,20 @@ fn provider_config(
     if let Some(prev) = &r.previous_secret_env {
         secrets.push(cx.secret(&format!("{p}.previous_secret_env"), prev)?);
     }
+    // A Standard Webhooks secret is base64 key material: a few bytes (or
+    // a bare `whsec_`) would be a guessable HMAC key.
+    if provider == Provider::Standard {
+        let short = secrets.iter().any(|s| {
+            !s.is_empty() && tollgate_core::lifecycle::signature::webhook_key(s).len() < 16
+        });
+        if short {
+            cx.err(
+                &format!("{p}.secret_env"),
+                "a Standard Webhooks secret must hold at least 16 bytes of key",
+                Some("`whsec_` followed by base64, e.g. whsec_$(openssl rand -base64 32)"),
+            );
+        }
+    }
     Some(WebhookConfig {
         provider,
         secrets,

@@ -7,12 +7,37 @@
 use tollgate_core::gate::extract_key;
 use tollgate_core::metrics::CHECKOUT_SESSIONS;
 use tollgate_core::problem::Rejection;
+use tollgate_core::store::BillingStatus;
 use tollgate_metering::billing::checkout::SessionError;
 
 use super::{header_str, read_body, BodyError, Reply};
 use crate::app::App;
 
 const MAX_BODY: usize = 16 * 1024;
+
+/// Sessions one customer may ask for per minute: each is a call to Stripe
+/// on the operator's account, whose API rate limit all customers share.
+pub const SESSIONS_PER_MINUTE: u32 = 20;
+
+/// Counts sessions per customer and minute (in this process; bounded).
+#[derive(Default)]
+pub struct Throttle(std::sync::Mutex<std::collections::HashMap<std::sync::Arc<str>, (u64, u32)>>);
+
+impl Throttle {
+    /// Whether `customer` may open another session in minute `minute`.
+    pub fn admit(&self, customer: &std::sync::Arc<str>, minute: u64) -> bool {
+        let mut m = tollgate_core::lock(&self.0);
+        if m.len() > 100_000 {
+            m.retain(|_, (at, _)| *at == minute);
+        }
+        let e = m.entry(customer.clone()).or_insert((minute, 0));
+        if e.0 != minute {
+            *e = (minute, 0);
+        }
+        e.1 += 1;
+        e.1 <= SESSIONS_PER_MINUTE
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub enum Kind {
@@ -46,6 +71,38 @@ pub async fn session(
         .map(|(k, _)| k.to_owned())
         .ok_or(Rejection::MissingKey)?;
     let identity = app.gate.identify(&key).await?;
+    // A second Checkout Session would start a second subscription beside
+    // the running one: plan changes of a subscriber go through the portal.
+    let subscribed = identity
+        .billing
+        .is_some_and(|b| !matches!(b, BillingStatus::Canceled));
+    if matches!(kind, Kind::Checkout) && subscribed {
+        CHECKOUT_SESSIONS
+            .with_label_values(&[kind.name(), "refused"])
+            .inc();
+        return Ok(Reply::problem(
+            409,
+            "already-subscribed",
+            "Already subscribed",
+            "This account has a subscription; change its plan in the billing portal (POST /_tollgate/billing/portal).".into(),
+        ));
+    }
+    let minute = app.gate.clock.now_ms() / 60_000;
+    if !app.sessions.admit(&identity.customer, minute) {
+        CHECKOUT_SESSIONS
+            .with_label_values(&[kind.name(), "refused"])
+            .inc();
+        let mut r = Reply::problem(
+            429,
+            "too-many-sessions",
+            "Too many billing sessions",
+            format!(
+                "at most {SESSIONS_PER_MINUTE} checkout or portal sessions a minute; retry shortly"
+            ),
+        );
+        r.headers.push((http::header::RETRY_AFTER, "60".into()));
+        return Ok(r);
+    }
     let wants_json = header_str(session, "accept").is_some_and(|a| a.contains("application/json"));
     let is_json = header_str(session, "content-type")
         .is_some_and(|c| c.trim_start().starts_with("application/json"));

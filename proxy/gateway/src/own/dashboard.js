@@ -75,11 +75,17 @@
     });
     $("usage").hidden = meters.length === 0;
     $("no-usage").hidden = meters.length > 0;
+    // A subscriber changes plans in the billing portal; a second checkout
+    // would start a second subscription.
+    var subscribed = u.subscription && u.subscription !== "canceled";
     document.querySelectorAll("[data-plan]").forEach(function (b) {
       var current = b.getAttribute("data-plan") === u.plan;
+      b.hidden = !!subscribed;
       b.disabled = current;
       b.textContent = current ? "Current plan: " + u.plan : "Upgrade to " + b.getAttribute("data-plan");
     });
+    var note = $("change-note");
+    if (note) { note.hidden = !subscribed; }
   }
 
   function load() {

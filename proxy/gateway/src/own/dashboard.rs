@@ -56,10 +56,12 @@ impl Dashboard {
             .replace("/*SCRIPT*/", SCRIPT)
             .replace("<!--UPGRADES-->", &upgrades);
         if !portal {
-            page = page.replace(
+            for part in [
                 "<button type=\"button\" id=\"portal\" class=\"secondary\">Manage billing</button>",
-                "",
-            );
+                "<p id=\"change-note\" class=\"help\" hidden>To change your plan, use \"Manage billing\".</p>",
+            ] {
+                page = page.replace(part, "");
+            }
         }
         let csp = format!(
             "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",

@@ -217,6 +217,12 @@ async fn apply(
             status,
         } => {
             count(provider, "applied");
+            // This instance applies the change now (a status change too:
+            // /_tollgate/usage reports it); others follow within a second
+            // through the store's change path.
+            if let Err(e) = app.keys.reload().await {
+                log::warn!("webhook: changed the store but could not re-read it yet: {e}");
+            }
             if old_plan != new_plan || was_suspended != suspended {
                 PLAN_CHANGES.with_label_values(&[provider.name()]).inc();
                 let name = |p: &Option<String>| p.clone().unwrap_or_else(|| "(default)".into());
@@ -235,11 +241,6 @@ async fn apply(
                     event.id,
                     event.kind
                 );
-                // This instance applies the change now; others follow
-                // within a second through the store's change path.
-                if let Err(e) = app.keys.reload().await {
-                    log::warn!("webhook: changed the store but could not re-read it yet: {e}");
-                }
             }
             ok("applied")
         }
