@@ -216,9 +216,13 @@ fn billing_webhooks_and_checkout_are_read_and_checked_against_the_plans() {
     let ok = write(
         dir.path(),
         "tollgate.yaml",
-        "upstream: http://127.0.0.1:8000\nbilling_webhooks:\n  stripe: { secret_env: WH, previous_secret_env: WH_OLD, plans: { price_1: free }, on_cancel: free, on_past_due: suspend, tolerance: 2m }\n  standard: { secret_env: WH }\ncheckout:\n  stripe: { api_key_env: SK, prices: { free: price_1 }, success_url: \"https://e.com/ok\", cancel_url: \"https://e.com/no\" }\n",
+        "upstream: http://127.0.0.1:8000\nbilling_webhooks:\n  stripe: { secret_env: WH, previous_secret_env: WH_OLD, plans: { price_1: free }, on_cancel: free, on_past_due: suspend, tolerance: 2m }\n  standard: { secret_env: STD }\ncheckout:\n  stripe: { api_key_env: SK, prices: { free: price_1 }, success_url: \"https://e.com/ok\", cancel_url: \"https://e.com/no\" }\n",
     );
-    let env = |k: &str| matches!(k, "WH" | "WH_OLD" | "SK").then(|| format!("{k}-value"));
+    let env = |k: &str| match k {
+        "STD" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+        "WH" | "WH_OLD" | "SK" => Some(format!("{k}-value")),
+        _ => None,
+    };
     let c = Config::load_with_env(&ok, &env).unwrap();
     let stripe = c
         .webhook(tollgate_core::lifecycle::Provider::Stripe)
@@ -232,7 +236,7 @@ fn billing_webhooks_and_checkout_are_read_and_checked_against_the_plans() {
     assert_eq!(c.webhooks.len(), 2);
     assert_eq!(c.checkout.as_ref().unwrap().prices["free"], "price_1");
     // Secrets stay out of debug output.
-    assert!(!format!("{c:?}").contains("-value"));
+    assert!(!format!("{c:?}").contains("-value") && !format!("{c:?}").contains("whsec_"));
 
     let bad = write(
         dir.path(),
@@ -247,6 +251,8 @@ fn billing_webhooks_and_checkout_are_read_and_checked_against_the_plans() {
         "error: Paystack signs no timestamp".to_string(),
         "error: environment variable NOPE is not set".to_string(),
         "error: `plans` does not apply to Standard Webhooks".to_string(),
+        // WH-value decodes to far fewer than 16 bytes of key.
+        "error: a Standard Webhooks secret must hold at least 16 bytes of key".to_string(),
         "chargebee".to_string(),
         "error: `bronze` is not a plan in plans.yaml".to_string(),
         "error: `/ok` is not an http(s) URL".to_string(),
