@@ -59,6 +59,7 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
         prefix: "tg_live_".into(),
         answer_preflights: false,
         journal: None,
+        jwt: None,
     };
     (gate, raw)
 }

@@ -39,13 +39,14 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 # Python libraries the tests use as real peers: Stripe's official SDK and
-# the Standard Webhooks library sign webhook deliveries, Selenium drives
-# Chromium. Installed from PyPI, never as prebuilt browsers or drivers.
+# the Standard Webhooks library sign webhook deliveries, PyJWT makes JWTs,
+# Selenium drives Chromium. Installed from PyPI, never as prebuilt browsers or drivers.
 if [ "$testing" = test ]; then
   py_need=()
   python3 -c "import stripe" 2>/dev/null || py_need+=("stripe>=16")
   python3 -c "import standardwebhooks" 2>/dev/null || py_need+=("standardwebhooks>=1.0")
   python3 -c "import selenium" 2>/dev/null || py_need+=("selenium>=4.20")
+  python3 -c "import jwt, cryptography" 2>/dev/null || py_need+=("pyjwt[crypto]>=2.8")
   if [ ${#py_need[@]} -gt 0 ]; then
     echo "tollgate setup: installing Python packages ${py_need[*]}" >&2
     python3 -m pip install --quiet "${py_need[@]}" 2>/dev/null \

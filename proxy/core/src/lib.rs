@@ -6,7 +6,7 @@
 //! ([`store`], [`limiter`]), the per-request decision ([`gate`]), the
 //! rate-limit header values ([`headers`]), the one error model
 //! ([`problem`]), the usage ledger ([`usage`]), billing webhooks turned into plan
-//! changes ([`lifecycle`]), time ([`clock`]), config
+//! changes ([`lifecycle`]), JWT verification ([`jwt`]), time ([`clock`]), config
 //! diagnostics ([`diag`]) and the metric definitions ([`metrics`]).
 //! Backends (`tollgate-redis`, `tollgate-metering`) implement its traits;
 //! the gateway composes them. This crate may not depend on any of them, nor
@@ -17,6 +17,7 @@ pub mod clock;
 pub mod diag;
 pub mod gate;
 pub mod headers;
+pub mod jwt;
 pub mod keys;
 pub mod lifecycle;
 pub mod limiter;

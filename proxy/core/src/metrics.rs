@@ -189,6 +189,22 @@ pub static CHECKOUT_SESSIONS: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+pub static JWKS_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_jwks_fetches_total",
+        "JWK set fetches of jwks_url issuers by result (a failure keeps the last good set)",
+        &["issuer", "result"],
+    )
+});
+
+pub static JWKS_KEYS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "tollgate_jwks_keys",
+        "Usable keys in each JWT issuer's current key set",
+        &["issuer"],
+    )
+});
+
 /// The `result` label values of `tollgate_webhook_events_total`.
 pub const WEBHOOK_RESULTS: &[&str] = &["applied", "duplicate", "stale", "ignored", "rejected"];
 
@@ -215,6 +231,8 @@ pub fn init() {
     LazyLock::force(&WEBHOOK_EVENTS);
     LazyLock::force(&PLAN_CHANGES);
     LazyLock::force(&CHECKOUT_SESSIONS);
+    LazyLock::force(&JWKS_FETCHES);
+    LazyLock::force(&JWKS_KEYS);
 }
 
 /// The `outcome` label values of `tollgate_requests_total`.

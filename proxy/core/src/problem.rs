@@ -17,6 +17,8 @@ pub enum Rejection {
     RevokedKey,
     ExpiredKey,
     Suspended,
+    /// A JWT that does not verify (why, for the detail).
+    InvalidToken(crate::jwt::TokenError),
     Limited {
         retry_after: u64,
         violated: Vec<Arc<str>>,
@@ -53,7 +55,8 @@ impl Rejection {
             | Rejection::AmbiguousKey
             | Rejection::UnknownKey
             | Rejection::RevokedKey
-            | Rejection::ExpiredKey => 401,
+            | Rejection::ExpiredKey
+            | Rejection::InvalidToken(_) => 401,
             Rejection::Suspended => 403,
             Rejection::Limited { .. } => 429,
             Rejection::Unavailable { .. } | Rejection::SpoolFull | Rejection::UsageNotRecorded => {
@@ -108,6 +111,7 @@ impl Rejection {
                 "API key expired",
                 "This key has expired; use the key that replaced it.",
             ),
+            Rejection::InvalidToken(e) => ("invalid-token", "Invalid token", e.detail()),
             Rejection::Suspended => (
                 "suspended",
                 "Account suspended",

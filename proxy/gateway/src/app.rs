@@ -168,6 +168,7 @@ impl App {
             journal: spool.clone().map(|s| {
                 Arc::new(move || s.state()) as Arc<dyn Fn() -> JournalState + Send + Sync>
             }),
+            jwt: config.auth.as_ref().map(|a| a.verifier.clone()),
         };
         let meter = Meter {
             ledger: usage,

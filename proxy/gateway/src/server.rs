@@ -95,6 +95,90 @@ fn update_key_gauge(keys: &Keys, now: Millis) {
     }
 }
 
+/// Keeps each `jwks_url` issuer's key set fresh: every `jwks_refresh`, and
+/// when a token names a `kid` the set lacks, at most once a minute. A
+/// failed fetch keeps the last good set (counted and logged). Never on the
+/// request path.
+struct Jwks {
+    fetch: Vec<crate::config::JwksFetch>,
+}
+
+/// The least time between two fetches of one key set.
+pub const JWKS_MIN_INTERVAL: Duration = Duration::from_secs(60);
+
+#[async_trait]
+impl BackgroundService for Jwks {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        if self.fetch.is_empty() {
+            return;
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        let mut last: Vec<Option<std::time::Instant>> = vec![None; self.fetch.len()];
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            for (f, last) in self.fetch.iter().zip(last.iter_mut()) {
+                let due = match last {
+                    None => true,
+                    Some(t) => {
+                        t.elapsed() >= f.refresh
+                            || (f.issuer.wants_refresh() && t.elapsed() >= JWKS_MIN_INTERVAL)
+                    }
+                };
+                if due {
+                    *last = Some(std::time::Instant::now());
+                    fetch_jwks(&client, f).await;
+                }
+            }
+        }
+    }
+}
+
+async fn fetch_jwks(client: &reqwest::Client, f: &crate::config::JwksFetch) {
+    let name = &*f.issuer.name;
+    let got = async {
+        let resp = client.get(&f.url).send().await.map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            return Err(format!("HTTP {}", resp.status()));
+        }
+        let body = resp.bytes().await.map_err(|e| e.to_string())?;
+        if body.len() > 1 << 20 {
+            return Err("the key set is over 1 MiB".into());
+        }
+        tollgate_core::jwt::parse_jwks(&body)
+    }
+    .await;
+    match got.map(|set| (f.issuer.set_jwks(&set), set)) {
+        Ok((n, _)) if n > 0 => {
+            metrics::JWKS_FETCHES
+                .with_label_values(&[name, "success"])
+                .inc();
+            metrics::JWKS_KEYS.with_label_values(&[name]).set(n as i64);
+            log::info!("jwt issuer {name}: {n} keys from its jwks_url");
+        }
+        Ok(_) => {
+            metrics::JWKS_FETCHES
+                .with_label_values(&[name, "error"])
+                .inc();
+            log::warn!("jwt issuer {name}: its jwks_url holds no usable key");
+        }
+        Err(e) => {
+            metrics::JWKS_FETCHES
+                .with_label_values(&[name, "error"])
+                .inc();
+            log::warn!(
+                "jwt issuer {name}: fetching its jwks_url failed, keeping the last good keys: {e}"
+            );
+        }
+    }
+}
+
 /// Rolls usage into records every `flush_interval` and feeds every sink; on
 /// shutdown, rolls up everything and gives sinks a few seconds to deliver.
 struct Billing {
@@ -222,6 +306,16 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
     server.add_service(background_service(
         "tollgate billing",
         Billing { app: app.clone() },
+    ));
+    server.add_service(background_service(
+        "tollgate jwks",
+        Jwks {
+            fetch: config
+                .auth
+                .as_ref()
+                .map(|a| a.fetch.clone())
+                .unwrap_or_default(),
+        },
     ));
     server.add_service(background_service(
         "tollgate housekeeping",

@@ -124,6 +124,8 @@ pub struct Gate<L> {
     /// Whether the usage journal can take billable work (refused before it
     /// is charged when it cannot); None: metering is off.
     pub journal: Option<Arc<dyn Fn() -> JournalState + Send + Sync>>,
+    /// `auth.jwt`: bearer tokens shaped like a JWT are verified here.
+    pub jwt: Option<Arc<crate::jwt::Verifier>>,
 }
 
 impl<L: Limiter> Gate<L> {
@@ -263,6 +265,13 @@ impl<L: Limiter> Gate<L> {
     /// Whose key this is, suspended or not: self-service billing lets a
     /// suspended customer pay.
     pub async fn identify(&self, key: &str) -> Result<Identity, Rejection> {
+        if let Some(jwt) = self
+            .jwt
+            .as_ref()
+            .filter(|_| crate::jwt::looks_like_jwt(key))
+        {
+            return self.jwt_identity(jwt, key);
+        }
         keys::check_format(&self.prefix, key).map_err(|_| Rejection::MalformedKey)?;
         let hash = keys::hash(key);
         let now = self.clock.now_ms();
@@ -275,6 +284,37 @@ impl<L: Limiter> Gate<L> {
             other => other,
         };
         found.map_err(key_rejection)
+    }
+
+    /// A verified token's customer, as a key of that customer would be:
+    /// its stored plan (or the token's `plan_claim`, when that names a
+    /// plan), its suspension and billing state.
+    fn jwt_identity(&self, jwt: &crate::jwt::Verifier, token: &str) -> Result<Identity, Rejection> {
+        let v = jwt
+            .verify(token, self.clock.now_ms() / 1000)
+            .map_err(Rejection::InvalidToken)?;
+        if crate::store::admin::customer_id_ok(&v.customer).is_err() {
+            return Err(Rejection::InvalidToken(
+                crate::jwt::TokenError::MissingClaim,
+            ));
+        }
+        let view = self
+            .keys
+            .snapshot()
+            .customer(&v.customer)
+            .unwrap_or_default();
+        let plan = v
+            .plan
+            .filter(|p| self.plans.get(p).is_some())
+            .map(Into::into)
+            .or(view.plan);
+        Ok(Arc::new(crate::store::KeyInfo {
+            key_id: format!("jwt:{}", v.issuer).into(),
+            customer: v.customer.into(),
+            plan,
+            suspended: view.suspended,
+            billing: view.billing,
+        }))
     }
 
     fn admit_identity(

@@ -94,6 +94,7 @@ fn setup_with(answer_preflights: bool, journal_full: Option<Arc<AtomicBool>>) ->
                     }
                 }) as Arc<dyn Fn() -> JournalState + Send + Sync>
             }),
+            jwt: None,
         },
         free,
         pro,

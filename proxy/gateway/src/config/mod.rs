@@ -17,6 +17,7 @@ use tollgate_core::plans::Plans;
 pub use tollgate_core::clock::parse_duration;
 pub use tollgate_core::diag::{process_env, Env};
 
+mod auth;
 mod raw;
 mod redis;
 mod sections;
@@ -24,6 +25,7 @@ mod sections;
 mod tests;
 mod webhooks;
 
+pub use auth::{Auth, JwksFetch};
 use raw::RawConfig;
 pub use webhooks::WebhookConfig;
 
@@ -177,6 +179,8 @@ pub struct Config {
     pub connections: crate::connections::Limits,
     /// The billing providers whose webhooks change plans.
     pub webhooks: Vec<WebhookConfig>,
+    /// JWT issuers whose tokens stand in for keys (`auth.jwt`).
+    pub auth: Option<Auth>,
     /// Consumer self-service at Stripe (checkout, portal).
     pub checkout: Option<tollgate_metering::billing::checkout::CheckoutConfig>,
 }
@@ -188,7 +192,7 @@ impl Config {
     }
 }
 
-const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, admin, metering, billing_webhooks, checkout, cors, timeouts, threads, connections";
+const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, auth, admin, metering, billing_webhooks, checkout, cors, timeouts, threads, connections";
 
 impl Config {
     /// Loads and validates the config file and the plans it names.
@@ -250,6 +254,7 @@ impl Config {
             .as_ref()
             .map(|w| webhooks::parse(&mut cx, w, plans.as_deref()))
             .unwrap_or_default();
+        let auth = raw.auth.as_ref().and_then(|a| auth::parse(&mut cx, a));
         let checkout = raw.checkout.as_ref().and_then(|c| {
             let known = |p: &str| plans.as_ref().is_none_or(|ps| ps.get(p).is_some());
             tollgate_metering::billing::checkout::CheckoutConfig::parse(&mut cx, c, &known)
@@ -281,6 +286,7 @@ impl Config {
                     threads,
                     connections,
                     webhooks,
+                    auth,
                     checkout,
                 })
             }
@@ -323,6 +329,7 @@ fn read_sections(cx: &mut Check<'_>) -> Result<RawConfig, Diagnostics> {
             "metering" => raw.metering = cx.typed(key, v),
             "billing_webhooks" => raw.billing_webhooks = Some(v.clone()),
             "checkout" => raw.checkout = Some(v.clone()),
+            "auth" => raw.auth = cx.typed(key, v),
             "cors" => raw.cors = cx.typed(key, v),
             "timeouts" => raw.timeouts = cx.typed(key, v),
             "threads" => raw.threads = cx.typed(key, v),

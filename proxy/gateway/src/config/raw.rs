@@ -18,6 +18,7 @@ pub(super) struct RawConfig {
     pub(super) metering: Option<RawMetering>,
     /// Read provider by provider in `webhooks.rs`.
     pub(super) billing_webhooks: Option<serde_yaml::Value>,
+    pub(super) auth: Option<super::auth::RawAuth>,
     /// Parsed by `tollgate_metering::billing::checkout`.
     pub(super) checkout: Option<serde_yaml::Value>,
     pub(super) cors: Option<RawCors>,
