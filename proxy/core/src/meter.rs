@@ -119,13 +119,11 @@ mod tests {
 
     fn admitted(meter: Option<&str>) -> Admitted {
         Admitted {
-            identity: Arc::new(KeyInfo {
-                key_id: "key_x".into(),
-                customer: "cus_1".into(),
-                plan: None,
-                suspended: false,
-                billing: None,
-            }),
+            identity: Arc::new(KeyInfo::new(
+                "key_x".into(),
+                "cus_1".into(),
+                Default::default(),
+            )),
             plan: crate::limiter::conformance::plan(&[]),
             decision: Decision::unlimited(),
             cost: 3,

@@ -12,6 +12,7 @@ use pingora::protocols::http::ServerSession;
 
 use tollgate_core::clock::{parse_duration, Millis};
 use tollgate_core::limiter::Limiter;
+use tollgate_core::plans::custom::parse_limit_specs;
 use tollgate_core::problem::{Problem, PROBLEM_JSON};
 use tollgate_core::store::admin::{self, CreateKey};
 use tollgate_core::store::{KeyInfo, StoreError, UpdateStore};
@@ -108,13 +109,7 @@ impl AdminApp {
         let mut out = Vec::new();
         for id in ids {
             let view = snap.customer(&id).unwrap_or_default();
-            let identity = Arc::new(KeyInfo {
-                key_id: "".into(),
-                customer: id,
-                plan: view.plan,
-                suspended: view.suspended,
-                billing: view.billing,
-            });
+            let identity = Arc::new(KeyInfo::new("".into(), id, view));
             let plan = app.gate.plan_of(&identity);
             let decision = match app.gate.limiter.check(&identity.customer, &plan, 0).await {
                 Ok(d) => d,
@@ -140,6 +135,40 @@ impl AdminApp {
             "application/json",
             serde_json::Value::from(out).to_string().into_bytes(),
         )
+    }
+
+    /// A customer's own limits (null: its plan's) and the limits in force.
+    fn limits(&self, id: &str) -> Response<Vec<u8>> {
+        let data = match self.app.keys.data() {
+            Ok(d) => d,
+            Err(e) => return problem(e.status(), "Cannot read the key store", &e.to_string()),
+        };
+        let Some(c) = data.customers.get(id) else {
+            return problem(404, "Not found", &format!("customer {id} not found"));
+        };
+        let view = self
+            .app
+            .gate
+            .keys
+            .snapshot()
+            .customer(id)
+            .unwrap_or_default();
+        let plan = self
+            .app
+            .gate
+            .plan_of(&Arc::new(KeyInfo::new("".into(), id.into(), view)));
+        let effective: Vec<serde_json::Value> = plan
+            .limits
+            .iter()
+            .map(|l| serde_json::json!({"name": &*l.name, "requests": l.quota, "per": l.window.name()}))
+            .collect();
+        let body = serde_json::json!({
+            "customer": id,
+            "plan": &*plan.name,
+            "limits": c.limits,
+            "effective": effective,
+        });
+        respond(200, "application/json", body.to_string().into_bytes())
     }
 
     fn keys(&self, customer: Option<&str>) -> Response<Vec<u8>> {
@@ -248,6 +277,14 @@ impl ServeHttp for AdminApp {
             ("PUT", ["customers", id, "plan"]) => {
                 self.write(Write::SetPlan((*id).to_owned(), body)).await
             }
+            ("PUT", ["customers", id, "limits"]) => {
+                self.write(Write::SetLimits((*id).to_owned(), Some(body)))
+                    .await
+            }
+            ("DELETE", ["customers", id, "limits"]) => {
+                self.write(Write::SetLimits((*id).to_owned(), None)).await
+            }
+            ("GET", ["customers", id, "limits"]) => self.limits(id),
             ("POST", ["customers", id, "suspend"]) => {
                 self.write(Write::Suspend((*id).to_owned(), true)).await
             }
@@ -266,6 +303,8 @@ enum Write {
     Revoke(String),
     Rotate(String, serde_json::Value),
     SetPlan(String, serde_json::Value),
+    /// `None`: back to the plan's limits.
+    SetLimits(String, Option<serde_json::Value>),
     Suspend(String, bool),
 }
 
@@ -465,6 +504,22 @@ fn apply(
             known(&plan)?;
             admin::set_plan(store, &id, &plan).map_err(store_err)?;
             Ok((200, serde_json::json!({ "customer": id, "plan": plan })))
+        }
+        Write::SetLimits(id, Some(body)) => {
+            only_fields(&body, &["limits"])?;
+            let list = body.get("limits").ok_or_else(|| {
+                bad("`limits` is required: a list of limits like a plan's".into())
+            })?;
+            let specs = parse_limit_specs(list, "limits").map_err(|errs| {
+                let all: Vec<String> = errs.iter().map(|(p, m)| format!("{p}: {m}")).collect();
+                bad(all.join("; "))
+            })?;
+            admin::set_limits(store, &id, Some(specs.clone())).map_err(store_err)?;
+            Ok((200, serde_json::json!({ "customer": id, "limits": specs })))
+        }
+        Write::SetLimits(id, None) => {
+            admin::set_limits(store, &id, None).map_err(store_err)?;
+            Ok((200, serde_json::json!({ "customer": id, "limits": null })))
         }
         Write::Suspend(id, suspended) => {
             admin::set_suspended(store, &id, suspended).map_err(store_err)?;

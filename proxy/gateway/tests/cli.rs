@@ -356,3 +356,52 @@ fn keys_list_json_parses_and_never_holds_a_key_or_hash() {
     let raw = text(&out.stdout);
     assert!(!raw.contains(&key) && !raw.contains(&hex::encode(tollgate_core::keys::hash(&key))));
 }
+
+#[test]
+fn customers_get_their_own_limits_from_a_file_and_lose_them_again() {
+    let dir = project();
+    let out = tollgate(dir.path(), &["keys", "create", "--customer", "cus_big"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "limits:\n  - { name: burst, requests: 0, per: second }\n  - { name: daily, requests: 10, per: fortnight }\n",
+    )
+    .unwrap();
+    let out = tollgate(
+        dir.path(),
+        &["customers", "set-limits", "cus_big", "--file", "bad.yaml"],
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("bad.yaml:2:30: error: limits[0].requests: must be a positive whole number"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bad.yaml:3:39: error: limits[1].per: must be second, minute"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.path().join("big.yaml"),
+        "limits:\n  - { name: burst, requests: 500, per: second }\n  - { name: monthly, requests: 10000000, per: month }\n",
+    )
+    .unwrap();
+    let out = tollgate(
+        dir.path(),
+        &["customers", "set-limits", "cus_big", "--file", "big.yaml"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let store: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("keys.db")).unwrap())
+            .unwrap();
+    assert_eq!(
+        store["customers"]["cus_big"]["limits"],
+        serde_json::json!([{"name": "burst", "requests": 500, "per": "second"}, {"name": "monthly", "requests": 10_000_000, "per": "month"}])
+    );
+    let out = tollgate(dir.path(), &["customers", "clear-limits", "cus_big"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let store: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("keys.db")).unwrap())
+            .unwrap();
+    assert!(store["customers"]["cus_big"].get("limits").is_none());
+}

@@ -4,7 +4,7 @@
 //! Layout (prefix `P`, default `tg`):
 //! - `P:key:<sha256 hex>`: hash with id, start, customer, name, created,
 //!   expires, revoked; `P:keyid:<id>` → the hash; `P:keys`: set of hashes;
-//! - `P:customer:<id>`: hash with plan, suspended, billing (JSON);
+//! - `P:customer:<id>`: hash with plan, suspended, billing and limits (JSON);
 //!   `P:customers`: set of ids;
 //! - `P:webhook_events`: hash of applied billing webhook deliveries
 //!   (`provider:event id` → Unix ms), read and written under the store lock;
@@ -71,6 +71,9 @@ fn customer_from(fields: &HashMap<String, String>) -> CustomerRecord {
         billing: fields
             .get("billing")
             .and_then(|b| serde_json::from_str(b).ok()),
+        limits: fields
+            .get("limits")
+            .and_then(|l| serde_json::from_str(l).ok()),
     }
 }
 
@@ -250,6 +253,10 @@ async fn write_customer(
     match &c.billing {
         Some(b) => fields.push(("billing", serde_json::to_string(b).map_err(redis_err)?)),
         None => absent.push("billing"),
+    }
+    match &c.limits {
+        Some(l) => fields.push(("limits", serde_json::to_string(l).map_err(redis_err)?)),
+        None => absent.push("limits"),
     }
     conn.admin::<()>(Cmd::hset_multiple(&key, &fields))
         .await

@@ -298,23 +298,19 @@ impl<L: Limiter> Gate<L> {
                 crate::jwt::TokenError::MissingClaim,
             ));
         }
-        let view = self
+        let mut view = self
             .keys
             .snapshot()
             .customer(&v.customer)
             .unwrap_or_default();
-        let plan = v
-            .plan
-            .filter(|p| self.plans.get(p).is_some())
-            .map(Into::into)
-            .or(view.plan);
-        Ok(Arc::new(crate::store::KeyInfo {
-            key_id: format!("jwt:{}", v.issuer).into(),
-            customer: v.customer.into(),
-            plan,
-            suspended: view.suspended,
-            billing: view.billing,
-        }))
+        if let Some(p) = v.plan.filter(|p| self.plans.get(p).is_some()) {
+            view.plan = Some(p.into());
+        }
+        Ok(Arc::new(crate::store::KeyInfo::new(
+            format!("jwt:{}", v.issuer).into(),
+            v.customer.into(),
+            view,
+        )))
     }
 
     fn admit_identity(
@@ -332,12 +328,20 @@ impl<L: Limiter> Gate<L> {
     /// The customer's plan; a plan name no longer in plans.yaml falls back to
     /// the default plan (`tollgate check` reports such customers).
     pub fn plan_of(&self, identity: &Identity) -> Arc<Plan> {
-        identity
+        let plan = identity
             .plan
             .as_deref()
             .and_then(|p| self.plans.get(p))
-            .unwrap_or(&self.plans.default_plan)
-            .clone()
+            .unwrap_or(&self.plans.default_plan);
+        match &identity.limits {
+            None => Arc::clone(plan),
+            // The customer's own limits: built once per snapshot.
+            Some(limits) => Arc::clone(
+                identity
+                    .custom_plan
+                    .get_or_init(|| plan.with_limits(limits.to_vec())),
+            ),
+        }
     }
 
     /// Asks the limiter; `cost` 0 only reports.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::clock::{Millis, DAY, HOUR, MINUTE, SECOND};
 use crate::diag::{Diagnostics, Source};
 
+pub mod custom;
 mod parse;
 #[cfg(test)]
 mod tests;

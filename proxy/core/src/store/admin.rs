@@ -143,6 +143,23 @@ pub fn set_plan(store: &impl UpdateStore, customer: &str, plan: &str) -> Result<
     })
 }
 
+/// Replaces a customer's limits (`None`: back to its plan's). A customer
+/// not in the store yet is created, as `set_plan` does.
+pub fn set_limits(
+    store: &impl UpdateStore,
+    customer: &str,
+    limits: Option<Vec<crate::plans::custom::LimitSpec>>,
+) -> Result<(), StoreError> {
+    customer_id_ok(customer)?;
+    store.update(|d| {
+        if limits.is_none() && !d.customers.contains_key(customer) {
+            return Err(StoreError::NotFound(format!("customer {customer}")));
+        }
+        d.customers.entry(customer.to_owned()).or_default().limits = limits;
+        Ok(())
+    })
+}
+
 pub fn set_suspended(
     store: &impl UpdateStore,
     customer: &str,

@@ -48,6 +48,9 @@ pub struct CustomerRecord {
     /// plan (`billing_webhooks`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub billing: Option<BillingState>,
+    /// This customer's own limits, instead of its plan's (`[]`: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<Vec<crate::plans::custom::LimitSpec>>,
 }
 
 impl CustomerRecord {
@@ -120,7 +123,7 @@ pub struct StoreData {
 
 /// Who a valid key belongs to, resolved when the snapshot is built so a
 /// lookup touches one allocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct KeyInfo {
     pub key_id: Arc<str>,
     pub customer: Arc<str>,
@@ -129,6 +132,24 @@ pub struct KeyInfo {
     pub suspended: bool,
     /// The subscription's state, when billing webhooks drive the plan.
     pub billing: Option<BillingStatus>,
+    /// The customer's own limits, replacing its plan's.
+    pub limits: Option<Arc<[crate::plans::Limit]>>,
+    /// Its plan with those limits, built on first use.
+    pub custom_plan: std::sync::OnceLock<Arc<crate::plans::Plan>>,
+}
+
+impl KeyInfo {
+    pub fn new(key_id: Arc<str>, customer: Arc<str>, view: CustomerView) -> Self {
+        Self {
+            key_id,
+            customer,
+            plan: view.plan,
+            suspended: view.suspended,
+            billing: view.billing,
+            limits: view.limits,
+            custom_plan: std::sync::OnceLock::new(),
+        }
+    }
 }
 
 /// What a successful lookup returns; cheap to clone.
@@ -184,12 +205,13 @@ pub struct Snapshot {
 }
 
 /// What the snapshot keeps of a customer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct CustomerView {
     /// None: the default plan.
     pub plan: Option<Arc<str>>,
     pub suspended: bool,
     pub billing: Option<BillingStatus>,
+    pub limits: Option<Arc<[crate::plans::Limit]>>,
 }
 
 fn bucket(hash: &KeyHash) -> u64 {
@@ -208,6 +230,12 @@ impl Snapshot {
                     plan: c.plan.as_deref().map(Into::into),
                     suspended: c.is_suspended(),
                     billing: c.billing.as_ref().map(|b| b.status),
+                    // Stored limits were checked when written; one that no
+                    // longer parses is left out rather than refusing all.
+                    limits: c
+                        .limits
+                        .as_ref()
+                        .map(|l| l.iter().filter_map(|s| s.limit()).collect()),
                 },
             );
         }
@@ -230,13 +258,7 @@ impl Snapshot {
                 // An expiry that does not parse fails closed: expired.
                 expires: k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0)),
                 revoked: k.revoked.is_some(),
-                info: Arc::new(KeyInfo {
-                    key_id: k.id.as_str().into(),
-                    customer,
-                    plan: view.plan,
-                    suspended: view.suspended,
-                    billing: view.billing,
-                }),
+                info: Arc::new(KeyInfo::new(k.id.as_str().into(), customer, view)),
             };
             match s.keys.entry(bucket(&hash)) {
                 std::collections::hash_map::Entry::Vacant(v) => {

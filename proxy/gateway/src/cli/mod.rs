@@ -100,6 +100,17 @@ pub(crate) enum CustomersCmd {
         id: String,
         plan: String,
     },
+    /// Give the customer its own limits instead of its plan's, from a YAML
+    /// file holding `limits: [...]` shaped as in plans.yaml.
+    SetLimits {
+        id: String,
+        #[arg(long)]
+        file: std::path::PathBuf,
+    },
+    /// Back to the plan's limits.
+    ClearLimits {
+        id: String,
+    },
     /// Refuse the customer's keys with 403 until resumed.
     Suspend {
         id: String,

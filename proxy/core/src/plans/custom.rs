@@ -1,0 +1,186 @@
+//! Per-customer limits: the limits a plan's customers have, replaced for
+//! one customer (an enterprise deal, a custom SLA). Stored with the
+//! customer in the key store, shaped as a plan's limit in plans.yaml.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{policy_header, valid_token, Limit, Plan, Window};
+
+/// One limit as stored and as the admin API and CLI take it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitSpec {
+    pub name: String,
+    pub requests: u64,
+    pub per: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub overage: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overage_meter: Option<String>,
+}
+
+impl LimitSpec {
+    /// The limit it describes, when valid.
+    pub fn limit(&self) -> Option<Limit> {
+        Some(Limit {
+            name: self.name.as_str().into(),
+            quota: self.requests,
+            window: Window::parse(&self.per)?,
+            overage: self.overage || self.overage_meter.is_some(),
+            overage_meter: self.overage_meter.as_deref().map(Into::into),
+        })
+        .filter(|l| l.quota > 0 && valid_token(&l.name))
+    }
+}
+
+/// A problem with one field: its path (`limits[1].per`) and what is wrong.
+pub type FieldError = (String, String);
+
+/// Reads `{"limits": [...]}` (or the list itself at `path`): every limit
+/// checked like a plan's in plans.yaml, every problem named by its field.
+pub fn parse_limit_specs(v: &Value, path: &str) -> Result<Vec<LimitSpec>, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let Some(items) = v.as_array() else {
+        return Err(vec![(path.to_owned(), "must be a list of limits".into())]);
+    };
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let p = format!("{path}[{i}]");
+        let Some(obj) = item.as_object() else {
+            errors.push((p, "must be an object like {\"name\": \"burst\", \"requests\": 10, \"per\": \"second\"}".into()));
+            continue;
+        };
+        for k in obj.keys() {
+            if !["name", "requests", "per", "overage", "overage_meter"].contains(&k.as_str()) {
+                errors.push((
+                    format!("{p}.{k}"),
+                    "unknown field; a limit takes name, requests, per, overage, overage_meter"
+                        .into(),
+                ));
+            }
+        }
+        let name = obj.get("name").and_then(Value::as_str);
+        match name {
+            None => errors.push((format!("{p}.name"), "is required (a string)".into())),
+            Some(n) if !valid_token(n) => errors.push((
+                format!("{p}.name"),
+                format!("`{n}` may only hold letters, digits, `_`, `-` and `.`"),
+            )),
+            Some(n) if !seen.insert(n.to_owned()) => {
+                errors.push((format!("{p}.name"), format!("`{n}` is given twice")))
+            }
+            _ => {}
+        }
+        let requests = obj
+            .get("requests")
+            .and_then(Value::as_u64)
+            .filter(|r| *r > 0);
+        if requests.is_none() {
+            errors.push((
+                format!("{p}.requests"),
+                "must be a positive whole number".into(),
+            ));
+        }
+        let per = obj.get("per").and_then(Value::as_str);
+        if per.and_then(Window::parse).is_none() {
+            errors.push((
+                format!("{p}.per"),
+                "must be second, minute, hour, day, month, or whole seconds up to 1h like 10s"
+                    .into(),
+            ));
+        }
+        let overage = match obj.get("overage") {
+            None => Some(false),
+            Some(v) => v.as_bool(),
+        };
+        if overage.is_none() {
+            errors.push((format!("{p}.overage"), "must be true or false".into()));
+        }
+        let meter = match obj.get("overage_meter") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(m)) if valid_token(m) => Ok(Some(m.clone())),
+            Some(_) => Err(()),
+        };
+        if meter.is_err() {
+            errors.push((
+                format!("{p}.overage_meter"),
+                "must be a meter name (letters, digits, `_`, `-`, `.`)".into(),
+            ));
+        }
+        if let (Some(name), Some(requests), Some(per), Some(overage), Ok(overage_meter)) =
+            (name, requests, per, overage, meter)
+        {
+            out.push(LimitSpec {
+                name: name.to_owned(),
+                requests,
+                per: per.to_owned(),
+                overage,
+                overage_meter,
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+impl Plan {
+    /// This plan with `limits` instead of its own (name, meter kept).
+    pub fn with_limits(&self, limits: Vec<Limit>) -> Arc<Plan> {
+        Arc::new(Plan {
+            name: Arc::clone(&self.name),
+            policy_header: policy_header(&limits),
+            limits,
+            meter: self.meter.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let v: Value = serde_json::json!([
+            {"name": "burst", "requests": 50, "per": "second"},
+            {"name": "burst", "requests": 0, "per": "fortnight", "overage": "yes", "colour": 1},
+            "ten a day",
+        ]);
+        let errs = parse_limit_specs(&v, "limits").unwrap_err();
+        let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "limits[1].colour",
+                "limits[1].name",
+                "limits[1].requests",
+                "limits[1].per",
+                "limits[1].overage",
+                "limits[2]"
+            ]
+        );
+        let ok = parse_limit_specs(
+            &serde_json::json!([{"name": "monthly", "requests": 1000000, "per": "month", "overage_meter": "extra"}]),
+            "limits",
+        )
+        .unwrap();
+        let l = ok[0].limit().unwrap();
+        assert_eq!(
+            (l.quota, l.window, l.overage),
+            (1_000_000, Window::Month, true)
+        );
+        // No limits at all: unlimited, as a plan with `limits: []`.
+        assert_eq!(
+            parse_limit_specs(&serde_json::json!([]), "limits").unwrap(),
+            vec![]
+        );
+    }
+}
