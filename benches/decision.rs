@@ -38,6 +38,7 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
             },
         );
         data.keys.push(KeyRecord {
+            meta: None,
             id: format!("key_{i:016}"),
             hash: hex::encode(keys::hash(&key)),
             start: key[..12].to_owned(),

@@ -40,13 +40,16 @@ fi
 
 # Python libraries the tests use as real peers: Stripe's official SDK and
 # the Standard Webhooks library sign webhook deliveries, PyJWT makes JWTs,
-# Selenium drives Chromium. Installed from PyPI, never as prebuilt browsers or drivers.
+# Selenium drives Chromium, schemathesis tests the admin API against its
+# OpenAPI document, openapi-spec-validator checks generated documents. Installed from PyPI, never as prebuilt browsers or drivers.
 if [ "$testing" = test ]; then
   py_need=()
   python3 -c "import stripe" 2>/dev/null || py_need+=("stripe>=16")
   python3 -c "import standardwebhooks" 2>/dev/null || py_need+=("standardwebhooks>=1.0")
   python3 -c "import selenium" 2>/dev/null || py_need+=("selenium>=4.20")
   python3 -c "import jwt, cryptography" 2>/dev/null || py_need+=("pyjwt[crypto]>=2.8")
+  python3 -c "import schemathesis" 2>/dev/null || py_need+=("schemathesis>=4.0")
+  python3 -c "import openapi_spec_validator" 2>/dev/null || py_need+=("openapi-spec-validator>=0.7")
   if [ ${#py_need[@]} -gt 0 ]; then
     echo "tollgate setup: installing Python packages ${py_need[*]}" >&2
     python3 -m pip install --quiet "${py_need[@]}" 2>/dev/null \

@@ -298,7 +298,7 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
 
     let mut admin = Service::new(
         "tollgate admin".to_string(),
-        pingora::apps::http_app::HttpServer::new_app(AdminApp { app: app.clone() }),
+        pingora::apps::http_app::HttpServer::new_app(AdminApp::new(app.clone())),
     );
     admin.add_tcp(&config.admin.listen.to_string());
     server.add_service(admin);

@@ -63,6 +63,7 @@ async fn kill_9_under_load_then_restart_bills_every_answered_request_once() {
             name: None,
             expires: None,
             set_plan: false,
+            meta: None,
         },
         SystemClock.now_ms(),
     )

@@ -92,6 +92,7 @@ async fn expired_keys_and_suspended_customers_are_refused() {
             name: None,
             expires: Some(now - 1000),
             set_plan: false,
+            meta: None,
         },
         now,
     )
@@ -1066,7 +1067,8 @@ async fn the_admin_api_refuses_unknown_fields_and_silent_plan_moves() {
     )
     .await
     .unwrap();
-    assert_eq!(r.status(), 400);
+    // A valid request that conflicts with the customer's current plan.
+    assert_eq!(r.status(), 409);
     assert!(problem(r).await["detail"]
         .as_str()
         .unwrap()

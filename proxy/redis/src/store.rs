@@ -2,8 +2,8 @@
 //! instance.
 //!
 //! Layout (prefix `P`, default `tg`):
-//! - `P:key:<sha256 hex>`: hash with id, start, customer, name, created,
-//!   expires, revoked; `P:keyid:<id>` → the hash; `P:keys`: set of hashes;
+//! - `P:key:<sha256 hex>`: hash with id, start, customer, name, meta (JSON),
+//!   created, expires, revoked; `P:keyid:<id>` → the hash; `P:keys`: set of hashes;
 //! - `P:customer:<id>`: hash with plan, suspended, billing and limits (JSON);
 //!   `P:customers`: set of ids;
 //! - `P:webhook_events`: hash of applied billing webhook deliveries
@@ -56,6 +56,9 @@ fn record_from(hash: &str, fields: &HashMap<String, String>) -> Option<KeyRecord
         start: fields.get("start").cloned().unwrap_or_default(),
         customer: fields.get("customer")?.clone(),
         name: fields.get("name").cloned(),
+        meta: fields
+            .get("meta")
+            .and_then(|m| serde_json::from_str(m).ok()),
         created: fields.get("created").cloned().unwrap_or_default(),
         expires: fields.get("expires").cloned(),
         revoked: fields.get("revoked").cloned(),
@@ -206,8 +209,13 @@ async fn write_key(conn: &RedisConn, p: &str, k: &KeyRecord) -> Result<(), Store
         ("created", k.created.clone()),
     ];
     let mut absent = Vec::new();
+    let meta = k
+        .meta
+        .as_ref()
+        .map(|m| serde_json::Value::from(m.clone()).to_string());
     for (name, v) in [
         ("name", &k.name),
+        ("meta", &meta),
         ("expires", &k.expires),
         ("revoked", &k.revoked),
     ] {

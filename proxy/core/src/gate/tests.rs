@@ -67,6 +67,7 @@ fn setup_with(answer_preflights: bool, journal_full: Option<Arc<AtomicBool>>) ->
             },
         );
         data.keys.push(KeyRecord {
+            meta: None,
             id: format!("key_{i:016}"),
             hash: hex::encode(keys::hash(key)),
             start: key[..12].into(),

@@ -37,15 +37,42 @@ impl LimitSpec {
     }
 }
 
+/// The largest quota: the largest integer JSON numbers hold exactly.
+pub const MAX_REQUESTS: u64 = (1 << 53) - 1;
+
+/// A whole number as JSON Schema counts one (`717` or `717.0`), within
+/// [`MAX_REQUESTS`].
+fn whole(v: &Value) -> Option<u64> {
+    let n = v.as_u64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_REQUESTS as f64)
+            .map(|f| f as u64)
+    })?;
+    (n <= MAX_REQUESTS).then_some(n)
+}
+
 /// A problem with one field: its path (`limits[1].per`) and what is wrong.
 pub type FieldError = (String, String);
 
-/// Reads `{"limits": [...]}` (or the list itself at `path`): every limit
-/// checked like a plan's in plans.yaml, every problem named by its field.
-pub fn parse_limit_specs(v: &Value, path: &str) -> Result<Vec<LimitSpec>, Vec<FieldError>> {
+/// Why a list of limits was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitErrors {
+    pub fields: Vec<FieldError>,
+    /// Every problem is one a schema cannot describe (a name given
+    /// twice): the admin API answers 422 rather than 400.
+    pub semantic: bool,
+}
+
+/// Reads the list of limits at `path`: every limit checked like a plan's
+/// in plans.yaml, every problem named by its field.
+pub fn parse_limit_specs(v: &Value, path: &str) -> Result<Vec<LimitSpec>, LimitErrors> {
     let mut errors = Vec::new();
+    let mut duplicates = Vec::new();
     let Some(items) = v.as_array() else {
-        return Err(vec![(path.to_owned(), "must be a list of limits".into())]);
+        return Err(LimitErrors {
+            fields: vec![(path.to_owned(), "must be a list of limits".into())],
+            semantic: false,
+        });
     };
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
@@ -72,22 +99,19 @@ pub fn parse_limit_specs(v: &Value, path: &str) -> Result<Vec<LimitSpec>, Vec<Fi
                 format!("`{n}` may only hold letters, digits, `_`, `-` and `.`"),
             )),
             Some(n) if !seen.insert(n.to_owned()) => {
-                errors.push((format!("{p}.name"), format!("`{n}` is given twice")))
+                duplicates.push((format!("{p}.name"), format!("`{n}` is given twice")))
             }
             _ => {}
         }
-        let requests = obj
-            .get("requests")
-            .and_then(Value::as_u64)
-            .filter(|r| *r > 0);
+        let requests = obj.get("requests").and_then(whole).filter(|r| *r > 0);
         if requests.is_none() {
             errors.push((
                 format!("{p}.requests"),
-                "must be a positive whole number".into(),
+                format!("must be a positive whole number, at most {MAX_REQUESTS}"),
             ));
         }
         let per = obj.get("per").and_then(Value::as_str);
-        if per.and_then(Window::parse).is_none() {
+        if !per.is_some_and(canonical_window) {
             errors.push((
                 format!("{p}.per"),
                 "must be second, minute, hour, day, month, or whole seconds up to 1h like 10s"
@@ -102,7 +126,7 @@ pub fn parse_limit_specs(v: &Value, path: &str) -> Result<Vec<LimitSpec>, Vec<Fi
             errors.push((format!("{p}.overage"), "must be true or false".into()));
         }
         let meter = match obj.get("overage_meter") {
-            None | Some(Value::Null) => Ok(None),
+            None => Ok(None),
             Some(Value::String(m)) if valid_token(m) => Ok(Some(m.clone())),
             Some(_) => Err(()),
         };
@@ -124,11 +148,33 @@ pub fn parse_limit_specs(v: &Value, path: &str) -> Result<Vec<LimitSpec>, Vec<Fi
             });
         }
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors)
+    if errors.is_empty() && duplicates.is_empty() {
+        return Ok(out);
     }
+    let semantic = errors.is_empty();
+    errors.extend(duplicates);
+    Err(LimitErrors {
+        fields: errors,
+        semantic,
+    })
+}
+
+/// `per` in the one spelling each window has: `second`..`month`, `1h`,
+/// `<1-60>m` or `<1-3600>s` without leading zeros (what the admin API's
+/// schema says; plans.yaml is more lenient).
+fn canonical_window(per: &str) -> bool {
+    if matches!(per, "second" | "minute" | "hour" | "day" | "month" | "1h") {
+        return true;
+    }
+    let (num, max) = match (per.strip_suffix('s'), per.strip_suffix('m')) {
+        (Some(n), _) => (n, 3600),
+        (None, Some(n)) => (n, 60),
+        _ => return false,
+    };
+    !num.starts_with('0')
+        && !num.is_empty()
+        && num.bytes().all(|b| b.is_ascii_digit())
+        && num.parse::<u32>().is_ok_and(|n| (1..=max).contains(&n))
 }
 
 impl Plan {
@@ -155,16 +201,17 @@ mod tests {
             "ten a day",
         ]);
         let errs = parse_limit_specs(&v, "limits").unwrap_err();
-        let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+        assert!(!errs.semantic);
+        let paths: Vec<&str> = errs.fields.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             paths,
             [
                 "limits[1].colour",
-                "limits[1].name",
                 "limits[1].requests",
                 "limits[1].per",
                 "limits[1].overage",
-                "limits[2]"
+                "limits[2]",
+                "limits[1].name"
             ]
         );
         let ok = parse_limit_specs(
@@ -177,6 +224,12 @@ mod tests {
             (l.quota, l.window, l.overage),
             (1_000_000, Window::Month, true)
         );
+        // Only a repeated name: a problem no schema states, told apart.
+        let twice = serde_json::json!([
+            {"name": "burst", "requests": 5, "per": "second"},
+            {"name": "burst", "requests": 50, "per": "minute"}
+        ]);
+        assert!(parse_limit_specs(&twice, "limits").unwrap_err().semantic);
         // No limits at all: unlimited, as a plan with `limits: []`.
         assert_eq!(
             parse_limit_specs(&serde_json::json!([]), "limits").unwrap(),

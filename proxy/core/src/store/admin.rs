@@ -30,6 +30,48 @@ pub fn customer_id_ok(id: &str) -> Result<(), StoreError> {
     }
 }
 
+/// A key's `meta` holds at most this many fields...
+pub const META_MAX_FIELDS: usize = 16;
+/// ...named by 1-64 of `[A-Za-z0-9_.-]`, each a number, a boolean or a
+/// string of at most this many characters: a flat, bounded object.
+pub const META_MAX_STRING: usize = 256;
+
+/// A key's `meta`: a flat JSON object within the bounds.
+pub fn check_meta(meta: &serde_json::Map<String, serde_json::Value>) -> Result<(), StoreError> {
+    use serde_json::Value;
+    let bad = |why: String| Err(StoreError::Invalid(format!("`meta`: {why}")));
+    if meta.len() > META_MAX_FIELDS {
+        return bad(format!("at most {META_MAX_FIELDS} fields"));
+    }
+    for (k, v) in meta {
+        if !crate::plans::valid_token(k) {
+            return bad(format!(
+                "field names are 1-64 of letters, digits, `_`, `-`, `.` (`{k}` is not)"
+            ));
+        }
+        match v {
+            Value::Bool(_) | Value::Number(_) => {}
+            Value::String(s) if s.chars().count() <= META_MAX_STRING => {}
+            _ => {
+                return bad(format!(
+                    "`{k}` must be a number, a boolean or a string of at most {META_MAX_STRING} characters"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A key name: at most 200 characters, no control characters.
+fn check_name(name: &str) -> Result<(), StoreError> {
+    if name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(StoreError::Invalid(
+            "`name` must be at most 200 characters, without control characters".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn new_record(
     prefix: &str,
     customer: &str,
@@ -45,6 +87,7 @@ fn new_record(
         start: raw.get(..prefix.len() + 4).unwrap_or(prefix).to_owned(),
         customer: customer.to_owned(),
         name: name.map(str::to_owned),
+        meta: None,
         created: rfc3339(now),
         expires: expires.map(rfc3339),
         revoked: None,
@@ -60,6 +103,7 @@ pub struct CreateKey<'a> {
     /// `plan` may change the plan of an existing customer (and so of all
     /// its keys); without it that is refused.
     pub set_plan: bool,
+    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 pub fn create_key(
@@ -69,12 +113,19 @@ pub fn create_key(
     now: Millis,
 ) -> Result<NewKey, StoreError> {
     customer_id_ok(req.customer)?;
-    let new = new_record(prefix, req.customer, req.name, now, req.expires)?;
+    if let Some(n) = req.name {
+        check_name(n)?;
+    }
+    if let Some(m) = &req.meta {
+        check_meta(m)?;
+    }
+    let mut new = new_record(prefix, req.customer, req.name, now, req.expires)?;
+    new.record.meta = req.meta.clone();
     let record = new.record.clone();
     store.update(|d| {
         if let (Some(plan), Some(c), false) = (req.plan, d.customers.get(req.customer), req.set_plan) {
             if c.plan.as_deref() != Some(plan) {
-                return Err(StoreError::Invalid(format!(
+                return Err(StoreError::Conflict(format!(
                     "customer {} is on plan {}; a new key with plan {plan} would move all its keys: say so with set_plan (--set-plan), or leave the plan out",
                     req.customer,
                     c.plan.as_deref().unwrap_or("(default)")
@@ -120,7 +171,7 @@ pub fn rotate(
             .find(|k| k.id == id)
             .ok_or_else(|| StoreError::NotFound(format!("key {id}")))?;
         if old.revoked.is_some() {
-            return Err(StoreError::Invalid(format!(
+            return Err(StoreError::Conflict(format!(
                 "key {id} is revoked; create a new key instead"
             )));
         }
@@ -129,7 +180,9 @@ pub fn rotate(
         let new_expiry = old_expiry.map_or(until, |e| e.min(until));
         old.expires = Some(rfc3339(new_expiry));
         let (customer, name) = (old.customer.clone(), old.name.clone());
-        let new = new_record(prefix, &customer, name.as_deref(), now, old_expiry)?;
+        let meta = old.meta.clone();
+        let mut new = new_record(prefix, &customer, name.as_deref(), now, old_expiry)?;
+        new.record.meta = meta;
         d.keys.push(new.record.clone());
         Ok(new)
     })
@@ -152,8 +205,14 @@ pub fn set_limits(
 ) -> Result<(), StoreError> {
     customer_id_ok(customer)?;
     store.update(|d| {
-        if limits.is_none() && !d.customers.contains_key(customer) {
-            return Err(StoreError::NotFound(format!("customer {customer}")));
+        let has = d
+            .customers
+            .get(customer)
+            .is_some_and(|c| c.limits.is_some());
+        if limits.is_none() && !has {
+            return Err(StoreError::NotFound(format!(
+                "own limits of customer {customer} (its plan's apply)"
+            )));
         }
         d.customers.entry(customer.to_owned()).or_default().limits = limits;
         Ok(())

@@ -213,6 +213,7 @@ mod tests {
                 name: None,
                 expires: None,
                 set_plan: false,
+                meta: None,
             },
             NOW,
         )

@@ -29,6 +29,10 @@ pub struct KeyRecord {
     pub customer: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// The operator's own data about the key (bounded: see
+    /// [`admin::check_meta`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Map<String, serde_json::Value>>,
     pub created: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,

@@ -60,7 +60,8 @@ fn limits_file(path: &std::path::Path) -> Result<Vec<LimitSpec>, String> {
             .to_string());
     };
     parse_limit_specs(list, "limits").map_err(|errs| {
-        errs.iter()
+        errs.fields
+            .iter()
             .map(|(p, m)| src.error(p, format!("{p}: {m}"), None).to_string())
             .collect::<Vec<_>>()
             .join("\n")

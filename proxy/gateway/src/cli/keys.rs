@@ -38,6 +38,7 @@ pub(super) fn keys(
                     name: name.as_deref(),
                     expires,
                     set_plan,
+                    meta: None,
                 },
                 now,
             )

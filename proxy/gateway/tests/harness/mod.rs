@@ -255,6 +255,7 @@ impl Harness {
                 name: None,
                 expires: None,
                 set_plan: false,
+                meta: None,
             },
             SystemClock.now_ms(),
         )
