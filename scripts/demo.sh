@@ -49,6 +49,10 @@ Your consumers' dashboard (paste the key there to see plan, limits, usage):
 
   http://127.0.0.1:8080/_tollgate/
 
+and the docs they read (generated from plans.yaml; \`tollgate docs --out site\` writes them to files):
+
+  http://127.0.0.1:8080/_tollgate/docs
+
 Also try:
 
   curl -s -H "Authorization: Bearer $key" http://127.0.0.1:8080/_tollgate/usage

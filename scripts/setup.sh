@@ -50,6 +50,7 @@ if [ "$testing" = test ]; then
   python3 -c "import jwt, cryptography" 2>/dev/null || py_need+=("pyjwt[crypto]>=2.8")
   python3 -c "import schemathesis" 2>/dev/null || py_need+=("schemathesis>=4.0")
   python3 -c "import openapi_spec_validator" 2>/dev/null || py_need+=("openapi-spec-validator>=0.7")
+  python3 -c "import requests" 2>/dev/null || py_need+=("requests>=2.28")
   if [ ${#py_need[@]} -gt 0 ]; then
     echo "tollgate setup: installing Python packages ${py_need[*]}" >&2
     python3 -m pip install --quiet "${py_need[@]}" 2>/dev/null \

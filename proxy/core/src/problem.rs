@@ -205,6 +205,31 @@ impl Rejection {
     pub fn body(&self) -> String {
         self.problem().body()
     }
+
+    /// One of each refusal a consumer can meet, for documentation.
+    pub fn catalogue() -> Vec<Rejection> {
+        vec![
+            Rejection::MissingKey,
+            Rejection::MalformedKey,
+            Rejection::AmbiguousKey,
+            Rejection::UnknownKey,
+            Rejection::RevokedKey,
+            Rejection::ExpiredKey,
+            Rejection::InvalidToken(crate::jwt::TokenError::Expired),
+            Rejection::Suspended,
+            Rejection::Limited {
+                retry_after: 1,
+                violated: vec!["burst".into()],
+                detail: None,
+            },
+            Rejection::BadPath,
+            Rejection::Unavailable { retry_after: 1 },
+            Rejection::SpoolFull,
+            Rejection::UsageNotRecorded,
+            Rejection::UpstreamUnreachable,
+            Rejection::UpstreamTimeout,
+        ]
+    }
 }
 
 /// An RFC 9457 problem: what every refusal of the proxy and every error of

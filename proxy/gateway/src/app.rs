@@ -30,6 +30,8 @@ pub struct App {
     pub checkout: Option<tollgate_metering::billing::checkout::StripeCheckout>,
     /// Checkout and portal sessions per customer and minute.
     pub sessions: crate::own::billing::Throttle,
+    /// The consumer docs page, when `docs.serve` (rendered once).
+    pub docs_page: Option<crate::own::dashboard::Dashboard>,
     /// The consumer dashboard page, rendered once.
     pub dashboard: crate::own::dashboard::Dashboard,
     /// Runs the Redis connections' driver tasks while the app lives.
@@ -184,6 +186,7 @@ impl App {
         Ok(Arc::new(App {
             checkout,
             dashboard: crate::own::dashboard::Dashboard::new(&config),
+            docs_page: crate::own::dashboard::docs_page(&config),
             sessions: Default::default(),
             spool,
             config,

@@ -9,6 +9,7 @@
 //!   admission, moves headers, and runs the metering step;
 //! - [`own`] answers Tollgate's own public routes under `/_tollgate`:
 //!   billing webhooks, self-service checkout and portal, the dashboard;
+//! - [`docs`] renders the consumer documentation (`tollgate docs`);
 //! - [`admin`] serves metrics, health, the status page and the `/admin` API;
 //! - [`server`] assembles the Pingora server and its background services;
 //! - the `tollgate` binary (`main.rs`, `cli/`) is the command line.
@@ -20,6 +21,7 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod connections;
+pub mod docs;
 pub mod logging;
 pub mod own;
 pub mod proxy;

@@ -186,6 +186,7 @@ async fn a_batch_decides_each_request_like_the_memory_limiter() {
         policy_header: tollgate_core::plans::policy_header(&limits),
         limits,
         meter: None,
+        display: Default::default(),
     });
     // The same limits with a bigger burst: a plan change while requests
     // are in flight. Both plans' limits count against the same windows.
@@ -196,6 +197,7 @@ async fn a_batch_decides_each_request_like_the_memory_limiter() {
         policy_header: tollgate_core::plans::policy_header(&bigger),
         limits: bigger,
         meter: None,
+        display: Default::default(),
     });
     let customer: Arc<str> = "cus".into();
     // History at different times, so the window holds charges that leave

@@ -103,11 +103,21 @@ pub struct Limit {
     pub overage_meter: Option<Arc<str>>,
 }
 
+/// How consumer docs present a plan (`display_name`, `price`,
+/// `description` in plans.yaml); nothing Tollgate enforces.
+#[derive(Debug, Clone, Default)]
+pub struct PlanDisplay {
+    pub name: Option<String>,
+    pub price: Option<String>,
+    pub description: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct Plan {
     pub name: Arc<str>,
     pub limits: Vec<Limit>,
     pub meter: Option<Arc<str>>,
+    pub display: PlanDisplay,
     /// `RateLimit-Policy` rendered once at load; empty for unlimited plans.
     pub policy_header: String,
 }

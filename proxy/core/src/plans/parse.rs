@@ -32,6 +32,9 @@ struct RawPlan {
     #[serde(default)]
     limits: Vec<RawLimit>,
     meter: Option<String>,
+    display_name: Option<String>,
+    price: Option<String>,
+    description: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,6 +137,11 @@ fn parse_plan(
         policy_header: policy_header(&limits),
         limits,
         meter: rp.meter.as_deref().map(Into::into),
+        display: super::PlanDisplay {
+            name: rp.display_name.clone(),
+            price: rp.price.clone(),
+            description: rp.description.clone(),
+        },
     })
 }
 

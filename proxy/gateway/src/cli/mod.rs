@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 
 mod check;
 mod customers;
+mod docs;
 mod keys;
 mod usage;
 
@@ -47,6 +48,19 @@ enum Command {
     /// Change customers' plans or suspend them.
     #[command(subcommand)]
     Customers(CustomersCmd),
+    /// Write the consumer documentation: index.html, a Postman collection
+    /// and, with --openapi, the upstream's OpenAPI document with Tollgate's
+    /// security schemes, headers and errors.
+    Docs {
+        #[arg(long)]
+        out: PathBuf,
+        /// Where consumers call the API (default: this config's listen address).
+        #[arg(long)]
+        base_url: Option<String>,
+        /// The upstream API's OpenAPI 3.0 or 3.1 document (JSON or YAML).
+        #[arg(long)]
+        openapi: Option<PathBuf>,
+    },
     /// Usage this period and remaining quota, from the running proxy.
     Usage {
         #[arg(long)]
@@ -221,6 +235,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Customers(cmd) => {
             let config = load_without_secrets(&cli.config)?;
             customers::customers(cmd, &config, &open_store(&config)?)
+        }
+        Command::Docs {
+            out,
+            base_url,
+            openapi,
+        } => {
+            let config = load_without_secrets(&cli.config)?;
+            docs::write(&config, &out, base_url.as_deref(), openapi.as_deref())
         }
         Command::Usage { customer, json } => {
             let config = load_without_secrets(&cli.config)?;

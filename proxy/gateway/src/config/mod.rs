@@ -181,8 +181,21 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     /// JWT issuers whose tokens stand in for keys (`auth.jwt`).
     pub auth: Option<Auth>,
+    /// What `tollgate docs` says about the API, and whether Tollgate
+    /// serves the page at `/_tollgate/docs`.
+    pub docs: Option<Docs>,
     /// Consumer self-service at Stripe (checkout, portal).
     pub checkout: Option<tollgate_metering::billing::checkout::CheckoutConfig>,
+}
+
+/// `docs:`.
+#[derive(Debug, Clone, Default)]
+pub struct Docs {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub support: Option<String>,
+    pub example_path: Option<String>,
+    pub serve: bool,
 }
 
 impl Config {
@@ -192,7 +205,7 @@ impl Config {
     }
 }
 
-const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, auth, admin, metering, billing_webhooks, checkout, cors, timeouts, threads, connections";
+const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, auth, admin, metering, billing_webhooks, checkout, docs, cors, timeouts, threads, connections";
 
 impl Config {
     /// Loads and validates the config file and the plans it names.
@@ -255,6 +268,24 @@ impl Config {
             .map(|w| webhooks::parse(&mut cx, w, plans.as_deref()))
             .unwrap_or_default();
         let auth = raw.auth.as_ref().and_then(|a| auth::parse(&mut cx, a));
+        let docs = raw.docs.map(|d| {
+            if let Some(p) = &d.example_path {
+                if !p.starts_with('/') {
+                    cx.err(
+                        "docs.example_path",
+                        format!("`{p}` is not a path"),
+                        Some("e.g. /v1/vat/DE136695976"),
+                    );
+                }
+            }
+            Docs {
+                title: d.title,
+                description: d.description,
+                support: d.support,
+                example_path: d.example_path,
+                serve: d.serve,
+            }
+        });
         let checkout = raw.checkout.as_ref().and_then(|c| {
             let known = |p: &str| plans.as_ref().is_none_or(|ps| ps.get(p).is_some());
             tollgate_metering::billing::checkout::CheckoutConfig::parse(&mut cx, c, &known)
@@ -287,6 +318,7 @@ impl Config {
                     connections,
                     webhooks,
                     auth,
+                    docs,
                     checkout,
                 })
             }
@@ -330,6 +362,7 @@ fn read_sections(cx: &mut Check<'_>) -> Result<RawConfig, Diagnostics> {
             "billing_webhooks" => raw.billing_webhooks = Some(v.clone()),
             "checkout" => raw.checkout = Some(v.clone()),
             "auth" => raw.auth = cx.typed(key, v),
+            "docs" => raw.docs = cx.typed(key, v),
             "cors" => raw.cors = cx.typed(key, v),
             "timeouts" => raw.timeouts = cx.typed(key, v),
             "threads" => raw.threads = cx.typed(key, v),

@@ -19,12 +19,24 @@ pub(super) struct RawConfig {
     /// Read provider by provider in `webhooks.rs`.
     pub(super) billing_webhooks: Option<serde_yaml::Value>,
     pub(super) auth: Option<super::auth::RawAuth>,
+    pub(super) docs: Option<RawDocs>,
     /// Parsed by `tollgate_metering::billing::checkout`.
     pub(super) checkout: Option<serde_yaml::Value>,
     pub(super) cors: Option<RawCors>,
     pub(super) timeouts: Option<RawTimeouts>,
     pub(super) threads: Option<usize>,
     pub(super) connections: Option<RawConnections>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDocs {
+    pub(super) title: Option<String>,
+    pub(super) description: Option<String>,
+    pub(super) support: Option<String>,
+    pub(super) example_path: Option<String>,
+    #[serde(default)]
+    pub(super) serve: bool,
 }
 
 #[derive(Debug, Deserialize)]

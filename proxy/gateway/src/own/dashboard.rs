@@ -75,8 +75,30 @@ impl Dashboard {
     }
 }
 
+/// The consumer docs page (`docs.serve: true`), rendered once for this
+/// origin, with the same kind of policy as the dashboard.
+pub fn docs_page(config: &Config) -> Option<Dashboard> {
+    if !config.docs.as_ref().is_some_and(|d| d.serve) {
+        return None;
+    }
+    let body = crate::docs::render(config, "", None).ok()?.index;
+    let csp = format!(
+        "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        hash(crate::docs::SCRIPT),
+        hash(crate::docs::STYLE)
+    );
+    Some(Dashboard {
+        body: Bytes::from(body),
+        csp,
+    })
+}
+
 pub fn page(app: &crate::app::App) -> Reply {
-    let d = &app.dashboard;
+    serve(&app.dashboard)
+}
+
+/// A page of ours with its policy and the headers that go with it.
+pub fn serve(d: &Dashboard) -> Reply {
     Reply {
         status: 200,
         content_type: "text/html; charset=utf-8",

@@ -93,6 +93,11 @@ pub async fn serve(app: &App, session: &mut Session, path: &str) -> Result<Reply
         } else {
             Reply::method_not_allowed("GET, HEAD")
         }),
+        "/_tollgate/docs" => Ok(match (&app.docs_page, get) {
+            (Some(d), true) => dashboard::serve(d),
+            (Some(_), false) => Reply::method_not_allowed("GET, HEAD"),
+            (None, _) => Reply::not_found(),
+        }),
         "/_tollgate/billing/checkout" | "/_tollgate/billing/portal" => {
             if !post {
                 return Ok(Reply::method_not_allowed("POST"));
