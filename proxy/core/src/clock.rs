@@ -127,6 +127,12 @@ pub fn rfc3339(ms: Millis) -> String {
     )
 }
 
+/// `2026-11-21T05:38:13.042Z`: [`rfc3339`] with milliseconds.
+pub fn rfc3339_millis(ms: Millis) -> String {
+    let s = rfc3339(ms);
+    format!("{}.{:03}Z", &s[..19], ms % 1000)
+}
+
 /// Parses the `YYYY-MM-DDTHH:MM:SSZ` form written by [`rfc3339`].
 pub fn parse_rfc3339(s: &str) -> Option<Millis> {
     let b = s.as_bytes();

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod pct;
 pub mod plans;
 pub mod problem;
+pub mod request_id;
 pub mod store;
 pub mod sync;
 pub mod usage;

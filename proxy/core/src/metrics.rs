@@ -205,6 +205,13 @@ pub static JWKS_KEYS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     )
 });
 
+pub static ACCESS_LOG_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
+    int_counter(
+        "tollgate_access_log_dropped_total",
+        "Access log lines dropped because the writer fell behind (a slow disk); requests are never held for it",
+    )
+});
+
 /// The `result` label values of `tollgate_webhook_events_total`.
 pub const WEBHOOK_RESULTS: &[&str] = &["applied", "duplicate", "stale", "ignored", "rejected"];
 
@@ -233,6 +240,7 @@ pub fn init() {
     LazyLock::force(&CHECKOUT_SESSIONS);
     LazyLock::force(&JWKS_FETCHES);
     LazyLock::force(&JWKS_KEYS);
+    LazyLock::force(&ACCESS_LOG_DROPPED);
 }
 
 /// The `outcome` label values of `tollgate_requests_total`.

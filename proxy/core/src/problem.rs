@@ -292,6 +292,15 @@ impl<'a> Problem<'a> {
     }
 }
 
+/// A problem+json body with the request's id added (`request_id`), so a
+/// consumer can quote it to support.
+pub fn with_request_id(body: &str, id: &str) -> String {
+    match body.strip_suffix('}') {
+        Some(head) => format!("{head},\"request_id\":{}}}", json_string(id)),
+        None => body.to_owned(),
+    }
+}
+
 fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }

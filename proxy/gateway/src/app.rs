@@ -28,6 +28,8 @@ pub struct App {
     pub spool: Option<Arc<Spool>>,
     /// Consumer self-service at Stripe (`checkout:`).
     pub checkout: Option<tollgate_metering::billing::checkout::StripeCheckout>,
+    /// The access log writer (None: `access_log.enabled: false`).
+    pub access_log: Option<crate::access_log::AccessLog>,
     /// Checkout and portal sessions per customer and minute.
     pub sessions: crate::own::billing::Throttle,
     /// The consumer docs page, when `docs.serve` (rendered once).
@@ -183,7 +185,15 @@ impl App {
                 config.metering.sink_timeout,
             )
         });
+        let access_log = match &config.access_log {
+            Some(t) => Some(
+                crate::access_log::AccessLog::start(t.clone())
+                    .map_err(|e| format!("cannot open the access log {t:?}: {e}"))?,
+            ),
+            None => None,
+        };
         Ok(Arc::new(App {
+            access_log,
             checkout,
             dashboard: crate::own::dashboard::Dashboard::new(&config),
             docs_page: crate::own::dashboard::docs_page(&config),

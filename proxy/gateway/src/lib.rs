@@ -9,6 +9,7 @@
 //!   admission, moves headers, and runs the metering step;
 //! - [`own`] answers Tollgate's own public routes under `/_tollgate`:
 //!   billing webhooks, self-service checkout and portal, the dashboard;
+//! - [`access_log`] writes one JSON line per request from a thread of its own;
 //! - [`docs`] renders the consumer documentation (`tollgate docs`);
 //! - [`admin`] serves metrics, health, the status page and the `/admin` API;
 //! - [`server`] assembles the Pingora server and its background services;
@@ -17,6 +18,7 @@
 //! Plain parts live in `tollgate-core`; Redis and metering in their own
 //! crates. This crate may depend on all of them; none of them on it.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod config;

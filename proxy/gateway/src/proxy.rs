@@ -17,7 +17,8 @@ use tollgate_core::gate::{self, Admission, Admitted};
 use tollgate_core::headers::RateHeaders;
 use tollgate_core::metrics;
 use tollgate_core::plans::Plan;
-use tollgate_core::problem::{Rejection, PROBLEM_JSON};
+use tollgate_core::problem::{with_request_id, Rejection, PROBLEM_JSON};
+use tollgate_core::request_id;
 use tollgate_core::usage::{units_from_header, UsageReport};
 
 use crate::app::App;
@@ -46,6 +47,14 @@ pub struct Ctx {
     /// Why the response must be refused after the upstream answered (its
     /// usage could not be recorded); `fail_to_proxy` renders it.
     failure: Option<Rejection>,
+    /// `X-Request-Id`: the client's, or generated.
+    request_id: String,
+    /// Who called, once known (for the access log).
+    identity: Option<tollgate_core::store::Identity>,
+    /// What the response was metered as.
+    units: Option<u64>,
+    meter: Option<Arc<str>>,
+    upstream_ms: Option<f64>,
 }
 
 impl TollgateProxy {
@@ -95,6 +104,7 @@ impl TollgateProxy {
             resp.insert_header(header::CONTENT_LENGTH, body.len())?;
         }
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+        resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
         self.rate_headers(ctx, &mut resp)?;
         self.cors_headers(ctx, &mut resp)?;
         extra(&mut resp)?;
@@ -114,7 +124,7 @@ impl TollgateProxy {
 
     async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: &Rejection) -> Result<bool> {
         ctx.outcome = r.outcome();
-        let body = Bytes::from(r.body());
+        let body = Bytes::from(with_request_id(&r.body(), &ctx.request_id));
         self.send(
             session,
             ctx,
@@ -207,9 +217,13 @@ impl TollgateProxy {
             status,
             content_type,
             headers,
-            body,
+            mut body,
             ..
         } = reply;
+        if content_type == PROBLEM_JSON {
+            let text = String::from_utf8_lossy(&body);
+            body = Bytes::from(with_request_id(&text, &ctx.request_id));
+        }
         self.send(
             session,
             ctx,
@@ -249,6 +263,11 @@ impl ProxyHttp for TollgateProxy {
             origin: None,
             normalized_path: None,
             failure: None,
+            request_id: String::new(),
+            identity: None,
+            units: None,
+            meter: None,
+            upstream_ms: None,
         }
     }
 
@@ -258,6 +277,14 @@ impl ProxyHttp for TollgateProxy {
         // (Pingora's default for HTTP/1.1 is forever).
         session.set_keepalive(Some(app.config.connections.idle_timeout.as_secs().max(1)));
         let req = session.req_header();
+        ctx.request_id = match request_id::accept(
+            req.headers
+                .get(request_id::HEADER)
+                .map(HeaderValue::as_bytes),
+        ) {
+            Some(id) => id.to_owned(),
+            None => request_id::generate(app.gate.clock.now_ms()),
+        };
         ctx.origin = req.headers.get(header::ORIGIN).cloned();
         // RFC 9112 3.2: an HTTP/1.1 request without Host is refused.
         if req.version == http::Version::HTTP_11 && !req.headers.contains_key(header::HOST) {
@@ -273,12 +300,14 @@ impl ProxyHttp for TollgateProxy {
             Ok(Admission::Own(path)) => return self.own(session, ctx, &path).await,
             Ok(Admission::Preflight) => return self.preflight(session, ctx).await,
             Ok(Admission::Report(a)) => {
+                ctx.identity = Some(a.identity.clone());
                 ctx.rate = RateHeaders::render(&a.decision);
                 ctx.plan = Some(a.plan.clone());
                 return self.usage_report(session, ctx, &a).await;
             }
             Ok(Admission::Pass(a)) => a,
             Err(refused) => {
+                ctx.identity = refused.identity;
                 ctx.rate = refused.decision.as_ref().and_then(RateHeaders::render);
                 ctx.plan = refused.plan;
                 return self.reject(session, ctx, &refused.rejection).await;
@@ -286,6 +315,7 @@ impl ProxyHttp for TollgateProxy {
         };
         ctx.rate = RateHeaders::render(&admitted.decision);
         ctx.plan = Some(admitted.plan.clone());
+        ctx.identity = Some(admitted.identity.clone());
         ctx.admitted = Some(admitted);
         Ok(false)
     }
@@ -339,6 +369,7 @@ impl ProxyHttp for TollgateProxy {
                 req.set_uri(uri);
             }
         }
+        req.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
         if let Some(a) = &ctx.admitted {
             req.insert_header(H_CUSTOMER, &*a.identity.customer)?;
             req.insert_header(H_PLAN, &*a.plan.name)?;
@@ -357,8 +388,11 @@ impl ProxyHttp for TollgateProxy {
             return Ok(());
         }
         if let Some(t) = ctx.upstream_start {
-            metrics::UPSTREAM_DURATION.observe(t.elapsed().as_secs_f64());
+            let secs = t.elapsed().as_secs_f64();
+            metrics::UPSTREAM_DURATION.observe(secs);
+            ctx.upstream_ms = Some(secs * 1000.0);
         }
+        resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
         if let Some(a) = &ctx.admitted {
             let reported = a.usage_header.as_ref().map(|h| {
                 let units = units_from_header(resp.headers.get(h).map(HeaderValue::as_bytes));
@@ -366,6 +400,8 @@ impl ProxyHttp for TollgateProxy {
                 units
             });
             let units = self.app.meter.units(a, resp.status.as_u16(), reported);
+            ctx.units = Some(units);
+            ctx.meter = a.meter.clone();
             // Metered now, durable before the response reaches the client.
             if let Err(r) = self.app.meter.record(a, units).await {
                 ctx.failure = Some(r);
@@ -451,13 +487,50 @@ impl ProxyHttp for TollgateProxy {
             )
     }
 
-    async fn logging(&self, _session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let plan = ctx.plan.as_ref().map_or("none", |p| &*p.name);
         metrics::REQUESTS
             .with_label_values(&[plan, ctx.outcome])
             .inc();
-        metrics::REQUEST_DURATION.observe(ctx.start.elapsed().as_secs_f64());
+        let total = ctx.start.elapsed().as_secs_f64();
+        metrics::REQUEST_DURATION.observe(total);
+        if let Some(log) = &self.app.access_log {
+            log.write(access_line(
+                session,
+                ctx,
+                total * 1000.0,
+                self.app.gate.clock.now_ms(),
+            ));
+        }
     }
+}
+
+/// One access log line: every field on every line, `null` when unknown;
+/// the path without its query (where a client may have put its key), the
+/// key's id, never the key.
+fn access_line(session: &Session, ctx: &Ctx, total_ms: f64, now: u64) -> String {
+    let req = session.req_header();
+    let status = session.response_written().map(|r| r.status.as_u16());
+    let ms = |v: f64| (v * 1000.0).round() / 1000.0;
+    let who = ctx.identity.as_ref();
+    serde_json::json!({
+        "time": tollgate_core::clock::rfc3339_millis(now),
+        "request_id": ctx.request_id,
+        "method": req.method.as_str(),
+        "path": req.uri.path(),
+        "status": status,
+        "outcome": ctx.outcome,
+        "customer": who.map(|i| &*i.customer),
+        "plan": ctx.plan.as_ref().map(|p| &*p.name),
+        "key_id": who.map(|i| &*i.key_id),
+        "units": ctx.units,
+        "meter": ctx.meter.as_deref(),
+        "upstream_ms": ctx.upstream_ms.map(ms),
+        "total_ms": ms(total_ms),
+        "bytes_sent": session.body_bytes_sent(),
+        "user_agent": req.headers.get(header::USER_AGENT).map(|v| String::from_utf8_lossy(v.as_bytes())),
+    })
+    .to_string()
 }
 
 /// The refusal for a proxying error; None when the client went away.

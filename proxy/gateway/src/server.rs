@@ -179,13 +179,42 @@ async fn fetch_jwks(client: &reqwest::Client, f: &crate::config::JwksFetch) {
     }
 }
 
+/// SIGUSR1 reopens the access log file (logrotate's `postrotate`).
+struct Signals {
+    app: Arc<App>,
+}
+
+#[async_trait]
+impl BackgroundService for Signals {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Some(log) = &self.app.access_log else {
+            return;
+        };
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            log::warn!("cannot listen for SIGUSR1: the access log will not be reopened on it");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = usr1.recv() => {
+                    log.reopen();
+                    log::info!("SIGUSR1: reopening the access log");
+                }
+            }
+        }
+    }
+}
+
 /// Rolls usage into records every `flush_interval` and feeds every sink; on
 /// shutdown, rolls up everything and gives sinks a few seconds to deliver.
 struct Billing {
     app: Arc<App>,
 }
 
-/// How long shutdown waits for sinks to deliver what is left.
+/// How long shutdown waits for sinks to deliver what is left (at most half
+/// of `shutdown.grace`).
 pub const FLUSH_ON_SHUTDOWN: Duration = Duration::from_secs(4);
 
 #[async_trait]
@@ -216,11 +245,13 @@ impl BackgroundService for Billing {
             }
         }
         let n = spool.rollup(true).await;
+        // Half the shutdown grace at most: the rest is for in-flight requests.
+        let wait = FLUSH_ON_SHUTDOWN.min(self.app.config.shutdown_grace / 2);
         log::info!(
-            "shutting down: {n} usage records rolled up; giving sinks {}s to deliver",
-            FLUSH_ON_SHUTDOWN.as_secs()
+            "shutting down: {n} usage records rolled up; giving sinks {} ms to deliver",
+            wait.as_millis()
         );
-        let deadline = tokio::time::Instant::now() + FLUSH_ON_SHUTDOWN;
+        let deadline = tokio::time::Instant::now() + wait;
         while tokio::time::Instant::now() < deadline
             && self
                 .app
@@ -263,10 +294,13 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
             .collect::<Vec<_>>(),
     );
 
+    // SIGTERM: stop accepting after a second (Pingora's default waits 300 s
+    // for an upgrading process to take the listeners), then give in-flight
+    // requests and the usage flush `shutdown.grace`.
     let mut conf = ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(1),
-        graceful_shutdown_timeout_seconds: Some(5),
+        graceful_shutdown_timeout_seconds: Some(config.shutdown_grace.as_secs().max(1)),
         ..ServerConf::default()
     };
     conf.upstream_keepalive_pool_size = 256;
@@ -306,6 +340,10 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
     server.add_service(background_service(
         "tollgate billing",
         Billing { app: app.clone() },
+    ));
+    server.add_service(background_service(
+        "tollgate signals",
+        Signals { app: app.clone() },
     ));
     server.add_service(background_service(
         "tollgate jwks",

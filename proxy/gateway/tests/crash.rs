@@ -142,3 +142,139 @@ async fn kill_9_under_load_then_restart_bills_every_answered_request_once() {
         );
     }
 }
+
+/// `tollgate run` of `dir`'s config with an access log and a short grace.
+fn project(dir: &std::path::Path, port: u16, admin: u16, upstream: &str, sink: &str) -> String {
+    std::fs::write(
+        dir.join("plans.yaml"),
+        "default_plan: pro\nplans:\n  pro:\n    limits: []\n    meter: api_requests\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("tollgate.yaml"),
+        format!(
+            "listen: 127.0.0.1:{port}\nupstream: http://{upstream}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nthreads: 2\n\
+             shutdown: {{ grace: 2s }}\naccess_log: {{ to: access.log }}\n\
+             metering: {{ flush_interval: 1h, rollup: 1s, sinks: [{sink}] }}\n"
+        ),
+    )
+    .unwrap();
+    let store = FileStore::open(&dir.join("keys.db")).unwrap();
+    create_key(
+        &store,
+        "tg_live_",
+        CreateKey {
+            customer: "cus_term",
+            plan: None,
+            name: None,
+            expires: None,
+            set_plan: false,
+            meta: None,
+        },
+        SystemClock.now_ms(),
+    )
+    .unwrap()
+    .raw
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_short_grace_exits_in_time_and_flushes_usage() {
+    let upstream = MockUpstream::start();
+    let stripe = MockStripe::start(|_| false);
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let key = project(
+        dir.path(),
+        port,
+        admin,
+        &upstream.addr.to_string(),
+        &stripe.sink(),
+    );
+    let mut child = start(dir.path());
+    wait_port(port);
+    let client = reqwest::Client::new();
+    for _ in 0..7 {
+        let r = client
+            .get(format!("http://127.0.0.1:{port}/v1/x"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // flush_interval is an hour: nothing has reached Stripe yet.
+    assert_eq!(stripe.total("api_requests"), 0);
+    let asked = Instant::now();
+    signal(&child, "TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}");
+    // One second to stop accepting, then at most the 2 s grace.
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    assert_eq!(
+        stripe.total("api_requests"),
+        7,
+        "the usage was flushed on the way out"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log_after_logrotate_moved_it() {
+    let upstream = MockUpstream::start();
+    let stripe = MockStripe::start(|_| false);
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    let key = project(
+        dir.path(),
+        port,
+        admin,
+        &upstream.addr.to_string(),
+        &stripe.sink(),
+    );
+    let mut child = start(dir.path());
+    wait_port(port);
+    let client = reqwest::Client::new();
+    let get = || {
+        client
+            .get(format!("http://127.0.0.1:{port}/v1/x"))
+            .bearer_auth(&key)
+            .send()
+    };
+    let log = dir.path().join("access.log");
+    let count = |p: &std::path::Path| {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(get().await.unwrap().status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&log) < 1 {
+        assert!(Instant::now() < deadline, "no access log line");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // logrotate: move the file, then tell Tollgate.
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    signal(&child, "USR1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get().await.unwrap().status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&log) < 1 {
+        assert!(Instant::now() < deadline, "the access log was not reopened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count(&rotated), 1);
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -88,6 +88,8 @@ pub struct Admitted {
 #[derive(Debug)]
 pub struct Refused {
     pub rejection: Rejection,
+    /// Who was refused, once the key was accepted (for the access log).
+    pub identity: Option<Identity>,
     pub plan: Option<Arc<Plan>>,
     pub decision: Option<Decision>,
 }
@@ -96,6 +98,7 @@ impl From<Rejection> for Refused {
     fn from(rejection: Rejection) -> Self {
         Self {
             rejection,
+            identity: None,
             plan: None,
             decision: None,
         }
@@ -192,6 +195,7 @@ impl<L: Limiter> Gate<L> {
                     .inc();
                 return Err(Refused {
                     rejection,
+                    identity: Some(identity),
                     plan: Some(plan),
                     decision: None,
                 });
@@ -205,6 +209,7 @@ impl<L: Limiter> Gate<L> {
         let Ok(decision) = decision else {
             return Err(Refused {
                 rejection: Rejection::Unavailable { retry_after: 1 },
+                identity: Some(identity),
                 plan: Some(plan),
                 decision: None,
             });
@@ -212,6 +217,7 @@ impl<L: Limiter> Gate<L> {
         if !is_usage && !decision.allowed {
             return Err(Refused {
                 rejection: limited(&decision, cost),
+                identity: Some(identity),
                 plan: Some(plan),
                 decision: Some(decision),
             });

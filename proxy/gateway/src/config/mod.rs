@@ -181,6 +181,10 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     /// JWT issuers whose tokens stand in for keys (`auth.jwt`).
     pub auth: Option<Auth>,
+    /// How long SIGTERM waits for in-flight requests and the usage flush.
+    pub shutdown_grace: Duration,
+    /// Where access log lines go (None: off).
+    pub access_log: Option<crate::access_log::Target>,
     /// What `tollgate docs` says about the API, and whether Tollgate
     /// serves the page at `/_tollgate/docs`.
     pub docs: Option<Docs>,
@@ -205,7 +209,7 @@ impl Config {
     }
 }
 
-const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, auth, admin, metering, billing_webhooks, checkout, docs, cors, timeouts, threads, connections";
+const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, auth, admin, metering, billing_webhooks, checkout, docs, access_log, shutdown, cors, timeouts, threads, connections";
 
 impl Config {
     /// Loads and validates the config file and the plans it names.
@@ -268,6 +272,20 @@ impl Config {
             .map(|w| webhooks::parse(&mut cx, w, plans.as_deref()))
             .unwrap_or_default();
         let auth = raw.auth.as_ref().and_then(|a| auth::parse(&mut cx, a));
+        let shutdown_grace = cx.duration(
+            "shutdown.grace",
+            raw.shutdown.as_ref().and_then(|s| s.grace.as_deref()),
+            Duration::from_secs(10),
+        );
+        // On by default, to stdout, as a proxy's access log is.
+        let access_log = match raw.access_log.as_ref() {
+            Some(a) if a.enabled == Some(false) => None,
+            Some(a) => Some(match a.to.as_deref() {
+                None | Some("stdout") => crate::access_log::Target::Stdout,
+                Some(path) => crate::access_log::Target::File(cx.path(path)),
+            }),
+            None => Some(crate::access_log::Target::Stdout),
+        };
         let docs = raw.docs.map(|d| {
             if let Some(p) = &d.example_path {
                 if !p.starts_with('/') {
@@ -319,6 +337,8 @@ impl Config {
                     webhooks,
                     auth,
                     docs,
+                    access_log,
+                    shutdown_grace,
                     checkout,
                 })
             }
@@ -363,6 +383,8 @@ fn read_sections(cx: &mut Check<'_>) -> Result<RawConfig, Diagnostics> {
             "checkout" => raw.checkout = Some(v.clone()),
             "auth" => raw.auth = cx.typed(key, v),
             "docs" => raw.docs = cx.typed(key, v),
+            "access_log" => raw.access_log = cx.typed(key, v),
+            "shutdown" => raw.shutdown = cx.typed(key, v),
             "cors" => raw.cors = cx.typed(key, v),
             "timeouts" => raw.timeouts = cx.typed(key, v),
             "threads" => raw.threads = cx.typed(key, v),

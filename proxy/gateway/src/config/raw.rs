@@ -20,12 +20,27 @@ pub(super) struct RawConfig {
     pub(super) billing_webhooks: Option<serde_yaml::Value>,
     pub(super) auth: Option<super::auth::RawAuth>,
     pub(super) docs: Option<RawDocs>,
+    pub(super) access_log: Option<RawAccessLog>,
+    pub(super) shutdown: Option<RawShutdown>,
     /// Parsed by `tollgate_metering::billing::checkout`.
     pub(super) checkout: Option<serde_yaml::Value>,
     pub(super) cors: Option<RawCors>,
     pub(super) timeouts: Option<RawTimeouts>,
     pub(super) threads: Option<usize>,
     pub(super) connections: Option<RawConnections>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawShutdown {
+    pub(super) grace: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccessLog {
+    pub(super) to: Option<String>,
+    pub(super) enabled: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -122,8 +122,14 @@ impl HarnessBuilder {
             Some(r) => format!("keys: {{ store: redis, prefix: tg_test_ }}\nlimits: {{ backend: redis }}\nredis: {{ {r} }}\n"),
             None => "keys: { store: file, path: keys.db, prefix: tg_test_ }\n".to_owned(),
         };
+        // The access log goes to the test's own stdout only when a test asks.
+        let access = if self.extra.contains("access_log:") {
+            ""
+        } else {
+            "access_log: { enabled: false }\n"
+        };
         let config_text = format!(
-            "listen: 127.0.0.1:{port}\nupstream: http://{upstream}\nplans: plans.yaml\n{backends}admin: {{ listen: 127.0.0.1:{admin_port}, token_env: TEST_ADMIN_TOKEN }}\nthreads: 2\n{}",
+            "listen: 127.0.0.1:{port}\nupstream: http://{upstream}\nplans: plans.yaml\n{backends}admin: {{ listen: 127.0.0.1:{admin_port}, token_env: TEST_ADMIN_TOKEN }}\nthreads: 2\n{access}{}",
             self.extra
         );
         let config_path = dir.path().join("tollgate.yaml");
