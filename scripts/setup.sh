@@ -19,6 +19,9 @@ if [ "$testing" = test ]; then
   [ -x /usr/bin/chromium ] || need+=(chromium)
   [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
   python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+  # promtool checks the alert rules; a real Prometheus scrapes a test Tollgate.
+  command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+  command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 fi
 
 if [ ${#need[@]} -gt 0 ]; then

@@ -4,6 +4,7 @@
 
 use std::sync::LazyLock;
 
+pub use ::prometheus as registry;
 use prometheus::{
     self, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
     Opts,
@@ -212,6 +213,36 @@ pub static ACCESS_LOG_DROPPED: LazyLock<IntCounter> = LazyLock::new(|| {
     )
 });
 
+pub static BUILD_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "tollgate_build_info",
+        "Always 1; the running version",
+        &["version"],
+    )
+});
+
+pub static CONFIG_INFO: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+    gauge(
+        "tollgate_config_info",
+        "Always 1; the version (a hash) of the config and plans in force",
+        &["version"],
+    )
+});
+
+pub static SPOOL_MAX_BYTES: LazyLock<IntGauge> = LazyLock::new(|| {
+    int_gauge(
+        "tollgate_spool_max_bytes",
+        "The usage spool's bound (metering.max_spool_mb): alert on spool_bytes near it",
+    )
+});
+
+pub static ADDED_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
+    histogram(
+        "tollgate_added_duration_seconds",
+        "Time Tollgate added to a proxied request: its whole time minus the upstream's",
+    )
+});
+
 /// The `result` label values of `tollgate_webhook_events_total`.
 pub const WEBHOOK_RESULTS: &[&str] = &["applied", "duplicate", "stale", "ignored", "rejected"];
 
@@ -241,6 +272,11 @@ pub fn init() {
     LazyLock::force(&JWKS_FETCHES);
     LazyLock::force(&JWKS_KEYS);
     LazyLock::force(&ACCESS_LOG_DROPPED);
+    LazyLock::force(&SPOOL_MAX_BYTES);
+    LazyLock::force(&ADDED_DURATION);
+    BUILD_INFO
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
 }
 
 /// The `outcome` label values of `tollgate_requests_total`.

@@ -30,6 +30,12 @@ pub struct App {
     pub checkout: Option<tollgate_metering::billing::checkout::StripeCheckout>,
     /// The access log writer (None: `access_log.enabled: false`).
     pub access_log: Option<crate::access_log::AccessLog>,
+    /// When this process started (the status page's uptime).
+    pub started: std::time::Instant,
+    /// The status page's short history of the counters.
+    pub history: crate::admin::status::History,
+    /// The last reload: when, and its error if it failed.
+    last_reload: std::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
     /// Checkout and portal sessions per customer and minute.
     pub sessions: crate::own::billing::Throttle,
     /// The consumer docs page, when `docs.serve` (rendered once).
@@ -198,6 +204,9 @@ impl App {
             dashboard: crate::own::dashboard::Dashboard::new(&config),
             docs_page: crate::own::dashboard::docs_page(&config),
             sessions: Default::default(),
+            started: std::time::Instant::now(),
+            history: Default::default(),
+            last_reload: std::sync::Mutex::new(None),
             spool,
             config,
             gate,
@@ -205,6 +214,15 @@ impl App {
             keys,
             redis_rt: redis.map(|(rt, _)| rt),
         }))
+    }
+
+    /// Notes a reload (admin, SIGHUP) for the status page.
+    pub fn note_reload(&self, result: Result<(), String>) {
+        *tollgate_core::lock(&self.last_reload) = Some((std::time::Instant::now(), result));
+    }
+
+    pub fn last_reload(&self) -> Option<(std::time::Instant, Result<(), String>)> {
+        tollgate_core::lock(&self.last_reload).clone()
     }
 
     /// Makes this instance see the key store as it is now, from synchronous

@@ -494,6 +494,9 @@ impl ProxyHttp for TollgateProxy {
             .inc();
         let total = ctx.start.elapsed().as_secs_f64();
         metrics::REQUEST_DURATION.observe(total);
+        if let Some(up) = ctx.upstream_ms {
+            metrics::ADDED_DURATION.observe((total - up / 1000.0).max(0.0));
+        }
         if let Some(log) = &self.app.access_log {
             log.write(access_line(
                 session,

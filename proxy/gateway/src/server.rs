@@ -35,11 +35,13 @@ impl BackgroundService for Housekeeping {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut reload = tokio::time::interval(KEY_RELOAD_EVERY);
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        let mut sample = tokio::time::interval(crate::admin::status::SAMPLE_EVERY);
         let mut failing = false;
         update_key_gauge(&self.app.keys, self.app.gate.clock.now_ms());
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
+                _ = sample.tick() => self.app.history.sample(),
                 _ = reload.tick() => {
                     // The Redis store follows its own change feed.
                     let Keys::File(store) = &self.app.keys else { continue };
@@ -179,7 +181,8 @@ async fn fetch_jwks(client: &reqwest::Client, f: &crate::config::JwksFetch) {
     }
 }
 
-/// SIGUSR1 reopens the access log file (logrotate's `postrotate`).
+/// SIGUSR1 reopens the access log file (logrotate's `postrotate`);
+/// SIGHUP re-reads the key store now (systemd's `ExecReload`).
 struct Signals {
     app: Arc<App>,
 }
@@ -188,20 +191,34 @@ struct Signals {
 impl BackgroundService for Signals {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
-        let Some(log) = &self.app.access_log else {
-            return;
-        };
-        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-            log::warn!("cannot listen for SIGUSR1: the access log will not be reopened on it");
+        let (Ok(mut usr1), Ok(mut hup)) = (
+            signal(SignalKind::user_defined1()),
+            signal(SignalKind::hangup()),
+        ) else {
+            log::warn!("cannot listen for SIGUSR1 and SIGHUP");
             return;
         };
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = usr1.recv() => {
-                    log.reopen();
-                    log::info!("SIGUSR1: reopening the access log");
+                    if let Some(log) = &self.app.access_log {
+                        log.reopen();
+                        log::info!("SIGUSR1: reopening the access log");
+                    }
                 }
+                _ = hup.recv() => match self.app.keys.reload().await {
+                    Ok(()) => {
+                        metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
+                        self.app.note_reload(Ok(()));
+                        log::info!("SIGHUP: key store re-read (changes to tollgate.yaml and plans.yaml take a restart)");
+                    }
+                    Err(e) => {
+                        metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
+                        self.app.note_reload(Err(e.to_string()));
+                        log::error!("SIGHUP: the key store could not be re-read, the previous keys stay: {e}");
+                    }
+                },
             }
         }
     }
@@ -297,6 +314,11 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
     // SIGTERM: stop accepting after a second (Pingora's default waits 300 s
     // for an upgrading process to take the listeners), then give in-flight
     // requests and the usage flush `shutdown.grace`.
+    metrics::CONFIG_INFO
+        .with_label_values(&[&config.version])
+        .set(1);
+    metrics::SPOOL_MAX_BYTES
+        .set(i64::try_from(config.metering.max_spool_bytes).unwrap_or(i64::MAX));
     let mut conf = ServerConf {
         threads: config.threads,
         grace_period_seconds: Some(1),

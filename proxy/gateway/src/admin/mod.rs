@@ -16,6 +16,7 @@ use tollgate_core::store::admin;
 use crate::app::App;
 
 mod read;
+pub mod status;
 mod write;
 
 use write::{read_body, Write};
@@ -293,36 +294,7 @@ impl AdminApp {
     }
 
     fn status_page(&self) -> String {
-        let app = &self.app;
-        let snap = app.gate.keys.snapshot();
-        let plans: Vec<String> = app
-            .gate
-            .plans
-            .plans
-            .values()
-            .map(|p| {
-                format!(
-                    "<li><b>{}</b>: {}</li>",
-                    html(&p.name),
-                    html(if p.policy_header.is_empty() {
-                        "unlimited"
-                    } else {
-                        &p.policy_header
-                    })
-                )
-            })
-            .collect();
-        format!(
-            "<!doctype html><html><head><meta charset=utf-8><title>Tollgate</title></head><body>\
-             <h1>Tollgate {}</h1><p>Upstream: {}:{} &middot; keys loaded: {} &middot; customers with limiter state: {}</p>\
-             <h2>Plans</h2><ul>{}</ul><p><a href=/metrics>metrics</a> &middot; <a href=/admin/openapi.json>admin API</a></p></body></html>",
-            env!("CARGO_PKG_VERSION"),
-            html(&app.config.upstream.host),
-            app.config.upstream.port,
-            snap.key_count,
-            app.gate.limiter.memory().tracked_customers(),
-            plans.join("")
-        )
+        status::page(&self.app)
     }
 }
 

@@ -128,12 +128,14 @@ impl AdminApp {
     pub(super) async fn reload(&self) -> Response<Vec<u8>> {
         match self.reload_keys().await {
             Ok(()) => {
+                self.app.note_reload(Ok(()));
                 tollgate_core::metrics::CONFIG_RELOADS
                     .with_label_values(&["success"])
                     .inc();
                 respond(200, "application/json", br#"{"reloaded":"keys"}"#.to_vec())
             }
             Err(e) => {
+                self.app.note_reload(Err(e.to_string()));
                 tollgate_core::metrics::CONFIG_RELOADS
                     .with_label_values(&["error"])
                     .inc();

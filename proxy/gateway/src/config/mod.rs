@@ -181,6 +181,9 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     /// JWT issuers whose tokens stand in for keys (`auth.jwt`).
     pub auth: Option<Auth>,
+    /// A short hash of the config and plans files: names the config in
+    /// force (`tollgate_config_info`, the status page).
+    pub version: String,
     /// How long SIGTERM waits for in-flight requests and the usage flush.
     pub shutdown_grace: Duration,
     /// Where access log lines go (None: off).
@@ -272,6 +275,13 @@ impl Config {
             .map(|w| webhooks::parse(&mut cx, w, plans.as_deref()))
             .unwrap_or_default();
         let auth = raw.auth.as_ref().and_then(|a| auth::parse(&mut cx, a));
+        let version = {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(src.text.as_bytes());
+            h.update(std::fs::read(&plans_file).unwrap_or_default());
+            hex::encode(&h.finalize()[..6])
+        };
         let shutdown_grace = cx.duration(
             "shutdown.grace",
             raw.shutdown.as_ref().and_then(|s| s.grace.as_deref()),
@@ -339,6 +349,7 @@ impl Config {
                     docs,
                     access_log,
                     shutdown_grace,
+                    version,
                     checkout,
                 })
             }
