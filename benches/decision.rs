@@ -53,7 +53,7 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
     let plans = Plans::parse(&Source::new("plans.yaml".as_ref(), PLANS.into())).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let gate = Gate {
-        plans: Arc::new(plans),
+        plans: tollgate_core::sync::Shared::new(Arc::new(plans)),
         keys: Arc::new(StaticKeys(Arc::new(Snapshot::build(&data)))),
         limiter: Arc::new(MemoryLimiter::new(clock.clone())),
         clock,

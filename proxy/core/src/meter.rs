@@ -42,7 +42,8 @@ pub trait UsageJournal: Send + Sync + 'static {
 pub struct Meter<J> {
     pub ledger: Arc<UsageLedger>,
     pub journal: Option<Arc<J>>,
-    pub billable: StatusSet,
+    /// Replaced by a reload of the plans file.
+    pub billable: crate::sync::Shared<StatusSet>,
 }
 
 impl<J: UsageJournal> Meter<J> {
@@ -51,7 +52,7 @@ impl<J: UsageJournal> Meter<J> {
     /// header (`reported`: None when the route has none, `Some(None)` when
     /// the header was missing or not a number: 0, logged), or the cost.
     pub fn units(&self, a: &Admitted, status: u16, reported: Option<Option<u64>>) -> u64 {
-        if !self.billable.contains(status) {
+        if !self.billable.load().contains(status) {
             return 0;
         }
         match reported {
@@ -141,7 +142,7 @@ mod tests {
         Meter {
             ledger: Arc::new(UsageLedger::new(Arc::new(ManualClock::at(0)), Vec::new())),
             journal: Some(journal),
-            billable: plans.billable,
+            billable: crate::sync::Shared::new(Arc::new(plans.billable)),
         }
     }
 

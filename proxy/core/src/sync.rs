@@ -29,6 +29,27 @@ pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     }
 }
 
+/// A value that a reload replaces as a whole while readers keep the one
+/// they loaded (in-flight requests finish on the old plans).
+#[derive(Debug)]
+pub struct Shared<T>(RwLock<std::sync::Arc<T>>);
+
+impl<T> Shared<T> {
+    pub fn new(v: std::sync::Arc<T>) -> Self {
+        Self(RwLock::new(v))
+    }
+
+    /// The current value.
+    pub fn load(&self) -> std::sync::Arc<T> {
+        std::sync::Arc::clone(&read(&self.0))
+    }
+
+    /// Replaces it for every later `load`.
+    pub fn store(&self, v: std::sync::Arc<T>) {
+        *write(&self.0) = v;
+    }
+}
+
 /// Work queued for one flush task (the spool's group commit, the Redis
 /// limiter's batches): whoever queues into an empty queue schedules the
 /// flush, which takes everything queued until it runs.

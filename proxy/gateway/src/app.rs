@@ -19,7 +19,12 @@ use crate::config::{Config, StoreKind};
 
 /// Everything a request needs, shared by all workers.
 pub struct App {
+    /// The config the process started with: what a reload may not change
+    /// (listeners, backends, sinks, secrets) is read from here.
     pub config: Arc<Config>,
+    /// The config in force: plans, CORS, timeouts and webhook mappings
+    /// follow reloads (see [`App::reload_config`]).
+    live: tollgate_core::sync::Shared<Config>,
     pub gate: Gate<Limiters>,
     /// The ledger, the spool and the billable statuses: the metering step.
     pub meter: Meter<Spool>,
@@ -169,7 +174,7 @@ impl App {
         let usage = Arc::new(UsageLedger::new(clock.clone(), Vec::new()));
         let spool = open_spool(&config, &usage, &clock)?;
         let gate = Gate {
-            plans: config.plans.clone(),
+            plans: tollgate_core::sync::Shared::new(config.plans.clone()),
             keys: keys.as_key_store(),
             limiter: Arc::new(limiter),
             clock,
@@ -183,7 +188,7 @@ impl App {
         let meter = Meter {
             ledger: usage,
             journal: spool.clone(),
-            billable: config.plans.billable.clone(),
+            billable: tollgate_core::sync::Shared::new(Arc::new(config.plans.billable.clone())),
         };
         let checkout = config.checkout.clone().map(|c| {
             tollgate_metering::billing::checkout::StripeCheckout::new(
@@ -199,6 +204,7 @@ impl App {
             None => None,
         };
         Ok(Arc::new(App {
+            live: tollgate_core::sync::Shared::new(config.clone()),
             access_log,
             checkout,
             dashboard: crate::own::dashboard::Dashboard::new(&config),
@@ -214,6 +220,58 @@ impl App {
             keys,
             redis_rt: redis.map(|(rt, _)| rt),
         }))
+    }
+
+    /// The config in force.
+    pub fn live(&self) -> Arc<Config> {
+        self.live.load()
+    }
+
+    /// Re-reads tollgate.yaml and its plans file, validates them as
+    /// `tollgate check` does, and swaps them in at once: requests in flight
+    /// finish on the plans they started with; limits keeping their name and
+    /// window keep what was used. Nothing changes when the files have an
+    /// error or change what takes a restart. Counted and noted either way.
+    pub fn reload_config(&self) -> Result<String, String> {
+        let result = self.try_reload_config();
+        let label = if result.is_ok() { "success" } else { "error" };
+        tollgate_core::metrics::CONFIG_RELOADS
+            .with_label_values(&[label])
+            .inc();
+        match &result {
+            Ok(v) => log::info!("config reloaded: version {v} in force"),
+            Err(e) => {
+                log::error!("config reload refused, the previous config stays in force:\n{e}")
+            }
+        }
+        self.note_reload(result.clone().map(|_| ()));
+        result
+    }
+
+    fn try_reload_config(&self) -> Result<String, String> {
+        let new = Config::load(&self.config.file).map_err(|d| d.to_string())?;
+        let changed = crate::config::needs_restart(&self.config, &new);
+        if !changed.is_empty() {
+            return Err(format!(
+                "{}: these settings take a restart ({}); nothing was applied",
+                self.config.file.display(),
+                changed.join(", ")
+            ));
+        }
+        let old = self.live();
+        self.gate.plans.store(new.plans.clone());
+        self.meter
+            .billable
+            .store(Arc::new(new.plans.billable.clone()));
+        tollgate_core::metrics::CONFIG_INFO
+            .with_label_values(&[&old.version])
+            .set(0);
+        tollgate_core::metrics::CONFIG_INFO
+            .with_label_values(&[&new.version])
+            .set(1);
+        let version = new.version.clone();
+        self.live.store(Arc::new(new));
+        Ok(version)
     }
 
     /// Notes a reload (admin, SIGHUP) for the status page.

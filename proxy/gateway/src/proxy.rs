@@ -59,7 +59,8 @@ pub struct Ctx {
 
 impl TollgateProxy {
     fn cors_headers(&self, ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
-        let Some(cors) = &self.app.config.cors else {
+        let live = self.app.live();
+        let Some(cors) = &live.cors else {
             return Ok(());
         };
         let origin = ctx.origin.as_ref().and_then(|o| o.to_str().ok());
@@ -147,7 +148,7 @@ impl TollgateProxy {
 
     async fn preflight(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         ctx.outcome = "preflight";
-        let cors = self.app.config.cors.clone();
+        let cors = self.app.live().cors.clone();
         self.send(
             session,
             ctx,
@@ -322,7 +323,8 @@ impl ProxyHttp for TollgateProxy {
 
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.upstream_start = Some(Instant::now());
-        let c = &self.app.config;
+        let live = self.app.live();
+        let c = &*live;
         // A SocketAddr resolved at load: no DNS here.
         let mut peer = HttpPeer::new(c.upstream.addr, c.upstream.tls, c.upstream.host.clone());
         peer.options.connection_timeout = Some(c.timeouts.connect);

@@ -22,6 +22,8 @@ use crate::proxy::TollgateProxy;
 
 /// How often running proxies look for key store changes.
 pub const KEY_RELOAD_EVERY: Duration = Duration::from_millis(250);
+/// How often the config and plans files are looked at for a change.
+pub const CONFIG_WATCH_EVERY: Duration = Duration::from_secs(1);
 /// How often idle limiter state is evicted.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
@@ -36,12 +38,28 @@ impl BackgroundService for Housekeeping {
         let mut reload = tokio::time::interval(KEY_RELOAD_EVERY);
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         let mut sample = tokio::time::interval(crate::admin::status::SAMPLE_EVERY);
+        let mut watch = tokio::time::interval(CONFIG_WATCH_EVERY);
+        let stamp = |app: &App| {
+            let c = &app.config;
+            [c.file.clone(), app.live().plans_file.clone()]
+                .map(|p| std::fs::metadata(&p).and_then(|m| m.modified()).ok())
+        };
+        let mut seen = stamp(&self.app);
         let mut failing = false;
         update_key_gauge(&self.app.keys, self.app.gate.clock.now_ms());
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = sample.tick() => self.app.history.sample(),
+                _ = watch.tick() => {
+                    // tollgate.yaml or the plans file changed on disk.
+                    let now = stamp(&self.app);
+                    if now != seen {
+                        seen = now;
+                        let app = Arc::clone(&self.app);
+                        let _ = tokio::task::spawn_blocking(move || app.reload_config()).await;
+                    }
+                }
                 _ = reload.tick() => {
                     // The Redis store follows its own change feed.
                     let Keys::File(store) = &self.app.keys else { continue };
@@ -182,7 +200,8 @@ async fn fetch_jwks(client: &reqwest::Client, f: &crate::config::JwksFetch) {
 }
 
 /// SIGUSR1 reopens the access log file (logrotate's `postrotate`);
-/// SIGHUP re-reads the key store now (systemd's `ExecReload`).
+/// SIGHUP re-reads the key store, the config and the plans (systemd's
+/// `ExecReload`).
 struct Signals {
     app: Arc<App>,
 }
@@ -207,18 +226,14 @@ impl BackgroundService for Signals {
                         log::info!("SIGUSR1: reopening the access log");
                     }
                 }
-                _ = hup.recv() => match self.app.keys.reload().await {
-                    Ok(()) => {
-                        metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
-                        self.app.note_reload(Ok(()));
-                        log::info!("SIGHUP: key store re-read (changes to tollgate.yaml and plans.yaml take a restart)");
-                    }
-                    Err(e) => {
-                        metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
-                        self.app.note_reload(Err(e.to_string()));
+                _ = hup.recv() => {
+                    if let Err(e) = self.app.keys.reload().await {
                         log::error!("SIGHUP: the key store could not be re-read, the previous keys stay: {e}");
                     }
-                },
+                    let app = Arc::clone(&self.app);
+                    // Logged and counted by reload_config.
+                    let _ = tokio::task::spawn_blocking(move || app.reload_config()).await;
+                }
             }
         }
     }

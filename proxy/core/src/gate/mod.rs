@@ -116,7 +116,8 @@ pub struct Verdict {
 
 /// The parts a decision needs.
 pub struct Gate<L> {
-    pub plans: Arc<Plans>,
+    /// Replaced whole by a reload; each request uses the plans it loaded.
+    pub plans: crate::sync::Shared<Plans>,
     pub keys: Arc<dyn KeyStore>,
     pub limiter: Arc<L>,
     pub clock: Arc<dyn Clock>,
@@ -173,7 +174,9 @@ impl<L: Limiter> Gate<L> {
         headers: &HeaderMap,
     ) -> Result<Admission, Refused> {
         let is_usage = path == USAGE_PATH;
-        let route = self.route(method, path);
+        // One set of plans for the whole decision, whatever a reload does.
+        let plans = self.plans.load();
+        let route = route_of(&plans, method, path);
         if route.public && !is_usage {
             return Ok(Admission::Forward);
         }
@@ -237,21 +240,6 @@ impl<L: Limiter> Gate<L> {
         Ok(Admission::Pass(admitted))
     }
 
-    pub fn route(&self, method: &http::Method, path: &str) -> RouteInfo<'_> {
-        match self.plans.route(method, path) {
-            Some(r) => RouteInfo {
-                public: r.public,
-                cost: r.cost,
-                route: Some(r),
-            },
-            None => RouteInfo {
-                public: false,
-                cost: DEFAULT_COST,
-                route: None,
-            },
-        }
-    }
-
     /// Checks a presented key against the local snapshot: format first (no
     /// lookup for junk), then the hash. No I/O.
     pub fn authenticate_cached(&self, key: &str) -> Result<(Identity, Arc<Plan>), Rejection> {
@@ -309,7 +297,7 @@ impl<L: Limiter> Gate<L> {
             .snapshot()
             .customer(&v.customer)
             .unwrap_or_default();
-        if let Some(p) = v.plan.filter(|p| self.plans.get(p).is_some()) {
+        if let Some(p) = v.plan.filter(|p| self.plans.load().get(p).is_some()) {
             view.plan = Some(p.into());
         }
         Ok(Arc::new(crate::store::KeyInfo::new(
@@ -334,11 +322,12 @@ impl<L: Limiter> Gate<L> {
     /// The customer's plan; a plan name no longer in plans.yaml falls back to
     /// the default plan (`tollgate check` reports such customers).
     pub fn plan_of(&self, identity: &Identity) -> Arc<Plan> {
+        let plans = self.plans.load();
         let plan = identity
             .plan
             .as_deref()
-            .and_then(|p| self.plans.get(p))
-            .unwrap_or(&self.plans.default_plan);
+            .and_then(|p| plans.get(p))
+            .unwrap_or(&plans.default_plan);
         match &identity.limits {
             None => Arc::clone(plan),
             // The customer's own limits: built once per snapshot.
@@ -366,6 +355,22 @@ fn key_rejection(r: KeyRejection) -> Rejection {
         KeyRejection::Unknown => Rejection::UnknownKey,
         KeyRejection::Revoked => Rejection::RevokedKey,
         KeyRejection::Expired => Rejection::ExpiredKey,
+    }
+}
+
+/// What the route table says about a request.
+pub fn route_of<'a>(plans: &'a Plans, method: &http::Method, path: &str) -> RouteInfo<'a> {
+    match plans.route(method, path) {
+        Some(r) => RouteInfo {
+            public: r.public,
+            cost: r.cost,
+            route: Some(r),
+        },
+        None => RouteInfo {
+            public: false,
+            cost: DEFAULT_COST,
+            route: None,
+        },
     }
 }
 

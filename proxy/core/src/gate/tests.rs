@@ -80,7 +80,7 @@ fn setup_with(answer_preflights: bool, journal_full: Option<Arc<AtomicBool>>) ->
     }
     Setup {
         gate: Gate {
-            plans: Arc::new(plans),
+            plans: crate::sync::Shared::new(Arc::new(plans)),
             keys: Arc::new(StaticKeys(Arc::new(Snapshot::build(&data)))),
             limiter: Arc::new(MemoryLimiter::new(clock.clone())),
             clock,
@@ -296,14 +296,14 @@ async fn case_insensitive_routes_are_a_choice_of_the_plans_file() {
     let s = setup(false);
     let a = passed(admit(&s.gate, &request("POST", "/V1/SMS/send", Some(&s.pro))).await);
     assert_eq!(a.cost, 1, "case-sensitive by default: no route matched");
-    let mut ci = setup(false);
+    let ci = setup(false);
     let plans = Plans::parse(&Source::new(
         std::path::Path::new("plans.yaml"),
         format!("{PLANS}routes_case_insensitive: true\n"),
     ))
     .unwrap();
     assert!(plans.routes_case_insensitive);
-    ci.gate.plans = Arc::new(plans);
+    ci.gate.plans.store(Arc::new(plans));
     let a = passed(admit(&ci.gate, &request("POST", "/V1/SMS/send", Some(&ci.pro))).await);
     assert_eq!((a.cost, a.meter.as_deref()), (5, Some("sms")));
     let v = admit(&ci.gate, &request("GET", "/HEALTH", None)).await;

@@ -176,7 +176,7 @@ pub fn page(app: &App) -> String {
         h = up / 3600,
         m = up % 3600 / 60,
         s = up % 60,
-        cfg = html(&app.config.version),
+        cfg = html(&app.live().version),
         host = html(&app.config.upstream.host),
         port = app.config.upstream.port,
     );

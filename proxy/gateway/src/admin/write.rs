@@ -95,7 +95,7 @@ fn text(body: &serde_json::Value, name: &str) -> Result<Option<String>, (u16, St
 impl AdminApp {
     pub(super) async fn write(&self, op: Write) -> Response<Vec<u8>> {
         let store = self.app.keys.clone();
-        let config = self.app.config.clone();
+        let config = self.app.live();
         let now = self.app.gate.clock.now_ms();
         // Store I/O (a file, or Redis through a blocking adapter) off the workers.
         let result = tokio::task::spawn_blocking(move || apply(op, &store, &config, now)).await;
@@ -125,27 +125,34 @@ impl AdminApp {
         self.app.keys.reload().await
     }
 
+    /// Re-reads the key store and the config and plans files. A config
+    /// with errors (or a change that takes a restart) is a 409 naming them;
+    /// the previous config stays in force.
     pub(super) async fn reload(&self) -> Response<Vec<u8>> {
-        match self.reload_keys().await {
-            Ok(()) => {
-                self.app.note_reload(Ok(()));
-                tollgate_core::metrics::CONFIG_RELOADS
-                    .with_label_values(&["success"])
-                    .inc();
-                respond(200, "application/json", br#"{"reloaded":"keys"}"#.to_vec())
-            }
-            Err(e) => {
-                self.app.note_reload(Err(e.to_string()));
-                tollgate_core::metrics::CONFIG_RELOADS
-                    .with_label_values(&["error"])
-                    .inc();
-                log::error!("admin reload failed: {e}");
-                problem(
-                    500,
-                    "Reload failed",
-                    "the previous keys stay in force; see the Tollgate log",
-                )
-            }
+        if let Err(e) = self.reload_keys().await {
+            self.app.note_reload(Err(e.to_string()));
+            tollgate_core::metrics::CONFIG_RELOADS
+                .with_label_values(&["error"])
+                .inc();
+            log::error!("admin reload failed: {e}");
+            return problem(
+                500,
+                "Reload failed",
+                "the previous keys stay in force; see the Tollgate log",
+            );
+        }
+        let app = self.app.clone();
+        // File reads off the workers.
+        match tokio::task::spawn_blocking(move || app.reload_config()).await {
+            Ok(Ok(version)) => respond(
+                200,
+                "application/json",
+                serde_json::json!({"reloaded": ["keys", "config"], "config_version": version})
+                    .to_string()
+                    .into_bytes(),
+            ),
+            Ok(Err(e)) => problem(409, "Config not reloaded", &e),
+            Err(_) => problem(500, "Reload failed", "see the Tollgate log"),
         }
     }
 }

@@ -205,6 +205,55 @@ pub struct Docs {
     pub serve: bool,
 }
 
+/// The settings that differ between `old` and `new` and take a restart:
+/// listeners, backends, the key store, sinks and their secrets, JWT
+/// issuers, checkout, docs, the access log, threads and connection limits.
+/// (Plans, CORS, timeouts and webhook mappings follow a reload.)
+pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
+    let same =
+        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
+    let fields: [(&'static str, bool); 14] = [
+        ("listen", old.listen == new.listen),
+        ("tls", same(&old.tls, &new.tls)),
+        ("upstream", same(&old.upstream, &new.upstream)),
+        (
+            "keys",
+            old.keys_store == new.keys_store
+                && old.keys_path == new.keys_path
+                && old.key_prefix == new.key_prefix,
+        ),
+        ("limits", old.redis_limits == new.redis_limits),
+        ("redis", same(&old.redis, &new.redis)),
+        // The token's value comes from the environment, which a running
+        // process keeps: only where it is read from can change.
+        (
+            "admin",
+            old.admin.listen == new.admin.listen
+                && old.admin.token_env == new.admin.token_env
+                && old.admin.allowed_hosts == new.admin.allowed_hosts,
+        ),
+        ("metering", same(&old.metering, &new.metering)),
+        ("auth", same(&old.auth, &new.auth)),
+        ("checkout", same(&old.checkout, &new.checkout)),
+        ("docs", same(&old.docs, &new.docs)),
+        ("access_log", old.access_log == new.access_log),
+        ("shutdown", old.shutdown_grace == new.shutdown_grace),
+        ("threads", old.threads == new.threads),
+    ];
+    let mut out: Vec<&'static str> = fields
+        .iter()
+        .filter(|(_, same)| !same)
+        .map(|(n, _)| *n)
+        .collect();
+    if !same(&old.connections, &new.connections) {
+        out.push("connections");
+    }
+    if old.plans_file != new.plans_file {
+        out.push("plans (the file's path)");
+    }
+    out
+}
+
 impl Config {
     /// The endpoint config of `provider`, when its webhooks are followed.
     pub fn webhook(&self, provider: tollgate_core::lifecycle::Provider) -> Option<&WebhookConfig> {

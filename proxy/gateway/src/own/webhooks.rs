@@ -5,8 +5,6 @@
 //! no plan is a 200. A store that cannot be written is a 503, so the
 //! provider retries the delivery rather than Tollgate losing it.
 
-use std::sync::Arc;
-
 use tollgate_core::lifecycle::{self, events, signature, Applied, Provider};
 use tollgate_core::metrics::{PLAN_CHANGES, WEBHOOK_EVENTS};
 use tollgate_core::store::{StoreError, UpdateStore};
@@ -41,7 +39,8 @@ pub async fn receive(
     session: &mut pingora::proxy::Session,
     provider: Provider,
 ) -> Reply {
-    let Some(cfg) = app.config.webhook(provider) else {
+    let live = app.live();
+    let Some(cfg) = live.webhook(provider) else {
         return Reply::not_found();
     };
     let body = match read_body(session, MAX_BODY).await {
@@ -137,7 +136,7 @@ async fn apply(
     now: u64,
 ) -> Reply {
     let store = app.keys.clone();
-    let plans = Arc::clone(&app.config.plans);
+    let plans = app.gate.plans.load();
     let ev = event.clone();
     // One locked read-modify-write of the store (a file, or Redis through
     // its blocking adapter), off the workers.
