@@ -17,6 +17,8 @@ pub enum Rejection {
     RevokedKey,
     ExpiredKey,
     Suspended,
+    /// The route is only for some plans (`plans:` on the route).
+    NotInPlan,
     /// A JWT that does not verify (why, for the detail).
     InvalidToken(crate::jwt::TokenError),
     Limited {
@@ -57,7 +59,7 @@ impl Rejection {
             | Rejection::RevokedKey
             | Rejection::ExpiredKey
             | Rejection::InvalidToken(_) => 401,
-            Rejection::Suspended => 403,
+            Rejection::Suspended | Rejection::NotInPlan => 403,
             Rejection::Limited { .. } => 429,
             Rejection::Unavailable { .. } | Rejection::SpoolFull | Rejection::UsageNotRecorded => {
                 503
@@ -112,6 +114,11 @@ impl Rejection {
                 "This key has expired; use the key that replaced it.",
             ),
             Rejection::InvalidToken(e) => ("invalid-token", "Invalid token", e.detail()),
+            Rejection::NotInPlan => (
+                "not-in-plan",
+                "Not in your plan",
+                "This endpoint is not part of your plan; upgrade to a plan that includes it.",
+            ),
             Rejection::Suspended => (
                 "suspended",
                 "Account suspended",
@@ -217,6 +224,7 @@ impl Rejection {
             Rejection::ExpiredKey,
             Rejection::InvalidToken(crate::jwt::TokenError::Expired),
             Rejection::Suspended,
+            Rejection::NotInPlan,
             Rejection::Limited {
                 retry_after: 1,
                 violated: vec!["burst".into()],

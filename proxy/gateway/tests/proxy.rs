@@ -1082,3 +1082,74 @@ async fn the_admin_api_refuses_unknown_fields_and_silent_plan_moves() {
     .unwrap();
     assert_eq!(r.status(), 201);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_gated_by_plan_is_403_for_other_plans_and_unbilled_plans_are_never_metered() {
+    let h = Harness::builder()
+        .plans(
+            "default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 100, per: second }\n  pro:\n    meter: api_requests\n  internal:\n    billed: false\n    meter: api_requests\nroutes:\n  - { match: \"POST /v1/translate\", plans: [pro, internal], meter: translations }\n",
+        )
+        .build();
+    let free = h.key("cus_free_t", None);
+    let pro = h.key("cus_pro_t", Some("pro"));
+    let internal = h.key("cus_internal_t", Some("internal"));
+    let post = |key: &str| {
+        h.client
+            .post(h.url("/v1/translate"))
+            .bearer_auth(key)
+            .body("{}")
+            .send()
+    };
+    let r = post(&free).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let p: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(p["type"], "urn:tollgate:problem:not-in-plan");
+    assert_eq!(h.upstream_hits(), 0, "refused before the upstream");
+    // Nothing was charged for the refusal.
+    let u: serde_json::Value = h
+        .get("/_tollgate/usage")
+        .bearer_auth(&free)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(u["policies"][0]["remaining"], 100);
+    // Other routes stay open to the free plan.
+    assert_eq!(
+        h.get("/v1/x")
+            .bearer_auth(&free)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(post(&pro).await.unwrap().status(), 200);
+    assert_eq!(post(&internal).await.unwrap().status(), 200);
+    let usage = |key: String| {
+        let h = &h;
+        async move {
+            let v: serde_json::Value = h
+                .get("/_tollgate/usage")
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["usage"].clone()
+        }
+    };
+    assert_eq!(
+        usage(pro.clone()).await,
+        serde_json::json!({"translations": 1})
+    );
+    assert_eq!(
+        usage(internal.clone()).await,
+        serde_json::json!({}),
+        "billed: false is never metered"
+    );
+}

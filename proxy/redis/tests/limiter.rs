@@ -186,6 +186,7 @@ async fn a_batch_decides_each_request_like_the_memory_limiter() {
         policy_header: tollgate_core::plans::policy_header(&limits),
         limits,
         meter: None,
+        billed: true,
         display: Default::default(),
     });
     // The same limits with a bigger burst: a plan change while requests
@@ -197,6 +198,7 @@ async fn a_batch_decides_each_request_like_the_memory_limiter() {
         policy_header: tollgate_core::plans::policy_header(&bigger),
         limits: bigger,
         meter: None,
+        billed: true,
         display: Default::default(),
     });
     let customer: Arc<str> = "cus".into();

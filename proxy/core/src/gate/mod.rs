@@ -184,6 +184,17 @@ impl<L: Limiter> Gate<L> {
             Some((key, _source)) => self.authenticate(key).await?,
             None => return Err(Rejection::MissingKey.into()),
         };
+        // A route some plans may not call: refused before anything is charged.
+        if let Some(allowed) = route.route.and_then(|r| r.plans.as_ref()) {
+            if !is_usage && !allowed.iter().any(|p| *p == plan.name) {
+                return Err(Refused {
+                    rejection: Rejection::NotInPlan,
+                    identity: Some(identity),
+                    plan: Some(plan),
+                    decision: None,
+                });
+            }
+        }
         let cost = if is_usage { 0 } else { route.cost };
         // Refused before anything is charged: a refusal consumes nothing.
         if !is_usage && may_bill(route.route, &plan) {
@@ -377,6 +388,9 @@ pub fn route_of<'a>(plans: &'a Plans, method: &http::Method, path: &str) -> Rout
 /// The meter a request's units go to: its route's, else its plan's; past an
 /// included quota with `overage`, the overage meter when the limit names one.
 fn meter_of(route: Option<&Route>, plan: &Plan, decision: &Decision) -> Option<Arc<str>> {
+    if !plan.billed {
+        return None;
+    }
     if decision.overage {
         if let Some(m) = &decision.overage_meter {
             return Some(m.clone());
@@ -390,9 +404,10 @@ fn meter_of(route: Option<&Route>, plan: &Plan, decision: &Decision) -> Option<A
 /// Whether a request could be billed: its route or plan names a meter, or
 /// one of its plan's limits an overage meter.
 fn may_bill(route: Option<&Route>, plan: &Plan) -> bool {
-    route.is_some_and(|r| r.meter.is_some())
-        || plan.meter.is_some()
-        || plan.limits.iter().any(|l| l.overage_meter.is_some())
+    plan.billed
+        && (route.is_some_and(|r| r.meter.is_some())
+            || plan.meter.is_some()
+            || plan.limits.iter().any(|l| l.overage_meter.is_some()))
 }
 
 /// Counts each policy an admitted request left at or past 80 % used.

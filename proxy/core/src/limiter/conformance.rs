@@ -28,6 +28,7 @@ fn build(limits: &[(&str, u64, Window)]) -> Plan {
         policy_header: crate::plans::policy_header(&limits),
         limits,
         meter: None,
+        billed: true,
         display: Default::default(),
     }
 }

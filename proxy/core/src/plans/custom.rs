@@ -185,6 +185,7 @@ impl Plan {
             policy_header: policy_header(&limits),
             limits,
             meter: self.meter.clone(),
+            billed: self.billed,
             display: self.display.clone(),
         })
     }

@@ -117,6 +117,8 @@ pub struct Plan {
     pub name: Arc<str>,
     pub limits: Vec<Limit>,
     pub meter: Option<Arc<str>>,
+    /// `billed: false`: its usage is never reported to a sink.
+    pub billed: bool,
     pub display: PlanDisplay,
     /// `RateLimit-Policy` rendered once at load; empty for unlimited plans.
     pub policy_header: String,
@@ -132,6 +134,8 @@ pub struct Route {
     pub cost: u64,
     pub meter: Option<Arc<str>>,
     pub usage_header: Option<http::HeaderName>,
+    /// Only these plans may call it; None: every plan.
+    pub plans: Option<Vec<Arc<str>>>,
 }
 
 impl Route {

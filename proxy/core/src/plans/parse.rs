@@ -35,6 +35,8 @@ struct RawPlan {
     display_name: Option<String>,
     price: Option<String>,
     description: Option<String>,
+    /// `false`: never reported to a sink (a free or internal plan).
+    billed: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,6 +60,8 @@ struct RawRoute {
     cost: Option<i64>,
     meter: Option<String>,
     usage_header: Option<String>,
+    /// Only these plans may call the route (403 `not-in-plan` for others).
+    plans: Option<Vec<String>>,
 }
 
 impl Plans {
@@ -75,6 +79,17 @@ impl Plans {
         }
         let default_plan = default_plan(src, &raw, &plans, &mut d);
         let routes = parse_routes(src, &raw.routes, &mut d);
+        for (i, r) in &routes {
+            for (j, p) in r.plans.iter().flatten().enumerate() {
+                if !plans.contains_key(&**p) {
+                    d.0.push(src.error(
+                        &format!("routes[{i}].plans[{j}]"),
+                        format!("`{p}` is not a plan in this file"),
+                        Some(&known_plans(&plans)),
+                    ));
+                }
+            }
+        }
         check_costs(src, &routes, &plans, &mut d);
         let billable = billable(src, raw.billable_statuses.as_deref(), &mut d);
         match (default_plan, billable) {
@@ -137,6 +152,7 @@ fn parse_plan(
         policy_header: policy_header(&limits),
         limits,
         meter: rp.meter.as_deref().map(Into::into),
+        billed: rp.billed.unwrap_or(true),
         display: super::PlanDisplay {
             name: rp.display_name.clone(),
             price: rp.price.clone(),
@@ -218,9 +234,12 @@ fn parse_routes(
         match parse_route(&r) {
             Ok(route) => {
                 if route.public
-                    && (r.cost.is_some() || r.meter.is_some() || r.usage_header.is_some())
+                    && (r.cost.is_some()
+                        || r.meter.is_some()
+                        || r.usage_header.is_some()
+                        || r.plans.is_some())
                 {
-                    d.0.push(src.error(&path, "a public route is neither limited nor metered, so `cost`, `meter` and `usage_header` make no sense on it", None));
+                    d.0.push(src.error(&path, "a public route is neither limited nor metered, so `cost`, `meter`, `usage_header` and `plans` make no sense on it", None));
                 }
                 if let Some(m) = &r.meter {
                     check_meter(src, &format!("{path}.meter"), m, d);
@@ -322,6 +341,11 @@ impl StatusSet {
     }
 }
 
+fn known_plans(plans: &BTreeMap<String, Arc<Plan>>) -> String {
+    let names: Vec<&str> = plans.keys().map(String::as_str).collect();
+    format!("known plans: {}", names.join(", "))
+}
+
 fn known(plans: &BTreeMap<String, serde_yaml::Value>) -> String {
     if plans.is_empty() {
         return "define it under `plans:`".into();
@@ -409,6 +433,10 @@ fn parse_route(r: &RawRoute) -> Result<Route, RouteError> {
         cost,
         meter: r.meter.as_deref().map(Into::into),
         usage_header,
+        plans: r
+            .plans
+            .as_ref()
+            .map(|p| p.iter().map(|n| n.as_str().into()).collect()),
     })
 }
 

@@ -150,3 +150,22 @@ fn glob_matching() {
     assert!(!glob_match("/health", "/healthz"));
     assert!(glob_match("*", "/anything"));
 }
+
+#[test]
+fn routes_gated_by_plan_name_plans_that_exist() {
+    let ok = parse("default_plan: free\nplans:\n  free: {}\n  pro: {}\n  internal: { billed: false }\nroutes:\n  - { match: \"POST /v1/translate\", plans: [pro, internal] }\n").unwrap();
+    let r = ok.route(&http::Method::POST, "/v1/translate").unwrap();
+    assert_eq!(r.plans.as_deref().unwrap().len(), 2);
+    assert!(!ok.get("internal").unwrap().billed && ok.get("pro").unwrap().billed);
+    let e = errors("default_plan: free\nplans:\n  free: {}\nroutes:\n  - { match: \"POST /v1/translate\", plans: [gold] }\n  - { match: \"GET /health\", public: true, plans: [free] }\n");
+    assert!(
+        e.iter()
+            .any(|l| l.starts_with("plans.yaml:5:44: error: `gold` is not a plan")),
+        "{e:?}"
+    );
+    assert!(
+        e.iter()
+            .any(|l| l.contains("a public route is neither limited nor metered")),
+        "{e:?}"
+    );
+}
