@@ -405,3 +405,54 @@ fn customers_get_their_own_limits_from_a_file_and_lose_them_again() {
             .unwrap();
     assert!(store["customers"]["cus_big"].get("limits").is_none());
 }
+
+#[test]
+fn customers_list_and_show_read_the_store_and_an_unknown_customer_is_an_error() {
+    let dir = project();
+    for (c, plan) in [("cus_a", Some("pro")), ("cus_b", None)] {
+        let mut args = vec!["keys", "create", "--customer", c];
+        if let Some(p) = plan {
+            args.extend(["--plan", p]);
+        }
+        assert!(tollgate(dir.path(), &args).status.success());
+    }
+    assert!(tollgate(dir.path(), &["customers", "suspend", "cus_b"])
+        .status
+        .success());
+    let out = tollgate(dir.path(), &["customers", "list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], "cus_a");
+    assert_eq!(list[0]["plan"], "pro");
+    assert_eq!(list[1]["plan"], "free", "no plan set: the default");
+    assert_eq!(list[1]["suspended"], true);
+    assert_eq!(
+        list[0]["keys"],
+        serde_json::json!({"active": 1, "total": 1})
+    );
+    let table = text(&tollgate(dir.path(), &["customers", "list"]).stdout);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("CUSTOMER  PLAN  STATUS"), "{table}");
+    assert!(
+        lines[2].starts_with("cus_b     free  suspended"),
+        "aligned: {table}"
+    );
+    let show = tollgate(dir.path(), &["customers", "show", "cus_a", "--json"]);
+    let one: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert!(one["key_ids"][0]["id"]
+        .as_str()
+        .unwrap()
+        .starts_with("key_"));
+    for args in [
+        &["customers", "show", "cus_nobody"][..],
+        &["usage", "--customer", "cus_nobody"],
+    ] {
+        let out = tollgate(dir.path(), args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert!(
+            text(&out.stderr).contains("no customer `cus_nobody`"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+}

@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use tollgate::config::Config;
+use tollgate_core::clock::Clock;
 use tollgate_core::diag::Source;
 use tollgate_core::plans::custom::{parse_limit_specs, LimitSpec};
 use tollgate_core::store::admin;
@@ -16,6 +17,50 @@ pub(super) fn customers(
     store: &impl UpdateStore,
 ) -> Result<ExitCode, String> {
     match cmd {
+        CustomersCmd::List { json } => {
+            let data = store.data().map_err(|e| e.to_string())?;
+            let rows: Vec<serde_json::Value> = data
+                .customers
+                .keys()
+                .map(|id| describe(config, &data, id))
+                .collect();
+            if json {
+                println!("{}", serde_json::Value::from(rows));
+            } else if rows.is_empty() {
+                eprintln!("no customers yet");
+            } else {
+                table(&rows);
+            }
+        }
+        CustomersCmd::Show { id, json } => {
+            let data = store.data().map_err(|e| e.to_string())?;
+            if !data.customers.contains_key(&id) && !data.keys.iter().any(|k| k.customer == id) {
+                return Err(format!("no customer `{id}` in the key store"));
+            }
+            let mut row = describe(config, &data, &id);
+            let now = tollgate_core::clock::SystemClock.now_ms();
+            row["key_ids"] = data
+                .keys
+                .iter()
+                .filter(|k| k.customer == id)
+                .map(|k| serde_json::json!({"id": k.id, "start": k.start, "name": k.name, "status": admin::status(k, now)}))
+                .collect::<Vec<_>>()
+                .into();
+            if json {
+                println!("{row}");
+            } else {
+                table(std::slice::from_ref(&row));
+                for k in row["key_ids"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {}  {}…  {}  {}",
+                        k["id"].as_str().unwrap_or(""),
+                        k["start"].as_str().unwrap_or(""),
+                        k["status"].as_str().unwrap_or(""),
+                        k["name"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
         CustomersCmd::SetPlan { id, plan } => {
             known_plan(config, &plan)?;
             admin::set_plan(store, &id, &plan).map_err(|e| e.to_string())?;
@@ -66,4 +111,65 @@ fn limits_file(path: &std::path::Path) -> Result<Vec<LimitSpec>, String> {
             .collect::<Vec<_>>()
             .join("\n")
     })
+}
+
+/// What the store says of one customer.
+fn describe(
+    config: &Config,
+    data: &tollgate_core::store::StoreData,
+    id: &str,
+) -> serde_json::Value {
+    let c = data.customers.get(id).cloned().unwrap_or_default();
+    let now = tollgate_core::clock::SystemClock.now_ms();
+    let keys: Vec<_> = data.keys.iter().filter(|k| k.customer == id).collect();
+    let active = keys
+        .iter()
+        .filter(|k| matches!(admin::status(k, now), "active" | "expiring"))
+        .count();
+    serde_json::json!({
+        "id": id,
+        "plan": c.plan.clone().unwrap_or_else(|| config.plans.default_plan.name.to_string()),
+        "suspended": c.is_suspended(),
+        "subscription": c.billing.as_ref().map(|b| b.status.as_str()),
+        "limits": c.limits,
+        "keys": {"active": active, "total": keys.len()},
+    })
+}
+
+/// Aligned columns: id, plan, status, keys, own limits.
+fn table(rows: &[serde_json::Value]) {
+    let cell = |r: &serde_json::Value| {
+        let status = if r["suspended"] == true {
+            "suspended".to_owned()
+        } else {
+            r["subscription"].as_str().unwrap_or("-").to_owned()
+        };
+        [
+            r["id"].as_str().unwrap_or("").to_owned(),
+            r["plan"].as_str().unwrap_or("").to_owned(),
+            status,
+            format!("{}/{}", r["keys"]["active"], r["keys"]["total"]),
+            if r["limits"].is_null() {
+                "-".into()
+            } else {
+                "own".into()
+            },
+        ]
+    };
+    let head = ["CUSTOMER", "PLAN", "STATUS", "KEYS", "LIMITS"].map(str::to_owned);
+    let body: Vec<[String; 5]> = rows.iter().map(cell).collect();
+    let mut width = head.clone().map(|h| h.len());
+    for r in &body {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for r in std::iter::once(&head).chain(&body) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
 }

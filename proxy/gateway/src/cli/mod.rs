@@ -110,6 +110,19 @@ pub(crate) enum KeysCmd {
 
 #[derive(Subcommand)]
 pub(crate) enum CustomersCmd {
+    /// Every customer in the key store: plan, suspension, subscription,
+    /// own limits, keys.
+    List {
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One customer, with its keys.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
     SetPlan {
         id: String,
         plan: String,
@@ -246,6 +259,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Usage { customer, json } => {
             let config = load_without_secrets(&cli.config)?;
+            // A customer the store does not know is a typo, not an empty report.
+            if let Some(c) = &customer {
+                let data = tollgate_core::store::UpdateStore::data(&open_store(&config)?)
+                    .map_err(|e| e.to_string())?;
+                if !data.customers.contains_key(c) && !data.keys.iter().any(|k| &k.customer == c) {
+                    return Err(format!("no customer `{c}` in the key store"));
+                }
+            }
             usage::usage(&config, customer.as_deref(), json)
         }
     }
