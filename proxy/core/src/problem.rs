@@ -17,8 +17,8 @@ pub enum Rejection {
     RevokedKey,
     ExpiredKey,
     Suspended,
-    /// The route is only for some plans (`plans:` on the route).
-    NotInPlan,
+    /// The route is only for these plans (`plans:` on the route).
+    NotInPlan(Vec<Arc<str>>),
     /// A JWT that does not verify (why, for the detail).
     InvalidToken(crate::jwt::TokenError),
     Limited {
@@ -59,7 +59,7 @@ impl Rejection {
             | Rejection::RevokedKey
             | Rejection::ExpiredKey
             | Rejection::InvalidToken(_) => 401,
-            Rejection::Suspended | Rejection::NotInPlan => 403,
+            Rejection::Suspended | Rejection::NotInPlan(_) => 403,
             Rejection::Limited { .. } => 429,
             Rejection::Unavailable { .. } | Rejection::SpoolFull | Rejection::UsageNotRecorded => {
                 503
@@ -114,7 +114,7 @@ impl Rejection {
                 "This key has expired; use the key that replaced it.",
             ),
             Rejection::InvalidToken(e) => ("invalid-token", "Invalid token", e.detail()),
-            Rejection::NotInPlan => (
+            Rejection::NotInPlan(_) => (
                 "not-in-plan",
                 "Not in your plan",
                 "This endpoint is not part of your plan; upgrade to a plan that includes it.",
@@ -204,6 +204,14 @@ impl Rejection {
                 p.detail = d.as_str().into();
             }
         }
+        if let Rejection::NotInPlan(plans) = self {
+            let names: Vec<&str> = plans.iter().map(|p| &**p).collect();
+            p.detail = format!(
+                "This endpoint is part of the plans {}, not of yours; upgrade to one of them to use it.",
+                names.join(", ")
+            )
+            .into();
+        }
         p.retry_after = self.retry_after();
         p
     }
@@ -224,7 +232,7 @@ impl Rejection {
             Rejection::ExpiredKey,
             Rejection::InvalidToken(crate::jwt::TokenError::Expired),
             Rejection::Suspended,
-            Rejection::NotInPlan,
+            Rejection::NotInPlan(vec!["pro".into(), "enterprise".into()]),
             Rejection::Limited {
                 retry_after: 1,
                 violated: vec!["burst".into()],

@@ -41,6 +41,8 @@ pub struct App {
     pub history: crate::admin::status::History,
     /// The last reload: when, and its error if it failed.
     last_reload: std::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
+    /// Held while a reload runs.
+    reloading: std::sync::Mutex<()>,
     /// Checkout and portal sessions per customer and minute.
     pub sessions: crate::own::billing::Throttle,
     /// The consumer docs page, when `docs.serve` (rendered once).
@@ -213,6 +215,7 @@ impl App {
             started: std::time::Instant::now(),
             history: Default::default(),
             last_reload: std::sync::Mutex::new(None),
+            reloading: std::sync::Mutex::new(()),
             spool,
             config,
             gate,
@@ -249,6 +252,8 @@ impl App {
     }
 
     fn try_reload_config(&self) -> Result<String, String> {
+        // One reload at a time (the file watcher, SIGHUP, the admin API).
+        let _one = tollgate_core::lock(&self.reloading);
         let new = Config::load(&self.config.file).map_err(|d| d.to_string())?;
         let changed = crate::config::needs_restart(&self.config, &new);
         if !changed.is_empty() {
@@ -263,9 +268,20 @@ impl App {
         self.meter
             .billable
             .store(Arc::new(new.plans.billable.clone()));
-        tollgate_core::metrics::CONFIG_INFO
-            .with_label_values(&[&old.version])
-            .set(0);
+        let _ = tollgate_core::metrics::CONFIG_INFO.remove_label_values(&[&old.version]);
+        // The new plans' series exist from the start, as at start-up.
+        let sinks: Vec<&str> = new.metering.sinks.iter().map(|s| s.name()).collect();
+        let providers: Vec<&str> = new.webhooks.iter().map(|w| w.provider.name()).collect();
+        tollgate_core::metrics::expose(
+            &new.plans,
+            &sinks,
+            tollgate_core::limiter::Limiter::name(&*self.gate.limiter),
+            new.redis
+                .as_ref()
+                .filter(|_| new.redis_limits)
+                .map(|r| r.on_error.as_str()),
+            &providers,
+        );
         tollgate_core::metrics::CONFIG_INFO
             .with_label_values(&[&new.version])
             .set(1);

@@ -125,7 +125,20 @@ impl TollgateProxy {
 
     async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: &Rejection) -> Result<bool> {
         ctx.outcome = r.outcome();
-        let body = Bytes::from(with_request_id(&r.body(), &ctx.request_id));
+        let mut body = with_request_id(&r.body(), &ctx.request_id);
+        // Where to upgrade, when consumers can.
+        let on_sale = match (r, &self.app.checkout) {
+            (Rejection::NotInPlan(plans), Some(c)) => {
+                plans.iter().any(|p| c.config.prices.contains_key(&**p))
+            }
+            _ => false,
+        };
+        if on_sale {
+            if let Some(head) = body.strip_suffix('}') {
+                body = format!("{head},\"upgrade\":\"/_tollgate/\"}}");
+            }
+        }
+        let body = Bytes::from(body);
         self.send(
             session,
             ctx,
@@ -402,13 +415,14 @@ impl ProxyHttp for TollgateProxy {
                 units
             });
             let units = self.app.meter.units(a, resp.status.as_u16(), reported);
-            ctx.units = Some(units);
-            ctx.meter = a.meter.clone();
             // Metered now, durable before the response reaches the client.
             if let Err(r) = self.app.meter.record(a, units).await {
                 ctx.failure = Some(r);
                 return Error::e_explain(ErrorType::InternalError, "usage could not be recorded");
             }
+            // What was recorded, for the access log.
+            ctx.units = Some(units);
+            ctx.meter = a.meter.clone();
         }
         self.rate_headers(ctx, resp)?;
         if !resp
@@ -522,7 +536,7 @@ fn access_line(session: &Session, ctx: &Ctx, total_ms: f64, now: u64) -> String 
         "time": tollgate_core::clock::rfc3339_millis(now),
         "request_id": ctx.request_id,
         "method": req.method.as_str(),
-        "path": req.uri.path(),
+        "path": clip(req.uri.path()),
         "status": status,
         "outcome": ctx.outcome,
         "customer": who.map(|i| &*i.customer),
@@ -533,9 +547,18 @@ fn access_line(session: &Session, ctx: &Ctx, total_ms: f64, now: u64) -> String 
         "upstream_ms": ctx.upstream_ms.map(ms),
         "total_ms": ms(total_ms),
         "bytes_sent": session.body_bytes_sent(),
-        "user_agent": req.headers.get(header::USER_AGENT).map(|v| String::from_utf8_lossy(v.as_bytes())),
+        "user_agent": req.headers.get(header::USER_AGENT).map(|v| clip(&String::from_utf8_lossy(v.as_bytes())).to_owned()),
     })
     .to_string()
+}
+
+/// At most 256 bytes of a client-supplied field, so a log line stays small.
+fn clip(s: &str) -> &str {
+    let mut end = s.len().min(256);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// The refusal for a proxying error; None when the client went away.

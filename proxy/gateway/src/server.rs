@@ -228,7 +228,10 @@ impl BackgroundService for Signals {
                 }
                 _ = hup.recv() => {
                     if let Err(e) = self.app.keys.reload().await {
+                        metrics::CONFIG_RELOADS.with_label_values(&["error"]).inc();
+                        self.app.note_reload(Err(format!("key store: {e}")));
                         log::error!("SIGHUP: the key store could not be re-read, the previous keys stay: {e}");
+                        continue;
                     }
                     let app = Arc::clone(&self.app);
                     // Logged and counted by reload_config.

@@ -185,3 +185,40 @@ async fn limits_set_on_one_instance_apply_on_another_within_a_second() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_an_unknown_customer_exits_1_and_of_a_known_one_0() {
+    let h = Harness::builder().admin_token(TOKEN).build();
+    let key = h.key("cus_known", None);
+    assert_eq!(h.get_n("/v1/x", &key, 2).await, vec![200; 2]);
+    let config = h.dir.path().join("tollgate.yaml");
+    let run = move |customer: &'static str| {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+                .args([
+                    "-c",
+                    config.to_str().unwrap(),
+                    "usage",
+                    "--customer",
+                    customer,
+                    "--json",
+                ])
+                .env("TEST_ADMIN_TOKEN", TOKEN)
+                .env("RUST_LOG", "off")
+                .output()
+                .unwrap()
+        })
+    };
+    let known = run("cus_known").await.unwrap();
+    assert!(
+        known.status.success(),
+        "{}",
+        String::from_utf8_lossy(&known.stderr)
+    );
+    let v: Value = serde_json::from_slice(&known.stdout).unwrap();
+    assert_eq!(v[0]["customer"], "cus_known");
+    let unknown = run("cus_typo").await.unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no customer `cus_typo`"));
+}

@@ -1085,7 +1085,13 @@ async fn the_admin_api_refuses_unknown_fields_and_silent_plan_moves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_gated_by_plan_is_403_for_other_plans_and_unbilled_plans_are_never_metered() {
+    let stripe = harness::MockStripe::start(|_| false);
     let h = Harness::builder()
+        .env("TEST_STRIPE_KEY", harness::STRIPE_KEY)
+        .config(&format!(
+            "metering: {{ flush_interval: 100ms, rollup: 1s, sinks: [{}] }}",
+            stripe.sink()
+        ))
         .plans(
             "default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 100, per: second }\n  pro:\n    meter: api_requests\n  internal:\n    billed: false\n    meter: api_requests\nroutes:\n  - { match: \"POST /v1/translate\", plans: [pro, internal], meter: translations }\n",
         )
@@ -1104,6 +1110,12 @@ async fn a_route_gated_by_plan_is_403_for_other_plans_and_unbilled_plans_are_nev
     assert_eq!(r.status(), 403);
     let p: serde_json::Value = r.json().await.unwrap();
     assert_eq!(p["type"], "urn:tollgate:problem:not-in-plan");
+    let detail = p["detail"].as_str().unwrap();
+    // It names the plans a consumer could move to: not the unbilled one.
+    assert!(
+        detail.contains("plans pro,") && !detail.contains("internal"),
+        "{p}"
+    );
     assert_eq!(h.upstream_hits(), 0, "refused before the upstream");
     // Nothing was charged for the refusal.
     let u: serde_json::Value = h
@@ -1151,5 +1163,25 @@ async fn a_route_gated_by_plan_is_403_for_other_plans_and_unbilled_plans_are_nev
         usage(internal.clone()).await,
         serde_json::json!({}),
         "billed: false is never metered"
+    );
+    // At the local Stripe: the pro customer's translation arrives, the
+    // internal plan's never does.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stripe.total("translations") < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pro's usage never reached Stripe"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let billed = stripe.billed();
+    assert_eq!(
+        billed.get(&("translations".into(), "cus_pro_t".into())),
+        Some(&1)
+    );
+    assert!(
+        billed.keys().all(|(_, c)| c != "cus_internal_t"),
+        "a billed: false plan reached Stripe: {billed:?}"
     );
 }

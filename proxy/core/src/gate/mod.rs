@@ -188,7 +188,15 @@ impl<L: Limiter> Gate<L> {
         if let Some(allowed) = route.route.and_then(|r| r.plans.as_ref()) {
             if !is_usage && !allowed.iter().any(|p| *p == plan.name) {
                 return Err(Refused {
-                    rejection: Rejection::NotInPlan,
+                    // Plans a consumer could move to: not the unbilled
+                    // (internal) ones.
+                    rejection: Rejection::NotInPlan(
+                        allowed
+                            .iter()
+                            .filter(|p| plans.get(p).is_some_and(|p| p.billed))
+                            .cloned()
+                            .collect(),
+                    ),
                     identity: Some(identity),
                     plan: Some(plan),
                     decision: None,
@@ -341,12 +349,18 @@ impl<L: Limiter> Gate<L> {
             .unwrap_or(&plans.default_plan);
         match &identity.limits {
             None => Arc::clone(plan),
-            // The customer's own limits: built once per snapshot.
-            Some(limits) => Arc::clone(
-                identity
+            // The customer's own limits: built once per snapshot, and again
+            // (uncached) when a reload replaced the plan it was built from.
+            Some(limits) => {
+                let (base, custom) = identity
                     .custom_plan
-                    .get_or_init(|| plan.with_limits(limits.to_vec())),
-            ),
+                    .get_or_init(|| (Arc::clone(plan), plan.with_limits(limits.to_vec())));
+                if Arc::ptr_eq(base, plan) {
+                    Arc::clone(custom)
+                } else {
+                    plan.with_limits(limits.to_vec())
+                }
+            }
         }
     }
 

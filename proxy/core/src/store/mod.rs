@@ -138,8 +138,9 @@ pub struct KeyInfo {
     pub billing: Option<BillingStatus>,
     /// The customer's own limits, replacing its plan's.
     pub limits: Option<Arc<[crate::plans::Limit]>>,
-    /// Its plan with those limits, built on first use.
-    pub custom_plan: std::sync::OnceLock<Arc<crate::plans::Plan>>,
+    /// Its plan with those limits, built on first use: (the plan it was
+    /// built from, the plan with the customer's limits).
+    pub custom_plan: std::sync::OnceLock<(Arc<crate::plans::Plan>, Arc<crate::plans::Plan>)>,
 }
 
 impl KeyInfo {

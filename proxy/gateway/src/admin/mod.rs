@@ -23,14 +23,11 @@ use write::{read_body, Write};
 
 pub struct AdminApp {
     pub app: Arc<App>,
-    /// The OpenAPI document, with this config's plan names.
-    openapi: Vec<u8>,
 }
 
 impl AdminApp {
     pub fn new(app: Arc<App>) -> Self {
-        let openapi = openapi(&app.config.plans);
-        Self { app, openapi }
+        Self { app }
     }
 }
 
@@ -175,7 +172,14 @@ impl ServeHttp for AdminApp {
                     self.status_page().into_bytes(),
                 )
             }
-            "/admin/openapi.json" => return respond(200, "application/json", self.openapi.clone()),
+            "/admin/openapi.json" => {
+                // The plans in force, also after a reload.
+                return respond(
+                    200,
+                    "application/json",
+                    openapi(&self.app.gate.plans.load()),
+                );
+            }
             _ => {}
         }
         if let Err(r) = self.authorized(session) {

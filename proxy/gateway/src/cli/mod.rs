@@ -259,15 +259,17 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         Command::Usage { customer, json } => {
             let config = load_without_secrets(&cli.config)?;
-            // A customer the store does not know is a typo, not an empty report.
-            if let Some(c) = &customer {
-                let data = tollgate_core::store::UpdateStore::data(&open_store(&config)?)
-                    .map_err(|e| e.to_string())?;
-                if !data.customers.contains_key(c) && !data.keys.iter().any(|k| &k.customer == c) {
-                    return Err(format!("no customer `{c}` in the key store"));
+            // A customer the store does not know (and that has no usage,
+            // as a JWT-only customer would) is a typo, not an empty report.
+            let known = match &customer {
+                Some(c) => {
+                    let data = tollgate_core::store::UpdateStore::data(&open_store(&config)?)
+                        .map_err(|e| e.to_string())?;
+                    data.customers.contains_key(c) || data.keys.iter().any(|k| &k.customer == c)
                 }
-            }
-            usage::usage(&config, customer.as_deref(), json)
+                None => true,
+            };
+            usage::usage(&config, customer.as_deref(), json, known)
         }
     }
 }

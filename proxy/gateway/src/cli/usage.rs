@@ -10,6 +10,7 @@ pub(super) fn usage(
     config: &Config,
     customer: Option<&str>,
     json: bool,
+    known: bool,
 ) -> Result<ExitCode, String> {
     let token = config.admin.token.as_deref().ok_or_else(|| {
         format!("{} is not set: `tollgate usage` reads usage from the running proxy's admin API with that token", config.admin.token_env)
@@ -25,6 +26,19 @@ pub(super) fn usage(
     let body = http_get(config.admin.listen, &path, token)?;
     let list: Vec<serde_json::Value> = serde_json::from_str(&body)
         .map_err(|e| format!("unexpected answer from the admin API: {e}"))?;
+    let untouched = |r: &serde_json::Value| {
+        r["usage"].as_object().is_none_or(|u| u.is_empty())
+            && r["policies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .all(|p| p["remaining"] == p["limit"])
+    };
+    if let (Some(c), false) = (customer, known) {
+        if list.iter().all(untouched) {
+            return Err(format!("no customer `{c}` in the key store, and no usage"));
+        }
+    }
     if json {
         println!("{}", serde_json::Value::from(list));
         return Ok(ExitCode::SUCCESS);

@@ -181,6 +181,8 @@ pub struct Config {
     pub webhooks: Vec<WebhookConfig>,
     /// JWT issuers whose tokens stand in for keys (`auth.jwt`).
     pub auth: Option<Auth>,
+    /// The top-level settings as written, for telling what a reload changed.
+    pub sections: serde_yaml::Mapping,
     /// A short hash of the config and plans files: names the config in
     /// force (`tollgate_config_info`, the status page).
     pub version: String,
@@ -205,51 +207,40 @@ pub struct Docs {
     pub serve: bool,
 }
 
-/// The settings that differ between `old` and `new` and take a restart:
-/// listeners, backends, the key store, sinks and their secrets, JWT
-/// issuers, checkout, docs, the access log, threads and connection limits.
-/// (Plans, CORS, timeouts and webhook mappings follow a reload.)
+/// The settings of tollgate.yaml a reload may not change: they are
+/// compared as written (variable names, URLs, paths), so a change hidden
+/// from `Debug` (a sink's URL, an issuer's key set) is still caught.
+/// Plans, CORS (its content), timeouts and webhook mappings follow a reload.
+pub const RESTART_ONLY: &[&str] = &[
+    "listen",
+    "tls",
+    "upstream",
+    "plans",
+    "keys",
+    "limits",
+    "redis",
+    "admin",
+    "metering",
+    "auth",
+    "checkout",
+    "docs",
+    "access_log",
+    "shutdown",
+    "threads",
+    "connections",
+];
+
+/// The settings that differ between `old` and `new` and take a restart.
 pub fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
-    let same =
-        |a: &dyn std::fmt::Debug, b: &dyn std::fmt::Debug| format!("{a:?}") == format!("{b:?}");
-    let fields: [(&'static str, bool); 14] = [
-        ("listen", old.listen == new.listen),
-        ("tls", same(&old.tls, &new.tls)),
-        ("upstream", same(&old.upstream, &new.upstream)),
-        (
-            "keys",
-            old.keys_store == new.keys_store
-                && old.keys_path == new.keys_path
-                && old.key_prefix == new.key_prefix,
-        ),
-        ("limits", old.redis_limits == new.redis_limits),
-        ("redis", same(&old.redis, &new.redis)),
-        // The token's value comes from the environment, which a running
-        // process keeps: only where it is read from can change.
-        (
-            "admin",
-            old.admin.listen == new.admin.listen
-                && old.admin.token_env == new.admin.token_env
-                && old.admin.allowed_hosts == new.admin.allowed_hosts,
-        ),
-        ("metering", same(&old.metering, &new.metering)),
-        ("auth", same(&old.auth, &new.auth)),
-        ("checkout", same(&old.checkout, &new.checkout)),
-        ("docs", same(&old.docs, &new.docs)),
-        ("access_log", old.access_log == new.access_log),
-        ("shutdown", old.shutdown_grace == new.shutdown_grace),
-        ("threads", old.threads == new.threads),
-    ];
-    let mut out: Vec<&'static str> = fields
+    let mut out: Vec<&'static str> = RESTART_ONLY
         .iter()
-        .filter(|(_, same)| !same)
-        .map(|(n, _)| *n)
+        .copied()
+        .filter(|k| old.sections.get(*k) != new.sections.get(*k))
         .collect();
-    if !same(&old.connections, &new.connections) {
-        out.push("connections");
-    }
-    if old.plans_file != new.plans_file {
-        out.push("plans (the file's path)");
+    // Tollgate answers preflights itself only with `cors`: turning it on
+    // or off changes the gate.
+    if old.cors.is_some() != new.cors.is_some() {
+        out.push("cors (turning it on or off)");
     }
     out
 }
@@ -300,7 +291,7 @@ impl Config {
     fn parse_with(src: &Source, env: Env<'_>, defer_secrets: bool) -> Result<Config, Diagnostics> {
         let mut cx = Check::new(src, env);
         cx.defer_secrets = defer_secrets;
-        let raw = read_sections(&mut cx)?;
+        let (raw, sections) = read_sections(&mut cx)?;
         let listen = cx.addr("listen", raw.listen.as_deref().unwrap_or("0.0.0.0:8080"));
         let tls = raw.tls.as_ref().map(|t| sections::tls(&mut cx, t));
         let upstream = sections::upstream(&mut cx, raw.upstream.as_deref());
@@ -399,6 +390,7 @@ impl Config {
                     access_log,
                     shutdown_grace,
                     version,
+                    sections,
                     checkout,
                 })
             }
@@ -408,7 +400,7 @@ impl Config {
 }
 
 /// The file's top-level mapping, each known section deserialised on its own.
-fn read_sections(cx: &mut Check<'_>) -> Result<RawConfig, Diagnostics> {
+fn read_sections(cx: &mut Check<'_>) -> Result<(RawConfig, serde_yaml::Mapping), Diagnostics> {
     let src = cx.src;
     let top: serde_yaml::Value =
         serde_yaml::from_str(&src.text).map_err(|e| Diagnostics(vec![src.syntax_error(&e)]))?;
@@ -452,5 +444,5 @@ fn read_sections(cx: &mut Check<'_>) -> Result<RawConfig, Diagnostics> {
             other => cx.d.0.push(src.unknown_key(other, KNOWN_SETTINGS)),
         }
     }
-    Ok(raw)
+    Ok((raw, map))
 }
