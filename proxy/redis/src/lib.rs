@@ -10,8 +10,10 @@
 
 pub mod conn;
 pub mod limiter;
+pub mod runtime;
 pub mod store;
 
 pub use conn::{RedisConfig, RedisConn};
 pub use limiter::RedisLimiter;
-pub use store::{BlockingRedisAdmin, RedisKeyStore, RedisRuntime};
+pub use runtime::RedisRuntime;
+pub use store::{BlockingRedisAdmin, RedisKeyStore};
