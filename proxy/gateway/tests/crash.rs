@@ -177,16 +177,18 @@ fn project(dir: &std::path::Path, port: u16, admin: u16, upstream: &str, sink: &
     .raw
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+/// The binary running [`project`] in front of a mock upstream, with a
+/// mock Stripe as its sink.
+struct Running {
+    _upstream: MockUpstream,
+    stripe: MockStripe,
+    dir: tempfile::TempDir,
+    port: u16,
+    key: String,
+    child: Child,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_with_a_short_grace_exits_in_time_and_flushes_usage() {
+fn launch() -> Running {
     let upstream = MockUpstream::start();
     let stripe = MockStripe::start(|_| false);
     let dir = tempfile::tempdir().unwrap();
@@ -198,8 +200,36 @@ async fn sigterm_with_a_short_grace_exits_in_time_and_flushes_usage() {
         &upstream.addr.to_string(),
         &stripe.sink(),
     );
-    let mut child = start(dir.path());
+    let child = start(dir.path());
     wait_port(port);
+    Running {
+        _upstream: upstream,
+        stripe,
+        dir,
+        port,
+        key,
+        child,
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_short_grace_exits_in_time_and_flushes_usage() {
+    let Running {
+        _upstream,
+        stripe,
+        dir: _dir,
+        port,
+        key,
+        mut child,
+    } = launch();
     let client = reqwest::Client::new();
     for _ in 0..7 {
         let r = client
@@ -230,19 +260,14 @@ async fn sigterm_with_a_short_grace_exits_in_time_and_flushes_usage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr1_reopens_the_access_log_after_logrotate_moved_it() {
-    let upstream = MockUpstream::start();
-    let stripe = MockStripe::start(|_| false);
-    let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
-    let key = project(
-        dir.path(),
+    let Running {
+        _upstream,
+        stripe: _stripe,
+        dir,
         port,
-        admin,
-        &upstream.addr.to_string(),
-        &stripe.sink(),
-    );
-    let mut child = start(dir.path());
-    wait_port(port);
+        key,
+        mut child,
+    } = launch();
     let client = reqwest::Client::new();
     let get = || {
         client

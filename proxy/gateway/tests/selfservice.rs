@@ -67,6 +67,17 @@ fn builder(stripe: &MockProvider) -> harness::HarnessBuilder {
         ))
 }
 
+/// A portal session asked for with `key`, answered as JSON.
+async fn portal(h: &Harness, key: &str) -> reqwest::Response {
+    h.client
+        .post(h.url("/_tollgate/billing/portal"))
+        .bearer_auth(key)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap()
+}
+
 fn sessions(stripe: &MockProvider, path: &str) -> Vec<Captured> {
     stripe
         .captured()
@@ -248,14 +259,7 @@ async fn the_portal_works_for_a_suspended_customer_and_sessions_are_never_charge
     // The free plan allows 5 a second: ten sessions in a row all pass,
     // and leave its limits untouched.
     for _ in 0..10 {
-        let r = h
-            .client
-            .post(h.url("/_tollgate/billing/portal"))
-            .bearer_auth(&key)
-            .header("accept", "application/json")
-            .send()
-            .await
-            .unwrap();
+        let r = portal(&h, &key).await;
         assert_eq!(r.status(), 200);
         let v: Value = r.json().await.unwrap();
         assert_eq!(
@@ -290,14 +294,7 @@ async fn the_portal_works_for_a_suspended_customer_and_sessions_are_never_charge
     // gets at most 20 a minute.
     let mut statuses = Vec::new();
     for _ in 0..12 {
-        let r = h
-            .client
-            .post(h.url("/_tollgate/billing/portal"))
-            .bearer_auth(&key)
-            .header("accept", "application/json")
-            .send()
-            .await
-            .unwrap();
+        let r = portal(&h, &key).await;
         statuses.push(r.status().as_u16());
     }
     let mut expect = vec![200; 10];
@@ -318,15 +315,7 @@ async fn the_portal_works_for_a_suspended_customer_and_sessions_are_never_charge
             .status(),
         403
     );
-    let r = h
-        .client
-        .post(h.url("/_tollgate/billing/portal"))
-        .bearer_auth(&key)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(portal(&h, &key).await.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

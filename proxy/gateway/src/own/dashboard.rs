@@ -33,6 +33,16 @@ fn hash(s: &str) -> String {
     )
 }
 
+/// A policy that allows a page exactly its own inline script and style
+/// (by hash) and requests to its own origin.
+fn policy(script: &str, style: &str) -> String {
+    format!(
+        "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        hash(script),
+        hash(style)
+    )
+}
+
 impl Dashboard {
     pub fn new(config: &Config) -> Self {
         // One button per plan with a checkout price; none without checkout.
@@ -63,14 +73,9 @@ impl Dashboard {
                 page = page.replace(part, "");
             }
         }
-        let csp = format!(
-            "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-            hash(SCRIPT),
-            hash(STYLE)
-        );
         Self {
             body: Bytes::from(page),
-            csp,
+            csp: policy(SCRIPT, STYLE),
         }
     }
 }
@@ -82,14 +87,9 @@ pub fn docs_page(config: &Config) -> Option<Dashboard> {
         return None;
     }
     let body = crate::docs::render(config, "", None).ok()?.index;
-    let csp = format!(
-        "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-        hash(crate::docs::SCRIPT),
-        hash(crate::docs::STYLE)
-    );
     Some(Dashboard {
         body: Bytes::from(body),
-        csp,
+        csp: policy(crate::docs::SCRIPT, crate::docs::STYLE),
     })
 }
 
