@@ -58,6 +58,7 @@ Also try:
   curl -s -H "Authorization: Bearer $key" http://127.0.0.1:8080/_tollgate/usage
   curl -s -X POST -H "Authorization: Bearer $key" -d '{"text":"a long text to summarise"}' http://127.0.0.1:8080/v1/ai/summarize
   curl -s http://127.0.0.1:9090/metrics | grep tollgate_requests_total
+  tail -f data/access.log        # one JSON line per request
   TOLLGATE_ADMIN_TOKEN=$TOLLGATE_ADMIN_TOKEN $bin -c $config usage
 
 Press Ctrl-C to stop.
