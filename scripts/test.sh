@@ -8,7 +8,20 @@ TOLLGATE_SETUP=test . scripts/setup.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --features tollgate/conformance "$@" 2>&1 | tee "$log" || status=$?
+cargo test --workspace --features tollgate/conformance --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+# A test binary that runs many Pingora servers in one process has, rarely,
+# aborted with "IO Safety violation: owned file descriptor already closed":
+# an fd closed twice below Tollgate's code (which has no unsafe), not yet
+# tracked down (docs/architecture.md#tests). When that abort is the only
+# failure, the binaries it hit run once more; a failing test never is.
+if [ "$status" != 0 ] && grep -q "IO Safety violation" "$log" && ! grep -q "^test result: FAILED" "$log"; then
+  status=0
+  for target in $(grep -o 'rerun pass `[^`]*`' "$log" | sed 's/rerun pass `//; s/`$//; s/ /:/g'); do
+    echo "tollgate test: the known fd abort hit ${target//:/ }; running it once more" >&2
+    # shellcheck disable=SC2086
+    cargo test --features tollgate/conformance ${target//:/ } 2>&1 | tee -a "$log" || status=$?
+  done
+fi
 # A short fuzzing run of core's parsers (scripts/fuzz.sh; FUZZ_SECS=0 skips it).
 if [ "${FUZZ_SECS:-15}" != 0 ] && [ "$status" = 0 ]; then
   bash scripts/fuzz.sh "${FUZZ_SECS:-15}" || status=$?
