@@ -364,6 +364,19 @@ fn limiter(
     })
 }
 
+/// The usage spool as `metering` configures it.
+pub fn spool_config(config: &Config) -> SpoolConfig {
+    let m = &config.metering;
+    SpoolConfig {
+        dir: m.spool_dir.clone(),
+        fsync_interval: m.fsync_interval,
+        max_bytes: m.max_spool_bytes,
+        rollup: m.rollup.as_millis() as u64,
+        sinks: m.sinks.iter().map(|s| s.name().to_owned()).collect(),
+        seal: m.seal.clone(),
+    }
+}
+
 fn open_spool(
     config: &Config,
     usage: &UsageLedger,
@@ -373,18 +386,8 @@ fn open_spool(
     if !m.enabled {
         return Ok(None);
     }
-    let spool = Spool::open(
-        SpoolConfig {
-            dir: m.spool_dir.clone(),
-            fsync_interval: m.fsync_interval,
-            max_bytes: m.max_spool_bytes,
-            rollup: m.rollup.as_millis() as u64,
-            sinks: m.sinks.iter().map(|s| s.name().to_owned()).collect(),
-            seal: m.seal.clone(),
-        },
-        clock.clone(),
-    )
-    .map_err(|e| format!("cannot open the usage spool: {e}"))?;
+    let spool = Spool::open(spool_config(config), clock.clone())
+        .map_err(|e| format!("cannot open the usage spool: {e}"))?;
     // /_tollgate/usage counts what was recorded before a restart too.
     for ((customer, meter), units) in spool.recorded_this_month() {
         usage.seed(&customer, &meter, units);

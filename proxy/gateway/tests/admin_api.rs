@@ -13,7 +13,15 @@ const TOKEN: &str = "schemathesis-admin-token";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_nothing_with_every_check() {
-    let h = Harness::builder().admin_token(TOKEN).build();
+    // A sink whose dead letters can be replayed (it is never reachable).
+    let h = Harness::builder()
+        .admin_token(TOKEN)
+        .env("TEST_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+        .config(&format!(
+            "metering: {{ sinks: [{{ webhook: {{ url: \"http://127.0.0.1:{}/usage\", secret_env: TEST_WEBHOOK_SECRET }} }}] }}",
+            harness::free_port()
+        ))
+        .build();
     // Something to find: a customer with keys, limits and usage.
     let key = h.key("cus_seed", Some("pro"));
     assert_eq!(h.get_n("/v1/x", &key, 3).await, vec![200; 3]);
@@ -50,7 +58,7 @@ async fn schemathesis_finds_nothing_with_every_check() {
         String::from_utf8_lossy(&out.stderr)
     );
     // It did test the operations, not skip them.
-    assert!(stdout.contains("Tested: 20"), "{stdout}");
+    assert!(stdout.contains("Tested: 22"), "{stdout}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

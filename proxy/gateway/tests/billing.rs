@@ -789,3 +789,135 @@ async fn an_upstream_that_resets_is_502_and_never_billed() {
     assert_eq!(usage["usage"], serde_json::json!({}), "{usage}");
     assert_eq!(usage["billing"], serde_json::json!({}), "{usage}");
 }
+
+/// `tollgate billing …` against the harness's config, with the admin token
+/// but no sink secret in its environment.
+fn billing_cli(h: &Harness, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("billing")
+        .args(args)
+        .arg("-c")
+        .arg(h.dir.path().join("tollgate.yaml"))
+        .current_dir(h.dir.path())
+        .env_remove("TEST_STRIPE_KEY")
+        .env("TEST_ADMIN_TOKEN", "admin-secret")
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_dead_letter_is_delivered_once_under_its_original_identifier() {
+    // Stripe refuses for good (400) until the operator has fixed the cause.
+    let refuse = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let r = refuse.clone();
+    let stripe = Stripe::start_with(move |_| {
+        if r.load(std::sync::atomic::Ordering::SeqCst) {
+            Fault::Status(400)
+        } else {
+            Fault::None
+        }
+    });
+    let h = Harness::builder()
+        .env("TEST_STRIPE_KEY", STRIPE_KEY)
+        .admin_token("admin-secret")
+        .config(&metering(&[stripe.sink()]))
+        .build();
+    let key = h.key("cus_fix_me", Some("pro"));
+    assert_eq!(h.get_n("/v1/x", &key, 3).await, vec![200; 3]);
+    let spool = h.app.spool.as_ref().unwrap().clone();
+    wait_for("the dead letter", 10, || {
+        spool.status().sinks[0].dead_letters == 1
+    })
+    .await;
+
+    let out = billing_cli(&h, &["status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["sinks"][0]["sink"], "stripe");
+    assert_eq!(st["sinks"][0]["dead_letters"], 1);
+    assert_eq!(st["sinks"][0]["pending_units"], 0);
+
+    let out = billing_cli(&h, &["dead-letters", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dead: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dead = dead.as_array().unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["customer"], "cus_fix_me");
+    assert_eq!(dead[0]["units"], 3);
+    let id = dead[0]["identifier"].as_str().unwrap().to_owned();
+    let table = billing_cli(&h, &["dead-letters", "--sink", "stripe"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&id));
+
+    // An id that is not a dead letter: nothing replayed, exit 1.
+    let out = billing_cli(&h, &["replay", "--sink", "stripe", "--id", "tg-nope-9"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tg-nope-9"));
+    let out = billing_cli(&h, &["replay", "--sink", "nosuch"]);
+    assert!(!out.status.success());
+
+    refuse.store(false, std::sync::atomic::Ordering::SeqCst);
+    // The proxy holds the spool: the CLI goes through its admin API.
+    let out = billing_cli(&h, &["replay", "--sink", "stripe", "--id", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), id);
+    wait_for("the replayed delivery", 10, || {
+        stripe
+            .billed()
+            .get(&("api_requests".into(), "cus_fix_me".into()))
+            == Some(&3)
+    })
+    .await;
+    wait_for("Stripe settled", 5, || spool.pending_units("stripe").0 == 0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent: Vec<_> = stripe
+        .server
+        .captured()
+        .into_iter()
+        .filter(|c| c.form().get("identifier") == Some(&id))
+        .collect();
+    assert_eq!(sent.len(), 2, "refused once, delivered once, under {id}");
+    assert!(sent
+        .iter()
+        .all(|c| c.header("idempotency-key") == Some(id.as_str())));
+    let st: Value = serde_json::from_slice(&billing_cli(&h, &["status", "--json"]).stdout).unwrap();
+    assert_eq!(st["sinks"][0]["dead_letters"], 0);
+    // Replaying again finds nothing: it cannot be sent twice.
+    let out = billing_cli(&h, &["replay", "--sink", "stripe"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    // Counted once as recorded, and now as reported.
+    let usage: Value = h
+        .client
+        .get(format!(
+            "http://{}/admin/customers/cus_fix_me/usage",
+            h.admin
+        ))
+        .bearer_auth("admin-secret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        usage[0]["billing"]["api_requests"]["recorded"], 3,
+        "{usage}"
+    );
+    assert_eq!(
+        usage[0]["billing"]["api_requests"]["reported"], 3,
+        "{usage}"
+    );
+}

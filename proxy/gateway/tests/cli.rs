@@ -437,6 +437,44 @@ fn customers_list_and_show_read_the_store_and_an_unknown_customer_is_an_error() 
         lines[2].starts_with("cus_b     free  suspended"),
         "aligned: {table}"
     );
+    // A suspended customer's keys say so; a key with a distant expiry is
+    // active, one within 7 days of it expiring.
+    let keys: serde_json::Value =
+        serde_json::from_slice(&tollgate(dir.path(), &["keys", "list", "--json"]).stdout).unwrap();
+    let status = |c: &str| {
+        keys.as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["customer"] == c)
+            .unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(status("cus_b"), "suspended");
+    assert_eq!(status("cus_a"), "active");
+    for (c, expires, want) in [("cus_90d", "90d", "active"), ("cus_3d", "3d", "expiring")] {
+        assert!(tollgate(
+            dir.path(),
+            &["keys", "create", "--customer", c, "--expires", expires]
+        )
+        .status
+        .success());
+        let table = text(&tollgate(dir.path(), &["keys", "list", "--customer", c]).stdout);
+        let row = table.lines().nth(1).unwrap();
+        assert!(row.ends_with(want), "{c}: {table}");
+    }
+    // Columns line up under their heads, however long the names.
+    let long = "cus_with_a_rather_long_customer_identifier_0123456789";
+    assert!(
+        tollgate(dir.path(), &["keys", "create", "--customer", long])
+            .status
+            .success()
+    );
+    let table = text(&tollgate(dir.path(), &["keys", "list"]).stdout);
+    let at = table.lines().next().unwrap().find("PLAN").unwrap();
+    for line in table.lines().skip(1) {
+        let before: String = line.chars().take(at).collect();
+        assert!(before.ends_with("  "), "PLAN column misaligned:\n{table}");
+    }
     let show = tollgate(dir.path(), &["customers", "show", "cus_a", "--json"]);
     let one: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     assert!(one["key_ids"][0]["id"]

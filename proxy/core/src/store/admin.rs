@@ -238,14 +238,19 @@ pub fn set_suspended(
     })
 }
 
-/// `active`, `revoked`, `expired`, or `expiring` (rotated, still valid).
+/// A valid key that expires within this is `expiring`: a rotated key in
+/// its grace period, or one due to be rotated.
+pub const EXPIRING_WITHIN: Millis = 7 * 86_400_000;
+
+/// `revoked`, `expired`, `expiring` (valid, expires within
+/// [`EXPIRING_WITHIN`]), or `active`.
 pub fn status(k: &KeyRecord, now: Millis) -> &'static str {
     if k.revoked.is_some() {
         return "revoked";
     }
     match k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0)) {
         Some(t) if t <= now => "expired",
-        Some(_) => "expiring",
-        None => "active",
+        Some(t) if t - now <= EXPIRING_WITHIN => "expiring",
+        _ => "active",
     }
 }

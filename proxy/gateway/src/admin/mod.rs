@@ -1,7 +1,7 @@
 //! The admin port: `/metrics`, `/healthz`, `/readyz`, a status page, and the
 //! `/admin` JSON API behind a bearer token (disabled when the token's env var
 //! is unset): keys (list, create, revoke, rotate), customers (plan, suspend,
-//! usage), reload. Writes use the same operations as the CLI.
+//! usage), billing (sink status, dead-letter replay), reload. Writes use the same operations as the CLI.
 
 use std::sync::Arc;
 
@@ -15,6 +15,7 @@ use tollgate_core::store::admin;
 
 use crate::app::App;
 
+pub mod billing;
 mod read;
 pub mod status;
 mod write;
@@ -32,13 +33,21 @@ impl AdminApp {
 }
 
 /// The admin API's OpenAPI document (`openapi.json` beside this file),
-/// with `PlanName` listing the plans of plans.yaml: a plan the document
-/// allows is one the API accepts.
-pub fn openapi(plans: &tollgate_core::plans::Plans) -> Vec<u8> {
+/// with `PlanName` listing the plans of plans.yaml and `SinkName` the
+/// configured sinks: a name the document allows is one the API accepts.
+pub fn openapi(plans: &tollgate_core::plans::Plans, sinks: &[String]) -> Vec<u8> {
     let mut doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap_or_default();
     let names: Vec<serde_json::Value> = plans.plans.keys().map(|p| p.as_str().into()).collect();
     if let Some(s) = doc.pointer_mut("/components/schemas/PlanName/enum") {
         *s = names.into();
+    }
+    if let Some(s) = doc.pointer_mut("/components/schemas/SinkName") {
+        match s.as_object_mut() {
+            // No sinks: any name is one there is not (a 404).
+            Some(o) if sinks.is_empty() => drop(o.remove("enum")),
+            Some(o) => drop(o.insert("enum".into(), sinks.into())),
+            None => {}
+        }
     }
     doc.to_string().into_bytes()
 }
@@ -177,7 +186,10 @@ impl ServeHttp for AdminApp {
                 return respond(
                     200,
                     "application/json",
-                    openapi(&self.app.gate.plans.load()),
+                    openapi(
+                        &self.app.gate.plans.load(),
+                        self.app.spool.as_ref().map_or(&[], |s| &s.config().sinks),
+                    ),
                 );
             }
             _ => {}
@@ -234,6 +246,8 @@ impl ServeHttp for AdminApp {
                 self.write(Write::Suspend(owned(id), false)).await
             }
             ("POST", ["reload"]) => self.reload().await,
+            ("GET", ["billing"]) => self.billing_status(),
+            ("POST", ["billing", "replay"]) => self.replay(body).await,
             _ => problem(404, "Not found", "see /admin/openapi.json"),
         }
     }
@@ -260,6 +274,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("/admin/keys/*/revoke", "POST"),
     ("/admin/keys/*/rotate", "POST"),
     ("/admin/reload", "POST"),
+    ("/admin/billing", "GET"),
+    ("/admin/billing/replay", "POST"),
 ];
 
 /// The methods `path` takes, when it is a route.

@@ -67,7 +67,7 @@ pub(super) async fn read_body(
 
 /// A body with a field the operation does not take is refused, naming it:
 /// a typo (`plna`) must not be ignored.
-fn only_fields(body: &serde_json::Value, allowed: &[&str]) -> Result<(), (u16, String)> {
+pub(super) fn only_fields(body: &serde_json::Value, allowed: &[&str]) -> Result<(), (u16, String)> {
     let unknown = body
         .as_object()
         .and_then(|o| o.keys().find(|k| !allowed.contains(&k.as_str())));
@@ -84,7 +84,7 @@ fn only_fields(body: &serde_json::Value, allowed: &[&str]) -> Result<(), (u16, S
 }
 
 /// A string field: absent is None; present with another type is a 400.
-fn text(body: &serde_json::Value, name: &str) -> Result<Option<String>, (u16, String)> {
+pub(super) fn text(body: &serde_json::Value, name: &str) -> Result<Option<String>, (u16, String)> {
     match body.get(name) {
         None => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),

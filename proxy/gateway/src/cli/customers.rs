@@ -144,7 +144,7 @@ fn table(rows: &[serde_json::Value]) {
         } else {
             r["subscription"].as_str().unwrap_or("-").to_owned()
         };
-        [
+        vec![
             r["id"].as_str().unwrap_or("").to_owned(),
             r["plan"].as_str().unwrap_or("").to_owned(),
             status,
@@ -156,20 +156,10 @@ fn table(rows: &[serde_json::Value]) {
             },
         ]
     };
-    let head = ["CUSTOMER", "PLAN", "STATUS", "KEYS", "LIMITS"].map(str::to_owned);
-    let body: Vec<[String; 5]> = rows.iter().map(cell).collect();
-    let mut width = head.clone().map(|h| h.len());
-    for r in &body {
-        for (w, c) in width.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    for r in std::iter::once(&head).chain(&body) {
-        let line: Vec<String> = r
-            .iter()
-            .zip(width)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
+    let body: Vec<Vec<String>> = rows.iter().map(cell).collect();
+    super::table::print(
+        &["CUSTOMER", "PLAN", "STATUS", "KEYS", "LIMITS"],
+        &body,
+        &[],
+    );
 }

@@ -69,7 +69,8 @@ pub(super) fn keys(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `keys list`: every key (or one customer's), never the key itself.
+/// `keys list`: every key (or one customer's), never the key itself. A
+/// valid key of a suspended customer shows `suspended`.
 fn list(
     config: &Config,
     store: &impl UpdateStore,
@@ -78,49 +79,60 @@ fn list(
     now: u64,
 ) -> Result<(), String> {
     let data = store.data().map_err(|e| e.to_string())?;
-    let keys = data
+    let rows: Vec<_> = data
         .keys
         .iter()
-        .filter(|k| customer.is_none_or(|c| c == k.customer));
+        .filter(|k| customer.is_none_or(|c| c == k.customer))
+        .map(|k| {
+            let c = data.customers.get(&k.customer);
+            let plan = c.and_then(|c| c.plan.clone());
+            let status = match admin::status(k, now) {
+                "active" | "expiring" if c.is_some_and(|c| c.is_suspended()) => "suspended",
+                s => s,
+            };
+            (k, plan, status)
+        })
+        .collect();
     if json {
-        let list: Vec<serde_json::Value> = keys
-            .map(|k| {
-                let plan = data.customers.get(&k.customer).and_then(|c| c.plan.clone());
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(k, plan, status)| {
                 serde_json::json!({
                     "id": k.id,
                     "start": k.start,
                     "customer": k.customer,
-                    "plan": plan.unwrap_or_else(|| config.plans.default_plan.name.to_string()),
+                    "plan": plan.clone().unwrap_or_else(|| config.plans.default_plan.name.to_string()),
                     "name": k.name,
                     "created": k.created,
                     "expires": k.expires,
-                    "status": admin::status(k, now),
+                    "status": status,
                 })
             })
             .collect();
         println!("{}", serde_json::Value::from(list));
         return Ok(());
     }
-    println!(
-        "{:<21} {:<14} {:<24} {:<12} {:<21} {:<21} STATUS",
-        "ID", "KEY", "CUSTOMER", "PLAN", "CREATED", "EXPIRES"
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(k, plan, status)| {
+            vec![
+                k.id.clone(),
+                format!("{}…", k.start),
+                k.customer.clone(),
+                plan.clone()
+                    .unwrap_or_else(|| format!("{} (default)", config.plans.default_plan.name)),
+                k.created.clone(),
+                k.expires.clone().unwrap_or_else(|| "never".into()),
+                (*status).to_owned(),
+            ]
+        })
+        .collect();
+    super::table::print(
+        &[
+            "ID", "KEY", "CUSTOMER", "PLAN", "CREATED", "EXPIRES", "STATUS",
+        ],
+        &cells,
+        &[],
     );
-    for k in keys {
-        let plan = data
-            .customers
-            .get(&k.customer)
-            .and_then(|c| c.plan.clone())
-            .unwrap_or_else(|| format!("{} (default)", config.plans.default_plan.name));
-        println!(
-            "{:<21} {:<14} {:<24} {:<12} {:<21} {:<21} {}",
-            k.id,
-            format!("{}…", k.start),
-            k.customer,
-            plan,
-            k.created,
-            k.expires.as_deref().unwrap_or("never"),
-            admin::status(k, now)
-        );
-    }
     Ok(())
 }

@@ -10,10 +10,13 @@ use tollgate_core::clock::{parse_duration, Clock, SystemClock};
 
 use clap::{Parser, Subcommand};
 
+mod admin_client;
+mod billing;
 mod check;
 mod customers;
 mod docs;
 mod keys;
+mod table;
 mod usage;
 
 #[derive(Parser)]
@@ -52,6 +55,7 @@ enum Command {
     /// and, with --openapi, the upstream's OpenAPI document with Tollgate's
     /// security schemes, headers and errors.
     Docs {
+        /// The directory to write (made if missing).
         #[arg(long)]
         out: PathBuf,
         /// Where consumers call the API (default: this config's listen address).
@@ -61,25 +65,62 @@ enum Command {
         #[arg(long)]
         openapi: Option<PathBuf>,
     },
-    /// Usage this period and remaining quota, from the running proxy.
+    /// Usage this period and remaining quota, from the running proxy's
+    /// admin API (needs the admin token).
     Usage {
+        /// Only this customer (exit 1 if the store does not know it).
         #[arg(long)]
         customer: Option<String>,
         /// The admin API's JSON instead of the tables.
         #[arg(long)]
         json: bool,
     },
+    /// What each billing sink still owes, and the usage it refused.
+    #[command(subcommand)]
+    Billing(BillingCmd),
+}
+
+#[derive(Subcommand)]
+pub(crate) enum BillingCmd {
+    /// Each sink's pending units, lag and dead letters (read from the
+    /// spool's files; works beside a running proxy).
+    Status {
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Usage a sink refused for good, with the reason.
+    DeadLetters {
+        /// Only this sink's.
+        #[arg(long)]
+        sink: Option<String>,
+        /// One JSON array instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back in the sink's queue under their original
+    /// identifiers, so a provider that did take one de-duplicates it.
+    /// Through the running proxy's admin API when it holds the spool.
+    Replay {
+        #[arg(long)]
+        sink: String,
+        /// Only these identifiers (repeatable; default: all of the sink's).
+        #[arg(long)]
+        id: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
 pub(crate) enum KeysCmd {
-    /// Print a new key on stdout, once.
+    /// Print a new key on stdout, once (everything else goes to stderr).
     Create {
+        /// The customer the key belongs to (made if new).
         #[arg(long)]
         customer: String,
-        /// Also set the customer's plan.
+        /// The plan of a new customer (with --set-plan, also of an existing one).
         #[arg(long)]
         plan: Option<String>,
+        /// A label for the key, e.g. the consumer's app.
         #[arg(long)]
         name: Option<String>,
         /// Lifetime, e.g. 90d.
@@ -90,19 +131,27 @@ pub(crate) enum KeysCmd {
         #[arg(long)]
         set_plan: bool,
     },
+    /// Every key: id, start, customer, plan, created, expires, status
+    /// (active, expiring within 7 days, expired, revoked, or suspended).
+    /// Never the key itself.
     List {
+        /// Only this customer's keys.
         #[arg(long)]
         customer: Option<String>,
         /// One JSON array instead of the table.
         #[arg(long)]
         json: bool,
     },
+    /// Refuse the key from now on (401).
     Revoke {
+        /// The key's id (`key_…`, as `keys list` shows it).
         id: String,
     },
     /// Issue a replacement key; the old one expires after the grace period.
     Rotate {
+        /// The key's id (`key_…`).
         id: String,
+        /// How long the old key stays valid, e.g. 24h or 7d.
         #[arg(long, default_value = "24h")]
         grace: String,
     },
@@ -119,30 +168,42 @@ pub(crate) enum CustomersCmd {
     },
     /// One customer, with its keys.
     Show {
+        /// The customer's id.
         id: String,
+        /// One JSON object instead of the table.
         #[arg(long)]
         json: bool,
     },
+    /// Move the customer (all its keys) to another plan; running proxies
+    /// apply it within a second.
     SetPlan {
+        /// The customer's id.
         id: String,
+        /// A plan of plans.yaml.
         plan: String,
     },
     /// Give the customer its own limits instead of its plan's, from a YAML
     /// file holding `limits: [...]` shaped as in plans.yaml.
     SetLimits {
+        /// The customer's id.
         id: String,
+        /// The YAML file with `limits:`.
         #[arg(long)]
         file: std::path::PathBuf,
     },
     /// Back to the plan's limits.
     ClearLimits {
+        /// The customer's id.
         id: String,
     },
     /// Refuse the customer's keys with 403 until resumed.
     Suspend {
+        /// The customer's id.
         id: String,
     },
+    /// Serve a suspended customer's keys again.
     Resume {
+        /// The customer's id.
         id: String,
     },
 }
@@ -257,6 +318,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
             let config = load_without_secrets(&cli.config)?;
             docs::write(&config, &out, base_url.as_deref(), openapi.as_deref())
         }
+        Command::Billing(cmd) => billing::billing(cmd, &load_without_secrets(&cli.config)?),
         Command::Usage { customer, json } => {
             let config = load_without_secrets(&cli.config)?;
             // A customer the store does not know (and that has no usage,

@@ -293,6 +293,7 @@ mod tests {
             meter: "api_requests".into(),
             units: 42,
             identifier: "tg-abc-7".into(),
+            only: None,
         };
         assert_eq!(
             StripeV1::form(&r),

@@ -45,7 +45,21 @@ pub(super) fn io_err(path: &Path, e: std::io::Error) -> SpoolError {
     }
 }
 
+/// `R …` for a record, `P rseq window customer meter units identifier sink`
+/// for a replayed dead letter owed to one sink.
 pub(super) fn record_line(r: &Record) -> String {
+    if let Some(sink) = &r.only {
+        return line_with_crc(&format!(
+            "P {} {} {} {} {} {} {}",
+            r.rseq,
+            r.window_start,
+            esc(&r.customer),
+            esc(&r.meter),
+            r.units,
+            r.identifier,
+            esc(sink)
+        ));
+    }
     line_with_crc(&format!(
         "R {} {} {} {} {} {} {}",
         r.rseq,

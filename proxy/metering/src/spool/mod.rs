@@ -47,12 +47,14 @@ use tollgate_core::sync::{lock, Pending};
 mod codec;
 mod compact;
 mod open;
+mod replay;
 pub mod seal;
 #[cfg(test)]
 mod tests;
 mod writer;
 
 use codec::{io_err, line_with_crc};
+pub use replay::{dead_letters, DeadLetter, Inspection, SinkStatus};
 pub use seal::Seal;
 use writer::Writer;
 
@@ -86,8 +88,19 @@ pub struct Record {
     pub meter: Arc<str>,
     pub units: u64,
     /// `tg-<instance>-<rseq>`: unique across instances and restarts, never
-    /// changes on retry.
+    /// changes on retry (nor on a replay).
     pub identifier: String,
+    /// A dead letter put back for this sink alone (`tollgate billing
+    /// replay`): the others have settled it, and its units were already
+    /// counted as recorded when it was first settled.
+    pub only: Option<Arc<str>>,
+}
+
+impl Record {
+    /// Whether `sink` still has to settle this record at all.
+    fn owed_to(&self, sink: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == sink)
+    }
 }
 
 type GroupKey = (Arc<str>, Arc<str>, Millis);
@@ -125,13 +138,14 @@ impl State {
     fn fold_settled(&mut self, sinks: &[String], month_start: Millis) {
         let done: Vec<u64> = self
             .records
-            .keys()
-            .copied()
-            .filter(|r| {
+            .iter()
+            .filter(|(rseq, r)| {
                 sinks
                     .iter()
-                    .all(|s| self.settled.get(s).is_some_and(|m| m.contains_key(r)))
+                    .filter(|s| r.owed_to(s))
+                    .all(|s| self.settled.get(s).is_some_and(|m| m.contains_key(rseq)))
             })
+            .map(|(rseq, _)| *rseq)
             .collect();
         for rseq in done {
             let Some(r) = self.records.remove(&rseq) else {
@@ -140,6 +154,7 @@ impl State {
             let delivered = !sinks.is_empty()
                 && sinks
                     .iter()
+                    .filter(|s| r.owed_to(s))
                     .all(|s| self.settled.get(s).and_then(|m| m.get(&rseq)) == Some(&true));
             for m in self.settled.values_mut() {
                 m.remove(&rseq);
@@ -160,7 +175,9 @@ impl State {
                     ..Summary::default()
                 };
             }
-            sum.recorded = sum.recorded.saturating_add(r.units);
+            if r.only.is_none() {
+                sum.recorded = sum.recorded.saturating_add(r.units);
+            }
             if delivered {
                 sum.reported = sum.reported.saturating_add(r.units);
             }
@@ -384,7 +401,9 @@ impl Spool {
         let settled = st.settled.get(sink);
         st.records
             .values()
-            .filter(|r| !settled.is_some_and(|s| s.contains_key(&r.rseq)) && ready(r))
+            .filter(|r| {
+                r.owed_to(sink) && !settled.is_some_and(|s| s.contains_key(&r.rseq)) && ready(r)
+            })
             .take(limit)
             .cloned()
             .collect()
@@ -435,8 +454,11 @@ impl Spool {
             "meter": &*r.meter,
             "units": r.units,
             "window_start": tollgate_core::clock::rfc3339(r.window_start),
+            "window_ms": r.window_start,
             "reason": reason,
         });
+        // Under the state lock: a replay rewrites this file.
+        let _st = lock(&self.state);
         let written = codec::sealed(self.config.seal.as_deref(), format!("{line}\n"))
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|text| {
@@ -454,20 +476,7 @@ impl Spool {
     /// Units not yet in a record plus units in records `sink` has not
     /// settled, and the start of the oldest such window.
     pub fn pending_units(&self, sink: &str) -> (u64, Option<Millis>) {
-        let st = lock(&self.state);
-        let settled = st.settled.get(sink);
-        let mut units = st
-            .pending
-            .values()
-            .fold(0u64, |a, g| a.saturating_add(g.units));
-        let mut oldest: Option<Millis> = st.pending.keys().map(|k| k.2).min();
-        for r in st.records.values() {
-            if !settled.is_some_and(|s| s.contains_key(&r.rseq)) {
-                units = units.saturating_add(r.units);
-                oldest = Some(oldest.map_or(r.window_start, |o| o.min(r.window_start)));
-            }
-        }
-        (units, oldest)
+        lock(&self.state).pending_units(sink)
     }
 
     /// This month's usage of one customer per meter, as the spool knows it.
@@ -487,16 +496,18 @@ impl Spool {
             .pending
             .iter()
             .filter(|(k, _)| &*k.0 == customer && k.2 >= month_start)
-            .map(|(k, g)| (&k.1, g.units))
+            .map(|(k, g)| (&k.1, g.units, true))
             .chain(
                 st.records
                     .values()
                     .filter(|r| &*r.customer == customer && r.window_start >= month_start)
-                    .map(|r| (&r.meter, r.units)),
+                    .map(|r| (&r.meter, r.units, r.only.is_none())),
             );
-        for (m, units) in in_flight {
+        for (m, units, first) in in_flight {
             let t = out.entry(m.to_string()).or_default();
-            t.recorded = t.recorded.saturating_add(units);
+            if first {
+                t.recorded = t.recorded.saturating_add(units);
+            }
             // With no sinks nothing is reported, and nothing is pending.
             if !no_sinks {
                 t.pending = t.pending.saturating_add(units);
@@ -527,7 +538,7 @@ impl Spool {
                 add(c, m, g.units);
             }
         }
-        for r in st.records.values() {
+        for r in st.records.values().filter(|r| r.only.is_none()) {
             if r.window_start >= month_start {
                 add(&r.customer, &r.meter, r.units);
             }

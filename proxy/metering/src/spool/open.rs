@@ -28,17 +28,9 @@ impl Spool {
         // Events on disk were grouped with the rollup they were written
         // under; a changed setting applies to new events only.
         let rollup_path = dir.join("rollup");
-        let disk_rollup = fs::read_to_string(&rollup_path)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .filter(|&r| r > 0)
-            .unwrap_or(config.rollup);
         let (month_start, _) = month_bounds(clock.now_ms());
-        let mut st = State::default();
         let seal = config.seal.as_deref();
-        let covered = replay_records(&dir, &mut st, month_start, seal);
-        replay_acks(&dir, &config.sinks, &mut st, seal);
-        replay_events(&dir, &mut st, &covered, disk_rollup, seal);
+        let mut st = load_state(&config, month_start);
         // Rewritten under the current key (a rotation ends here).
         let size = compact_files(&dir, &config.sinks, &mut st, month_start, seal)?;
         write_key_check(&dir, seal)?;
@@ -96,6 +88,21 @@ impl Spool {
     }
 }
 
+/// The spool's files replayed into memory (read only).
+pub(super) fn load_state(config: &SpoolConfig, month_start: Millis) -> State {
+    let (dir, seal) = (&config.dir, config.seal.as_deref());
+    let disk_rollup = fs::read_to_string(dir.join("rollup"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|&r| r > 0)
+        .unwrap_or(config.rollup);
+    let mut st = State::default();
+    let covered = replay_records(dir, &mut st, month_start, seal);
+    replay_acks(dir, &config.sinks, &mut st, seal);
+    replay_events(dir, &mut st, &covered, disk_rollup, seal);
+    st
+}
+
 /// `dir/lock`, held (flock) for the spool's lifetime: one process per spool.
 fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
     let lock_path = dir.join("lock");
@@ -110,7 +117,7 @@ fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
 /// A sealed spool opens only with its key (or the previous one, while it
 /// is rotated away from), and only sealed: `key-check` holds a known line
 /// sealed with the key the files were last written with.
-fn check_key(dir: &Path, seal: Option<&Seal>) -> Result<(), SpoolError> {
+pub(super) fn check_key(dir: &Path, seal: Option<&Seal>) -> Result<(), SpoolError> {
     let path = dir.join("key-check");
     let line = match fs::read_to_string(&path) {
         Ok(s) => s.trim().to_owned(),
@@ -199,6 +206,7 @@ fn replay_records(
                     meter: unesc(f[5]),
                     units,
                     identifier: f[7].to_owned(),
+                    only: None,
                 };
                 let g = covered
                     .entry((r.customer.clone(), r.meter.clone(), window))
@@ -207,6 +215,25 @@ fn replay_records(
                 st.next_rseq = st.next_rseq.max(rseq + 1);
                 st.next_seq = st.next_seq.max(upto + 1);
                 st.records.insert(rseq, r);
+            }
+            Some("P") if f.len() == 8 => {
+                let (Some(rseq), Some(window), Some(units)) = (num(1), num(2), num(5)) else {
+                    continue;
+                };
+                st.next_rseq = st.next_rseq.max(rseq + 1);
+                st.records.insert(
+                    rseq,
+                    Record {
+                        rseq,
+                        upto: 0,
+                        window_start: window,
+                        customer: unesc(f[3]),
+                        meter: unesc(f[4]),
+                        units,
+                        identifier: f[6].to_owned(),
+                        only: Some(unesc(f[7])),
+                    },
+                );
             }
             _ => {}
         }

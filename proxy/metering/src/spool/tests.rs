@@ -301,6 +301,86 @@ async fn a_dead_letter_is_not_reported() {
     );
 }
 
+#[tokio::test]
+async fn a_replayed_dead_letter_is_owed_again_under_its_identifier_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+    let s = Spool::open(config(dir.path(), &["a", "b"]), clock()).unwrap();
+    assert!(s.append(&c, &m, 4).await.unwrap());
+    s.rollup(true).await;
+    let r = s.unsettled("a", 9, |_| true).remove(0);
+    s.dead_letter("a", &r, "400 no such customer");
+    s.settle("a", &[r.rseq], false).unwrap();
+    s.settle("b", &[r.rseq], true).unwrap();
+    assert!(s.unsettled("a", 9, |_| true).is_empty());
+    let dead = s.dead_letters("a");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].identifier, r.identifier);
+    assert_eq!(dead[0].reason, "400 no such customer");
+
+    // An unknown id replays nothing; the right one, once.
+    assert!(s
+        .replay("a", Some(&["tg-nope-1".into()]))
+        .unwrap()
+        .is_empty());
+    assert_eq!(s.replay("a", None).unwrap(), vec![r.identifier.clone()]);
+    assert!(s.replay("a", None).unwrap().is_empty(), "replayed twice");
+    assert!(s.dead_letters("a").is_empty());
+    let again = s.unsettled("a", 9, |_| true);
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (&again[0].identifier, again[0].units, again[0].window_start),
+        (&r.identifier, 4, r.window_start)
+    );
+    assert!(s.unsettled("b", 9, |_| true).is_empty(), "b already has it");
+    assert_eq!(s.pending_units("a").0, 4);
+    assert_eq!(s.pending_units("b").0, 0);
+    // Counted as recorded once, not again for the replay.
+    assert_eq!(s.totals("cus_1")["api"].recorded, 4);
+
+    // Owed across a restart (and a compaction) too.
+    s.close();
+    drop(s);
+    let st = Spool::inspect(&config(dir.path(), &["a", "b"]), clock().now_ms()).unwrap();
+    assert_eq!(st.sinks[0].pending_units, 4);
+    assert_eq!(st.sinks[0].dead_letters, 0);
+    let s = Spool::open(config(dir.path(), &["a", "b"]), clock()).unwrap();
+    let again = s.unsettled("a", 9, |_| true);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].identifier, r.identifier);
+    s.settle("a", &[again[0].rseq], true).unwrap();
+    assert!(s.unsettled("a", 9, |_| true).is_empty());
+    assert_eq!(
+        s.totals("cus_1")["api"],
+        MeterTotals {
+            recorded: 4,
+            reported: 4,
+            pending: 0
+        }
+    );
+}
+
+#[test]
+fn inspect_reads_a_spool_in_use_without_taking_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_1".into(), "api".into());
+    assert!(rt.block_on(s.append(&c, &m, 3)).unwrap());
+    let st = Spool::inspect(&config(dir.path(), &["a"]), clock().now_ms()).unwrap();
+    assert_eq!(st.sinks.len(), 1);
+    assert_eq!(st.sinks[0].pending_units, 3);
+    assert!(st.sinks[0].oldest.is_some());
+    assert!(st.bytes > 0);
+    // Still the owner's.
+    assert!(matches!(
+        Spool::open(config(dir.path(), &["a"]), clock()),
+        Err(SpoolError::InUse(_))
+    ));
+}
+
 #[test]
 fn a_second_process_cannot_open_a_spool_in_use() {
     let dir = tempfile::tempdir().unwrap();

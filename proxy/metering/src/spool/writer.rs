@@ -214,6 +214,7 @@ impl Writer {
                 meter: k.1,
                 units: g.units,
                 identifier: format!("tg-{}-{rseq}", self.instance),
+                only: None,
             };
             text.push_str(&record_line(&r));
             new.push(r);
@@ -268,6 +269,21 @@ impl Writer {
 }
 
 impl Writer {
+    /// Appends record lines and syncs them (a replay's records).
+    pub(super) fn append_records(&mut self, text: &str) -> Result<(), SpoolError> {
+        let path = self.dir.join("records.log");
+        let n = self
+            .records
+            .append(text)
+            .ok_or_else(|| io_err(&path, std::io::Error::other("append failed")))?;
+        self.records
+            .file
+            .sync_data()
+            .map_err(|e| io_err(&path, e))?;
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Takes the compacted files' size and reopens them for appending.
     fn after_compaction(&mut self, result: Result<u64, SpoolError>) {
         match result {
