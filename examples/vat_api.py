@@ -3,13 +3,17 @@
 
 It validates EU VAT numbers (format and check digits for a few countries,
 offline) and has a toy text-summary endpoint that, like an LLM API, reports
-the tokens it used in an `X-Usage-Tokens` response header.
+the tokens it used in an `X-Usage-Tokens` response header, and a toy
+OpenAI-compatible `POST /v1/chat/completions` that reports its tokens in
+`usage` as OpenAI does: in the JSON body, or, with `"stream": true`, in the
+last event of a `text/event-stream` (as with `stream_options.include_usage`).
 
 Run: python3 examples/vat_api.py [--port 8000]
 """
 import argparse
 import json
 import re
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # Country code -> regex for the national part (from the EU VIES formats).
@@ -63,6 +67,43 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def send_chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def chat(self, body):
+        """A toy chat completion: it answers with the first words of the
+        last message, one word per stream event."""
+        try:
+            req = json.loads(body or b"{}")
+            prompt = " ".join(str(m.get("content", "")) for m in req.get("messages", []))
+        except (ValueError, AttributeError):
+            return self.send_json(400, {"error": {"message": "body must be a JSON chat request"}})
+        words = prompt.split()[:8] or ["Hello!"]
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": len(words),
+                 "total_tokens": len(prompt.split()) + len(words)}
+        if not req.get("stream"):
+            return self.send_json(200, {
+                "id": "chatcmpl-toy", "object": "chat.completion", "model": "toy-1",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": " ".join(words)}}],
+                "usage": usage})
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        def event(obj):
+            self.send_chunk(b"data: " + json.dumps(obj).encode() + b"\n\n")
+        for w in words:
+            event({"id": "chatcmpl-toy", "object": "chat.completion.chunk", "model": "toy-1",
+                   "choices": [{"index": 0, "delta": {"content": w + " "}}], "usage": None})
+            time.sleep(0.05)
+        event({"id": "chatcmpl-toy", "object": "chat.completion.chunk", "model": "toy-1",
+               "choices": [], "usage": usage})
+        self.send_chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
     def do_GET(self):
         path = self.path.split("?")[0]
         if path == "/health":
@@ -86,6 +127,8 @@ class Handler(BaseHTTPRequestHandler):
             summary = " ".join(words[:12]) + ("…" if len(words) > 12 else "")
             tokens = len(words) + len(summary.split())
             return self.send_json(200, {"summary": summary}, {"X-Usage-Tokens": str(tokens)})
+        if self.path.split("?")[0] == "/v1/chat/completions":
+            return self.chat(body)
         self.send_json(404, {"error": "not found"})
 
     def log_message(self, fmt, *args):

@@ -5,7 +5,8 @@
 //! key-store and limiter traits with the exact in-memory limiter
 //! ([`store`], [`limiter`]), the per-request decision ([`gate`]), the
 //! rate-limit header values ([`headers`]), the one error model
-//! ([`problem`]), the usage ledger ([`usage`]), billing webhooks turned into plan
+//! ([`problem`]), the usage ledger ([`usage`]), units read from response
+//! bodies ([`body_usage`]), billing webhooks turned into plan
 //! changes ([`lifecycle`]), JWT verification ([`jwt`]), time ([`clock`]), config
 //! diagnostics ([`diag`]) and the metric definitions ([`metrics`]).
 //! Backends (`tollgate-redis`, `tollgate-metering`) implement its traits;
@@ -13,6 +14,7 @@
 //! on Pingora, redis, reqwest or tokio's networking: the compiler enforces
 //! the layering.
 
+pub mod body_usage;
 pub mod clock;
 pub mod diag;
 pub mod gate;

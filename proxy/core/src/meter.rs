@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::body_usage::Scan;
+use crate::clock::Millis;
 use crate::gate::Admitted;
-use crate::plans::StatusSet;
+use crate::plans::{Plan, StatusSet, Window};
 use crate::problem::Rejection;
 use crate::usage::{MeterTotals, UsageLedger};
 
@@ -23,15 +25,47 @@ pub enum JournalState {
     Failing,
 }
 
+/// What an admitted request charged against its plan's calendar windows
+/// (day, month): journaled with its usage when the limits live in this
+/// process's memory, so a restart gives no customer its quota back.
+#[derive(Debug, Clone)]
+pub struct CalendarCharge {
+    pub plan: Arc<Plan>,
+    pub cost: u64,
+    /// When it was charged.
+    pub at: Millis,
+}
+
+impl CalendarCharge {
+    /// The charge of `a`, if it charged a calendar window at all.
+    pub fn of(a: &Admitted) -> Option<Self> {
+        let calendar = a
+            .plan
+            .limits
+            .iter()
+            .any(|l| matches!(l.window, Window::Day | Window::Month));
+        (calendar && a.cost > 0).then(|| Self {
+            plan: a.plan.clone(),
+            cost: a.cost,
+            at: a.at,
+        })
+    }
+}
+
 /// Where billable usage becomes durable: the metering crate's spool.
 pub trait UsageJournal: Send + Sync + 'static {
-    /// Resolves to true once `units` of `meter` for `customer` are durable.
+    /// Resolves to true once the response's billable usage (`meter`,
+    /// `units`) and its calendar charge, whichever are given, are durable.
     fn append(
         self: &Arc<Self>,
         customer: &Arc<str>,
-        meter: &Arc<str>,
-        units: u64,
+        usage: Option<(&Arc<str>, u64)>,
+        charge: Option<CalendarCharge>,
     ) -> impl Future<Output = bool> + Send;
+
+    /// Writes `usage` (units per meter) on the caller's thread, for the
+    /// synchronous body filter; true once it is in the file.
+    fn append_now(&self, customer: &Arc<str>, usage: &[(Arc<str>, u64)]) -> bool;
 
     /// This month's usage of `customer` per meter, recorded and reported.
     fn totals(&self, customer: &str) -> BTreeMap<String, MeterTotals>;
@@ -44,6 +78,8 @@ pub struct Meter<J> {
     pub journal: Option<Arc<J>>,
     /// Replaced by a reload of the plans file.
     pub billable: crate::sync::Shared<StatusSet>,
+    /// Journal calendar charges too (the limits live in this process).
+    pub calendar: bool,
 }
 
 impl<J: UsageJournal> Meter<J> {
@@ -68,21 +104,110 @@ impl<J: UsageJournal> Meter<J> {
     }
 
     /// Records a response's usage: in the ledger, and durably in the
-    /// journal before the response reaches the client.
+    /// journal before the response reaches the client, with what the
+    /// request charged against calendar windows when those are journaled.
     pub async fn record(&self, a: &Admitted, units: u64) -> Result<(), Rejection> {
-        let Some(meter) = a.meter.as_ref().filter(|_| units > 0) else {
-            return Ok(());
-        };
+        let usage = a.meter.as_ref().filter(|_| units > 0).map(|m| (m, units));
+        let charge = self.calendar.then(|| CalendarCharge::of(a)).flatten();
         let customer = &a.identity.customer;
-        if let Some(journal) = &self.journal {
-            if !journal.append(customer, meter, units).await {
-                log::error!("usage of {units} {meter} could not be written to the spool");
-                return Err(Rejection::UsageNotRecorded);
+        if let Some(journal) = self.journal.as_ref() {
+            if (usage.is_some() || charge.is_some())
+                && !journal.append(customer, usage, charge).await
+            {
+                match usage {
+                    Some((meter, units)) => {
+                        log::error!("usage of {units} {meter} could not be written to the spool");
+                        return Err(Rejection::UsageNotRecorded);
+                    }
+                    // Nothing billed: the response is served; the quota
+                    // charge is in memory only until the disk is back.
+                    None => {
+                        log::error!("a quota charge could not be written to the spool");
+                        return Ok(());
+                    }
+                }
             }
         }
+        let Some((meter, units)) = usage else {
+            return Ok(());
+        };
         // Counted once it is durable: what /_tollgate/usage shows is billed.
         self.ledger.record(customer, meter, units);
         Ok(())
+    }
+
+    /// Whether a response of `status` is billed at all.
+    pub fn billable(&self, status: u16) -> bool {
+        self.billable.load().contains(status)
+    }
+
+    /// What a `usage:` route's response is billed from what its body said:
+    /// the reported units, or the route's `cost` on its meter (counted and
+    /// logged with `reason`) when it reported none.
+    pub fn body_units(&self, a: &Admitted, scan: Scan, abandoned: bool) -> Vec<(Arc<str>, u64)> {
+        let reason = match (&scan, abandoned) {
+            (Scan::Units(_), _) => None,
+            (_, true) => Some("abandoned"),
+            (s, false) => s.fallback_reason(),
+        };
+        if let Scan::Units(u) = scan {
+            return u.into_iter().filter(|(_, n)| *n > 0).collect();
+        }
+        let reason = reason.unwrap_or("missing");
+        crate::metrics::BODY_FALLBACK
+            .with_label_values(&[reason])
+            .inc();
+        match a.meter.clone().filter(|_| a.fallback > 0) {
+            Some(m) => {
+                log::warn!(
+                    "response of {} reported no usage ({reason}): billed the route's cost, {} {m}",
+                    a.identity.customer,
+                    a.fallback
+                );
+                vec![(m, a.fallback)]
+            }
+            None => {
+                log::warn!(
+                    "response of {} reported no usage ({reason}), and the route names no meter for its cost: billed nothing",
+                    a.identity.customer
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Records units read from a response body, on this thread, before the
+    /// body's last chunk goes to the client (the body filter cannot wait).
+    pub fn record_now(&self, a: &Admitted, usage: &[(Arc<str>, u64)]) -> Result<(), Rejection> {
+        if usage.is_empty() {
+            return Ok(());
+        }
+        let customer = &a.identity.customer;
+        if let Some(journal) = &self.journal {
+            if !journal.append_now(customer, usage) {
+                log::error!("usage read from a response body could not be written to the spool");
+                return Err(Rejection::UsageNotRecorded);
+            }
+        }
+        for (m, n) in usage {
+            self.ledger.record(customer, m, *n);
+        }
+        Ok(())
+    }
+
+    /// The same for a body that ended early (the client went away): the
+    /// response is over, so this may wait.
+    pub async fn record_late(&self, a: &Admitted, usage: &[(Arc<str>, u64)]) {
+        let customer = &a.identity.customer;
+        for (m, n) in usage {
+            if let Some(journal) = &self.journal {
+                if !journal.append(customer, Some((m, *n)), None).await {
+                    log::error!("usage of {n} {m} could not be written to the spool");
+                    continue;
+                }
+            }
+            self.ledger.record(customer, m, *n);
+        }
     }
 
     /// `customer`'s totals as the journal knows them (empty with metering off).
@@ -110,7 +235,15 @@ mod tests {
     }
 
     impl UsageJournal for Flaky {
-        async fn append(self: &Arc<Self>, _: &Arc<str>, _: &Arc<str>, _: u64) -> bool {
+        async fn append(
+            self: &Arc<Self>,
+            _: &Arc<str>,
+            _: Option<(&Arc<str>, u64)>,
+            _: Option<CalendarCharge>,
+        ) -> bool {
+            !self.broken.load(Ordering::Relaxed)
+        }
+        fn append_now(&self, _: &Arc<str>, _: &[(Arc<str>, u64)]) -> bool {
             !self.broken.load(Ordering::Relaxed)
         }
         fn totals(&self, _: &str) -> BTreeMap<String, MeterTotals> {
@@ -130,6 +263,9 @@ mod tests {
             cost: 3,
             meter: meter.map(Into::into),
             usage_header: None,
+            body: None,
+            fallback: 3,
+            at: 0,
         }
     }
 
@@ -143,6 +279,7 @@ mod tests {
             ledger: Arc::new(UsageLedger::new(Arc::new(ManualClock::at(0)), Vec::new())),
             journal: Some(journal),
             billable: crate::sync::Shared::new(Arc::new(plans.billable)),
+            calendar: false,
         }
     }
 

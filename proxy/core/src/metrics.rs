@@ -198,6 +198,17 @@ pub static JWKS_FETCHES: LazyLock<IntCounterVec> = LazyLock::new(|| {
     )
 });
 
+/// Why a `usage:` route's response was billed its fallback `cost`.
+pub const BODY_FALLBACK_REASONS: [&str; 4] = ["missing", "too_large", "unreadable", "abandoned"];
+
+pub static BODY_FALLBACK: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    counter(
+        "tollgate_usage_body_fallback_total",
+        "Responses of usage: routes billed the route's cost because the body reported no usage (missing, too_large, unreadable, or abandoned before it did)",
+        &["reason"],
+    )
+});
+
 pub static JWKS_KEYS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
     gauge(
         "tollgate_jwks_keys",
@@ -319,6 +330,18 @@ pub fn expose(
         REQUESTS.with_label_values(&["none", outcome]);
     }
     meters.extend(plans.routes.iter().filter_map(|r| r.meter.clone()));
+    meters.extend(
+        plans
+            .routes
+            .iter()
+            .filter_map(|r| r.usage.as_ref())
+            .flat_map(|f| f.meters()),
+    );
+    if plans.routes.iter().any(|r| r.usage.is_some()) {
+        for reason in BODY_FALLBACK_REASONS {
+            BODY_FALLBACK.with_label_values(&[reason]);
+        }
+    }
     for m in &meters {
         USAGE_UNITS.with_label_values(&[m]);
     }

@@ -45,10 +45,11 @@ pub struct App {
     reloading: std::sync::Mutex<()>,
     /// Checkout and portal sessions per customer and minute.
     pub sessions: crate::own::billing::Throttle,
-    /// The consumer docs page, when `docs.serve` (rendered once).
-    pub docs_page: Option<crate::own::dashboard::Dashboard>,
-    /// The consumer dashboard page, rendered once.
-    pub dashboard: crate::own::dashboard::Dashboard,
+    /// The consumer docs page, when `docs.serve` (rendered at start and
+    /// on each reload).
+    pub docs_page: tollgate_core::sync::Shared<Option<crate::own::dashboard::Dashboard>>,
+    /// The consumer dashboard page (rendered at start and on each reload).
+    pub dashboard: tollgate_core::sync::Shared<crate::own::dashboard::Dashboard>,
     /// Runs the Redis connections' driver tasks while the app lives.
     redis_rt: Option<Arc<RedisRuntime>>,
 }
@@ -187,10 +188,26 @@ impl App {
             }),
             jwt: config.auth.as_ref().map(|a| a.verifier.clone()),
         };
+        // On the memory backend the day and month counters live here: the
+        // spool journals their charges and gives them back on start.
+        let calendar = matches!(*gate.limiter, Limiters::Memory(_)) && spool.is_some();
+        if let (Limiters::Memory(m), Some(sp)) = (&*gate.limiter, &spool) {
+            let counters = sp.calendar_counters();
+            for c in &counters {
+                m.restore(&c.customer, &c.limit, c.window, c.start, c.used);
+            }
+            if !counters.is_empty() {
+                log::info!(
+                    "restored {} day and month counters from the usage spool",
+                    counters.len()
+                );
+            }
+        }
         let meter = Meter {
             ledger: usage,
             journal: spool.clone(),
             billable: tollgate_core::sync::Shared::new(Arc::new(config.plans.billable.clone())),
+            calendar,
         };
         let checkout = config.checkout.clone().map(|c| {
             tollgate_metering::billing::checkout::StripeCheckout::new(
@@ -209,8 +226,12 @@ impl App {
             live: tollgate_core::sync::Shared::new(config.clone()),
             access_log,
             checkout,
-            dashboard: crate::own::dashboard::Dashboard::new(&config),
-            docs_page: crate::own::dashboard::docs_page(&config),
+            dashboard: tollgate_core::sync::Shared::new(Arc::new(
+                crate::own::dashboard::Dashboard::new(&config),
+            )),
+            docs_page: tollgate_core::sync::Shared::new(Arc::new(
+                crate::own::dashboard::docs_page(&config),
+            )),
             sessions: Default::default(),
             started: std::time::Instant::now(),
             history: Default::default(),
@@ -285,6 +306,11 @@ impl App {
         tollgate_core::metrics::CONFIG_INFO
             .with_label_values(&[&new.version])
             .set(1);
+        // The pages show the plans (and their prices) in force.
+        self.dashboard
+            .store(Arc::new(crate::own::dashboard::Dashboard::new(&new)));
+        self.docs_page
+            .store(Arc::new(crate::own::dashboard::docs_page(&new)));
         let version = new.version.clone();
         self.live.store(Arc::new(new));
         Ok(version)

@@ -13,6 +13,7 @@ use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{ErrorSource, ErrorType};
 
+use tollgate_core::body_usage::Scanner;
 use tollgate_core::gate::{self, Admission, Admitted};
 use tollgate_core::headers::RateHeaders;
 use tollgate_core::metrics;
@@ -55,6 +56,9 @@ pub struct Ctx {
     units: Option<u64>,
     meter: Option<Arc<str>>,
     upstream_ms: Option<f64>,
+    /// Reads the body of a `usage:` route's billable response as it passes;
+    /// taken when the body ends and its units are recorded.
+    scanner: Option<Scanner>,
 }
 
 impl TollgateProxy {
@@ -282,6 +286,7 @@ impl ProxyHttp for TollgateProxy {
             units: None,
             meter: None,
             upstream_ms: None,
+            scanner: None,
         }
     }
 
@@ -389,6 +394,10 @@ impl ProxyHttp for TollgateProxy {
             req.insert_header(H_CUSTOMER, &*a.identity.customer)?;
             req.insert_header(H_PLAN, &*a.plan.name)?;
             req.insert_header(H_KEY_ID, &*a.identity.key_id)?;
+            if a.body.is_some() {
+                // A body Tollgate reads for its usage must come uncompressed.
+                req.remove_header(&header::ACCEPT_ENCODING);
+            }
         }
         Ok(())
     }
@@ -414,8 +423,23 @@ impl ProxyHttp for TollgateProxy {
                 resp.remove_header(h);
                 units
             });
-            let units = self.app.meter.units(a, resp.status.as_u16(), reported);
-            // Metered now, durable before the response reaches the client.
+            let status = resp.status.as_u16();
+            let units = match &a.body {
+                // Read from the body as it passes, recorded at its end.
+                Some(format) if self.app.meter.billable(status) => {
+                    let h = |n: HeaderName| resp.headers.get(n).map(HeaderValue::as_bytes);
+                    ctx.scanner = Some(Scanner::new(
+                        format.clone(),
+                        h(header::CONTENT_TYPE),
+                        h(header::CONTENT_ENCODING),
+                        self.app.config.metering.max_usage_body,
+                    ));
+                    0
+                }
+                _ => self.app.meter.units(a, status, reported),
+            };
+            // Metered now (the calendar charge too), durable before the
+            // response reaches the client.
             if let Err(r) = self.app.meter.record(a, units).await {
                 ctx.failure = Some(r);
                 return Error::e_explain(ErrorType::InternalError, "usage could not be recorded");
@@ -503,7 +527,46 @@ impl ProxyHttp for TollgateProxy {
             )
     }
 
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        let Some(scanner) = ctx.scanner.as_mut() else {
+            return Ok(None);
+        };
+        if let Some(b) = body.as_ref() {
+            scanner.feed(b);
+        }
+        if !end_of_stream {
+            return Ok(None);
+        }
+        let scan = scanner.finish();
+        ctx.scanner = None;
+        let Some(a) = &ctx.admitted else {
+            return Ok(None);
+        };
+        let units = self.app.meter.body_units(a, scan, false);
+        // Durable before this, the last chunk, goes out: if it cannot be
+        // written the client never gets a complete response.
+        if let Err(r) = self.app.meter.record_now(a, &units) {
+            ctx.failure = Some(r);
+            return Error::e_explain(ErrorType::InternalError, "usage could not be recorded");
+        }
+        note_units(ctx, &units);
+        Ok(None)
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        // A body that never ended (the client went away, the upstream
+        // broke off): billed what it reported by then, or the route's cost.
+        if let (Some(scanner), Some(a)) = (ctx.scanner.take(), &ctx.admitted) {
+            let units = self.app.meter.body_units(a, scanner.so_far(), true);
+            self.app.meter.record_late(a, &units).await;
+            note_units(ctx, &units);
+        }
         let plan = ctx.plan.as_ref().map_or("none", |p| &*p.name);
         metrics::REQUESTS
             .with_label_values(&[plan, ctx.outcome])
@@ -522,6 +585,16 @@ impl ProxyHttp for TollgateProxy {
             ));
         }
     }
+}
+
+/// What a body-metered response was billed, for the access log: the total
+/// units, and the meters joined with `+`.
+fn note_units(ctx: &mut Ctx, units: &[(Arc<str>, u64)]) {
+    ctx.units = Some(units.iter().map(|(_, n)| n).sum());
+    ctx.meter = (!units.is_empty()).then(|| {
+        let names: Vec<&str> = units.iter().map(|(m, _)| &**m).collect();
+        Arc::from(names.join("+"))
+    });
 }
 
 /// One access log line: every field on every line, `null` when unknown;

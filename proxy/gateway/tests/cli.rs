@@ -169,6 +169,24 @@ fn the_shipped_example_config_is_valid() {
         text(&out.stdout),
         text(&out.stderr)
     );
+    // The AI example plans too, with the same config around them.
+    let dir = tempfile::tempdir().unwrap();
+    let plans = root.join("examples/ai-plans.yaml");
+    std::fs::write(
+        dir.path().join("tollgate.yaml"),
+        format!(
+            "upstream: http://127.0.0.1:8000\nplans: {}\nkeys: {{ path: keys.db }}\n",
+            plans.display()
+        ),
+    )
+    .unwrap();
+    let out = tollgate(dir.path(), &["check", "-c", "tollgate.yaml"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
 }
 
 fn free_port() -> u16 {

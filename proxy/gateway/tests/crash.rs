@@ -24,6 +24,50 @@ fn start(dir: &std::path::Path) -> Child {
         .unwrap()
 }
 
+/// A new key of `customer` in `dir/keys.db`.
+fn new_key(dir: &std::path::Path, customer: &str) -> String {
+    let store = FileStore::open(&dir.join("keys.db")).unwrap();
+    create_key(
+        &store,
+        "tg_live_",
+        CreateKey {
+            customer,
+            plan: None,
+            name: None,
+            expires: None,
+            set_plan: false,
+            meta: None,
+        },
+        SystemClock.now_ms(),
+    )
+    .unwrap()
+    .raw
+}
+
+/// A client calling `url` until `stop`, counting the 200s it received whole.
+fn client(
+    url: String,
+    key: String,
+    ok: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        while !stop.load(Ordering::Relaxed) {
+            match client.get(&url).bearer_auth(&key).send().await {
+                Ok(r) if r.status() == 200 => {
+                    // Counted only once the whole answer arrived.
+                    if r.bytes().await.is_ok() {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                Ok(r) => panic!("unexpected {}", r.status()),
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    })
+}
+
 fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -53,22 +97,7 @@ async fn kill_9_under_load_then_restart_bills_every_answered_request_once() {
         ),
     )
     .unwrap();
-    let store = FileStore::open(&dir.path().join("keys.db")).unwrap();
-    let key = create_key(
-        &store,
-        "tg_live_",
-        CreateKey {
-            customer: "cus_crash",
-            plan: None,
-            name: None,
-            expires: None,
-            set_plan: false,
-            meta: None,
-        },
-        SystemClock.now_ms(),
-    )
-    .unwrap()
-    .raw;
+    let key = new_key(dir.path(), "cus_crash");
 
     let mut child = start(dir.path());
     wait_port(port);
@@ -78,21 +107,7 @@ async fn kill_9_under_load_then_restart_bills_every_answered_request_once() {
     for _ in 0..32 {
         let (ok, stop, key) = (ok.clone(), stop.clone(), key.clone());
         let url = format!("http://127.0.0.1:{port}/slow?ms=3");
-        clients.push(tokio::spawn(async move {
-            let client = reqwest::Client::new();
-            while !stop.load(Ordering::Relaxed) {
-                match client.get(&url).bearer_auth(&key).send().await {
-                    Ok(r) if r.status() == 200 => {
-                        // Counted only once the whole answer arrived.
-                        if r.bytes().await.is_ok() {
-                            ok.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    Ok(r) => panic!("unexpected {}", r.status()),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                }
-            }
-        }));
+        clients.push(client(url, key, ok, stop));
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     child.kill().unwrap(); // SIGKILL
@@ -159,22 +174,7 @@ fn project(dir: &std::path::Path, port: u16, admin: u16, upstream: &str, sink: &
         ),
     )
     .unwrap();
-    let store = FileStore::open(&dir.join("keys.db")).unwrap();
-    create_key(
-        &store,
-        "tg_live_",
-        CreateKey {
-            customer: "cus_term",
-            plan: None,
-            name: None,
-            expires: None,
-            set_plan: false,
-            meta: None,
-        },
-        SystemClock.now_ms(),
-    )
-    .unwrap()
-    .raw
+    new_key(dir, "cus_term")
 }
 
 /// The binary running [`project`] in front of a mock upstream, with a
@@ -302,4 +302,99 @@ async fn sigusr1_reopens_the_access_log_after_logrotate_moved_it() {
     assert_eq!(count(&rotated), 1);
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The issue's case: on the embedded default, a restart (even `kill -9`)
+/// must not give any customer its day's or month's quota back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_keeps_each_customers_daily_and_monthly_use() {
+    let upstream = MockUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    std::fs::write(
+        dir.path().join("plans.yaml"),
+        "default_plan: quota\nplans:\n  quota:\n    meter: api_requests\n    limits:\n      \
+         - { name: daily, requests: 1000000, per: day }\n      \
+         - { name: monthly, requests: 5000000, per: month }\n      \
+         - { name: burst, requests: 1000000, per: second }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tollgate.yaml"),
+        format!(
+            "listen: 127.0.0.1:{port}\nupstream: http://{}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nthreads: 2\n\
+             access_log: {{ enabled: false }}\n",
+            upstream.addr
+        ),
+    )
+    .unwrap();
+    let customers = ["cus_q1", "cus_q2", "cus_q3", "cus_q4"];
+    let keys: Vec<String> = customers.iter().map(|c| new_key(dir.path(), c)).collect();
+    let mut child = start(dir.path());
+    wait_port(port);
+    let answered: Vec<Arc<AtomicU64>> = customers.iter().map(|_| Arc::default()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    // 64 clients, 16 per customer.
+    for i in 0..64 {
+        let (ok, stop, key) = (answered[i % 4].clone(), stop.clone(), keys[i % 4].clone());
+        clients.push(client(
+            format!("http://127.0.0.1:{port}/v1/x"),
+            key,
+            ok,
+            stop,
+        ));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let served = upstream.hits();
+
+    let mut child = start(dir.path());
+    wait_port(port);
+    let client = reqwest::Client::new();
+    let mut used_total = 0;
+    for (c, key) in customers.iter().zip(&keys) {
+        let report: serde_json::Value = client
+            .get(format!("http://127.0.0.1:{port}/_tollgate/usage"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let used = |name: &str| {
+            let p = report["policies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap();
+            p["limit"].as_u64().unwrap() - p["remaining"].as_u64().unwrap()
+        };
+        let got = answered[customers.iter().position(|x| x == c).unwrap()].load(Ordering::SeqCst);
+        assert!(got > 20, "{c}: load was real: {got}");
+        let (daily, monthly) = (used("daily"), used("monthly"));
+        // Every answer the client received counts; beyond that only
+        // responses the crash kept from their client (at most one per
+        // client of this customer).
+        assert!(
+            (got..=got + 16).contains(&daily),
+            "{c}: clients received {got} answers, the daily count after the restart is {daily}"
+        );
+        assert_eq!(daily, monthly, "{c}: both windows were charged alike");
+        assert_eq!(used("burst"), 0, "{c}: sliding windows start afresh");
+        used_total += daily;
+    }
+    assert!(
+        used_total <= served,
+        "counted {used_total}, the upstream served only {served}"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

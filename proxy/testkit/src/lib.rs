@@ -174,19 +174,22 @@ async fn read_request(reader: &mut BufReader<tokio::net::TcpStream>) -> Option<R
     })
 }
 
+/// A number in a query string (`a=1&b=2`).
+fn query_param(query: &str, name: &str) -> Option<u64> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+}
+
 async fn serve(sock: tokio::net::TcpStream, hits: Arc<AtomicU64>) {
     let mut reader = BufReader::new(sock);
     while let Some(req) = read_request(&mut reader).await {
         let (target, mut headers) = (req.target, req.headers);
         hits.fetch_add(1, Ordering::SeqCst);
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
-        let param = |name: &str| {
-            query
-                .split('&')
-                .filter_map(|kv| kv.split_once('='))
-                .find(|(k, _)| *k == name)
-                .and_then(|(_, v)| v.parse::<u64>().ok())
-        };
+        let param = |name: &str| query_param(query, name);
         let mut status = 200u16;
         let mut extra = String::new();
         if let Some(code) = path.strip_prefix("/status/") {
@@ -203,6 +206,120 @@ async fn serve(sock: tokio::net::TcpStream, hits: Arc<AtomicU64>) {
             json.len()
         );
         if reader.get_mut().write_all(resp.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+// ---- mock LLM upstream --------------------------------------------------------
+
+/// An OpenAI chat completion stream with `stream_options.include_usage`, as
+/// OpenAI's API reference ("The chat completion chunk object") shows it:
+/// every chunk has `"usage": null` but the last one before `[DONE]`. 12
+/// prompt tokens (4 of them cached), 7 completion tokens.
+pub const OPENAI_STREAM: [&str; 5] = [
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}],\"usage\":null}\n\n",
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"}}],\"usage\":null}\n\n",
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":null}\n\n",
+    "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":7,\"total_tokens\":19,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n",
+    "data: [DONE]\n\n",
+];
+
+/// An Anthropic Messages stream (docs.anthropic.com, "Streaming Messages"):
+/// 25 input tokens plus 5 written to and 10 read from the cache in
+/// `message_start`, 15 output tokens (cumulative) in `message_delta`.
+pub const ANTHROPIC_STREAM: [&str; 6] = [
+    "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"usage\":{\"input_tokens\":25,\"cache_creation_input_tokens\":5,\"cache_read_input_tokens\":10,\"output_tokens\":1}}}\n\n",
+    "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n",
+    "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+    "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":15}}\n\n",
+    "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+];
+
+/// An OpenAI chat completion body: 19 prompt tokens (3 cached), 10
+/// completion tokens.
+pub const OPENAI_JSON: &str = "{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion\",\"choices\":[{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":\"Hi\"},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":19,\"completion_tokens\":10,\"total_tokens\":29,\"prompt_tokens_details\":{\"cached_tokens\":3}}}";
+
+/// A stand-in for an OpenAI- or Anthropic-compatible API:
+/// - `/v1/chat/completions`: [`OPENAI_JSON`], or with `stream=1`
+///   [`OPENAI_STREAM`] as chunked `text/event-stream`, one event per chunk;
+/// - `/v1/messages?stream=1`: [`ANTHROPIC_STREAM`] likewise;
+/// - `usage=0`: the stream without its usage event; `pad=N`: a JSON body
+///   padded by N bytes; `stall_ms=N`: waits N ms after the first event.
+///
+/// Records whether each request asked for a compressed answer.
+pub struct MockLlm {
+    pub addr: SocketAddr,
+    /// `Accept-Encoding` of each request, in order (None: absent).
+    pub accept_encoding: Arc<Mutex<Vec<Option<String>>>>,
+    _server: ServerThread,
+}
+
+impl MockLlm {
+    pub fn start() -> Self {
+        let seen: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let s = seen.clone();
+        let server = ServerThread::spawn(2, move |sock| serve_llm(sock, s.clone()));
+        Self {
+            addr: server.addr,
+            accept_encoding: seen,
+            _server: server,
+        }
+    }
+}
+
+async fn serve_llm(sock: tokio::net::TcpStream, seen: Arc<Mutex<Vec<Option<String>>>>) {
+    let mut reader = BufReader::new(sock);
+    while let Some(req) = read_request(&mut reader).await {
+        seen.lock()
+            .unwrap()
+            .push(req.headers.get("accept-encoding").map(|v| v.join(", ")));
+        let (path, query) = req.target.split_once('?').unwrap_or((&req.target, ""));
+        let param = |name: &str| query_param(query, name);
+        let w = reader.get_mut();
+        if param("stream") != Some(1) {
+            let mut body = OPENAI_JSON.to_owned();
+            if let Some(pad) = param("pad") {
+                body = format!(
+                    "{{\"pad\":\"{}\",{}",
+                    "x".repeat(pad as usize),
+                    &OPENAI_JSON[1..]
+                );
+            }
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if w.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let events: Vec<&str> = if path == "/v1/messages" {
+            ANTHROPIC_STREAM.to_vec()
+        } else {
+            OPENAI_STREAM.to_vec()
+        };
+        let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
+        if w.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for (i, e) in events.iter().enumerate() {
+            if param("usage") == Some(0) && e.contains("_tokens\":") {
+                continue;
+            }
+            let chunk = format!("{:x}\r\n{e}\r\n", e.len());
+            if w.write_all(chunk.as_bytes()).await.is_err() || w.flush().await.is_err() {
+                return;
+            }
+            if i == 0 {
+                if let Some(ms) = param("stall_ms") {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+            }
+        }
+        if w.write_all(b"0\r\n\r\n").await.is_err() {
             return;
         }
     }

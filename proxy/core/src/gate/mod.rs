@@ -81,6 +81,14 @@ pub struct Admitted {
     pub meter: Option<Arc<str>>,
     /// The response header the upstream reports the billable units in.
     pub usage_header: Option<HeaderName>,
+    /// Where the response body reports its billable units (`usage:` on
+    /// the route); None when the plan is not billed.
+    pub body: Option<Arc<crate::body_usage::BodyFormat>>,
+    /// What such a response is billed when its body reports nothing: the
+    /// route's `cost`.
+    pub fallback: u64,
+    /// When the limiter charged `cost` (the calendar windows it went to).
+    pub at: crate::clock::Millis,
 }
 
 /// A request Tollgate answers with a problem instead of the upstream, with
@@ -180,10 +188,20 @@ impl<L: Limiter> Gate<L> {
         if route.public && !is_usage {
             return Ok(Admission::Forward);
         }
-        let (identity, plan) = match extract_key(headers)? {
-            Some((key, _source)) => self.authenticate(key).await?,
+        let identity = match extract_key(headers)? {
+            Some((key, _source)) => self.identify(key).await?,
             None => return Err(Rejection::MissingKey.into()),
         };
+        let plan = self.plan_of(&identity);
+        if identity.suspended {
+            // Refused knowing who: the access log names the customer.
+            return Err(Refused {
+                rejection: Rejection::Suspended,
+                identity: Some(identity),
+                plan: Some(plan),
+                decision: None,
+            });
+        }
         // A route some plans may not call: refused before anything is charged.
         if let Some(allowed) = route.route.and_then(|r| r.plans.as_ref()) {
             if !is_usage && !allowed.iter().any(|p| *p == plan.name) {
@@ -224,6 +242,9 @@ impl<L: Limiter> Gate<L> {
             }
         }
         let started = Instant::now();
+        // Read just before the limiter reads its own clock: a charge within
+        // microseconds of midnight UTC may be journaled to the day before.
+        let at = self.clock.now_ms();
         let decision = self.limit(&identity, &plan, cost).await;
         metrics::LIMITER_DURATION
             .with_label_values(&[self.limiter.name()])
@@ -247,10 +268,16 @@ impl<L: Limiter> Gate<L> {
         let admitted = Admitted {
             meter: meter_of(route.route, &plan, &decision),
             usage_header: route.route.and_then(|r| r.usage_header.clone()),
+            body: route
+                .route
+                .and_then(|r| r.usage.clone())
+                .filter(|_| plan.billed),
+            fallback: route.route.map_or(DEFAULT_COST, |r| r.cost),
             identity,
             plan,
             decision,
             cost,
+            at,
         };
         if is_usage {
             return Ok(Admission::Report(admitted));
@@ -388,7 +415,7 @@ pub fn route_of<'a>(plans: &'a Plans, method: &http::Method, path: &str) -> Rout
     match plans.route(method, path) {
         Some(r) => RouteInfo {
             public: r.public,
-            cost: r.cost,
+            cost: r.limit_cost(),
             route: Some(r),
         },
         None => RouteInfo {
@@ -415,11 +442,12 @@ fn meter_of(route: Option<&Route>, plan: &Plan, decision: &Decision) -> Option<A
         .or_else(|| plan.meter.clone())
 }
 
-/// Whether a request could be billed: its route or plan names a meter, or
-/// one of its plan's limits an overage meter.
+/// Whether a request could be billed: its route or plan names a meter, its
+/// route reads usage from the body, or one of its plan's limits names an
+/// overage meter.
 fn may_bill(route: Option<&Route>, plan: &Plan) -> bool {
     plan.billed
-        && (route.is_some_and(|r| r.meter.is_some())
+        && (route.is_some_and(|r| r.meter.is_some() || r.usage.is_some())
             || plan.meter.is_some()
             || plan.limits.iter().any(|l| l.overage_meter.is_some()))
 }

@@ -319,6 +319,39 @@ impl MemoryLimiter {
         removed
     }
 
+    /// Puts back what `customer` had used of the calendar limit `name`
+    /// (`Window::Day` or `Window::Month`) in the window starting at
+    /// `start`, as journaled before a restart. A window that is over by
+    /// now is left out.
+    pub fn restore(
+        &self,
+        customer: &str,
+        name: &Arc<str>,
+        window: Window,
+        start: Millis,
+        used: u64,
+    ) {
+        let now = self.clock.now_ms();
+        if matches!(window, Window::Sliding(_)) || calendar_window(window, now).0 != start {
+            return;
+        }
+        let mut shard = crate::lock(self.shard(customer));
+        let state = shard.entry(Arc::from(customer)).or_default();
+        let counter = Counter::Calendar { start, used };
+        match state
+            .policies
+            .iter_mut()
+            .find(|p| p.name == *name && p.window == window)
+        {
+            Some(p) => p.counter = counter,
+            None => state.policies.push(PolicyState {
+                name: name.clone(),
+                window,
+                counter,
+            }),
+        }
+    }
+
     /// Customers currently holding state.
     pub fn tracked_customers(&self) -> usize {
         self.shards.iter().map(|s| crate::lock(s).len()).sum()
@@ -364,6 +397,30 @@ mod tests {
         clock.advance(SECOND);
         assert_eq!(l.sweep(), 1000);
         assert_eq!(l.tracked_customers(), 0);
+    }
+
+    #[test]
+    fn restored_calendar_counts_carry_on_and_a_past_window_is_left_out() {
+        let clock = ManualClock::at(40 * DAY + 5_000);
+        let l = MemoryLimiter::new(Arc::new(clock.clone()));
+        let p = conformance::plan(&[("daily", 20, Window::Day), ("monthly", 100, Window::Month)]);
+        let (day, month) = (
+            calendar_window(Window::Day, clock.now_ms()).0,
+            calendar_window(Window::Month, clock.now_ms()).0,
+        );
+        l.restore("c", &"daily".into(), Window::Day, day, 19);
+        l.restore("c", &"monthly".into(), Window::Month, month, 50);
+        l.restore("c", &"other".into(), Window::Day, day - DAY, 7);
+        let d = l.decide("c", &p, 1);
+        assert!(d.allowed);
+        assert_eq!(d.policies[0].remaining, 0);
+        assert_eq!(d.policies[1].remaining, 49);
+        assert!(
+            !l.decide("c", &p, 1).allowed,
+            "the restored daily quota is spent"
+        );
+        clock.advance(DAY);
+        assert!(l.decide("c", &p, 1).allowed, "a new day");
     }
 
     #[test]

@@ -134,11 +134,24 @@ pub struct Route {
     pub cost: u64,
     pub meter: Option<Arc<str>>,
     pub usage_header: Option<http::HeaderName>,
+    /// Units read from the response body instead (`usage:`).
+    pub usage: Option<Arc<crate::body_usage::BodyFormat>>,
     /// Only these plans may call it; None: every plan.
     pub plans: Option<Vec<Arc<str>>>,
 }
 
 impl Route {
+    /// What one request counts against request limits: its `cost`, except
+    /// on a `usage:` route, where a request counts 1 and `cost` is what a
+    /// response whose body reports no usage is billed.
+    pub fn limit_cost(&self) -> u64 {
+        if self.usage.is_some() {
+            DEFAULT_COST
+        } else {
+            self.cost
+        }
+    }
+
     /// Whether the route takes a request; `ci`: paths compare ignoring
     /// ASCII case (`routes_case_insensitive`).
     /// A trailing `/` on the path is ignored when the glob has none (as

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use super::{
     policy_header, valid_token, Limit, Plan, Plans, Route, StatusSet, Window, DEFAULT_COST,
 };
+use crate::body_usage::BodyFormat;
 use crate::diag::{Diagnostics, Source};
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +61,9 @@ struct RawRoute {
     cost: Option<i64>,
     meter: Option<String>,
     usage_header: Option<String>,
+    /// Units from the response body: `openai`, `anthropic` or
+    /// `{ json: { meter: "dotted.path", ... } }`.
+    usage: Option<serde_yaml::Value>,
     /// Only these plans may call the route (403 `not-in-plan` for others).
     plans: Option<Vec<String>>,
 }
@@ -237,12 +241,18 @@ fn parse_routes(
                     && (r.cost.is_some()
                         || r.meter.is_some()
                         || r.usage_header.is_some()
+                        || r.usage.is_some()
                         || r.plans.is_some())
                 {
-                    d.0.push(src.error(&path, "a public route is neither limited nor metered, so `cost`, `meter`, `usage_header` and `plans` make no sense on it", None));
+                    d.0.push(src.error(&path, "a public route is neither limited nor metered, so `cost`, `meter`, `usage_header`, `usage` and `plans` make no sense on it", None));
                 }
                 if let Some(m) = &r.meter {
                     check_meter(src, &format!("{path}.meter"), m, d);
+                }
+                if let Some(BodyFormat::Json(meters)) = route.usage.as_deref() {
+                    for (m, _) in meters {
+                        check_meter(src, &format!("{path}.usage.json"), m, d);
+                    }
                 }
                 routes.push((i, route));
             }
@@ -264,7 +274,7 @@ fn check_costs(
             if let Some(l) = plan
                 .limits
                 .iter()
-                .find(|l| !l.overage && l.quota < route.cost)
+                .find(|l| !l.overage && l.quota < route.limit_cost())
             {
                 d.0.push(src.error(
                     &format!("routes[{i}].cost"),
@@ -366,6 +376,51 @@ fn check_meter(src: &Source, path: &str, meter: &str, d: &mut Diagnostics) {
 
 type RouteError = (&'static str, String, Option<&'static str>);
 
+/// `usage:` of a route.
+fn body_format(v: &serde_yaml::Value) -> Result<BodyFormat, RouteError> {
+    const HINT: Option<&str> =
+        Some("usage: openai, usage: anthropic, or usage: { json: { my_meter: \"usage.units\" } }");
+    match v {
+        serde_yaml::Value::String(s) if s == "openai" => Ok(BodyFormat::OpenAi),
+        serde_yaml::Value::String(s) if s == "anthropic" => Ok(BodyFormat::Anthropic),
+        serde_yaml::Value::Mapping(m) if m.len() == 1 => {
+            let Some(serde_yaml::Value::Mapping(json)) = m.get("json") else {
+                return Err(("usage", "`usage` takes one key, `json`".into(), HINT));
+            };
+            let mut meters = Vec::new();
+            for (k, p) in json {
+                let (Some(meter), Some(path)) = (k.as_str(), p.as_str()) else {
+                    return Err((
+                        "usage",
+                        "`usage.json` maps meter names to dotted paths, both strings".into(),
+                        HINT,
+                    ));
+                };
+                let pointer = BodyFormat::pointer(path).ok_or_else(|| {
+                    (
+                        "usage",
+                        format!("`{path}` is not a dotted path (e.g. usage.input_tokens)"),
+                        None,
+                    )
+                })?;
+                meters.push((Arc::<str>::from(meter), pointer));
+            }
+            if meters.is_empty() {
+                return Err(("usage", "`usage.json` names no meter".into(), HINT));
+            }
+            Ok(BodyFormat::Json(meters))
+        }
+        other => Err((
+            "usage",
+            format!(
+                "`{}` is not a usage format",
+                serde_yaml::to_string(other).unwrap_or_default().trim()
+            ),
+            HINT,
+        )),
+    }
+}
+
 fn parse_route(r: &RawRoute) -> Result<Route, RouteError> {
     let pattern = r.pattern.trim();
     let (method, glob) = match pattern.split_once(' ') {
@@ -419,6 +474,14 @@ fn parse_route(r: &RawRoute) -> Result<Route, RouteError> {
             )
         })?),
     };
+    let usage = r.usage.as_ref().map(body_format).transpose()?.map(Arc::new);
+    if usage.is_some() && usage_header.is_some() {
+        return Err((
+            "usage",
+            "a route takes either `usage` (from the body) or `usage_header`, not both".into(),
+            None,
+        ));
+    }
     if usage_header.is_some() && r.cost.is_some() {
         return Err((
             "cost",
@@ -433,6 +496,7 @@ fn parse_route(r: &RawRoute) -> Result<Route, RouteError> {
         cost,
         meter: r.meter.as_deref().map(Into::into),
         usage_header,
+        usage,
         plans: r
             .plans
             .as_ref()

@@ -108,6 +108,42 @@ fn a_route_cost_above_a_quota_is_refused() {
 }
 
 #[test]
+fn usage_formats_are_parsed_and_every_mistake_in_one_located() {
+    let ok = Plans::parse(&Source::new(
+        std::path::Path::new("plans.yaml"),
+        "default_plan: free\nplans:\n  free:\n    limits:\n      - { name: daily, requests: 3, per: day }\nroutes:\n  - { match: \"POST /a\", usage: openai, cost: 500, meter: m }\n  - { match: \"POST /b\", usage: { json: { chars: \"billing.chars\" } } }\n".into(),
+    ))
+    .unwrap();
+    let a = &ok.routes[0];
+    assert_eq!(
+        a.usage.as_deref(),
+        Some(&crate::body_usage::BodyFormat::OpenAi)
+    );
+    assert_eq!(
+        (a.cost, a.limit_cost()),
+        (500, 1),
+        "cost is the fallback, a call counts 1"
+    );
+    assert_eq!(
+        ok.routes[1].usage.as_deref(),
+        Some(&crate::body_usage::BodyFormat::Json(vec![(
+            "chars".into(),
+            "/billing/chars".into()
+        )]))
+    );
+    let all = errors("default_plan: free\nplans:\n  free: {}\nroutes:\n  - { match: \"/a\", usage: gemini }\n  - { match: \"/b\", usage: openai, usage_header: X-U }\n  - { match: \"/c\", usage: { json: { m: \"a..b\" } } }\n  - { match: \"/d\", public: true, usage: openai }\n  - { match: \"/e\", usage: { json: { \"bad meter\": \"a\" } } }\n").join("\n");
+    for want in [
+        "plans.yaml:5:27: error: `gemini` is not a usage format",
+        "plans.yaml:6:27: error: a route takes either `usage` (from the body) or `usage_header`",
+        "plans.yaml:7:20: error: `a..b` is not a dotted path",
+        "plans.yaml:8:5: error: a public route is neither limited nor metered",
+        "meter name `bad meter` may only hold",
+    ] {
+        assert!(all.contains(want), "{want}\nin\n{all}");
+    }
+}
+
+#[test]
 fn wrong_types_and_syntax_are_located() {
     let all = errors("default_plan: free\nplans:\n  free:\n    limits:\n      - { name: a, requests: lots, per: day }\n").join("\n");
     assert!(all.starts_with("plans.yaml:5:"), "{all}");

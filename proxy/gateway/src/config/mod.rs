@@ -141,6 +141,9 @@ pub struct Metering {
     /// and window).
     pub rollup: Duration,
     pub max_spool_bytes: u64,
+    /// A JSON body (or one event of a stream) read for `usage:` holds at
+    /// most this many bytes; past it the route's `cost` is billed.
+    pub max_usage_body: usize,
     pub sinks: Vec<tollgate_metering::billing::SinkConfig>,
     /// How long one request to a billing provider may take before it is
     /// retried (under the same identifier).

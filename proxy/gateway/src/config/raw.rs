@@ -112,6 +112,7 @@ pub(super) struct RawMetering {
     pub(super) fsync_interval: Option<String>,
     pub(super) rollup: Option<String>,
     pub(super) max_spool_mb: Option<u64>,
+    pub(super) max_usage_body_kb: Option<u64>,
     pub(super) sink_timeout: Option<String>,
     pub(super) encryption: Option<RawEncryption>,
     #[serde(default)]

@@ -205,6 +205,14 @@ pub(super) fn metering(cx: &mut Check<'_>, metering: Option<&RawMetering>) -> Me
             .and_then(|m| m.max_spool_mb)
             .unwrap_or(1024)
             .saturating_mul(1 << 20),
+        max_usage_body: usize::try_from(
+            metering
+                .and_then(|m| m.max_usage_body_kb)
+                .unwrap_or(1024)
+                .clamp(1, 1 << 20)
+                .saturating_mul(1024),
+        )
+        .unwrap_or(usize::MAX),
         sinks,
         sink_timeout,
         seal,

@@ -4,7 +4,9 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
-use tollgate_core::clock::Millis;
+use tollgate_core::clock::{month_bounds, Millis};
+use tollgate_core::limiter::calendar_window;
+use tollgate_core::plans::Window;
 
 use super::codec::{esc, io_err, line_with_crc, record_line, sealed};
 use super::{Seal, SpoolError, State};
@@ -38,9 +40,10 @@ pub(super) fn compact_files(
     dir: &Path,
     sinks: &[String],
     st: &mut State,
-    month_start: Millis,
+    now: Millis,
     seal: Option<&Seal>,
 ) -> Result<u64, SpoolError> {
+    let (month_start, _) = month_bounds(now);
     st.fold_settled(sinks, month_start);
     let mut events = String::new();
     for ((c, m, w), g) in &st.pending {
@@ -52,6 +55,18 @@ pub(super) fn compact_files(
             esc(c),
             esc(m),
             g.units
+        )));
+    }
+    // Calendar charges: one line per counter, for the windows current now.
+    let day_start = calendar_window(Window::Day, now).0;
+    st.counters
+        .retain(|(_, _, w), (start, _)| *start == if *w == b'd' { day_start } else { month_start });
+    for ((c, l, w), (start, used)) in &st.counters {
+        events.push_str(&line_with_crc(&format!(
+            "C {start} {} {} {} {used}",
+            *w as char,
+            esc(c),
+            esc(l)
         )));
     }
     let mut records = line_with_crc(&format!("H {}", st.next_rseq));

@@ -6,7 +6,11 @@
 //! Files in `metering.spool_dir`:
 //! - `instance-id`: this spool's id, part of every identifier;
 //! - `rollup`: the window (ms) the events on disk were written for;
-//! - `events.log`: one line per billable response: `E seq ts customer meter units crc`;
+//! - `events.log`: one line per billable response: `E seq ts customer meter units crc`,
+//!   and, when the limits live in this process (the memory backend), one
+//!   per calendar window a request was charged to: `C start d|m customer
+//!   limit units crc` (replayed into the limiter on start, so a restart
+//!   gives no customer a day's or a month's quota back);
 //! - `records.log`: `H next` (the record sequence high-water mark: sequences,
 //!   and so identifiers, are never reused), `S month customer meter recorded
 //!   reported` (this month's usage already settled everywhere and dropped
@@ -42,6 +46,9 @@ use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use tollgate_core::clock::{month_bounds, Clock, Millis};
+use tollgate_core::limiter::calendar_window;
+use tollgate_core::meter::CalendarCharge;
+use tollgate_core::plans::Window;
 use tollgate_core::sync::{lock, Pending};
 
 mod codec;
@@ -104,6 +111,30 @@ impl Record {
 }
 
 type GroupKey = (Arc<str>, Arc<str>, Millis);
+type CounterKey = (Arc<str>, Arc<str>, u8);
+
+/// `d` or `m`: how a calendar window is written.
+fn window_code(w: Window) -> Option<u8> {
+    match w {
+        Window::Day => Some(b'd'),
+        Window::Month => Some(b'm'),
+        Window::Sliding(_) => None,
+    }
+}
+
+impl State {
+    /// Adds a charge of `units` to the window starting at `start`; a
+    /// charge to an older window than the one held is stale.
+    fn count(&mut self, key: CounterKey, start: Millis, units: u64) {
+        let c = self.counters.entry(key).or_insert((start, 0));
+        if start > c.0 {
+            *c = (start, 0);
+        }
+        if start == c.0 {
+            c.1 = c.1.saturating_add(units);
+        }
+    }
+}
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Group {
@@ -129,6 +160,9 @@ struct State {
     /// Indexed by customer, then meter, so one customer's report does not
     /// scan everyone's.
     summaries: HashMap<Arc<str>, HashMap<Arc<str>, Summary>>,
+    /// Calendar-window charges per (customer, limit, `d`|`m`): the
+    /// window's start and the units used in it.
+    counters: HashMap<CounterKey, (Millis, u64)>,
     next_seq: u64,
     next_rseq: u64,
 }
@@ -185,11 +219,22 @@ impl State {
     }
 }
 
-/// One billable response waiting for its line to be written.
+/// What a customer has used of one calendar limit in its current window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalendarCount {
+    pub customer: Arc<str>,
+    pub limit: Arc<str>,
+    pub window: Window,
+    pub start: Millis,
+    pub used: u64,
+}
+
+/// One response waiting for its lines to be written: its billable usage,
+/// its calendar charge, or both.
 struct Append {
     customer: Arc<str>,
-    meter: Arc<str>,
-    units: u64,
+    usage: Option<(Arc<str>, u64)>,
+    charge: Option<CalendarCharge>,
     at: Millis,
     done: tokio::sync::oneshot::Sender<bool>,
 }
@@ -286,11 +331,22 @@ impl Spool {
         meter: &Arc<str>,
         units: u64,
     ) -> tokio::sync::oneshot::Receiver<bool> {
+        self.journal(customer, Some((meter, units)), None)
+    }
+
+    /// Queues a response's billable usage and calendar charge (either may
+    /// be None); resolves to true once both are in the file.
+    pub fn journal(
+        self: &Arc<Self>,
+        customer: &Arc<str>,
+        usage: Option<(&Arc<str>, u64)>,
+        charge: Option<CalendarCharge>,
+    ) -> tokio::sync::oneshot::Receiver<bool> {
         let (done, rx) = tokio::sync::oneshot::channel();
         let item = Append {
             customer: customer.clone(),
-            meter: meter.clone(),
-            units,
+            usage: usage.map(|(m, u)| (m.clone(), u)),
+            charge,
             at: self.clock.now_ms(),
             done,
         };
@@ -313,6 +369,33 @@ impl Spool {
             }
         }
         rx
+    }
+
+    /// Writes `usage` (one event line per meter) on the caller's thread,
+    /// waiting for the writer if the spool's thread has it (a rollup, or
+    /// a compaction). For the synchronous body filter.
+    pub fn journal_now(&self, customer: &Arc<str>, usage: &[(Arc<str>, u64)]) -> bool {
+        if self.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        let at = self.clock.now_ms();
+        let mut answers = Vec::with_capacity(usage.len());
+        let items: Vec<Append> = usage
+            .iter()
+            .map(|(meter, units)| {
+                let (done, rx) = tokio::sync::oneshot::channel();
+                answers.push(rx);
+                Append {
+                    customer: customer.clone(),
+                    usage: Some((meter.clone(), *units)),
+                    charge: None,
+                    at,
+                    done,
+                }
+            })
+            .collect();
+        lock(&self.writer).append(items);
+        answers.into_iter().all(|mut rx| rx.try_recv() == Ok(true))
     }
 
     /// Writes what has queued up: here if the writer is free, else on the
@@ -546,6 +629,31 @@ impl Spool {
         out
     }
 
+    /// The calendar-window charges journaled per (customer, limit,
+    /// window) for the windows current now: what the memory limiter is
+    /// given back on start.
+    pub fn calendar_counters(&self) -> Vec<CalendarCount> {
+        let now = self.clock.now_ms();
+        let st = lock(&self.state);
+        st.counters
+            .iter()
+            .filter_map(|((c, l, w), &(start, used))| {
+                let window = if *w == b'd' {
+                    Window::Day
+                } else {
+                    Window::Month
+                };
+                (calendar_window(window, now).0 == start).then(|| CalendarCount {
+                    customer: c.clone(),
+                    limit: l.clone(),
+                    window,
+                    start,
+                    used,
+                })
+            })
+            .collect()
+    }
+
     /// Customers with usage this month in the spool.
     pub fn customers(&self) -> Vec<Arc<str>> {
         let st = lock(&self.state);
@@ -613,11 +721,15 @@ impl tollgate_core::meter::UsageJournal for Spool {
     fn append(
         self: &Arc<Self>,
         customer: &Arc<str>,
-        meter: &Arc<str>,
-        units: u64,
+        usage: Option<(&Arc<str>, u64)>,
+        charge: Option<CalendarCharge>,
     ) -> impl std::future::Future<Output = bool> + Send {
-        let written = Spool::append(self, customer, meter, units);
+        let written = Spool::journal(self, customer, usage, charge);
         async move { matches!(written.await, Ok(true)) }
+    }
+
+    fn append_now(&self, customer: &Arc<str>, usage: &[(Arc<str>, u64)]) -> bool {
+        self.journal_now(customer, usage)
     }
 
     fn totals(&self, customer: &str) -> BTreeMap<String, MeterTotals> {

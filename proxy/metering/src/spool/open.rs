@@ -32,7 +32,7 @@ impl Spool {
         let seal = config.seal.as_deref();
         let mut st = load_state(&config, month_start);
         // Rewritten under the current key (a rotation ends here).
-        let size = compact_files(&dir, &config.sinks, &mut st, month_start, seal)?;
+        let size = compact_files(&dir, &config.sinks, &mut st, clock.now_ms(), seal)?;
         write_key_check(&dir, seal)?;
         fs::write(&rollup_path, config.rollup.to_string()).map_err(|e| io_err(&rollup_path, e))?;
         let spool = Self::start(config, clock, instance, st, size, lock_file)?;
@@ -274,6 +274,12 @@ fn replay_events(
     for line in read_lines(&dir.join("events.log"), seal) {
         let Some(body) = checked(&line) else { continue };
         let f: Vec<&str> = body.split(' ').collect();
+        if f.len() == 6 && f[0] == "C" && (f[2] == "d" || f[2] == "m") {
+            if let (Ok(start), Ok(units)) = (f[1].parse::<u64>(), f[5].parse::<u64>()) {
+                st.count((unesc(f[3]), unesc(f[4]), f[2].as_bytes()[0]), start, units);
+            }
+            continue;
+        }
         if f.len() != 6 || f[0] != "E" {
             continue;
         }

@@ -381,6 +381,60 @@ fn inspect_reads_a_spool_in_use_without_taking_it() {
     ));
 }
 
+#[tokio::test]
+async fn calendar_charges_survive_reopening_and_compaction_until_their_window_ends() {
+    use tollgate_core::clock::{ManualClock, DAY};
+    use tollgate_core::meter::CalendarCharge;
+    let dir = tempfile::tempdir().unwrap();
+    // Mid-month, mid-day.
+    let t = 1_780_000_000_000 - 1_780_000_000_000 % DAY + 10 * DAY + 3_600_000;
+    let clock = ManualClock::at(t);
+    let plans = tollgate_core::plans::Plans::parse(&tollgate_core::diag::Source::new(
+        Path::new("plans.yaml"),
+        "default_plan: q\nplans:\n  q:\n    limits:\n      - { name: daily, requests: 9, per: day }\n      - { name: monthly, requests: 99, per: month }\n      - { name: burst, requests: 9, per: second }\n".into(),
+    ))
+    .unwrap();
+    let plan = plans.get("q").unwrap();
+    let c: Arc<str> = "cus 1".into(); // escaped on disk
+    let m: Arc<str> = "api".into();
+    let s = Spool::open(config(dir.path(), &[]), Arc::new(clock.clone())).unwrap();
+    for (usage, cost) in [(Some((&m, 2)), 2), (None, 3)] {
+        let charge = CalendarCharge {
+            plan: plan.clone(),
+            cost,
+            at: clock.now_ms(),
+        };
+        assert!(s.journal(&c, usage, Some(charge)).await.unwrap());
+    }
+    let mut counters = s.calendar_counters();
+    counters.sort_by_key(|x| x.window == Window::Day);
+    let got: Vec<(&str, Window, u64)> = counters
+        .iter()
+        .map(|x| (&*x.limit, x.window, x.used))
+        .collect();
+    assert_eq!(
+        got,
+        vec![("monthly", Window::Month, 5), ("daily", Window::Day, 5)]
+    );
+    s.close();
+    drop(s);
+    // Reopened (which compacts): the same; a day later the daily is over.
+    let s = Spool::open(config(dir.path(), &[]), Arc::new(clock.clone())).unwrap();
+    assert_eq!(s.calendar_counters().len(), 2);
+    assert_eq!(s.totals("cus 1")["api"].recorded, 2, "usage is still usage");
+    s.close();
+    drop(s);
+    clock.advance(DAY);
+    let s = Spool::open(config(dir.path(), &[]), Arc::new(clock.clone())).unwrap();
+    let left: Vec<(String, u64)> = s
+        .calendar_counters()
+        .iter()
+        .map(|x| (x.limit.to_string(), x.used))
+        .collect();
+    assert_eq!(left, vec![("monthly".to_owned(), 5)]);
+    assert!(!all_files(dir.path()).contains("daily"), "compacted away");
+}
+
 #[test]
 fn a_second_process_cannot_open_a_spool_in_use() {
     let dir = tempfile::tempdir().unwrap();

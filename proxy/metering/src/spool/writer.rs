@@ -17,7 +17,11 @@ use tollgate_core::sync::lock;
 
 use super::codec::{io_err, plain, record_line};
 use super::compact::compact_files;
-use super::{Append, GroupKey, Msg, Record, Seal, SpoolConfig, SpoolError, State, COMPACT_AT};
+use super::{
+    window_code, Append, CounterKey, GroupKey, Msg, Record, Seal, SpoolConfig, SpoolError, State,
+    COMPACT_AT,
+};
+use tollgate_core::limiter::calendar_window;
 
 pub(super) struct Writer {
     dir: PathBuf,
@@ -131,26 +135,51 @@ impl Writer {
         }
         let mut text = String::with_capacity(items.len() * 64);
         let mut added: Vec<(GroupKey, u64, u64)> = Vec::with_capacity(items.len());
+        let mut counted: Vec<(CounterKey, Millis, u64)> = Vec::new();
         let mut acks = Vec::with_capacity(items.len());
         let mut st = lock(&self.state);
         for a in items {
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            // `E seq ts customer meter units crc`, written in place: this
-            // runs for every billable response.
-            let start = text.len();
-            let _ = write!(text, "E {seq} {} ", a.at);
-            tollgate_core::pct::encode_into(&mut text, &a.customer, plain);
-            text.push(' ');
-            tollgate_core::pct::encode_into(&mut text, &a.meter, plain);
-            let _ = write!(text, " {}", a.units);
-            let crc = crc32(&text.as_bytes()[start..]);
-            let _ = writeln!(text, " {crc:08x}");
-            added.push((
-                (a.customer, a.meter, a.at - a.at % self.rollup),
-                a.units,
-                seq,
-            ));
+            if let Some((meter, units)) = a.usage {
+                let seq = st.next_seq;
+                st.next_seq += 1;
+                // `E seq ts customer meter units crc`, written in place: this
+                // runs for every billable response.
+                let start = text.len();
+                let _ = write!(text, "E {seq} {} ", a.at);
+                tollgate_core::pct::encode_into(&mut text, &a.customer, plain);
+                text.push(' ');
+                tollgate_core::pct::encode_into(&mut text, &meter, plain);
+                let _ = write!(text, " {units}");
+                let crc = crc32(&text.as_bytes()[start..]);
+                let _ = writeln!(text, " {crc:08x}");
+                added.push((
+                    (a.customer.clone(), meter, a.at - a.at % self.rollup),
+                    units,
+                    seq,
+                ));
+            }
+            if let Some(charge) = a.charge {
+                for limit in &charge.plan.limits {
+                    let Some(code) = window_code(limit.window) else {
+                        continue;
+                    };
+                    // `C start d|m customer limit units crc`.
+                    let begin = calendar_window(limit.window, charge.at).0;
+                    let start = text.len();
+                    let _ = write!(text, "C {begin} {} ", code as char);
+                    tollgate_core::pct::encode_into(&mut text, &a.customer, plain);
+                    text.push(' ');
+                    tollgate_core::pct::encode_into(&mut text, &limit.name, plain);
+                    let _ = write!(text, " {}", charge.cost);
+                    let crc = crc32(&text.as_bytes()[start..]);
+                    let _ = writeln!(text, " {crc:08x}");
+                    counted.push((
+                        (a.customer.clone(), limit.name.clone(), code),
+                        begin,
+                        charge.cost,
+                    ));
+                }
+            }
             acks.push(a.done);
         }
         // Sequences are handed out and written under the state lock, so the
@@ -164,6 +193,9 @@ impl Writer {
                 let g = st.pending.entry(key).or_default();
                 g.units = g.units.saturating_add(units);
                 g.max_seq = g.max_seq.max(seq);
+            }
+            for (key, begin, units) in counted {
+                st.count(key, begin, units);
             }
             self.bytes.fetch_add(n, Ordering::Relaxed);
             self.dirty = true;
@@ -249,17 +281,8 @@ impl Writer {
             let (month_start, _) = month_bounds(now);
             st.fold_settled(&self.sinks, month_start);
         }
-        let compacted =
-            (self.events.len > COMPACT_AT || self.records.len > COMPACT_AT).then(|| {
-                let (month_start, _) = month_bounds(now);
-                compact_files(
-                    &self.dir,
-                    &self.sinks,
-                    &mut st,
-                    month_start,
-                    self.seal.as_deref(),
-                )
-            });
+        let compacted = (self.events.len > COMPACT_AT || self.records.len > COMPACT_AT)
+            .then(|| compact_files(&self.dir, &self.sinks, &mut st, now, self.seal.as_deref()));
         drop(st);
         if let Some(result) = compacted {
             self.after_compaction(result);
