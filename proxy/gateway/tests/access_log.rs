@@ -107,7 +107,14 @@ async fn every_request_is_one_line_with_every_field_and_its_request_id() {
     let p: Value = r.json().await.unwrap();
     assert_eq!(p["request_id"], id429.as_str());
 
-    let all = lines(&h, 7).await;
+    // A suspended customer's refusal names the customer too.
+    let (suspended_key, _) = h.key_with_id("cus_paused", None);
+    tollgate_core::store::admin::set_suspended(&h.store, "cus_paused", true).unwrap();
+    h.sync();
+    let r = h.get("/v1/x").bearer_auth(&suspended_key).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+
+    let all = lines(&h, 8).await;
     for l in &all {
         for f in FIELDS {
             assert!(l.get(f).is_some(), "`{f}` missing from {l}");
@@ -148,6 +155,16 @@ async fn every_request_is_one_line_with_every_field_and_its_request_id() {
     assert_eq!(
         limited["customer"], "cus_logged",
         "a 429 names who was limited"
+    );
+    let paused = &all[7];
+    assert_eq!(
+        (paused["status"].as_u64(), paused["outcome"].as_str()),
+        (Some(403), Some("forbidden"))
+    );
+    assert_eq!(
+        (paused["customer"].as_str(), paused["plan"].as_str()),
+        (Some("cus_paused"), Some("free")),
+        "a suspended customer's 403 names who"
     );
     let text = std::fs::read_to_string(h.dir.path().join("access.log")).unwrap();
     assert!(

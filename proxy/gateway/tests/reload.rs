@@ -178,3 +178,28 @@ async fn a_change_that_takes_a_restart_is_named_and_nothing_is_applied() {
     );
     assert_eq!(free_limit(&h, &free).await, "50");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_docs_page_shows_the_plans_in_force_after_a_reload() {
+    let h = Harness::builder()
+        .plans(&plans(50).replace("  pro:\n", "  pro:\n    display_name: Pro Classic\n"))
+        .config("docs: { title: Reloaded API, serve: true }")
+        .admin_token(TOKEN)
+        .build();
+    let page = |path: &'static str| {
+        let (client, url) = (h.client.clone(), h.url(path));
+        async move { client.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    assert!(page("/_tollgate/docs").await.contains("Pro Classic"));
+    std::fs::write(
+        h.dir.path().join("plans.yaml"),
+        plans(50).replace("  pro:\n", "  pro:\n    display_name: Pro Plus\n"),
+    )
+    .unwrap();
+    assert_eq!(reload(&h).await.0, 200);
+    let body = page("/_tollgate/docs").await;
+    assert!(
+        body.contains("Pro Plus") && !body.contains("Pro Classic"),
+        "the docs page still shows the old plans"
+    );
+}

@@ -44,15 +44,18 @@ pub(super) fn check_store(config: &Config, _now: u64) -> Vec<String> {
     }
     let mut ids = std::collections::HashSet::new();
     for k in &data.keys {
-        let loc = at(&format!("\"{}\"", k.id));
+        // Located only when there is something to report: a search of the
+        // file per key would make `check` quadratic in keys.
+        let loc = || at(&format!("\"{}\"", k.id));
         if !tollgate_core::keys::valid_key_id(&k.id) || !ids.insert(&k.id) {
             errors.push(format!(
-                "{loc}: error: key id `{}` is malformed or duplicated",
+                "{}: error: key id `{}` is malformed or duplicated",
+                loc(),
                 k.id
             ));
         }
         if k.hash.len() != 64 || hex::decode(&k.hash).is_err() {
-            errors.push(format!("{loc}: error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", k.id));
+            errors.push(format!("{}: error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", loc(), k.id));
         }
         for (field, value) in [
             ("created", Some(&k.created)),
@@ -62,7 +65,8 @@ pub(super) fn check_store(config: &Config, _now: u64) -> Vec<String> {
             if let Some(v) = value {
                 if tollgate_core::clock::parse_rfc3339(v).is_none() {
                     errors.push(format!(
-                        "{loc}: error: key {} has `{field}: {v}`, not a time like 2026-01-31T12:00:00Z\n  hint: an expiry that does not parse is treated as already expired",
+                        "{}: error: key {} has `{field}: {v}`, not a time like 2026-01-31T12:00:00Z\n  hint: an expiry that does not parse is treated as already expired",
+                        loc(),
                         k.id
                     ));
                 }

@@ -94,7 +94,7 @@ pub fn docs_page(config: &Config) -> Option<Dashboard> {
 }
 
 pub fn page(app: &crate::app::App) -> Reply {
-    serve(&app.dashboard)
+    serve(&app.dashboard.load())
 }
 
 /// A page of ours with its policy and the headers that go with it.

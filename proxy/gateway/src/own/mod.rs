@@ -93,7 +93,7 @@ pub async fn serve(app: &App, session: &mut Session, path: &str) -> Result<Reply
         } else {
             Reply::method_not_allowed("GET, HEAD")
         }),
-        "/_tollgate/docs" => Ok(match (&app.docs_page, get) {
+        "/_tollgate/docs" => Ok(match (&*app.docs_page.load(), get) {
             (Some(d), true) => dashboard::serve(d),
             (Some(_), false) => Reply::method_not_allowed("GET, HEAD"),
             (None, _) => Reply::not_found(),
