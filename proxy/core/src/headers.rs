@@ -22,8 +22,8 @@ impl RateHeaders {
     pub fn render(decision: &Decision) -> Option<Self> {
         let tight = decision.tightest()?;
         let mut ratelimit = String::with_capacity(24 * decision.policies.len());
-        for (i, p) in decision.policies.iter().enumerate() {
-            if i > 0 {
+        for p in decision.policies.iter().filter(|p| !p.concurrent) {
+            if !ratelimit.is_empty() {
                 ratelimit.push_str(", ");
             }
             let _ = write!(
@@ -53,6 +53,7 @@ mod tests {
             remaining,
             reset_secs: reset,
             violated: false,
+            concurrent: false,
         }
     }
 
@@ -64,6 +65,7 @@ mod tests {
             retry_after_secs: 0,
             overage: false,
             overage_meter: None,
+            lease: None,
         };
         let h = RateHeaders::render(&d).unwrap();
         // 42/100 is closer to exhaustion than 4/5.
@@ -79,6 +81,7 @@ mod tests {
             retry_after_secs: 600,
             overage: false,
             overage_meter: None,
+            lease: None,
         };
         assert_eq!(RateHeaders::render(&d).unwrap().reset, 600);
         assert!(RateHeaders::render(&Decision::unlimited()).is_none());

@@ -83,11 +83,12 @@ proptest! {
         let d = Decision {
             allowed,
             policies: policies.iter().map(|(n, q, r, t, v)| PolicyStatus {
-                name: n.as_str().into(), quota: *q, remaining: (*r).min(*q), reset_secs: *t, violated: *v,
+                name: n.as_str().into(), quota: *q, remaining: (*r).min(*q), reset_secs: *t, violated: *v, concurrent: false,
             }).collect(),
             retry_after_secs: 1,
             overage: false,
             overage_meter: None,
+            lease: None,
         };
         match RateHeaders::render(&d) {
             None => prop_assert!(policies.is_empty()),

@@ -165,6 +165,13 @@ impl Limiter for Limiters {
             Limiters::Redis(r) => r.check(customer, plan, cost).await,
         }
     }
+
+    fn release(&self, customer: &Arc<str>, plan: &Arc<Plan>, decision: &Decision) {
+        match self {
+            Limiters::Memory(m) => m.release(customer, plan),
+            Limiters::Redis(r) => r.release(customer, plan, decision),
+        }
+    }
 }
 
 impl App {

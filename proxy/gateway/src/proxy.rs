@@ -560,6 +560,10 @@ impl ProxyHttp for TollgateProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        // However it ended, a request's hold on its concurrency caps ends.
+        if let Some(a) = &ctx.admitted {
+            self.app.gate.release(a);
+        }
         // A body that never ended (the client went away, the upstream
         // broke off): billed what it reported by then, or the route's cost.
         if let (Some(scanner), Some(a)) = (ctx.scanner.take(), &ctx.admitted) {

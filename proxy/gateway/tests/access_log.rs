@@ -111,7 +111,12 @@ async fn every_request_is_one_line_with_every_field_and_its_request_id() {
     let (suspended_key, _) = h.key_with_id("cus_paused", None);
     tollgate_core::store::admin::set_suspended(&h.store, "cus_paused", true).unwrap();
     h.sync();
-    let r = h.get("/v1/x").bearer_auth(&suspended_key).send().await.unwrap();
+    let r = h
+        .get("/v1/x")
+        .bearer_auth(&suspended_key)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
 
     let all = lines(&h, 8).await;

@@ -398,3 +398,87 @@ async fn kill_9_keeps_each_customers_daily_and_monthly_use() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// Streams of token usage under load, `kill -9`, restart: what was billed
+/// covers every stream a client received whole and nothing the upstream
+/// did not report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_streams_bills_every_stream_received_whole() {
+    let llm = harness::MockLlm::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, admin) = (free_port(), free_port());
+    std::fs::write(
+        dir.path().join("plans.yaml"),
+        "default_plan: ai\nplans:\n  ai:\n    limits: []\nroutes:\n  \
+         - { match: \"POST /v1/chat/completions\", usage: openai, cost: 50, meter: ai_fallback_tokens }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("tollgate.yaml"),
+        format!(
+            "listen: 127.0.0.1:{port}\nupstream: http://{}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nthreads: 2\n\
+             access_log: {{ enabled: false }}\n",
+            llm.addr
+        ),
+    )
+    .unwrap();
+    let key = new_key(dir.path(), "cus_stream");
+    let mut child = start(dir.path());
+    wait_port(port);
+    let whole = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let (whole, stop, key) = (whole.clone(), stop.clone(), key.clone());
+        let url = format!("http://127.0.0.1:{port}/v1/chat/completions?stream=1&stall_ms=20");
+        clients.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(r) = client.post(&url).bearer_auth(&key).body("{}").send().await else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    continue;
+                };
+                // Whole: every byte through the end of the stream.
+                if let Ok(body) = r.text().await {
+                    if body.ends_with("data: [DONE]\n\n") {
+                        whole.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().unwrap(); // SIGKILL, streams in flight
+    child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let whole = whole.load(Ordering::SeqCst);
+    let asked = llm.accept_encoding.lock().unwrap().len() as u64;
+    assert!(whole > 20, "load was real: {whole} streams");
+
+    let mut child = start(dir.path());
+    wait_port(port);
+    let usage: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/_tollgate/usage"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // 7 output tokens a stream (tollgate_testkit::OPENAI_STREAM).
+    let billed = usage["usage"]["ai_output_tokens"].as_u64().unwrap_or(0);
+    assert!(
+        billed >= 7 * whole,
+        "{whole} streams received whole, but only {billed} output tokens billed: {usage}"
+    );
+    assert!(
+        billed <= 7 * asked,
+        "{billed} output tokens billed for {asked} streams the upstream sent: {usage}"
+    );
+}

@@ -1,9 +1,13 @@
 -- ARGV: instance, now (ms), call sequence, number of groups; then per group
 -- (one customer and plan): number of limits, per limit its kind ('s'
--- sliding, 'c' calendar), window ms (sliding) or window end (calendar),
--- quota and overage (0/1); then number of requests and each request's cost.
--- KEYS: per group and limit, a sliding window's set and total, or a
--- calendar window's counter.
+-- sliding, 'c' calendar, 'p' a cap on requests in flight), window ms
+-- (sliding), window end (calendar) or lease expiry (cap), quota and overage
+-- (0/1); then number of requests and each request's cost.
+-- KEYS: per group and limit, a sliding window's set and total, a calendar
+-- window's counter, or a cap's set of leases (member
+-- `<instance>:<call>:<group>:<request>`, score its expiry; the instance
+-- renews the leases of requests still running and removes each at its end,
+-- so an instance that dies gives its leases back when they expire).
 -- Reply: per group, per limit what the group starts from (units used, the
 -- oldest charge still in a sliding window or -1), then per request 0 if
 -- admitted, else 1 + the seconds until its sliding limits have room.
@@ -11,7 +15,7 @@ local inst, nows, seq = ARGV[1], ARGV[2], ARGV[3]
 local now = tonumber(nows)
 local out = {}
 -- Each key is read once and written back once, at the end.
-local slid, cal, order_s, order_c = {}, {}, {}, {}
+local slid, cal, par, order_s, order_c, order_p = {}, {}, {}, {}, {}, {}
 
 -- Numbers go to Redis as integer strings: Lua's own number formatting
 -- (and a reply's scores) cost more than the rest of a call.
@@ -75,6 +79,17 @@ local function calendar(key, wend)
   return c
 end
 
+-- A cap's leases as of `now`: expired ones (an instance that died) go.
+local function parallel(key)
+  local p = par[key]
+  if p ~= nil then return p end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', nows)
+  p = { key = key, used = redis.call('ZCARD', key), leases = {}, last = 0 }
+  par[key] = p
+  table.insert(order_p, p)
+  return p
+end
+
 -- Seconds until `cost` fits under `quota`: walks the charges in the window
 -- oldest first (this call's own charge is at `now`). Read once per key.
 local function wait_for(s, quota, cost)
@@ -100,16 +115,20 @@ local function wait_for(s, quota, cost)
 end
 
 local k, a = 0, 5
-for _ = 1, tonumber(ARGV[4]) do
+for g = 1, tonumber(ARGV[4]) do
   local n = tonumber(ARGV[a])
   a = a + 1
   local lim = {}
   for i = 1, n do
     local kind, x, quota = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-    local L = { quota = quota, over = ARGV[a + 3] == '1', sliding = kind == 's' }
+    local L = { quota = quota, over = ARGV[a + 3] == '1', sliding = kind == 's', cap = kind == 'p' }
     a = a + 4
     local first = -1
-    if L.sliding then
+    if L.cap then
+      L.s = parallel(KEYS[k + 1])
+      L.expiry = x
+      k = k + 1
+    elseif L.sliding then
       L.s = sliding(KEYS[k + 1], KEYS[k + 2], x)
       k = k + 2
       first = L.s.first or -1
@@ -125,19 +144,32 @@ for _ = 1, tonumber(ARGV[4]) do
   -- The group's requests, in order, each seeing the charges before it.
   local m = tonumber(ARGV[a])
   a = a + 1
-  for _ = 1, m do
+  for r = 1, m do
     local cost = tonumber(ARGV[a])
     a = a + 1
     local ok = true
     for i = 1, n do
       local L = lim[i]
-      if not L.over and L.s.used + cost > L.quota then ok = false break end
+      -- A cap takes one per request, whatever it costs.
+      local need = cost
+      if L.cap and cost > 0 then need = 1 end
+      if not L.over and L.s.used + need > L.quota then ok = false break end
     end
     if ok then
       for i = 1, n do
-        local s = lim[i].s
-        s.used = s.used + cost
-        s.added = s.added + cost
+        local L = lim[i]
+        local s = L.s
+        if L.cap then
+          if cost > 0 then
+            s.used = s.used + 1
+            table.insert(s.leases, L.expiry)
+            table.insert(s.leases, inst .. ':' .. seq .. ':' .. g .. ':' .. r)
+            s.last = math.max(s.last, tonumber(L.expiry))
+          end
+        else
+          s.used = s.used + cost
+          s.added = s.added + cost
+        end
       end
       table.insert(out, 0)
     else
@@ -163,6 +195,12 @@ for _, s in ipairs(order_s) do
     -- The set and its total expire together.
     redis.call('PEXPIRE', s.key, s.ws)
     redis.call('SET', s.tkey, int(s.used), 'PX', s.ws)
+  end
+end
+for _, p in ipairs(order_p) do
+  if #p.leases > 0 then
+    redis.call('ZADD', p.key, unpack(p.leases))
+    redis.call('PEXPIRE', p.key, int(p.last - now + 60000))
   end
 end
 for _, c in ipairs(order_c) do

@@ -10,7 +10,13 @@
 //!   script reads from the member: scores in a reply cost more than the rest
 //!   of a call), and `…:t` the sum of their costs;
 //! - calendar window: `{P:cus}:c:<policy>:<window start ms>` (a day's with
-//!   `:d` after it) a counter that expires a minute after the window ends.
+//!   `:d` after it) a counter that expires a minute after the window ends;
+//! - a cap on requests in flight (`concurrent`): `{P:cus}:p:<policy>`, a
+//!   sorted set of leases, one per running request (member
+//!   `<instance>:<call>:<group>:<request>`, score its expiry). This instance
+//!   renews its leases every [`RENEW_EVERY`] while their requests run and
+//!   removes each when it ends; the leases of an instance that dies expire
+//!   after [`LEASE`], and the script drops expired ones before counting.
 //!
 //! Time comes from the instance (`now` argument, one per call), so all
 //! instances must run NTP; a skew of d ms shifts window edges by d ms.
@@ -35,6 +41,12 @@ use tollgate_core::sync::{lock, Pending};
 
 /// The script; see the comments at its top for its arguments and keys.
 const SCRIPT: &str = include_str!("limiter.lua");
+
+/// How long a lease on a `concurrent` cap lives without being renewed:
+/// how long the requests of an instance that died keep holding the cap.
+pub const LEASE: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often this instance renews the leases of its running requests.
+pub const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
 
 type Reply = tokio::sync::oneshot::Sender<Result<Decision, LimiterError>>;
 
@@ -93,6 +105,16 @@ struct Shared {
     queue: std::sync::Mutex<Pending<Queued>>,
     /// When to try making `here` again after a failure.
     retry_here_at: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Leases of this instance's running requests, with the cap keys they
+    /// are in (renewed until released).
+    held: Arc<std::sync::Mutex<std::collections::HashMap<Arc<str>, Vec<String>>>>,
+    /// The renewal task runs (started with the first lease).
+    renewing: std::sync::atomic::AtomicBool,
+}
+
+/// The Redis key of `limit`'s cap for `customer` (a `concurrent` limit).
+fn cap_key(prefix: &str, customer: &str, limit: &str) -> String {
+    format!("{{{prefix}:{customer}}}:p:{limit}")
 }
 
 /// Requests that arrive in the same wake-up of the proxy's runtime are
@@ -119,6 +141,8 @@ impl RedisLimiter {
                 seq: AtomicU64::new(0),
                 queue: std::sync::Mutex::new(Pending::default()),
                 retry_here_at: std::sync::Mutex::new(None),
+                held: Arc::default(),
+                renewing: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -260,11 +284,9 @@ impl Shared {
 
     async fn call(&self, conn: &RedisConn, now: u64, groups: Vec<Group>) {
         let prefix = &conn.config.prefix;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut inv = self.script.prepare_invoke();
-        inv.arg(&self.instance)
-            .arg(now)
-            .arg(self.seq.fetch_add(1, Ordering::Relaxed))
-            .arg(groups.len());
+        inv.arg(&self.instance).arg(now).arg(seq).arg(groups.len());
         for g in &groups {
             let customer = &g.customer;
             inv.arg(g.plan.limits.len());
@@ -274,6 +296,11 @@ impl Shared {
                         let set = format!("{{{prefix}:{customer}}}:s:{}:{w}", l.name);
                         let total = format!("{set}:t");
                         inv.key(set).key(total).arg("s").arg(w);
+                    }
+                    Window::Concurrent => {
+                        inv.key(cap_key(prefix, customer, &l.name))
+                            .arg("p")
+                            .arg(now + LEASE.as_millis() as u64);
                     }
                     cal => {
                         let (start, end) = calendar_window(cal, now);
@@ -310,15 +337,75 @@ impl Shared {
             }
         };
         let mut at = 0;
-        for g in groups {
+        for (gi, g) in groups.into_iter().enumerate() {
             let n = 2 * g.plan.limits.len();
             let (start, flags) = out[at..at + n + g.costs.len()].split_at(n);
             at += n + g.costs.len();
             let mut replay = Replay::new(&g.plan, now, start);
-            for ((cost, flag), reply) in g.costs.iter().zip(flags).zip(g.replies) {
-                let _ = reply.send(Ok(replay.next(*cost, *flag)));
+            let caps: Vec<String> = g
+                .plan
+                .limits
+                .iter()
+                .filter(|l| l.window == Window::Concurrent)
+                .map(|l| cap_key(prefix, &g.customer, &l.name))
+                .collect();
+            for (ri, ((cost, flag), reply)) in g.costs.iter().zip(flags).zip(g.replies).enumerate()
+            {
+                let mut d = replay.next(*cost, *flag);
+                if d.allowed && *cost > 0 && !caps.is_empty() {
+                    // The member the script added (its indices count from 1).
+                    let lease: Arc<str> =
+                        format!("{}:{seq}:{}:{}", self.instance, gi + 1, ri + 1).into();
+                    lock(&self.held).insert(lease.clone(), caps.clone());
+                    d.lease = Some(lease);
+                }
+                let _ = reply.send(Ok(d));
             }
         }
+        if !lock(&self.held).is_empty() {
+            self.start_renewing();
+        }
+    }
+
+    /// Renews this instance's leases every [`RENEW_EVERY`], one command per
+    /// cap key, while the limiter lives.
+    fn start_renewing(&self) {
+        if self.renewing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            self.renewing.store(false, Ordering::Release);
+            return;
+        };
+        let (conn, clock) = (self.conn.clone(), self.clock.clone());
+        let held = Arc::downgrade(&self.held);
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(RENEW_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(held) = held.upgrade() else { return };
+                let expiry = clock.now_ms() + LEASE.as_millis() as u64;
+                let mut per_key: std::collections::HashMap<String, Vec<Arc<str>>> =
+                    std::collections::HashMap::new();
+                for (lease, keys) in lock(&held).iter() {
+                    for k in keys {
+                        per_key.entry(k.clone()).or_default().push(lease.clone());
+                    }
+                }
+                drop(held);
+                for (key, leases) in per_key {
+                    let mut cmd = redis::cmd("ZADD");
+                    cmd.arg(&key).arg("XX");
+                    for l in &leases {
+                        cmd.arg(expiry).arg(&**l);
+                    }
+                    if let Err(e) = conn.query::<i64>(cmd).await {
+                        log::debug!("limiter: renewing leases failed: {e:?}");
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -350,7 +437,14 @@ impl<'a> Replay<'a> {
         let (mut overage, mut overage_meter) = (false, None);
         let mut policies = Vec::with_capacity(self.plan.limits.len());
         for (l, (used, first)) in self.plan.limits.iter().zip(self.state.iter_mut()) {
-            let exceeds = used.saturating_add(cost) > l.quota;
+            let concurrent = l.window == Window::Concurrent;
+            // A cap takes one per request, whatever it costs.
+            let need = if concurrent {
+                u64::from(cost > 0)
+            } else {
+                cost
+            };
+            let exceeds = used.saturating_add(need) > l.quota;
             let violated = exceeds && !l.overage;
             if exceeds && l.overage {
                 overage = true;
@@ -359,17 +453,21 @@ impl<'a> Replay<'a> {
                 }
             }
             if allowed && cost > 0 {
-                *used += cost;
+                *used += need;
                 if matches!(l.window, Window::Sliding(_)) {
                     *first = Some(first.map_or(now, |t| t.min(now)));
                 }
             }
             let reset_secs = match l.window {
                 Window::Sliding(w) => first.map_or(0, |t| ceil_secs((t + w).saturating_sub(now))),
+                Window::Concurrent => 0,
                 cal if *used > 0 => ceil_secs(calendar_window(cal, now).1.saturating_sub(now)),
                 _ => 0,
             };
-            if violated && !matches!(l.window, Window::Sliding(_)) {
+            if violated && concurrent {
+                // Room comes back when a request ends: try again in a second.
+                retry_after_secs = retry_after_secs.max(1);
+            } else if violated && !matches!(l.window, Window::Sliding(_)) {
                 let wait = ceil_secs(calendar_window(l.window, now).1.saturating_sub(now));
                 retry_after_secs = retry_after_secs.max(wait.max(1));
             }
@@ -379,6 +477,7 @@ impl<'a> Replay<'a> {
                 remaining: l.quota.saturating_sub(*used),
                 reset_secs,
                 violated,
+                concurrent,
             });
         }
         let overage = allowed && overage;
@@ -388,6 +487,7 @@ impl<'a> Replay<'a> {
             retry_after_secs,
             overage,
             overage_meter: if overage { overage_meter } else { None },
+            lease: None,
         }
     }
 }
@@ -395,6 +495,29 @@ impl<'a> Replay<'a> {
 impl Limiter for RedisLimiter {
     fn name(&self) -> &'static str {
         "redis"
+    }
+
+    /// Removes the request's lease from its caps (in the background: the
+    /// response is already on its way).
+    fn release(&self, _customer: &Arc<str>, _plan: &Arc<Plan>, decision: &Decision) {
+        let Some(lease) = &decision.lease else { return };
+        let Some(keys) = lock(&self.shared.held).remove(lease) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (conn, lease) = (self.shared.conn.clone(), lease.clone());
+        rt.spawn(async move {
+            for key in keys {
+                let mut cmd = redis::cmd("ZREM");
+                cmd.arg(&key).arg(&*lease);
+                if let Err(e) = conn.query::<i64>(cmd).await {
+                    // It expires after LEASE instead.
+                    log::debug!("limiter: releasing a lease failed: {e:?}");
+                }
+            }
+        });
     }
 
     async fn check(

@@ -391,6 +391,15 @@ impl<L: Limiter> Gate<L> {
         }
     }
 
+    /// The end of an admitted request: what it held of its plan's
+    /// `concurrent` caps is given back. Call once per admitted request.
+    pub fn release(&self, a: &Admitted) {
+        if crate::limiter::holds(&a.plan) {
+            self.limiter
+                .release(&a.identity.customer, &a.plan, &a.decision);
+        }
+    }
+
     /// Asks the limiter; `cost` 0 only reports.
     pub async fn limit(
         &self,
@@ -470,13 +479,22 @@ pub fn limited(decision: &Decision, cost: u64) -> Rejection {
     // a smaller one may pass now.
     let short = violated
         .clone()
-        .filter(|p| p.remaining > 0)
+        .filter(|p| p.remaining > 0 && !p.concurrent)
         .min_by_key(|p| p.remaining)
         .map(|p| {
             format!(
                 "This request costs {cost} units and `{}` has {} left; retry after the time in Retry-After, or send a request that costs less.",
                 p.name, p.remaining
             )
+        })
+        .or_else(|| {
+            // A cap on requests in flight: room comes back as they finish.
+            violated.clone().find(|p| p.concurrent).map(|p| {
+                format!(
+                    "{} requests are already in flight, the most `{}` allows; retry when one has finished.",
+                    p.quota, p.name
+                )
+            })
         });
     Rejection::Limited {
         retry_after: decision.retry_after_secs,

@@ -61,6 +61,61 @@ pub async fn run<L: Limiter, F: Fn(ManualClock) -> L>(make: F) {
     refusal_headers_describe_a_violated_policy(&make).await;
     overage_admits_past_the_quota_and_says_so(&make).await;
     many_charges_leave_the_window_at_once(&make).await;
+    concurrency_caps_hold_until_released(&make).await;
+}
+
+/// Report calls until `done` holds (a shared store's release lands in the
+/// background; each call is a round trip that lets it).
+async fn until<L: Limiter>(l: &L, c: &str, p: &Arc<Plan>, done: impl Fn(&Decision) -> bool) {
+    for _ in 0..2000 {
+        if done(&admit(l, c, p, 0).await) {
+            return;
+        }
+    }
+    panic!("the release never landed");
+}
+
+async fn concurrency_caps_hold_until_released<L: Limiter>(make: &impl Fn(ManualClock) -> L) {
+    let clock = ManualClock::at(date(2026, 6, 1));
+    let l = make(clock.clone());
+    let p = plan(&[
+        ("parallel", 2, Window::Concurrent),
+        ("daily", 100, Window::Day),
+    ]);
+    let a = admit(&l, "c", &p, 5).await;
+    assert!(a.allowed && a.policies[0].concurrent && !a.policies[1].concurrent);
+    assert_eq!(a.policies[0].remaining, 1, "a cap takes one per request");
+    let b = admit(&l, "c", &p, 5).await;
+    assert!(b.allowed);
+    let refused = admit(&l, "c", &p, 5).await;
+    assert!(!refused.allowed && refused.policies[0].violated && !refused.policies[1].violated);
+    assert_eq!(refused.retry_after_secs, 1);
+    assert_eq!(
+        refused.policies[1].remaining, 90,
+        "the refusal charged nothing"
+    );
+    assert!(
+        admit(&l, "c", &p, 0).await.allowed,
+        "a report holds no slot"
+    );
+    assert!(
+        admit(&l, "other", &p, 5).await.allowed,
+        "customers are independent"
+    );
+    let c: Arc<str> = "c".into();
+    l.release(&c, &p, &a);
+    until(&l, "c", &p, |d| d.policies[0].remaining == 1).await;
+    let d = admit(&l, "c", &p, 5).await;
+    assert!(d.allowed);
+    l.release(&c, &p, &b);
+    l.release(&c, &p, &d);
+    until(&l, "c", &p, |d| d.policies[0].remaining == 2).await;
+    // Released twice: never more room than the cap.
+    l.release(&c, &p, &d);
+    let after = admit(&l, "c", &p, 0).await;
+    assert_eq!(after.policies[0].remaining, 2);
+    assert!(admit(&l, "c", &p, 1).await.allowed && admit(&l, "c", &p, 1).await.allowed);
+    assert!(!admit(&l, "c", &p, 1).await.allowed);
 }
 
 async fn many_charges_leave_the_window_at_once<L: Limiter>(make: &impl Fn(ManualClock) -> L) {

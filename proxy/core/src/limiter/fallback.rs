@@ -83,6 +83,16 @@ impl<L: Limiter> Limiter for Fallback<L> {
     ) -> impl std::future::Future<Output = Result<Decision, LimiterError>> + Send {
         self.decide(customer, plan, cost)
     }
+
+    /// To whichever held the request: the shared store's lease, else this
+    /// process's caps (a fallback decision).
+    fn release(&self, customer: &Arc<str>, plan: &Arc<Plan>, decision: &Decision) {
+        if decision.lease.is_some() {
+            self.primary.release(customer, plan, decision);
+        } else {
+            self.local.release(customer, plan);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -98,6 +108,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "down"
         }
+        fn release(&self, _: &Arc<str>, _: &Arc<Plan>, _: &Decision) {}
         async fn check(
             &self,
             _: &Arc<str>,

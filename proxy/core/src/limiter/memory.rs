@@ -83,11 +83,13 @@ fn untouched(plan: &Plan) -> Decision {
                 remaining: limit.quota,
                 reset_secs: 0,
                 violated: false,
+                concurrent: limit.window == Window::Concurrent,
             })
             .collect(),
         retry_after_secs: 0,
         overage: false,
         overage_meter: None,
+        lease: None,
     }
 }
 
@@ -107,16 +109,20 @@ enum Counter {
     },
     /// Units used in the calendar window starting at `start`.
     Calendar { start: Millis, used: u64 },
+    /// Requests in flight (a `concurrent` cap).
+    InFlight(u64),
 }
 
 /// A calendar window's start and end around `now`.
+/// (A sliding window or a concurrency cap has none: `(now, now)`.)
 pub fn calendar_window(window: Window, now: Millis) -> (Millis, Millis) {
     match window {
         Window::Day => {
             let s = day_start(now);
             (s, s + DAY)
         }
-        _ => month_bounds(now),
+        Window::Month => month_bounds(now),
+        Window::Sliding(_) | Window::Concurrent => (now, now),
     }
 }
 
@@ -132,7 +138,8 @@ impl PolicyState {
                 log: VecDeque::new(),
                 total: 0,
             },
-            _ => Counter::Calendar { start: 0, used: 0 },
+            Window::Concurrent => Counter::InFlight(0),
+            Window::Day | Window::Month => Counter::Calendar { start: 0, used: 0 },
         };
         Self {
             name: limit.name.clone(),
@@ -162,6 +169,7 @@ impl PolicyState {
                 }
                 *used
             }
+            (Counter::InFlight(n), _) => *n,
             // A sliding counter always has a sliding window (built in `new`).
             _ => 0,
         }
@@ -177,6 +185,8 @@ impl PolicyState {
                 *total += cost;
             }
             Counter::Calendar { used, .. } => *used += cost,
+            // One request, whatever it costs.
+            Counter::InFlight(n) => *n += 1,
         }
     }
 
@@ -190,6 +200,13 @@ impl PolicyState {
                 ceil_secs(calendar_window(w, now).1.saturating_sub(now))
             }
             _ => 0,
+        }
+    }
+
+    /// A held request given back (saturating: a release never goes below 0).
+    fn release(&mut self) {
+        if let Counter::InFlight(n) = &mut self.counter {
+            *n = n.saturating_sub(1);
         }
     }
 
@@ -209,6 +226,8 @@ impl PolicyState {
                 }
                 ceil_secs(w)
             }
+            // Room comes back when a request ends: try again in a second.
+            (Counter::InFlight(_), _) => 1,
             (_, w) => ceil_secs(calendar_window(w, now).1.saturating_sub(now)).max(1),
         }
     }
@@ -221,6 +240,7 @@ impl PolicyState {
             (Counter::Calendar { start, used }, w) => {
                 *used == 0 || calendar_window(w, now).0 != *start
             }
+            (Counter::InFlight(n), _) => *n == 0,
             _ => true,
         }
     }
@@ -262,7 +282,14 @@ impl MemoryLimiter {
         let (mut overage, mut overage_meter) = (false, None);
         for (i, limit) in plan.limits.iter().enumerate() {
             let used = state.policies[at.get(i)].refresh(now);
-            let exceeds = used.saturating_add(cost) > limit.quota;
+            let concurrent = limit.window == Window::Concurrent;
+            // A cap on requests in flight takes one per request.
+            let need = if concurrent {
+                u64::from(cost > 0)
+            } else {
+                cost
+            };
+            let exceeds = used.saturating_add(need) > limit.quota;
             // An overage limit never refuses; it marks the request as overage.
             let violated = exceeds && !limit.overage;
             if exceeds && limit.overage {
@@ -278,6 +305,7 @@ impl MemoryLimiter {
                 remaining: limit.quota.saturating_sub(used),
                 reset_secs: 0,
                 violated,
+                concurrent,
             });
         }
         let mut retry_after_secs = 0;
@@ -285,7 +313,8 @@ impl MemoryLimiter {
             let p = &mut state.policies[at.get(i)];
             if allowed && cost > 0 {
                 p.charge(now, cost);
-                status.remaining = status.remaining.saturating_sub(cost);
+                let took = if status.concurrent { 1 } else { cost };
+                status.remaining = status.remaining.saturating_sub(took);
             }
             status.reset_secs = p.reset_secs(now);
             if status.violated {
@@ -299,6 +328,7 @@ impl MemoryLimiter {
             retry_after_secs,
             overage,
             overage_meter: if overage { overage_meter } else { None },
+            lease: None,
         }
     }
 
@@ -319,6 +349,28 @@ impl MemoryLimiter {
         removed
     }
 
+    /// Gives back what an admitted request of `customer` held of `plan`'s
+    /// `concurrent` caps.
+    pub fn release(&self, customer: &str, plan: &Plan) {
+        let mut shard = crate::lock(self.shard(customer));
+        let Some(state) = shard.get_mut(customer) else {
+            return;
+        };
+        for limit in plan
+            .limits
+            .iter()
+            .filter(|l| l.window == Window::Concurrent)
+        {
+            if let Some(p) = state
+                .policies
+                .iter_mut()
+                .find(|p| p.name == limit.name && p.window == Window::Concurrent)
+            {
+                p.release();
+            }
+        }
+    }
+
     /// Puts back what `customer` had used of the calendar limit `name`
     /// (`Window::Day` or `Window::Month`) in the window starting at
     /// `start`, as journaled before a restart. A window that is over by
@@ -332,7 +384,7 @@ impl MemoryLimiter {
         used: u64,
     ) {
         let now = self.clock.now_ms();
-        if matches!(window, Window::Sliding(_)) || calendar_window(window, now).0 != start {
+        if !window.is_calendar() || calendar_window(window, now).0 != start {
             return;
         }
         let mut shard = crate::lock(self.shard(customer));
@@ -370,6 +422,10 @@ impl Limiter for MemoryLimiter {
         cost: u64,
     ) -> impl Future<Output = Result<Decision, LimiterError>> + Send {
         std::future::ready(Ok(self.decide(customer, plan, cost)))
+    }
+
+    fn release(&self, customer: &Arc<str>, plan: &Arc<Plan>, _: &Decision) {
+        MemoryLimiter::release(self, customer, plan);
     }
 }
 

@@ -32,6 +32,9 @@ pub struct PolicyStatus {
     pub reset_secs: u64,
     /// This policy had no room for the request.
     pub violated: bool,
+    /// A cap on requests in flight (`concurrent`), not a window: left out
+    /// of the `RateLimit` headers.
+    pub concurrent: bool,
 }
 
 /// The limiter's answer for one request.
@@ -46,6 +49,9 @@ pub struct Decision {
     pub overage: bool,
     /// The overage meter of the first such limit that names one.
     pub overage_meter: Option<Arc<str>>,
+    /// A shared store's hold on `concurrent` caps for this request (what
+    /// `release` gives back); None when the caps are in this process.
+    pub lease: Option<Arc<str>>,
 }
 
 impl Decision {
@@ -58,6 +64,7 @@ impl Decision {
             retry_after_secs: 0,
             overage: false,
             overage_meter: None,
+            lease: None,
         }
     }
 
@@ -66,9 +73,9 @@ impl Decision {
     /// On a refusal only violated policies are candidates, so the headers
     /// agree with `Retry-After`.
     pub fn tightest(&self) -> Option<&PolicyStatus> {
-        let only_violated = !self.allowed && self.policies.iter().any(|p| p.violated);
-        self.policies
-            .iter()
+        let windowed = || self.policies.iter().filter(|p| !p.concurrent);
+        let only_violated = !self.allowed && windowed().any(|p| p.violated);
+        windowed()
             .filter(|p| !only_violated || p.violated)
             .min_by(|a, b| {
                 // remaining/quota compared without division.
@@ -96,4 +103,16 @@ pub trait Limiter: Send + Sync {
         plan: &Arc<Plan>,
         cost: u64,
     ) -> impl Future<Output = Result<Decision, LimiterError>> + Send;
+
+    /// The end of a request `check` admitted under `plan`: what it held of
+    /// the plan's `concurrent` caps is given back. Called once per admitted
+    /// request of a plan with such a cap, never waits.
+    fn release(&self, customer: &Arc<str>, plan: &Arc<Plan>, decision: &Decision);
+}
+
+/// Whether a plan has a `concurrent` cap (so its requests must be released).
+pub fn holds(plan: &Plan) -> bool {
+    plan.limits
+        .iter()
+        .any(|l| l.window == crate::plans::Window::Concurrent)
 }

@@ -24,6 +24,8 @@ pub enum Window {
     Day,
     /// The UTC calendar month.
     Month,
+    /// Not a window: requests in flight at once (`concurrent: N`).
+    Concurrent,
 }
 
 impl Window {
@@ -55,7 +57,13 @@ impl Window {
             Window::Sliding(ms) => format!("{}s", ms / SECOND).into(),
             Window::Day => "day".into(),
             Window::Month => "month".into(),
+            Window::Concurrent => "concurrent".into(),
         }
+    }
+
+    /// A calendar window (day, month), reset at its end.
+    pub fn is_calendar(self) -> bool {
+        matches!(self, Window::Day | Window::Month)
     }
 
     /// The nominal window length in seconds, for `RateLimit-Policy: w=`.
@@ -65,17 +73,19 @@ impl Window {
             Window::Sliding(ms) => ms / 1000,
             Window::Day => DAY / 1000,
             Window::Month => 30 * DAY / 1000,
+            Window::Concurrent => 0,
         }
     }
 }
 
 /// `"burst";q=5;w=1, "daily";q=100;w=86400`: a plan's `RateLimit-Policy`
 /// (draft-ietf-httpapi-ratelimit-headers), rendered once per plan at load.
+/// A `concurrent` cap has no window, so it is not one of these policies.
 pub fn policy_header(limits: &[Limit]) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    for (i, l) in limits.iter().enumerate() {
-        if i > 0 {
+    for l in limits.iter().filter(|l| l.window != Window::Concurrent) {
+        if !out.is_empty() {
             out.push_str(", ");
         }
         // Names are validated to `[A-Za-z0-9_.-]`, safe inside an sf-string.

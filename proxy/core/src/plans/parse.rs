@@ -44,8 +44,10 @@ struct RawPlan {
 #[serde(deny_unknown_fields)]
 struct RawLimit {
     name: String,
-    requests: i64,
-    per: String,
+    requests: Option<i64>,
+    per: Option<String>,
+    /// Requests in flight at once, instead of `requests` per `per`.
+    concurrent: Option<i64>,
     #[serde(default)]
     overage: bool,
     overage_meter: Option<String>,
@@ -167,31 +169,85 @@ fn parse_plan(
 
 /// One limit at `lp`; None (with the errors recorded) when it cannot be used.
 fn parse_limit(src: &Source, lp: &str, l: &RawLimit, d: &mut Diagnostics) -> Option<Limit> {
-    if l.requests <= 0 {
+    if let Some(n) = l.concurrent {
+        return parse_concurrent(src, lp, l, n, d);
+    }
+    let Some(requests) = l.requests else {
+        d.0.push(src.error(
+            lp,
+            "a limit needs `requests` and `per`, or `concurrent`",
+            Some("e.g. { name: burst, requests: 5, per: second } or { name: parallel, concurrent: 4 }"),
+        ));
+        return None;
+    };
+    if requests <= 0 {
         d.0.push(src.error(
             &format!("{lp}.requests"),
-            format!("`requests` must be a positive number, got {}", l.requests),
+            format!("`requests` must be a positive number, got {requests}"),
             Some("to make a plan unlimited, leave its limit out"),
         ));
     }
-    let window = Window::parse(&l.per);
+    let per = l.per.as_deref().unwrap_or("");
+    let window = Window::parse(per);
     if window.is_none() {
         d.0.push(src.error(
             &format!("{lp}.per"),
-            format!("unknown window `{}`", l.per),
+            if l.per.is_none() {
+                "`per` is missing".to_owned()
+            } else {
+                format!("unknown window `{per}`")
+            },
             Some("use one of: second, minute, hour, day, month, or whole seconds up to 1h like 10s or 5m"),
         ));
     }
     if let Some(m) = &l.overage_meter {
         check_meter(src, &format!("{lp}.overage_meter"), m, d);
     }
-    let window = window.filter(|_| l.requests > 0)?;
+    let window = window.filter(|_| requests > 0)?;
     Some(Limit {
         name: l.name.as_str().into(),
-        quota: l.requests as u64,
+        quota: requests as u64,
         window,
         overage: l.overage || l.overage_meter.is_some(),
         overage_meter: l.overage_meter.as_deref().map(Into::into),
+    })
+}
+
+/// `{ name: parallel, concurrent: N }`: at most N requests in flight.
+fn parse_concurrent(
+    src: &Source,
+    lp: &str,
+    l: &RawLimit,
+    n: i64,
+    d: &mut Diagnostics,
+) -> Option<Limit> {
+    let before = d.0.len();
+    for (field, set) in [
+        ("requests", l.requests.is_some()),
+        ("per", l.per.is_some()),
+        ("overage", l.overage || l.overage_meter.is_some()),
+    ] {
+        if set {
+            d.0.push(src.error(
+                &format!("{lp}.{field}"),
+                format!("a `concurrent` limit takes no `{field}`"),
+                Some("it caps requests in flight; add a separate limit for a rate"),
+            ));
+        }
+    }
+    if n <= 0 {
+        d.0.push(src.error(
+            &format!("{lp}.concurrent"),
+            format!("`concurrent` must be a positive number, got {n}"),
+            None,
+        ));
+    }
+    (d.0.len() == before).then(|| Limit {
+        name: l.name.as_str().into(),
+        quota: n as u64,
+        window: Window::Concurrent,
+        overage: false,
+        overage_meter: None,
     })
 }
 
@@ -271,11 +327,9 @@ fn check_costs(
 ) {
     for (i, route) in routes {
         for plan in plans.values() {
-            if let Some(l) = plan
-                .limits
-                .iter()
-                .find(|l| !l.overage && l.quota < route.limit_cost())
-            {
+            if let Some(l) = plan.limits.iter().find(|l| {
+                !l.overage && l.window != Window::Concurrent && l.quota < route.limit_cost()
+            }) {
                 d.0.push(src.error(
                     &format!("routes[{i}].cost"),
                     format!(

@@ -144,6 +144,30 @@ fn usage_formats_are_parsed_and_every_mistake_in_one_located() {
 }
 
 #[test]
+fn concurrency_caps_take_no_window_and_a_limit_needs_one_kind() {
+    let ok = Plans::parse(&Source::new(
+        std::path::Path::new("plans.yaml"),
+        "default_plan: a\nplans:\n  a:\n    limits:\n      - { name: parallel, concurrent: 4 }\n      - { name: daily, requests: 9, per: day }\nroutes:\n  - { match: \"/x\", cost: 9 }\n".into(),
+    ))
+    .unwrap();
+    let l = &ok.get("a").unwrap().limits[0];
+    assert_eq!((l.quota, l.window), (4, Window::Concurrent));
+    assert_eq!(
+        crate::plans::policy_header(&ok.get("a").unwrap().limits),
+        "\"daily\";q=9;w=86400",
+        "a cap is not a RateLimit policy"
+    );
+    let all = errors("default_plan: a\nplans:\n  a:\n    limits:\n      - { name: p, concurrent: 0 }\n      - { name: q, concurrent: 2, per: second }\n      - { name: r }\n").join("\n");
+    for want in [
+        "plans.yaml:5:32: error: `concurrent` must be a positive number, got 0",
+        "plans.yaml:6:40: error: a `concurrent` limit takes no `per`",
+        "plans.yaml:7:9: error: a limit needs `requests` and `per`, or `concurrent`",
+    ] {
+        assert!(all.contains(want), "{want}\nin\n{all}");
+    }
+}
+
+#[test]
 fn wrong_types_and_syntax_are_located() {
     let all = errors("default_plan: free\nplans:\n  free:\n    limits:\n      - { name: a, requests: lots, per: day }\n").join("\n");
     assert!(all.starts_with("plans.yaml:5:"), "{all}");

@@ -118,7 +118,7 @@ fn window_code(w: Window) -> Option<u8> {
     match w {
         Window::Day => Some(b'd'),
         Window::Month => Some(b'm'),
-        Window::Sliding(_) => None,
+        Window::Sliding(_) | Window::Concurrent => None,
     }
 }
 
