@@ -182,6 +182,8 @@ struct Sse {
     after_cr: bool,
     /// The current event passed the bound: skipped to its end.
     skipping: bool,
+    /// Bytes of the current line were dropped (it is not a blank line).
+    dropped: bool,
 }
 
 /// Scans one response body for its usage.
@@ -276,10 +278,12 @@ impl Scanner {
     /// the bound.
     fn take_line_part(&mut self, sse: &mut Sse, part: &[u8]) {
         if sse.skipping {
+            sse.dropped |= !part.is_empty();
             return;
         }
         if sse.line.len() + sse.data.len() + part.len() > self.limit {
             sse.skipping = true;
+            sse.dropped = true;
             sse.line.clear();
             sse.data.clear();
             self.too_large = true;
@@ -289,6 +293,11 @@ impl Scanner {
     }
 
     fn end_line(&mut self, sse: &mut Sse) {
+        if std::mem::take(&mut sse.dropped) {
+            // The end of a line that went over the bound: not a blank one.
+            sse.line.clear();
+            return;
+        }
         if sse.line.is_empty() {
             // A blank line: the event is complete.
             if !sse.skipping && !sse.data.is_empty() {
@@ -553,6 +562,17 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
         assert_eq!(
             scan(BodyFormat::OpenAi, "text/event-stream", &[&big], 1024),
             units(&[(AI_INPUT, 2), (AI_OUTPUT, 3)])
+        );
+        // An oversized event of two `data:` lines is skipped whole: its
+        // second line is not read as an event of its own.
+        let mut two = b"data: {\"pad\":\"".to_vec();
+        two.extend(std::iter::repeat_n(b'x', 5000));
+        two.extend_from_slice(
+            b"\"}\ndata: {\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":9}}\n\n",
+        );
+        assert_eq!(
+            scan(BodyFormat::OpenAi, "text/event-stream", &[&two], 1024),
+            Scan::TooLarge
         );
         let only_big = &big[..5020];
         assert_eq!(

@@ -404,7 +404,7 @@ impl ProxyHttp for TollgateProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -424,7 +424,12 @@ impl ProxyHttp for TollgateProxy {
                 units
             });
             let status = resp.status.as_u16();
+            // HEAD, 204 and 304 have no body to report usage in (Pingora
+            // never runs the body filter for them): nothing is billed.
+            let bodiless =
+                session.req_header().method == Method::HEAD || matches!(status, 204 | 304);
             let units = match &a.body {
+                Some(_) if bodiless => 0,
                 // Read from the body as it passes, recorded at its end.
                 Some(format) if self.app.meter.billable(status) => {
                     let h = |n: HeaderName| resp.headers.get(n).map(HeaderValue::as_bytes);

@@ -17,6 +17,8 @@ plans:
     limits:
       - { name: parallel, concurrent: 2 }
       - { name: daily, requests: 1000, per: day }
+routes:
+  - { match: "/free/*", cost: 0 }
 "#;
 
 /// `n` requests to `/slow?ms=…` at once; their statuses, and the 429 bodies.
@@ -197,4 +199,34 @@ async fn an_instance_killed_mid_request_gives_its_slots_back_when_the_leases_exp
         killed.elapsed() > Duration::from_secs(2),
         "freed before the leases could have expired"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn free_calls_take_no_slot_and_give_none_back() {
+    let h = Harness::builder().plans(PLANS).build();
+    let key = h.key("cus_free_calls", None);
+    let slow = |h: &Harness| {
+        h.client
+            .get(h.url("/slow?ms=1200"))
+            .bearer_auth(&key)
+            .send()
+    };
+    let (a, b) = (slow(&h), slow(&h));
+    let held = tokio::spawn(async move {
+        let (x, y) = tokio::join!(a, b);
+        (x.unwrap().status().as_u16(), y.unwrap().status().as_u16())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Cost-0 calls pass while the cap is full, and their ends free nothing.
+    for _ in 0..5 {
+        let r = h.get("/free/x").bearer_auth(&key).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+    assert_eq!(
+        r.status(),
+        429,
+        "the free calls gave back slots they never took"
+    );
+    assert_eq!(held.await.unwrap(), (200, 200));
 }

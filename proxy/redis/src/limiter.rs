@@ -359,12 +359,39 @@ impl Shared {
                     lock(&self.held).insert(lease.clone(), caps.clone());
                     d.lease = Some(lease);
                 }
-                let _ = reply.send(Ok(d));
+                // Nobody waits any more (the request was dropped): its
+                // lease goes now rather than being renewed forever.
+                if let Err(Ok(d)) = reply.send(Ok(d)) {
+                    self.drop_lease(&d);
+                }
             }
         }
         if !lock(&self.held).is_empty() {
             self.start_renewing();
         }
+    }
+
+    /// Removes `decision`'s lease from the held set and from Redis (in the
+    /// background).
+    fn drop_lease(&self, decision: &Decision) {
+        let Some(lease) = &decision.lease else { return };
+        let Some(keys) = lock(&self.held).remove(lease) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (conn, lease) = (self.conn.clone(), lease.clone());
+        rt.spawn(async move {
+            for key in keys {
+                let mut cmd = redis::cmd("ZREM");
+                cmd.arg(&key).arg(&*lease);
+                if let Err(e) = conn.query::<i64>(cmd).await {
+                    // It expires after LEASE instead.
+                    log::debug!("limiter: releasing a lease failed: {e:?}");
+                }
+            }
+        });
     }
 
     /// Renews this instance's leases every [`RENEW_EVERY`], one command per
@@ -400,8 +427,13 @@ impl Shared {
                     for l in &leases {
                         cmd.arg(expiry).arg(&**l);
                     }
+                    // The set outlives its leases, however long they run.
+                    let mut keep = redis::cmd("PEXPIRE");
+                    keep.arg(&key).arg(LEASE.as_millis() as u64 + 60_000);
                     if let Err(e) = conn.query::<i64>(cmd).await {
                         log::debug!("limiter: renewing leases failed: {e:?}");
+                    } else if let Err(e) = conn.query::<i64>(keep).await {
+                        log::debug!("limiter: keeping a cap's set failed: {e:?}");
                     }
                 }
             }
@@ -500,24 +532,7 @@ impl Limiter for RedisLimiter {
     /// Removes the request's lease from its caps (in the background: the
     /// response is already on its way).
     fn release(&self, _customer: &Arc<str>, _plan: &Arc<Plan>, decision: &Decision) {
-        let Some(lease) = &decision.lease else { return };
-        let Some(keys) = lock(&self.shared.held).remove(lease) else {
-            return;
-        };
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (conn, lease) = (self.shared.conn.clone(), lease.clone());
-        rt.spawn(async move {
-            for key in keys {
-                let mut cmd = redis::cmd("ZREM");
-                cmd.arg(&key).arg(&*lease);
-                if let Err(e) = conn.query::<i64>(cmd).await {
-                    // It expires after LEASE instead.
-                    log::debug!("limiter: releasing a lease failed: {e:?}");
-                }
-            }
-        });
+        self.shared.drop_lease(decision);
     }
 
     async fn check(

@@ -394,7 +394,8 @@ impl<L: Limiter> Gate<L> {
     /// The end of an admitted request: what it held of its plan's
     /// `concurrent` caps is given back. Call once per admitted request.
     pub fn release(&self, a: &Admitted) {
-        if crate::limiter::holds(&a.plan) {
+        // A request of cost 0 took no slot, so it gives none back.
+        if a.cost > 0 && crate::limiter::holds(&a.plan) {
             self.limiter
                 .release(&a.identity.customer, &a.plan, &a.decision);
         }

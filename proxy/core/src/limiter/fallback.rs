@@ -89,7 +89,9 @@ impl<L: Limiter> Limiter for Fallback<L> {
     fn release(&self, customer: &Arc<str>, plan: &Arc<Plan>, decision: &Decision) {
         if decision.lease.is_some() {
             self.primary.release(customer, plan, decision);
-        } else {
+        } else if decision.policies.iter().any(|p| p.concurrent) {
+            // Decided here while the shared store was down (an `open`
+            // admission has no policies and held nothing).
             self.local.release(customer, plan);
         }
     }

@@ -185,11 +185,19 @@ impl State {
             let Some(r) = self.records.remove(&rseq) else {
                 continue;
             };
-            let delivered = !sinks.is_empty()
-                && sinks
-                    .iter()
-                    .filter(|s| r.owed_to(s))
-                    .all(|s| self.settled.get(s).and_then(|m| m.get(&rseq)) == Some(&true));
+            let delivered = match &r.only {
+                // A replay: delivered once its sink (still configured) took it.
+                Some(only) => {
+                    sinks.iter().any(|s| **s == **only)
+                        && self.settled.get(&**only).and_then(|m| m.get(&rseq)) == Some(&true)
+                }
+                None => {
+                    !sinks.is_empty()
+                        && sinks
+                            .iter()
+                            .all(|s| self.settled.get(s).and_then(|m| m.get(&rseq)) == Some(&true))
+                }
+            };
             for m in self.settled.values_mut() {
                 m.remove(&rseq);
             }

@@ -219,7 +219,11 @@ impl Spool {
         }
         // Durable as records before the dead letters go.
         w.append_records(&text)?;
-        replace_file(&dead_path(dir, sink), keep, seal)?;
+        if let Err(e) = replace_file(&dead_path(dir, sink), keep, seal) {
+            // They are replayed all the same; a second replay skips them
+            // while they are owed (see `already`).
+            log::warn!("replayed, but cannot rewrite dead-{sink}.jsonl: {e}");
+        }
         let out = back.iter().map(|r| r.identifier.clone()).collect();
         for r in back {
             st.records.insert(r.rseq, r);
