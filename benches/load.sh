@@ -63,6 +63,9 @@ plans:
       - { name: monthly, requests: 1000000000000, per: month }
     meter: api_requests
 PLANS
+# Every feature on: the access log goes to a file, as in production
+# (ACCESS_LOG="access_log: { enabled: false }" measures without it).
+access=${ACCESS_LOG:-"access_log: { to: access.log }"}
 cat > "$work/memory.yaml" <<CFG
 listen: 127.0.0.1:$tgm
 upstream: http://127.0.0.1:$up
@@ -70,6 +73,7 @@ keys: { path: keys.db }
 admin: { listen: 127.0.0.1:$adm1 }
 metering: { spool_dir: spool-memory }
 threads: 1
+$access
 CFG
 cat > "$work/nometer.yaml" <<CFG
 listen: 127.0.0.1:$tgo
@@ -78,6 +82,7 @@ keys: { path: keys.db }
 admin: { listen: 127.0.0.1:$adm3 }
 metering: { enabled: false }
 threads: 1
+$access
 CFG
 cat > "$work/redis.yaml" <<CFG
 listen: 127.0.0.1:$tgr
@@ -88,6 +93,7 @@ redis: { url: "redis://127.0.0.1:$rport", timeout: 500ms }
 admin: { listen: 127.0.0.1:$adm2 }
 metering: { spool_dir: spool-redis }
 threads: 1
+$access
 CFG
 wait_port $rport
 key_m=$("$bin" -c "$work/memory.yaml" keys create --customer cus_bench 2>/dev/null)
