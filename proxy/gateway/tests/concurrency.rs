@@ -151,26 +151,38 @@ async fn an_instance_killed_mid_request_gives_its_slots_back_when_the_leases_exp
         ),
     )
     .unwrap();
-    let mut a = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["run", "-c"])
-        .arg(dir.path().join("tollgate.yaml"))
-        .env("RUST_LOG", "error")
-        .spawn()
-        .unwrap();
+    // Killed when dropped, so a failing assertion never leaves it running
+    // (holding the test runner's output open); its output is not ours.
+    let mut a = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["run", "-c"])
+            .arg(dir.path().join("tollgate.yaml"))
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for_port(format!("127.0.0.1:{port}").parse().unwrap());
     let client = reqwest::Client::new();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     for _ in 0..2 {
-        let (client, key) = (client.clone(), key.clone());
+        let (client, key, stop) = (client.clone(), key.clone(), stop.clone());
+        // Each keeps one long request running through A (again, should
+        // one end early on a loaded machine) until the test stops it.
         tokio::spawn(async move {
-            let _ = client
-                .get(format!("http://127.0.0.1:{port}/slow?ms=60000"))
-                .bearer_auth(&key)
-                .send()
-                .await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = client
+                    .get(format!("http://127.0.0.1:{port}/slow?ms=60000"))
+                    .bearer_auth(&key)
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         });
     }
     // Both slots taken (seen from B), then A dies holding them.
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let r = b.get("/v1/x").bearer_auth(&key).send().await.unwrap();
         if r.status() == 429 {
@@ -179,8 +191,9 @@ async fn an_instance_killed_mid_request_gives_its_slots_back_when_the_leases_exp
         assert!(Instant::now() < deadline, "A never held the slots");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    a.kill().unwrap();
-    a.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
     let killed = Instant::now();
     let r = b.get("/v1/x").bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 429, "still held right after the crash");
@@ -229,4 +242,13 @@ async fn free_calls_take_no_slot_and_give_none_back() {
         "the free calls gave back slots they never took"
     );
     assert_eq!(held.await.unwrap(), (200, 200));
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -20,6 +20,10 @@ fn start(dir: &std::path::Path) -> Child {
         .arg(dir.join("tollgate.yaml"))
         .env("TEST_STRIPE_KEY", STRIPE_KEY)
         .env("RUST_LOG", "error")
+        // A child left behind by a failed assertion must not hold the test
+        // runner's output open (scripts/test.sh would wait for it forever).
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap()
 }
