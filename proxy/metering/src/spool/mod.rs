@@ -36,7 +36,7 @@
 //! A `lock` file held with `flock` keeps a second process from opening the
 //! same spool (two writers would interleave sequences).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::PathBuf;
@@ -46,7 +46,6 @@ use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use tollgate_core::clock::{month_bounds, Clock, Millis};
-use tollgate_core::limiter::calendar_window;
 use tollgate_core::meter::CalendarCharge;
 use tollgate_core::plans::Window;
 use tollgate_core::sync::{lock, Pending};
@@ -55,6 +54,7 @@ mod codec;
 mod compact;
 mod open;
 mod replay;
+mod report;
 pub mod seal;
 #[cfg(test)]
 mod tests;
@@ -62,6 +62,7 @@ mod writer;
 
 use codec::{io_err, line_with_crc};
 pub use replay::{dead_letters, DeadLetter, Inspection, SinkStatus};
+pub use report::CalendarCount;
 pub use seal::Seal;
 use writer::Writer;
 
@@ -225,16 +226,6 @@ impl State {
             }
         }
     }
-}
-
-/// What a customer has used of one calendar limit in its current window.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CalendarCount {
-    pub customer: Arc<str>,
-    pub limit: Arc<str>,
-    pub window: Window,
-    pub start: Millis,
-    pub used: u64,
 }
 
 /// One response waiting for its lines to be written: its billable usage,
@@ -561,138 +552,6 @@ impl Spool {
             });
         if let Err(e) = written {
             log::error!("cannot write dead letter {}: {e}", path.display());
-        }
-    }
-
-    /// Units not yet in a record plus units in records `sink` has not
-    /// settled, and the start of the oldest such window.
-    pub fn pending_units(&self, sink: &str) -> (u64, Option<Millis>) {
-        lock(&self.state).pending_units(sink)
-    }
-
-    /// This month's usage of one customer per meter, as the spool knows it.
-    pub fn totals(&self, customer: &str) -> BTreeMap<String, MeterTotals> {
-        let (month_start, _) = month_bounds(self.clock.now_ms());
-        let no_sinks = self.config.sinks.is_empty();
-        let st = lock(&self.state);
-        let mut out: BTreeMap<String, MeterTotals> = BTreeMap::new();
-        for (m, s) in st.summaries.get(customer).into_iter().flatten() {
-            if s.month >= month_start {
-                let t = out.entry(m.to_string()).or_default();
-                t.recorded = t.recorded.saturating_add(s.recorded);
-                t.reported = t.reported.saturating_add(s.reported);
-            }
-        }
-        let in_flight = st
-            .pending
-            .iter()
-            .filter(|(k, _)| &*k.0 == customer && k.2 >= month_start)
-            .map(|(k, g)| (&k.1, g.units, true))
-            .chain(
-                st.records
-                    .values()
-                    .filter(|r| &*r.customer == customer && r.window_start >= month_start)
-                    .map(|r| (&r.meter, r.units, r.only.is_none())),
-            );
-        for (m, units, first) in in_flight {
-            let t = out.entry(m.to_string()).or_default();
-            if first {
-                t.recorded = t.recorded.saturating_add(units);
-            }
-            // With no sinks nothing is reported, and nothing is pending.
-            if !no_sinks {
-                t.pending = t.pending.saturating_add(units);
-            }
-        }
-        out
-    }
-
-    /// Units recorded this month per (customer, meter), in one pass (for
-    /// seeding the in-process ledger at start).
-    pub fn recorded_this_month(&self) -> HashMap<(Arc<str>, Arc<str>), u64> {
-        let (month_start, _) = month_bounds(self.clock.now_ms());
-        let st = lock(&self.state);
-        let mut out: HashMap<(Arc<str>, Arc<str>), u64> = HashMap::new();
-        let mut add = |c: &Arc<str>, m: &Arc<str>, units: u64| {
-            let n = out.entry((c.clone(), m.clone())).or_default();
-            *n = n.saturating_add(units);
-        };
-        for (c, ms) in &st.summaries {
-            for (m, s) in ms {
-                if s.month >= month_start {
-                    add(c, m, s.recorded);
-                }
-            }
-        }
-        for ((c, m, w), g) in &st.pending {
-            if *w >= month_start {
-                add(c, m, g.units);
-            }
-        }
-        for r in st.records.values().filter(|r| r.only.is_none()) {
-            if r.window_start >= month_start {
-                add(&r.customer, &r.meter, r.units);
-            }
-        }
-        out
-    }
-
-    /// The calendar-window charges journaled per (customer, limit,
-    /// window) for the windows current now: what the memory limiter is
-    /// given back on start.
-    pub fn calendar_counters(&self) -> Vec<CalendarCount> {
-        let now = self.clock.now_ms();
-        let st = lock(&self.state);
-        st.counters
-            .iter()
-            .filter_map(|((c, l, w), &(start, used))| {
-                let window = if *w == b'd' {
-                    Window::Day
-                } else {
-                    Window::Month
-                };
-                (calendar_window(window, now).0 == start).then(|| CalendarCount {
-                    customer: c.clone(),
-                    limit: l.clone(),
-                    window,
-                    start,
-                    used,
-                })
-            })
-            .collect()
-    }
-
-    /// Customers with usage this month in the spool.
-    pub fn customers(&self) -> Vec<Arc<str>> {
-        let st = lock(&self.state);
-        let mut set: BTreeSet<Arc<str>> = st.pending.keys().map(|k| k.0.clone()).collect();
-        set.extend(st.records.values().map(|r| r.customer.clone()));
-        set.extend(st.summaries.keys().cloned());
-        set.into_iter().collect()
-    }
-
-    pub fn update_gauges(&self) {
-        tollgate_core::metrics::SPOOL_BYTES.set(self.bytes.load(Ordering::Relaxed) as i64);
-        let now = self.clock.now_ms();
-        let mut max_lag = 0;
-        for sink in &self.config.sinks {
-            let (units, oldest) = self.pending_units(sink);
-            tollgate_core::metrics::BILLING_PENDING
-                .with_label_values(&[sink])
-                .set(units as i64);
-            let lag = oldest.map_or(0, |o| now.saturating_sub(o) / 1000);
-            tollgate_core::metrics::BILLING_LAG
-                .with_label_values(&[sink])
-                .set(lag as i64);
-            max_lag = max_lag.max(lag);
-        }
-        // Stripe refuses events older than 35 days: warn at 30.
-        let aging = max_lag > AGE_WARNING_SECS;
-        if aging != self.aging.swap(aging, Ordering::Relaxed) && aging {
-            log::error!(
-                "undelivered usage is {} days old; Stripe refuses events older than 35 days",
-                max_lag / 86_400
-            );
         }
     }
 
