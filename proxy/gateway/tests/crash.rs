@@ -28,6 +28,22 @@ fn start(dir: &std::path::Path) -> Child {
         .unwrap()
 }
 
+/// `dir`'s plans.yaml and a tollgate.yaml in front of `upstream` (no
+/// access log, default metering); returns the proxy's port.
+fn write_project(dir: &std::path::Path, plans: &str, upstream: std::net::SocketAddr) -> u16 {
+    let (port, admin) = (free_port(), free_port());
+    std::fs::write(dir.join("plans.yaml"), plans).unwrap();
+    std::fs::write(
+        dir.join("tollgate.yaml"),
+        format!(
+            "listen: 127.0.0.1:{port}\nupstream: http://{upstream}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nthreads: 2\n\
+             access_log: {{ enabled: false }}\n"
+        ),
+    )
+    .unwrap();
+    port
+}
+
 /// A new key of `customer` in `dir/keys.db`.
 fn new_key(dir: &std::path::Path, customer: &str) -> String {
     let store = FileStore::open(&dir.join("keys.db")).unwrap();
@@ -314,24 +330,14 @@ async fn sigusr1_reopens_the_access_log_after_logrotate_moved_it() {
 async fn kill_9_keeps_each_customers_daily_and_monthly_use() {
     let upstream = MockUpstream::start();
     let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
-    std::fs::write(
-        dir.path().join("plans.yaml"),
+    let port = write_project(
+        dir.path(),
         "default_plan: quota\nplans:\n  quota:\n    meter: api_requests\n    limits:\n      \
          - { name: daily, requests: 1000000, per: day }\n      \
          - { name: monthly, requests: 5000000, per: month }\n      \
          - { name: burst, requests: 1000000, per: second }\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("tollgate.yaml"),
-        format!(
-            "listen: 127.0.0.1:{port}\nupstream: http://{}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nthreads: 2\n\
-             access_log: {{ enabled: false }}\n",
-            upstream.addr
-        ),
-    )
-    .unwrap();
+        upstream.addr,
+    );
     let customers = ["cus_q1", "cus_q2", "cus_q3", "cus_q4"];
     let keys: Vec<String> = customers.iter().map(|c| new_key(dir.path(), c)).collect();
     let mut child = start(dir.path());
@@ -410,22 +416,12 @@ async fn kill_9_keeps_each_customers_daily_and_monthly_use() {
 async fn kill_9_during_streams_bills_every_stream_received_whole() {
     let llm = harness::MockLlm::start();
     let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
-    std::fs::write(
-        dir.path().join("plans.yaml"),
+    let port = write_project(
+        dir.path(),
         "default_plan: ai\nplans:\n  ai:\n    limits: []\nroutes:\n  \
          - { match: \"POST /v1/chat/completions\", usage: openai, cost: 50, meter: ai_fallback_tokens }\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("tollgate.yaml"),
-        format!(
-            "listen: 127.0.0.1:{port}\nupstream: http://{}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nthreads: 2\n\
-             access_log: {{ enabled: false }}\n",
-            llm.addr
-        ),
-    )
-    .unwrap();
+        llm.addr,
+    );
     let key = new_key(dir.path(), "cus_stream");
     let mut child = start(dir.path());
     wait_port(port);

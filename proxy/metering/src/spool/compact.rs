@@ -5,11 +5,9 @@ use std::io::Write;
 use std::path::Path;
 
 use tollgate_core::clock::{month_bounds, Millis};
-use tollgate_core::limiter::calendar_window;
-use tollgate_core::plans::Window;
 
 use super::codec::{esc, io_err, line_with_crc, record_line, sealed};
-use super::{Seal, SpoolError, State};
+use super::{counter_current, Seal, SpoolError, State};
 
 /// Replaces `path` with `text` (sealed if the spool is) atomically;
 /// returns the bytes written.
@@ -58,9 +56,8 @@ pub(super) fn compact_files(
         )));
     }
     // Calendar charges: one line per counter, for the windows current now.
-    let day_start = calendar_window(Window::Day, now).0;
     st.counters
-        .retain(|(_, _, w), (start, _)| *start == if *w == b'd' { day_start } else { month_start });
+        .retain(|(_, _, w), (start, _)| counter_current(*w, *start, now));
     for ((c, l, w), (start, used)) in &st.counters {
         events.push_str(&line_with_crc(&format!(
             "C {start} {} {} {} {used}",

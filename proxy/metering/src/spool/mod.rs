@@ -123,6 +123,20 @@ fn window_code(w: Window) -> Option<u8> {
     }
 }
 
+/// The calendar window a counter's code stands for (`d`: day, else month).
+fn code_window(code: u8) -> Window {
+    if code == b'd' {
+        Window::Day
+    } else {
+        Window::Month
+    }
+}
+
+/// Whether a counter of window `code` starting at `start` is current `now`.
+fn counter_current(code: u8, start: Millis, now: Millis) -> bool {
+    tollgate_core::limiter::calendar_window(code_window(code), now).0 == start
+}
+
 impl State {
     /// Adds a charge of `units` to the window starting at `start`; a
     /// charge to an older window than the one held is stale.

@@ -7,11 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tollgate_core::clock::{month_bounds, Millis};
-use tollgate_core::limiter::calendar_window;
 use tollgate_core::plans::Window;
 use tollgate_core::sync::lock;
 
-use super::{MeterTotals, Spool, AGE_WARNING_SECS};
+use super::{code_window, counter_current, MeterTotals, Spool, AGE_WARNING_SECS};
 
 /// What a customer has used of one calendar limit in its current window.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,19 +104,13 @@ impl Spool {
         let st = lock(&self.state);
         st.counters
             .iter()
-            .filter_map(|((c, l, w), &(start, used))| {
-                let window = if *w == b'd' {
-                    Window::Day
-                } else {
-                    Window::Month
-                };
-                (calendar_window(window, now).0 == start).then(|| CalendarCount {
-                    customer: c.clone(),
-                    limit: l.clone(),
-                    window,
-                    start,
-                    used,
-                })
+            .filter(|((_, _, w), &(start, _))| counter_current(*w, start, now))
+            .map(|((c, l, w), &(start, used))| CalendarCount {
+                customer: c.clone(),
+                limit: l.clone(),
+                window: code_window(*w),
+                start,
+                used,
             })
             .collect()
     }
