@@ -61,6 +61,7 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
         answer_preflights: false,
         journal: None,
         jwt: None,
+        credits: None,
     };
     (gate, raw)
 }

@@ -4,7 +4,7 @@
 //! It owns the key format ([`keys`]), plans and windows ([`plans`]), the
 //! key-store and limiter traits with the exact in-memory limiter
 //! ([`store`], [`limiter`]), the per-request decision ([`gate`]), the
-//! rate-limit header values ([`headers`]), the one error model
+//! rate-limit header values ([`headers`]), prepaid credits ([`credits`]), the one error model
 //! ([`problem`]), the usage ledger ([`usage`]), units read from response
 //! bodies ([`body_usage`]), billing webhooks turned into plan
 //! changes ([`lifecycle`]), JWT verification ([`jwt`]), time ([`clock`]), config
@@ -16,6 +16,7 @@
 
 pub mod body_usage;
 pub mod clock;
+pub mod credits;
 pub mod diag;
 pub mod gate;
 pub mod headers;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::body_usage::Scan;
 use crate::clock::Millis;
+use crate::credits::CreditPolicy;
 use crate::gate::Admitted;
 use crate::plans::{Plan, StatusSet, Window};
 use crate::problem::Rejection;
@@ -55,17 +56,24 @@ impl CalendarCharge {
 /// Where billable usage becomes durable: the metering crate's spool.
 pub trait UsageJournal: Send + Sync + 'static {
     /// Resolves to true once the response's billable usage (`meter`,
-    /// `units`) and its calendar charge, whichever are given, are durable.
+    /// `units`) and its calendar charge, whichever are given, are durable,
+    /// with what the usage costs in credits under `credits`.
     fn append(
         self: &Arc<Self>,
         customer: &Arc<str>,
         usage: Option<(&Arc<str>, u64)>,
         charge: Option<CalendarCharge>,
+        credits: Option<&Arc<CreditPolicy>>,
     ) -> impl Future<Output = bool> + Send;
 
     /// Writes `usage` (units per meter) on the caller's thread, for the
     /// synchronous body filter; true once it is in the file.
-    fn append_now(&self, customer: &Arc<str>, usage: &[(Arc<str>, u64)]) -> bool;
+    fn append_now(
+        &self,
+        customer: &Arc<str>,
+        usage: &[(Arc<str>, u64)],
+        credits: Option<&Arc<CreditPolicy>>,
+    ) -> bool;
 
     /// This month's usage of `customer` per meter, recorded and reported.
     fn totals(&self, customer: &str) -> BTreeMap<String, MeterTotals>;
@@ -112,7 +120,9 @@ impl<J: UsageJournal> Meter<J> {
         let customer = &a.identity.customer;
         if let Some(journal) = self.journal.as_ref() {
             if (usage.is_some() || charge.is_some())
-                && !journal.append(customer, usage, charge).await
+                && !journal
+                    .append(customer, usage, charge, a.plan.credits.as_ref())
+                    .await
             {
                 match usage {
                     Some((meter, units)) => {
@@ -184,7 +194,7 @@ impl<J: UsageJournal> Meter<J> {
         }
         let customer = &a.identity.customer;
         if let Some(journal) = &self.journal {
-            if !journal.append_now(customer, usage) {
+            if !journal.append_now(customer, usage, a.plan.credits.as_ref()) {
                 log::error!("usage read from a response body could not be written to the spool");
                 return Err(Rejection::UsageNotRecorded);
             }
@@ -201,7 +211,10 @@ impl<J: UsageJournal> Meter<J> {
         let customer = &a.identity.customer;
         for (m, n) in usage {
             if let Some(journal) = &self.journal {
-                if !journal.append(customer, Some((m, *n)), None).await {
+                if !journal
+                    .append(customer, Some((m, *n)), None, a.plan.credits.as_ref())
+                    .await
+                {
                     log::error!("usage of {n} {m} could not be written to the spool");
                     continue;
                 }
@@ -240,10 +253,16 @@ mod tests {
             _: &Arc<str>,
             _: Option<(&Arc<str>, u64)>,
             _: Option<CalendarCharge>,
+            _: Option<&Arc<CreditPolicy>>,
         ) -> bool {
             !self.broken.load(Ordering::Relaxed)
         }
-        fn append_now(&self, _: &Arc<str>, _: &[(Arc<str>, u64)]) -> bool {
+        fn append_now(
+            &self,
+            _: &Arc<str>,
+            _: &[(Arc<str>, u64)],
+            _: Option<&Arc<CreditPolicy>>,
+        ) -> bool {
             !self.broken.load(Ordering::Relaxed)
         }
         fn totals(&self, _: &str) -> BTreeMap<String, MeterTotals> {
@@ -266,6 +285,7 @@ mod tests {
             body: None,
             fallback: 3,
             at: 0,
+            credits: None,
         }
     }
 

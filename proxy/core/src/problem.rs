@@ -28,6 +28,9 @@ pub enum Rejection {
         /// big rather than the limit spent.
         detail: Option<String>,
     },
+    /// The customer's prepaid credits are at or below zero and the request
+    /// would cost credits.
+    CreditsExhausted,
     /// The limiter store is down and policy says closed.
     Unavailable {
         retry_after: u64,
@@ -61,6 +64,7 @@ impl Rejection {
             | Rejection::InvalidToken(_) => 401,
             Rejection::Suspended | Rejection::NotInPlan(_) => 403,
             Rejection::Limited { .. } => 429,
+            Rejection::CreditsExhausted => 402,
             Rejection::Unavailable { .. } | Rejection::SpoolFull | Rejection::UsageNotRecorded => {
                 503
             }
@@ -77,7 +81,8 @@ impl Rejection {
         match self.status() {
             401 => "unauthenticated",
             403 => "forbidden",
-            429 => "limited",
+            // Out of credits is a limit of the account, like a quota.
+            429 | 402 => "limited",
             503 => "unavailable",
             502 | 504 => "upstream_error",
             500 => "error",
@@ -128,6 +133,11 @@ impl Rejection {
                 "rate-limited",
                 "Rate limit exceeded",
                 "A limit of your plan is exhausted; retry after the time in Retry-After.",
+            ),
+            Rejection::CreditsExhausted => (
+                "credits-exhausted",
+                "Credits exhausted",
+                "Your prepaid credits are used up; buy more, or wait for your plan's next grant.",
             ),
             Rejection::SpoolFull => (
                 "usage-spool-full",
@@ -238,6 +248,7 @@ impl Rejection {
                 violated: vec!["burst".into()],
                 detail: None,
             },
+            Rejection::CreditsExhausted,
             Rejection::BadPath,
             Rejection::Unavailable { retry_after: 1 },
             Rejection::SpoolFull,
@@ -343,6 +354,7 @@ mod tests {
                 detail: None,
             },
             Rejection::Unavailable { retry_after: 1 },
+            Rejection::CreditsExhausted,
             Rejection::SpoolFull,
             Rejection::UsageNotRecorded,
             Rejection::UpstreamUnreachable,

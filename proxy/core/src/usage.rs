@@ -171,6 +171,9 @@ pub struct PeriodReport {
 #[derive(Debug, serde::Serialize)]
 pub struct UsageReport<'a> {
     pub billing: BTreeMap<String, MeterTotals>,
+    /// Prepaid credits, for a plan that has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<crate::credits::Balance>,
     pub customer: &'a str,
     pub period: PeriodReport,
     pub plan: &'a str,
@@ -209,6 +212,7 @@ impl<'a> UsageReport<'a> {
         }
         Self {
             billing,
+            credits: None,
             customer,
             period: PeriodReport {
                 end: rfc3339(period.period_end),

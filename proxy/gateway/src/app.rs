@@ -194,6 +194,9 @@ impl App {
                 Arc::new(move || s.state()) as Arc<dyn Fn() -> JournalState + Send + Sync>
             }),
             jwt: config.auth.as_ref().map(|a| a.verifier.clone()),
+            credits: spool
+                .clone()
+                .map(|s| s as Arc<dyn tollgate_core::credits::CreditBook>),
         };
         // On the memory backend the day and month counters live here: the
         // spool journals their charges and gives them back on start.

@@ -27,6 +27,8 @@ use crate::app::App;
 pub const H_CUSTOMER: &str = "x-tollgate-customer";
 pub const H_PLAN: &str = "x-tollgate-plan";
 pub const H_KEY_ID: &str = "x-tollgate-key-id";
+/// The balance of a customer with prepaid credits, on every response.
+pub const CREDITS_REMAINING: &str = "tollgate-credits-remaining";
 
 pub struct TollgateProxy {
     pub app: Arc<App>,
@@ -59,6 +61,8 @@ pub struct Ctx {
     /// Reads the body of a `usage:` route's billable response as it passes;
     /// taken when the body ends and its units are recorded.
     scanner: Option<Scanner>,
+    /// `Tollgate-Credits-Remaining`, for a customer whose plan has credits.
+    credits: Option<i64>,
 }
 
 impl TollgateProxy {
@@ -93,6 +97,13 @@ impl TollgateProxy {
         Ok(())
     }
 
+    fn credit_header(ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
+        if let Some(n) = ctx.credits {
+            resp.insert_header(CREDITS_REMAINING, n)?;
+        }
+        Ok(())
+    }
+
     /// Writes a response Tollgate produced itself.
     async fn send(
         &self,
@@ -111,6 +122,7 @@ impl TollgateProxy {
         resp.insert_header(header::CACHE_CONTROL, "no-store")?;
         resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
         self.rate_headers(ctx, &mut resp)?;
+        Self::credit_header(ctx, &mut resp)?;
         self.cors_headers(ctx, &mut resp)?;
         extra(&mut resp)?;
         // A body we did not read would corrupt the next request on this connection.
@@ -132,14 +144,18 @@ impl TollgateProxy {
         let mut body = with_request_id(&r.body(), &ctx.request_id);
         // Where to upgrade, when consumers can.
         let on_sale = match (r, &self.app.checkout) {
-            (Rejection::NotInPlan(plans), Some(c)) => {
-                plans.iter().any(|p| c.config.prices.contains_key(&**p))
+            (Rejection::NotInPlan(plans), Some(c)) => plans
+                .iter()
+                .any(|p| c.config.prices.contains_key(&**p))
+                .then_some("upgrade"),
+            (Rejection::CreditsExhausted, Some(c)) => {
+                c.config.credit_pack.is_some().then_some("buy")
             }
-            _ => false,
+            _ => None,
         };
-        if on_sale {
+        if let Some(link) = on_sale {
             if let Some(head) = body.strip_suffix('}') {
-                body = format!("{head},\"upgrade\":\"/_tollgate/\"}}");
+                body = format!("{head},\"{link}\":\"/_tollgate/\"}}");
             }
         }
         let body = Bytes::from(body);
@@ -209,6 +225,7 @@ impl TollgateProxy {
             app.meter.totals(customer),
         );
         report.subscription = a.identity.billing.map(|b| b.as_str());
+        report.credits = a.credits;
         let body = report.to_json();
         self.send(
             session,
@@ -287,6 +304,7 @@ impl ProxyHttp for TollgateProxy {
             meter: None,
             upstream_ms: None,
             scanner: None,
+            credits: None,
         }
     }
 
@@ -319,6 +337,7 @@ impl ProxyHttp for TollgateProxy {
             Ok(Admission::Own(path)) => return self.own(session, ctx, &path).await,
             Ok(Admission::Preflight) => return self.preflight(session, ctx).await,
             Ok(Admission::Report(a)) => {
+                ctx.credits = a.credits.map(|b| b.remaining);
                 ctx.identity = Some(a.identity.clone());
                 ctx.rate = RateHeaders::render(&a.decision);
                 ctx.plan = Some(a.plan.clone());
@@ -326,6 +345,7 @@ impl ProxyHttp for TollgateProxy {
             }
             Ok(Admission::Pass(a)) => a,
             Err(refused) => {
+                ctx.credits = refused.credits.map(|b| b.remaining);
                 ctx.identity = refused.identity;
                 ctx.rate = refused.decision.as_ref().and_then(RateHeaders::render);
                 ctx.plan = refused.plan;
@@ -335,6 +355,9 @@ impl ProxyHttp for TollgateProxy {
         ctx.rate = RateHeaders::render(&admitted.decision);
         ctx.plan = Some(admitted.plan.clone());
         ctx.identity = Some(admitted.identity.clone());
+        // Until the response says otherwise (a refusal of Tollgate's own
+        // after admission carries it too).
+        ctx.credits = admitted.credits.map(|b| b.remaining);
         ctx.admitted = Some(admitted);
         Ok(false)
     }
@@ -452,8 +475,20 @@ impl ProxyHttp for TollgateProxy {
             // What was recorded, for the access log.
             ctx.units = Some(units);
             ctx.meter = a.meter.clone();
+            // The balance after this response's charge, when it is known
+            // now (a body-metered one is charged as its body ends).
+            if a.credits.is_some() {
+                ctx.credits = self
+                    .app
+                    .gate
+                    .balance(&a.identity, &a.plan)
+                    .map(|b| b.remaining);
+            }
         }
         self.rate_headers(ctx, resp)?;
+        // Only Tollgate says what a customer's balance is.
+        resp.remove_header(CREDITS_REMAINING);
+        Self::credit_header(ctx, resp)?;
         if !resp
             .headers
             .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN)

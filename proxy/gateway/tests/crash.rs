@@ -482,3 +482,69 @@ async fn kill_9_during_streams_bills_every_stream_received_whole() {
         "{billed} output tokens billed for {asked} streams the upstream sent: {usage}"
     );
 }
+
+/// Credits charged under load, `kill -9`, restart: the balance still holds
+/// every charge of an answer the clients received, and no charge the
+/// upstream did not serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_credit_charge() {
+    let upstream = MockUpstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let grant = 10_000_000;
+    let port = write_project(
+        dir.path(),
+        &format!(
+            "default_plan: prepaid\nplans:\n  prepaid:\n    meter: api_requests\n    \
+             credits: {{ grant: {grant}, per: month }}\n    \
+             meters: {{ api_requests: {{ credits_per_unit: 3 }} }}\n"
+        ),
+        upstream.addr,
+    );
+    let key = new_key(dir.path(), "cus_credit");
+    let mut child = start(dir.path());
+    wait_port(port);
+    let ok = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..32)
+        .map(|_| {
+            client(
+                format!("http://127.0.0.1:{port}/v1/x"),
+                key.clone(),
+                ok.clone(),
+                stop.clone(),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (got, served) = (ok.load(Ordering::SeqCst), upstream.hits());
+    assert!(got > 20, "load was real: {got}");
+
+    let mut child = start(dir.path());
+    wait_port(port);
+    let report: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/_tollgate/usage"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let used = report["credits"]["used"].as_u64().unwrap();
+    assert!(
+        (got * 3..=served * 3).contains(&used),
+        "clients received {got} answers, the upstream served {served}; {used} credits charged"
+    );
+    assert_eq!(
+        report["credits"]["remaining"].as_i64().unwrap(),
+        grant as i64 - used as i64
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

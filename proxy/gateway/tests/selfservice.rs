@@ -451,3 +451,67 @@ async fn a_consumer_pastes_a_key_in_chromium_and_sees_plan_limits_and_an_upgrade
     assert_eq!(sent[0].form()["customer"], "cus_browser");
     assert!(artifacts().join("dashboard-phone.png").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_packs_are_bought_in_a_payment_mode_checkout() {
+    let (stripe, _) = stripe();
+    let h = Harness::builder()
+        .plans(
+            "default_plan: free\nplans:\n  free: {}\n  pro: {}\n  prepaid:\n    meter: api_requests\n    \
+             meters: { api_requests: { credits_per_unit: 1 } }\n",
+        )
+        .env("T_STRIPE_KEY", STRIPE_KEY)
+        .config(&format!(
+            r#"checkout:
+  stripe: {{ api_key_env: T_STRIPE_KEY, base_url: "{}", prices: {{ pro: price_1Pro }}, credit_pack: {{ price: price_1kCredits, credits: 1000 }}, success_url: "https://example.com/ok", cancel_url: "https://example.com/pricing" }}
+"#,
+            stripe.url()
+        ))
+        .build();
+    let key = h.key("cus_buyer", Some("prepaid"));
+    let buy = |body: Value| buy_as(&h, &key, body);
+    async fn buy_as(h: &Harness, key: &str, body: Value) -> reqwest::Response {
+        h.client
+            .post(h.url("/_tollgate/billing/checkout"))
+            .bearer_auth(key)
+            .header("accept", "application/json")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+    assert_eq!(buy(json!({"credits": 5000})).await.status(), 200);
+    let sent = sessions(&stripe, "/v1/checkout/sessions");
+    let form: Vec<(String, String)> = sent[0].form().into_iter().collect();
+    let expect: Vec<(String, String)> = [
+        ("cancel_url", "https://example.com/pricing"),
+        ("client_reference_id", "cus_buyer"),
+        ("customer", "cus_buyer"),
+        ("line_items[0][price]", "price_1kCredits"),
+        ("line_items[0][quantity]", "5"),
+        ("metadata[tollgate_credits]", "5000"),
+        ("mode", "payment"),
+        ("success_url", "https://example.com/ok"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(form, expect);
+    // Not a whole number of packs, none, or too many: refused before Stripe.
+    for bad in [
+        json!({"credits": 1500}),
+        json!({"credits": 0}),
+        json!({"credits": "lots"}),
+        json!({"credits": 2_000_000}),
+    ] {
+        let r = buy(bad.clone()).await;
+        assert_eq!(r.status(), 400, "{bad}");
+        let p: Value = r.json().await.unwrap();
+        assert_eq!(p["type"], "urn:tollgate:problem:bad-credits", "{bad}");
+    }
+    // Credits would be worthless on a plan without them: not sold.
+    let free = h.key("cus_free_buyer", Some("free"));
+    let r = buy_as(&h, &free, json!({"credits": 1000})).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(sessions(&stripe, "/v1/checkout/sessions").len(), 1);
+}

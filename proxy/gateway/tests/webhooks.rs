@@ -789,3 +789,71 @@ async fn a_plan_change_reaches_a_second_instance_sharing_redis_within_a_second()
     assert_eq!(stripe(&b, &older).await.1["result"], "stale");
     assert_eq!(plan_name(&a, &key).await, "pro");
 }
+
+/// A paid credit pack (`checkout.session.completed`, `mode: payment`, the
+/// session Tollgate's checkout made with `metadata.tollgate_credits`)
+/// grants its credits once, however often Stripe delivers the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_credit_pack_grants_its_credits_once() {
+    let _turn = STRIPE_TURN.lock().await;
+    let h = builder("keep")
+        .plans(
+            "default_plan: payg\nplans:\n  payg:\n    meter: api_requests\n    \
+             meters: { api_requests: { credits_per_unit: 1 } }\n  free: {}\n  pro: {}\n  enterprise: {}\n",
+        )
+        .build();
+    let key = h.key("cus_pack", None);
+    let credits = |h: &Harness, key: String| {
+        let r = h.get("/_tollgate/usage").bearer_auth(key).send();
+        async move { r.await.unwrap().json::<Value>().await.unwrap()["credits"].clone() }
+    };
+    assert_eq!(
+        h.get("/v1/x")
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        402
+    );
+    let event = |id: &str, kind: &str, status: &str| {
+        json!({"id": id, "object": "event", "api_version": "2024-09-30.acacia", "created": now(),
+            "type": kind, "livemode": false, "pending_webhooks": 1,
+            "data": {"object": {"id": "cs_test_pack", "object": "checkout.session", "mode": "payment",
+                "payment_status": status, "amount_total": 500, "currency": "usd",
+                "customer": "cus_pack", "client_reference_id": "cus_pack",
+                "metadata": {"tollgate_credits": "5000"}}}})
+        .to_string()
+    };
+    // Not paid yet (an asynchronous payment method): nothing granted.
+    assert_eq!(
+        stripe(&h, &event("evt_p0", "checkout.session.completed", "unpaid"))
+            .await
+            .1["result"],
+        "ignored"
+    );
+    // ...and paid later (SEPA, ACH): granted on the payment.
+    let paid = event("evt_p1", "checkout.session.async_payment_succeeded", "paid");
+    assert_eq!(stripe(&h, &paid).await.1["result"], "applied");
+    assert_eq!(credits(&h, key.clone()).await["remaining"], 5000);
+    // Stripe retries the same event: a duplicate.
+    assert_eq!(stripe(&h, &paid).await.1["result"], "duplicate");
+    assert_eq!(
+        credits(&h, key.clone()).await,
+        json!({"remaining": 5000, "granted": 5000, "used": 0})
+    );
+    assert_eq!(
+        h.get("/v1/x")
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(credits(&h, key.clone()).await["remaining"], 4999);
+    // A pack with a nonsensical amount is refused (the provider retries it
+    // and an operator sees it), not granted as 0.
+    let bad = event("evt_p2", "checkout.session.completed", "paid").replace("\"5000\"", "\"-3\"");
+    assert_eq!(stripe(&h, &bad).await.0, 400);
+}

@@ -188,6 +188,7 @@ async fn a_batch_decides_each_request_like_the_memory_limiter() {
         meter: None,
         billed: true,
         display: Default::default(),
+        credits: None,
     });
     // The same limits with a bigger burst: a plan change while requests
     // are in flight. Both plans' limits count against the same windows.
@@ -200,6 +201,7 @@ async fn a_batch_decides_each_request_like_the_memory_limiter() {
         meter: None,
         billed: true,
         display: Default::default(),
+        credits: None,
     });
     let customer: Arc<str> = "cus".into();
     // History at different times, so the window holds charges that leave

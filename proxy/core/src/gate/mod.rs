@@ -11,6 +11,7 @@ use http::header::{HeaderMap, HeaderName};
 use http::Method;
 
 use crate::clock::Clock;
+use crate::credits::{Balance, CreditBook};
 use crate::keys;
 use crate::limiter::{Decision, Limiter, LimiterError};
 use crate::meter::JournalState;
@@ -89,6 +90,8 @@ pub struct Admitted {
     pub fallback: u64,
     /// When the limiter charged `cost` (the calendar windows it went to).
     pub at: crate::clock::Millis,
+    /// The customer's credits when admitted (plans with credits only).
+    pub credits: Option<Balance>,
 }
 
 /// A request Tollgate answers with a problem instead of the upstream, with
@@ -100,6 +103,8 @@ pub struct Refused {
     pub identity: Option<Identity>,
     pub plan: Option<Arc<Plan>>,
     pub decision: Option<Decision>,
+    /// The customer's credits, once known (plans with credits only).
+    pub credits: Option<Balance>,
 }
 
 impl From<Rejection> for Refused {
@@ -109,6 +114,7 @@ impl From<Rejection> for Refused {
             identity: None,
             plan: None,
             decision: None,
+            credits: None,
         }
     }
 }
@@ -138,6 +144,8 @@ pub struct Gate<L> {
     pub journal: Option<Arc<dyn Fn() -> JournalState + Send + Sync>>,
     /// `auth.jwt`: bearer tokens shaped like a JWT are verified here.
     pub jwt: Option<Arc<crate::jwt::Verifier>>,
+    /// Balances of plans with credits; None: no plan has them.
+    pub credits: Option<Arc<dyn CreditBook>>,
 }
 
 impl<L: Limiter> Gate<L> {
@@ -193,6 +201,7 @@ impl<L: Limiter> Gate<L> {
             None => return Err(Rejection::MissingKey.into()),
         };
         let plan = self.plan_of(&identity);
+        let credits = self.balance(&identity, &plan);
         if identity.suspended {
             // Refused knowing who: the access log names the customer.
             return Err(Refused {
@@ -200,6 +209,7 @@ impl<L: Limiter> Gate<L> {
                 identity: Some(identity),
                 plan: Some(plan),
                 decision: None,
+                credits,
             });
         }
         // A route some plans may not call: refused before anything is charged.
@@ -218,10 +228,24 @@ impl<L: Limiter> Gate<L> {
                     identity: Some(identity),
                     plan: Some(plan),
                     decision: None,
+                    credits,
                 });
             }
         }
         let cost = if is_usage { 0 } else { route.cost };
+        // Out of credits: refused before anything is charged, when the
+        // request would cost credits.
+        if let (Some(b), Some(policy)) = (credits, plan.credits.as_deref()) {
+            if !is_usage && b.remaining <= 0 && costs_credits(route.route, &plan, policy) {
+                return Err(Refused {
+                    rejection: Rejection::CreditsExhausted,
+                    identity: Some(identity),
+                    plan: Some(plan),
+                    decision: None,
+                    credits,
+                });
+            }
+        }
         // Refused before anything is charged: a refusal consumes nothing.
         if !is_usage && may_bill(route.route, &plan) {
             let rejection = match self.journal_state() {
@@ -238,6 +262,7 @@ impl<L: Limiter> Gate<L> {
                     identity: Some(identity),
                     plan: Some(plan),
                     decision: None,
+                    credits,
                 });
             }
         }
@@ -255,6 +280,7 @@ impl<L: Limiter> Gate<L> {
                 identity: Some(identity),
                 plan: Some(plan),
                 decision: None,
+                credits,
             });
         };
         if !is_usage && !decision.allowed {
@@ -263,6 +289,7 @@ impl<L: Limiter> Gate<L> {
                 identity: Some(identity),
                 plan: Some(plan),
                 decision: Some(decision),
+                credits,
             });
         }
         let admitted = Admitted {
@@ -278,6 +305,7 @@ impl<L: Limiter> Gate<L> {
             decision,
             cost,
             at,
+            credits,
         };
         if is_usage {
             return Ok(Admission::Report(admitted));
@@ -401,6 +429,12 @@ impl<L: Limiter> Gate<L> {
         }
     }
 
+    /// The balance of a customer whose plan has credits.
+    pub fn balance(&self, identity: &Identity, plan: &Plan) -> Option<Balance> {
+        let (book, policy) = (self.credits.as_ref()?, plan.credits.as_deref()?);
+        Some(book.balance(&identity.customer, policy, self.clock.now_ms()))
+    }
+
     /// Asks the limiter; `cost` 0 only reports.
     pub async fn limit(
         &self,
@@ -460,6 +494,31 @@ fn may_bill(route: Option<&Route>, plan: &Plan) -> bool {
         && (route.is_some_and(|r| r.meter.is_some() || r.usage.is_some())
             || plan.meter.is_some()
             || plan.limits.iter().any(|l| l.overage_meter.is_some()))
+}
+
+/// Whether a request of `plan` on `route` would cost credits: a meter it
+/// may be billed on has a price.
+fn costs_credits(
+    route: Option<&Route>,
+    plan: &Plan,
+    policy: &crate::credits::CreditPolicy,
+) -> bool {
+    // A `usage:` route bills its body's meters, or its cost on the
+    // route's or plan's meter when the body reports none.
+    if let Some(format) = route.and_then(|r| r.usage.as_deref()) {
+        if format.meters().iter().any(|m| policy.prices(m)) {
+            return true;
+        }
+    }
+    route
+        .and_then(|r| r.meter.as_deref())
+        .or(plan.meter.as_deref())
+        .is_some_and(|m| policy.prices(m))
+        || plan
+            .limits
+            .iter()
+            .filter_map(|l| l.overage_meter.as_deref())
+            .any(|m| policy.prices(m))
 }
 
 /// Counts each policy an admitted request left at or past 80 % used.

@@ -96,6 +96,7 @@ fn setup_with(answer_preflights: bool, journal_full: Option<Arc<AtomicBool>>) ->
                 }) as Arc<dyn Fn() -> JournalState + Send + Sync>
             }),
             jwt: None,
+            credits: None,
         },
         free,
         pro,

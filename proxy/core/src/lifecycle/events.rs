@@ -98,6 +98,18 @@ pub fn parse_time(s: &str) -> Option<Millis> {
     matches!(rest, "Z" | "+00:00" | "").then_some(ms)
 }
 
+/// A paid credit pack's `metadata.tollgate_credits`.
+fn credit_pack(obj: &Value) -> Result<Change, BodyError> {
+    str_at(obj, &["metadata", "tollgate_credits"])
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|n| *n > 0 && *n <= MAX_PACK)
+        .map(Change::Credits)
+        .ok_or_else(|| bad("`metadata.tollgate_credits` is not a positive number"))
+}
+
+/// The most credits one purchase may grant (a typo guard, not a price).
+pub const MAX_PACK: u64 = 1_000_000_000_000;
+
 fn stripe(v: &Value) -> Result<Option<Event>, BodyError> {
     let id = required(str_at(v, &["id"]), "id")?;
     let kind = required(str_at(v, &["type"]), "type")?;
@@ -125,6 +137,13 @@ fn stripe(v: &Value) -> Result<Option<Event>, BodyError> {
         "customer.subscription.paused" => Change::Paused,
         "invoice.payment_failed" => Change::PastDue,
         "invoice.paid" => Change::Paid,
+        // A delayed payment method (SEPA, ACH) completes the session
+        // unpaid and pays later: the pack is granted on the payment.
+        "checkout.session.async_payment_succeeded"
+            if str_at(obj, &["metadata", "tollgate_credits"]).is_some() =>
+        {
+            credit_pack(obj)?
+        }
         "checkout.session.completed" => {
             // Sessions Tollgate creates name their plan; others are left to
             // the subscription events that follow them.
@@ -132,11 +151,17 @@ fn stripe(v: &Value) -> Result<Option<Event>, BodyError> {
                 str_at(obj, &["payment_status"]),
                 Some("paid" | "no_payment_required")
             );
-            plan = str_at(obj, &["metadata", "tollgate_plan"]).map(str::to_owned);
-            if !paid || plan.is_none() || str_at(obj, &["mode"]) != Some("subscription") {
-                return Ok(None);
+            // A credit pack (`mode=payment`) names how many credits it bought.
+            let credits = str_at(obj, &["metadata", "tollgate_credits"]);
+            if let (true, Some("payment"), Some(_)) = (paid, str_at(obj, &["mode"]), credits) {
+                credit_pack(obj)?
+            } else {
+                plan = str_at(obj, &["metadata", "tollgate_plan"]).map(str::to_owned);
+                if !paid || plan.is_none() || str_at(obj, &["mode"]) != Some("subscription") {
+                    return Ok(None);
+                }
+                Change::Active
             }
-            Change::Active
         }
         _ => return Ok(None),
     };

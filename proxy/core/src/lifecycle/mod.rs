@@ -63,6 +63,10 @@ pub enum Change {
     SetPlan,
     Suspend,
     Resume,
+    /// A credit pack was paid for (Stripe `checkout.session.completed`
+    /// with `metadata.tollgate_credits`): granted through the credit book,
+    /// not the store; the plan is not touched.
+    Credits(u64),
 }
 
 /// One verified event, as every provider's payload is read.
@@ -281,5 +285,6 @@ fn transition(
         }
         Change::Suspend => b.suspended = true,
         Change::Resume => b.suspended = false,
+        Change::Credits(_) => {}
     }
 }

@@ -30,6 +30,7 @@ fn build(limits: &[(&str, u64, Window)]) -> Plan {
         meter: None,
         billed: true,
         display: Default::default(),
+        credits: None,
     }
 }
 

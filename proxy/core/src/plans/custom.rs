@@ -187,6 +187,7 @@ impl Plan {
             meter: self.meter.clone(),
             billed: self.billed,
             display: self.display.clone(),
+            credits: self.credits.clone(),
         })
     }
 }

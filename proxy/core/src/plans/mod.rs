@@ -132,6 +132,9 @@ pub struct Plan {
     pub display: PlanDisplay,
     /// `RateLimit-Policy` rendered once at load; empty for unlimited plans.
     pub policy_header: String,
+    /// Prepaid credits (`credits:`, `meters.*.credits_per_unit`); None:
+    /// the plan's customers have no balance.
+    pub credits: Option<Arc<crate::credits::CreditPolicy>>,
 }
 
 /// How the method part of a route matches.

@@ -38,6 +38,27 @@ struct RawPlan {
     description: Option<String>,
     /// `false`: never reported to a sink (a free or internal plan).
     billed: Option<bool>,
+    /// Prepaid credits granted per period.
+    credits: Option<RawCredits>,
+    /// Per meter: what one unit costs in credits.
+    #[serde(default)]
+    meters: BTreeMap<String, RawMeter>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredits {
+    #[serde(default)]
+    grant: i64,
+    per: Option<String>,
+    #[serde(default)]
+    rollover: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeter {
+    credits_per_unit: i64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -153,6 +174,7 @@ fn parse_plan(
     if let Some(m) = &rp.meter {
         check_meter(src, &format!("{path}.meter"), m, d);
     }
+    let credits = parse_credits(src, &path, &rp, d);
     Some(Plan {
         name: name.into(),
         policy_header: policy_header(&limits),
@@ -164,7 +186,80 @@ fn parse_plan(
             price: rp.price.clone(),
             description: rp.description.clone(),
         },
+        credits,
     })
+}
+
+/// `credits:` and `meters:` of a plan: None when it has neither.
+fn parse_credits(
+    src: &Source,
+    path: &str,
+    rp: &RawPlan,
+    d: &mut Diagnostics,
+) -> Option<Arc<crate::credits::CreditPolicy>> {
+    use crate::credits::{Allowance, CreditPolicy};
+    if rp.credits.is_none() && rp.meters.is_empty() {
+        return None;
+    }
+    let mut policy = CreditPolicy::default();
+    if let Some(c) = &rp.credits {
+        if c.grant < 0 {
+            d.0.push(src.error(
+                &format!("{path}.credits.grant"),
+                format!("`grant` must not be negative, got {}", c.grant),
+                None,
+            ));
+        }
+        let per = match c.per.as_deref().unwrap_or("month") {
+            "month" => Window::Month,
+            "day" => Window::Day,
+            other => {
+                d.0.push(src.error(
+                    &format!("{path}.credits.per"),
+                    format!("credits are granted per `day` or `month`, not `{other}`"),
+                    None,
+                ));
+                Window::Month
+            }
+        };
+        policy.allowance = Allowance {
+            grant: c.grant.max(0) as u64,
+            per,
+            rollover: c.rollover,
+        };
+    }
+    for (m, raw) in &rp.meters {
+        let mp = format!("{path}.meters.{m}");
+        check_meter(src, &mp, m, d);
+        if raw.credits_per_unit < 0 {
+            d.0.push(src.error(
+                &format!("{mp}.credits_per_unit"),
+                format!(
+                    "`credits_per_unit` must not be negative, got {}",
+                    raw.credits_per_unit
+                ),
+                None,
+            ));
+        }
+        policy
+            .prices
+            .insert(m.as_str().into(), raw.credits_per_unit.max(0) as u64);
+    }
+    if !policy.prices.values().any(|p| *p > 0) {
+        d.0.push(src.error(
+            path,
+            "a plan with `credits` needs a meter that costs them",
+            Some("e.g. meters: { ai_output_tokens: { credits_per_unit: 4 } }"),
+        ));
+    }
+    if !rp.billed.unwrap_or(true) {
+        d.0.push(src.error(
+            &format!("{path}.billed"),
+            "a plan with credits is charged for its usage, so it cannot be `billed: false`",
+            None,
+        ));
+    }
+    Some(Arc::new(policy))
 }
 
 /// One limit at `lp`; None (with the errors recorded) when it cannot be used.

@@ -1,7 +1,7 @@
 //! The admin port: `/metrics`, `/healthz`, `/readyz`, a status page, and the
 //! `/admin` JSON API behind a bearer token (disabled when the token's env var
 //! is unset): keys (list, create, revoke, rotate), customers (plan, suspend,
-//! usage), billing (sink status, dead-letter replay), reload. Writes use the same operations as the CLI.
+//! usage, prepaid credits), billing (sink status, dead-letter replay), reload. Writes use the same operations as the CLI.
 
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use tollgate_core::store::admin;
 use crate::app::App;
 
 pub mod billing;
+pub mod credits;
 mod read;
 pub mod status;
 mod write;
@@ -239,6 +240,8 @@ impl ServeHttp for AdminApp {
                 self.write(Write::SetLimits(owned(id), None)).await
             }
             ("GET", ["customers", id, "limits"]) => self.limits(id),
+            ("GET", ["customers", id, "credits"]) => self.credits(id),
+            ("POST", ["customers", id, "credits"]) => self.grant_credits(id, &body).await,
             ("POST", ["customers", id, "suspend"]) => {
                 self.write(Write::Suspend(owned(id), true)).await
             }
@@ -267,6 +270,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/admin/customers/*/usage", "GET"),
     ("/admin/customers/*/plan", "PUT"),
     ("/admin/customers/*/limits", "GET, PUT, DELETE"),
+    ("/admin/customers/*/credits", "GET, POST"),
     ("/admin/customers/*/suspend", "POST"),
     ("/admin/customers/*/resume", "POST"),
     ("/admin/keys", "GET, POST"),

@@ -45,6 +45,7 @@ impl AdminApp {
             let mut report =
                 UsageReport::new(&identity.customer, &plan, &decision, &period, billing);
             report.subscription = identity.billing.map(|b| b.as_str());
+            report.credits = app.gate.balance(&identity, &plan);
             if let Ok(v) = serde_json::to_value(&report) {
                 out.push(v);
             }

@@ -47,8 +47,37 @@ pub(super) fn usage(
     }
     print_limits(&list);
     println!();
+    print_credits(&list);
     print_usage(&list);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prepaid balances, for the customers whose plan has credits.
+fn print_credits(list: &[serde_json::Value]) {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .filter(|u| u["credits"].is_object())
+        .map(|u| {
+            let n = |k: &str| u["credits"][k].as_i64().unwrap_or(0).to_string();
+            vec![
+                u["customer"].as_str().unwrap_or("").to_owned(),
+                u["plan"].as_str().unwrap_or("").to_owned(),
+                n("remaining"),
+                n("granted"),
+                n("used"),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    println!("CREDITS THIS PERIOD");
+    table::print(
+        &["CUSTOMER", "PLAN", "REMAINING", "GRANTED", "USED"],
+        &rows,
+        &[2, 3, 4],
+    );
+    println!();
 }
 
 /// Where each customer stands against each policy of its plan.

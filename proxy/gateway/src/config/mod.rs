@@ -367,6 +367,9 @@ impl Config {
         let timeouts = sections::timeouts(&mut cx, raw.timeouts.as_ref());
         let threads = sections::threads(&mut cx, raw.threads);
         let connections = sections::connections(&mut cx, raw.connections.as_ref());
+        if let Some(p) = plans.as_deref() {
+            credits_need_spool(&mut cx, p, metering.enabled, redis_limits);
+        }
         match (listen, upstream, plans, admin) {
             (Some(listen), Some(upstream), Some(plans), Some(admin)) if cx.d.is_empty() => {
                 Ok(Config {
@@ -399,6 +402,35 @@ impl Config {
             }
             _ => Err(cx.d),
         }
+    }
+}
+
+/// Balances live in this instance's usage spool: plans with credits need
+/// metering on, and limits in this process (shared balances in Redis are
+/// not built yet; see docs/ai-apis.md).
+fn credits_need_spool(cx: &mut Check<'_>, plans: &Plans, metering: bool, redis_limits: bool) {
+    let Some(plan) = plans.plans.values().find(|p| p.credits.is_some()) else {
+        return;
+    };
+    if !metering {
+        cx.err(
+            "metering.enabled",
+            format!(
+                "plan `{}` has prepaid credits, which are journaled in the usage spool; metering cannot be off",
+                plan.name
+            ),
+            None,
+        );
+    }
+    if redis_limits {
+        cx.err(
+            "limits",
+            format!(
+                "plan `{}` has prepaid credits, which are kept per instance in its usage spool; they cannot be shared through Redis yet",
+                plan.name
+            ),
+            Some("run one instance with `limits: { backend: memory }`, or drop `credits:` from the plans"),
+        );
     }
 }
 

@@ -305,7 +305,7 @@ pub(super) fn cors(cx: &mut Check<'_>, c: &RawCors) -> Cors {
             |h| h.join(", "),
         ),
         expose_headers: c.expose_headers.as_ref().map_or_else(
-            || "x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset, ratelimit, ratelimit-policy, retry-after".into(),
+            || "x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset, ratelimit, ratelimit-policy, retry-after, tollgate-credits-remaining, x-request-id".into(),
             |h| h.join(", "),
         ),
         max_age_secs: max_age.as_secs(),

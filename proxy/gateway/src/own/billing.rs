@@ -1,4 +1,5 @@
-//! `POST /_tollgate/billing/checkout` (`plan=pro`, form or JSON) and
+//! `POST /_tollgate/billing/checkout` (`plan=pro`, or `credits=N` for a
+//! credit pack, form or JSON) and
 //! `POST /_tollgate/billing/portal`, with the consumer's own key: a Stripe
 //! Checkout or customer-portal session, answered `303` to its URL, or
 //! `{"url": …}` when the client asks for JSON. A suspended customer may use
@@ -76,7 +77,28 @@ pub async fn session(
     let subscribed = identity
         .billing
         .is_some_and(|b| !matches!(b, BillingStatus::Canceled));
-    if matches!(kind, Kind::Checkout) && subscribed {
+    let wants_json = header_str(session, "accept").is_some_and(|a| a.contains("application/json"));
+    let is_json = header_str(session, "content-type")
+        .is_some_and(|c| c.trim_start().starts_with("application/json"));
+    let body = match read_body(session, MAX_BODY).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
+            return Ok(Reply::problem(
+                413,
+                "body-too-large",
+                "Body too large",
+                format!("this request takes at most {MAX_BODY} bytes"),
+            ))
+        }
+        Err(BodyError::Unreadable) => return Err(Rejection::BadRequest(400)),
+    };
+    // `credits=N`: a one-off payment for a credit pack, which a subscriber
+    // may make too.
+    let credits = match kind {
+        Kind::Checkout => field(&body, is_json, "credits"),
+        Kind::Portal => None,
+    };
+    if matches!(kind, Kind::Checkout) && subscribed && credits.is_none() {
         CHECKOUT_SESSIONS
             .with_label_values(&[kind.name(), "refused"])
             .inc();
@@ -103,24 +125,19 @@ pub async fn session(
         r.headers.push((http::header::RETRY_AFTER, "60".into()));
         return Ok(r);
     }
-    let wants_json = header_str(session, "accept").is_some_and(|a| a.contains("application/json"));
-    let is_json = header_str(session, "content-type")
-        .is_some_and(|c| c.trim_start().starts_with("application/json"));
-    let body = match read_body(session, MAX_BODY).await {
-        Ok(b) => b,
-        Err(BodyError::TooLarge) => {
-            return Ok(Reply::problem(
-                413,
-                "body-too-large",
-                "Body too large",
-                format!("this request takes at most {MAX_BODY} bytes"),
+    let result = match kind {
+        // Credits only count on a plan that spends them.
+        Kind::Checkout if credits.is_some() && app.gate.plan_of(&identity).credits.is_none() => {
+            Err(SessionError::Credits(
+                "your plan has no prepaid credits; choose a plan that does first".into(),
             ))
         }
-        Err(BodyError::Unreadable) => return Err(Rejection::BadRequest(400)),
-    };
-    let result = match kind {
+        Kind::Checkout if credits.is_some() => {
+            let n = credits.as_deref().and_then(|c| c.parse::<u64>().ok());
+            stripe.buy_credits(&identity.customer, n.unwrap_or(0)).await
+        }
         Kind::Checkout => {
-            let Some(plan) = plan_field(&body, is_json) else {
+            let Some(plan) = field(&body, is_json, "plan") else {
                 return Ok(Reply::problem(
                     400,
                     "plan-required",
@@ -147,6 +164,17 @@ pub async fn session(
                     plan.chars().take(64).collect::<String>(),
                     on_sale(app)
                 ),
+            ));
+        }
+        Err(SessionError::Credits(why)) => {
+            CHECKOUT_SESSIONS
+                .with_label_values(&[kind.name(), "refused"])
+                .inc();
+            return Ok(Reply::problem(
+                400,
+                "bad-credits",
+                "Credits cannot be bought so",
+                why,
             ));
         }
         Err(SessionError::Provider(why)) => {
@@ -193,16 +221,21 @@ fn on_sale(app: &App) -> String {
         .unwrap_or_else(|| "none".into())
 }
 
-/// `plan` from a form (`plan=pro`) or a JSON object (`{"plan": "pro"}`).
-fn plan_field(body: &[u8], is_json: bool) -> Option<String> {
+/// `name` from a form (`plan=pro`) or a JSON object (`{"plan": "pro"}`,
+/// `{"credits": 5000}`).
+fn field(body: &[u8], is_json: bool, name: &str) -> Option<String> {
     if is_json {
         let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-        return v.get("plan")?.as_str().map(str::to_owned);
+        return match v.get(name)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        };
     }
     let text = std::str::from_utf8(body).ok()?;
     text.split('&')
         .filter_map(|kv| kv.split_once('='))
-        .find(|(k, _)| *k == "plan")
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| tollgate_core::pct::decode(v, true))
         .filter(|p| !p.is_empty())
 }

@@ -63,6 +63,12 @@
       list.appendChild(li);
     });
     $("unlimited").hidden = (u.policies || []).length > 0;
+    // Prepaid credits, for a plan that has them.
+    $("credits").hidden = !u.credits;
+    if (u.credits) {
+      text($("credits-left"), u.credits.remaining.toLocaleString() + " credits left");
+      text($("credits-detail"), u.credits.used.toLocaleString() + " of " + u.credits.granted.toLocaleString() + " used this period");
+    }
     text($("period"), "From " + new Date(u.period.start).toLocaleDateString() + " until " + new Date(u.period.end).toLocaleDateString());
     var body = $("usage").querySelector("tbody");
     body.textContent = "";

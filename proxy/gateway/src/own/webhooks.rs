@@ -125,7 +125,60 @@ pub async fn receive(
             )
         }
     };
+    if let lifecycle::Change::Credits(n) = event.change {
+        return grant_pack(app, provider, &event, n, now).await;
+    }
     apply(app, provider, cfg.policy.clone(), event, now).await
+}
+
+/// A paid credit pack: granted once, keyed by the event's id, so Stripe's
+/// retries of the same event grant nothing more.
+async fn grant_pack(
+    app: &App,
+    provider: Provider,
+    event: &lifecycle::Event,
+    credits: u64,
+    now: u64,
+) -> Reply {
+    let customer: std::sync::Arc<str> = event.customer.as_str().into();
+    let grant = tollgate_core::credits::Grant {
+        at: now,
+        amount: i64::try_from(credits).unwrap_or(i64::MAX),
+        idempotency_key: Some(format!("{}:{}", provider.name(), event.id)),
+        reason: format!("credit pack ({})", event.kind),
+        source: tollgate_core::credits::Source::Stripe,
+    };
+    match crate::admin::credits::grant(app, customer, grant).await {
+        Ok((tollgate_core::credits::Granted::Applied, b)) => {
+            count(provider, "applied");
+            log::info!(
+                "{} event {}: {credits} credits granted to customer {}, balance {}",
+                provider.name(),
+                event.id,
+                event.customer,
+                b.remaining
+            );
+            ok("applied")
+        }
+        Ok(_) => {
+            count(provider, "duplicate");
+            ok("duplicate")
+        }
+        Err(why) => {
+            log::error!(
+                "{} event {} granting {credits} credits to customer {} failed, the provider will retry: {why}",
+                provider.name(),
+                event.id,
+                event.customer
+            );
+            Reply::problem(
+                503,
+                "webhook-store-unavailable",
+                "Try again later",
+                "the credit grant cannot be recorded right now".into(),
+            )
+        }
+    }
 }
 
 async fn apply(

@@ -25,7 +25,21 @@ pub struct CheckoutConfig {
     pub cancel_url: String,
     /// Where the portal sends the customer back; None: the portal's default.
     pub return_url: Option<String>,
+    /// Prepaid credits on sale (`credit_pack`); None: none are.
+    pub credit_pack: Option<CreditPack>,
 }
+
+/// `credit_pack: { price, credits }`: one unit of the Stripe price buys
+/// this many credits; `credits=N` on checkout buys N / credits units.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreditPack {
+    pub price: String,
+    pub credits: u64,
+}
+
+/// The most packs one checkout buys.
+pub const MAX_PACKS: u64 = 1000;
 
 impl std::fmt::Debug for CheckoutConfig {
     // The API key stays out of debug output.
@@ -51,6 +65,7 @@ struct RawStripeCheckout {
     return_url: Option<String>,
     base_url: Option<String>,
     version: Option<String>,
+    credit_pack: Option<CreditPack>,
 }
 
 impl CheckoutConfig {
@@ -81,6 +96,15 @@ impl CheckoutConfig {
         if let Some(u) = &r.return_url {
             cx.http_url(&format!("{p}.return_url"), u);
         }
+        if let Some(pack) = &r.credit_pack {
+            if pack.credits == 0 {
+                cx.err(
+                    &format!("{p}.credit_pack.credits"),
+                    "a credit pack must hold at least one credit",
+                    None,
+                );
+            }
+        }
         let api_key = cx.secret(&format!("{p}.api_key_env"), &r.api_key_env)?;
         Some(CheckoutConfig {
             api_key,
@@ -90,6 +114,7 @@ impl CheckoutConfig {
             success_url: r.success_url,
             cancel_url: r.cancel_url,
             return_url: r.return_url,
+            credit_pack: r.credit_pack,
         })
     }
 }
@@ -99,6 +124,9 @@ impl CheckoutConfig {
 pub enum SessionError {
     /// The plan asked for has no configured price (400).
     UnknownPlan(String),
+    /// No credit pack is on sale, or the amount is not a whole number of
+    /// packs (400); the text says which.
+    Credits(String),
     /// Stripe refused or could not be reached (502); the text is for the
     /// log only, never the consumer.
     Provider(String),
@@ -141,6 +169,35 @@ impl StripeCheckout {
             ("success_url", &c.success_url),
             ("cancel_url", &c.cancel_url),
             ("metadata[tollgate_plan]", plan),
+        ]);
+        self.create("/v1/checkout/sessions", form).await
+    }
+
+    /// A Checkout Session (`mode=payment`) for `customer` to buy `credits`
+    /// prepaid credits; its `checkout.session.completed` grants them.
+    pub async fn buy_credits(&self, customer: &str, credits: u64) -> Result<String, SessionError> {
+        let c = &self.config;
+        let pack = c
+            .credit_pack
+            .as_ref()
+            .ok_or_else(|| SessionError::Credits("no credit packs are on sale here".into()))?;
+        let packs = credits / pack.credits.max(1);
+        if credits == 0 || !credits.is_multiple_of(pack.credits.max(1)) || packs > MAX_PACKS {
+            return Err(SessionError::Credits(format!(
+                "credits are sold in packs of {}, up to {MAX_PACKS} packs at once",
+                pack.credits
+            )));
+        }
+        let (quantity, amount) = (packs.to_string(), credits.to_string());
+        let form = form_encode(&[
+            ("mode", "payment"),
+            ("customer", customer),
+            ("client_reference_id", customer),
+            ("line_items[0][price]", &pack.price),
+            ("line_items[0][quantity]", &quantity),
+            ("success_url", &c.success_url),
+            ("cancel_url", &c.cancel_url),
+            ("metadata[tollgate_credits]", &amount),
         ]);
         self.create("/v1/checkout/sessions", form).await
     }

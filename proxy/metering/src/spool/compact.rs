@@ -66,6 +66,8 @@ pub(super) fn compact_files(
             esc(l)
         )));
     }
+    // Prepaid credits: each account as it stands.
+    events.push_str(&st.credit_lines());
     let mut records = line_with_crc(&format!("H {}", st.next_rseq));
     for ((c, m), sum) in st
         .summaries

@@ -11,6 +11,8 @@
 //!   per calendar window a request was charged to: `C start d|m customer
 //!   limit units crc` (replayed into the limiter on start, so a restart
 //!   gives no customer a day's or a month's quota back);
+//!   Charges and grants of prepaid credits are lines here too (`K`, `G`,
+//!   and `B` for an account after compaction; see `credits.rs`);
 //! - `records.log`: `H next` (the record sequence high-water mark: sequences,
 //!   and so identifiers, are never reused), `S month customer meter recorded
 //!   reported` (this month's usage already settled everywhere and dropped
@@ -46,12 +48,14 @@ use std::sync::{Arc, Mutex, TryLockError};
 use std::time::Duration;
 
 use tollgate_core::clock::{month_bounds, Clock, Millis};
+use tollgate_core::credits::CreditPolicy;
 use tollgate_core::meter::CalendarCharge;
 use tollgate_core::plans::Window;
 use tollgate_core::sync::{lock, Pending};
 
 mod codec;
 mod compact;
+mod credits;
 mod open;
 mod replay;
 mod report;
@@ -178,6 +182,11 @@ struct State {
     /// Calendar-window charges per (customer, limit, `d`|`m`): the
     /// window's start and the units used in it.
     counters: HashMap<CounterKey, (Millis, u64)>,
+    /// Prepaid credits per customer (see `credits.rs`): behind their own
+    /// lock, which the gate takes per request and which is never held
+    /// across I/O (this one is, by rollups and compaction). Taken after
+    /// this state's lock when both are.
+    credits: Arc<Mutex<credits::Accounts>>,
     next_seq: u64,
     next_rseq: u64,
 }
@@ -248,6 +257,8 @@ struct Append {
     customer: Arc<str>,
     usage: Option<(Arc<str>, u64)>,
     charge: Option<CalendarCharge>,
+    /// What the usage costs in credits.
+    credits: Option<Arc<CreditPolicy>>,
     at: Millis,
     done: tokio::sync::oneshot::Sender<bool>,
 }
@@ -330,6 +341,8 @@ pub struct Spool {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Held (flock) until the spool is closed or dropped.
     lock: Mutex<Option<File>>,
+    /// The same accounts as the state's, for the gate.
+    credits: Arc<Mutex<credits::Accounts>>,
 }
 
 impl Spool {
@@ -344,7 +357,7 @@ impl Spool {
         meter: &Arc<str>,
         units: u64,
     ) -> tokio::sync::oneshot::Receiver<bool> {
-        self.journal(customer, Some((meter, units)), None)
+        self.journal(customer, Some((meter, units)), None, None)
     }
 
     /// Queues a response's billable usage and calendar charge (either may
@@ -354,12 +367,14 @@ impl Spool {
         customer: &Arc<str>,
         usage: Option<(&Arc<str>, u64)>,
         charge: Option<CalendarCharge>,
+        credits: Option<&Arc<CreditPolicy>>,
     ) -> tokio::sync::oneshot::Receiver<bool> {
         let (done, rx) = tokio::sync::oneshot::channel();
         let item = Append {
             customer: customer.clone(),
             usage: usage.map(|(m, u)| (m.clone(), u)),
             charge,
+            credits: credits.cloned(),
             at: self.clock.now_ms(),
             done,
         };
@@ -387,7 +402,12 @@ impl Spool {
     /// Writes `usage` (one event line per meter) on the caller's thread,
     /// waiting for the writer if the spool's thread has it (a rollup, or
     /// a compaction). For the synchronous body filter.
-    pub fn journal_now(&self, customer: &Arc<str>, usage: &[(Arc<str>, u64)]) -> bool {
+    pub fn journal_now(
+        &self,
+        customer: &Arc<str>,
+        usage: &[(Arc<str>, u64)],
+        credits: Option<&Arc<CreditPolicy>>,
+    ) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return false;
         }
@@ -402,6 +422,7 @@ impl Spool {
                     customer: customer.clone(),
                     usage: Some((meter.clone(), *units)),
                     charge: None,
+                    credits: credits.cloned(),
                     at,
                     done,
                 }
@@ -604,13 +625,19 @@ impl tollgate_core::meter::UsageJournal for Spool {
         customer: &Arc<str>,
         usage: Option<(&Arc<str>, u64)>,
         charge: Option<CalendarCharge>,
+        credits: Option<&Arc<CreditPolicy>>,
     ) -> impl std::future::Future<Output = bool> + Send {
-        let written = Spool::journal(self, customer, usage, charge);
+        let written = Spool::journal(self, customer, usage, charge, credits);
         async move { matches!(written.await, Ok(true)) }
     }
 
-    fn append_now(&self, customer: &Arc<str>, usage: &[(Arc<str>, u64)]) -> bool {
-        self.journal_now(customer, usage)
+    fn append_now(
+        &self,
+        customer: &Arc<str>,
+        usage: &[(Arc<str>, u64)],
+        credits: Option<&Arc<CreditPolicy>>,
+    ) -> bool {
+        self.journal_now(customer, usage, credits)
     }
 
     fn totals(&self, customer: &str) -> BTreeMap<String, MeterTotals> {

@@ -51,6 +51,7 @@ impl Spool {
     ) -> Result<Arc<Self>, SpoolError> {
         let bytes = Arc::new(AtomicU64::new(size));
         let failed_at = Arc::new(AtomicU64::new(0));
+        let credits = st.credits.clone();
         let state = Arc::new(Mutex::new(st));
         let (tx, rx) = mpsc::channel();
         let writer = Arc::new(Mutex::new(Writer::open(
@@ -84,6 +85,7 @@ impl Spool {
             instance,
             thread: Mutex::new(Some(handle)),
             lock: Mutex::new(Some(lock_file)),
+            credits,
         }))
     }
 }
@@ -278,6 +280,9 @@ fn replay_events(
             if let (Ok(start), Ok(units)) = (f[1].parse::<u64>(), f[5].parse::<u64>()) {
                 st.count((unesc(f[3]), unesc(f[4]), f[2].as_bytes()[0]), start, units);
             }
+            continue;
+        }
+        if st.replay_credit_line(&f) {
             continue;
         }
         if f.len() != 6 || f[0] != "E" {

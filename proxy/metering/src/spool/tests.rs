@@ -405,7 +405,7 @@ async fn calendar_charges_survive_reopening_and_compaction_until_their_window_en
             cost,
             at: clock.now_ms(),
         };
-        assert!(s.journal(&c, usage, Some(charge)).await.unwrap());
+        assert!(s.journal(&c, usage, Some(charge), None).await.unwrap());
     }
     let mut counters = s.calendar_counters();
     counters.sort_by_key(|x| x.window == Window::Day);
@@ -502,5 +502,76 @@ async fn concurrent_appends_are_each_written_once() {
             s.totals(&format!("cus_{c}"))["api"].recorded,
             expect(c) + extra
         );
+    }
+}
+
+#[tokio::test]
+async fn credit_charges_and_grants_survive_reopening_and_compaction() {
+    use tollgate_core::clock::ManualClock;
+    use tollgate_core::credits::{Allowance, CreditBook, CreditPolicy, Grant, Granted, Source};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at(1_780_000_000_000);
+    let policy = Arc::new(CreditPolicy {
+        allowance: Allowance {
+            grant: 1000,
+            per: Window::Month,
+            rollover: false,
+        },
+        prices: [
+            ("ai_output_tokens".into(), 4),
+            ("ai_input_tokens".into(), 1),
+        ]
+        .into_iter()
+        .collect(),
+    });
+    let c: Arc<str> = "cus 9".into(); // escaped on disk
+    let (input, output, free): (Arc<str>, Arc<str>, Arc<str>) = (
+        "ai_input_tokens".into(),
+        "ai_output_tokens".into(),
+        "api_requests".into(),
+    );
+    let pack = |amount| Grant {
+        at: clock.now_ms(),
+        amount,
+        idempotency_key: Some("evt 1".into()),
+        reason: "credit pack, 500".into(),
+        source: Source::Stripe,
+    };
+    let s = Spool::open(config(dir.path(), &[]), Arc::new(clock.clone())).unwrap();
+    assert_eq!(s.grant(&c, &policy, pack(500)).unwrap().0, Granted::Applied);
+    assert!(s
+        .journal(&c, Some((&input, 100)), None, Some(&policy))
+        .await
+        .unwrap());
+    assert!(s.journal_now(
+        &c,
+        &[(output.clone(), 50), (free.clone(), 7)],
+        Some(&policy)
+    ));
+    // 1000 + 500 - 100 - 4 * 50; the unpriced meter costs nothing.
+    let want = 1200;
+    assert_eq!(s.balance(&c, &policy, clock.now_ms()).remaining, want);
+    s.close();
+    drop(s);
+    for round in ["replayed", "compacted"] {
+        let s = Spool::open(config(dir.path(), &[]), Arc::new(clock.clone())).unwrap();
+        let b = s.balance(&c, &policy, clock.now_ms());
+        assert_eq!(
+            (b.remaining, b.granted, b.used),
+            (want, 1500, 300),
+            "{round}"
+        );
+        let h: i64 = s
+            .history(&c, &policy, clock.now_ms())
+            .iter()
+            .map(|e| e.amount)
+            .sum();
+        assert_eq!(h, want, "{round}: the history adds up");
+        assert_eq!(
+            s.grant(&c, &policy, pack(500)).unwrap().0,
+            Granted::Duplicate,
+            "{round}: the idempotency key is remembered"
+        );
+        s.close();
     }
 }

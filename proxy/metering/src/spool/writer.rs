@@ -21,7 +21,18 @@ use super::{
     window_code, Append, CounterKey, GroupKey, Msg, Record, Seal, SpoolConfig, SpoolError, State,
     COMPACT_AT,
 };
+use tollgate_core::credits::Allowance;
 use tollgate_core::limiter::calendar_window;
+
+/// `K at customer credits grant d|m 0|1 crc`: a charge of credits.
+fn credit_line(text: &mut String, customer: &str, a: Allowance, credits: u64, at: Millis) {
+    let start = text.len();
+    let _ = write!(text, "K {at} ");
+    tollgate_core::pct::encode_into(text, customer, plain);
+    let _ = write!(text, " {credits} {}", super::credits::allowance_fields(a));
+    let crc = crc32(&text.as_bytes()[start..]);
+    let _ = writeln!(text, " {crc:08x}");
+}
 
 pub(super) struct Writer {
     dir: PathBuf,
@@ -136,10 +147,17 @@ impl Writer {
         let mut text = String::with_capacity(items.len() * 64);
         let mut added: Vec<(GroupKey, u64, u64)> = Vec::with_capacity(items.len());
         let mut counted: Vec<(CounterKey, Millis, u64)> = Vec::new();
+        let mut charged: Vec<(Arc<str>, Allowance, u64, Millis)> = Vec::new();
         let mut acks = Vec::with_capacity(items.len());
         let mut st = lock(&self.state);
         for a in items {
             if let Some((meter, units)) = a.usage {
+                // What the units cost in credits, on the line after them.
+                let credits = a
+                    .credits
+                    .as_ref()
+                    .map(|p| (p.allowance, p.cost(&meter, units)))
+                    .filter(|(_, c)| *c > 0);
                 let seq = st.next_seq;
                 st.next_seq += 1;
                 // `E seq ts customer meter units crc`, written in place: this
@@ -157,6 +175,10 @@ impl Writer {
                     units,
                     seq,
                 ));
+                if let Some((allowance, credits)) = credits {
+                    credit_line(&mut text, &a.customer, allowance, credits, a.at);
+                    charged.push((a.customer.clone(), allowance, credits, a.at));
+                }
             }
             if let Some(charge) = a.charge {
                 for limit in &charge.plan.limits {
@@ -197,6 +219,9 @@ impl Writer {
             for (key, begin, units) in counted {
                 st.count(key, begin, units);
             }
+            for (customer, allowance, credits, at) in charged {
+                st.charge_credits(&customer, allowance, credits, at);
+            }
             self.bytes.fetch_add(n, Ordering::Relaxed);
             self.dirty = true;
             if self.failed_at.load(Ordering::Relaxed) != 0 {
@@ -215,6 +240,27 @@ impl Writer {
         drop(st);
         for a in acks {
             let _ = a.send(ok);
+        }
+    }
+
+    /// Appends lines that answer no response (a grant of credits), synced
+    /// before it returns: a grant is answered as done (and a provider then
+    /// stops retrying it). Grants are rare; the sync is affordable.
+    pub(super) fn append_text(&mut self, text: &str) -> Result<(), String> {
+        let written = self
+            .events
+            .append(text)
+            .filter(|_| self.events.file.sync_data().is_ok());
+        match written {
+            Some(n) => {
+                self.bytes.fetch_add(n, Ordering::Relaxed);
+                self.dirty = true;
+                Ok(())
+            }
+            None => Err(format!(
+                "cannot append to {}",
+                self.dir.join("events.log").display()
+            )),
         }
     }
 

@@ -1,0 +1,289 @@
+//! Prepaid credits: charged per billable unit, 402 at zero, grants through
+//! the admin API (idempotent), exact under concurrency, and the plan's
+//! grant at the period edge.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod harness;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use harness::Harness;
+use serde_json::{json, Value};
+use tollgate_core::clock::{days_from_civil, Date, ManualClock, DAY};
+
+const TOKEN: &str = "credits-admin-token";
+
+/// `prepaid`: 100 credits a month, a request costs 10. `payg`: no grant,
+/// a request costs 1. `rolling`: like prepaid, unspent credits roll over.
+const PLANS: &str = r#"
+default_plan: prepaid
+plans:
+  prepaid:
+    meter: api_requests
+    credits: { grant: 100, per: month }
+    meters: { api_requests: { credits_per_unit: 10 } }
+  rolling:
+    meter: api_requests
+    credits: { grant: 100, per: month, rollover: true }
+    meters: { api_requests: { credits_per_unit: 10 } }
+  payg:
+    meter: api_requests
+    meters: { api_requests: { credits_per_unit: 1 } }
+  free:
+    limits: [{ name: daily, requests: 1000, per: day }]
+routes:
+  - { match: "GET /health", public: true }
+  # Tokens are not priced in these plans, but a response that reports none
+  # is billed on the plan's meter, which is: it costs credits.
+  - { match: "POST /v1/chat/*", usage: openai }
+"#;
+
+fn harness() -> Harness {
+    Harness::builder().plans(PLANS).admin_token(TOKEN).build()
+}
+
+fn remaining(r: &reqwest::Response) -> Option<i64> {
+    r.headers()
+        .get("tollgate-credits-remaining")
+        .map(|v| v.to_str().unwrap().parse().unwrap())
+}
+
+async fn admin(
+    h: &Harness,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = h
+        .client
+        .request(method, format!("http://{}{path}", h.admin))
+        .bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+async fn grant(h: &Harness, customer: &str, body: Value) -> (u16, Value) {
+    let path = format!("/admin/customers/{customer}/credits");
+    admin(h, reqwest::Method::POST, &path, Some(body)).await
+}
+
+/// The admin API's balance and history of `customer`; asserts the history
+/// adds up to the balance.
+async fn balance(h: &Harness, customer: &str) -> Value {
+    let path = format!("/admin/customers/{customer}/credits");
+    let (status, v) = admin(h, reqwest::Method::GET, &path, None).await;
+    assert_eq!(status, 200, "{v}");
+    let sum: i64 = v["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["amount"].as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        sum,
+        v["credits"]["remaining"].as_i64().unwrap(),
+        "history adds up: {v}"
+    );
+    v["credits"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_run_out_with_a_402_and_a_grant_brings_them_back_once() {
+    let h = harness();
+    let key = h.key("cus_pre", None);
+    for left in (0..10).rev() {
+        let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            remaining(&r),
+            Some(left * 10),
+            "the balance after this response"
+        );
+    }
+    let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 402);
+    assert_eq!(remaining(&r), Some(0));
+    assert_eq!(r.headers()["content-type"], "application/problem+json");
+    let p: Value = r.json().await.unwrap();
+    assert_eq!(p["type"], "urn:tollgate:problem:credits-exhausted");
+    assert_eq!(p["status"], 402);
+    let r = h
+        .client
+        .post(h.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        402,
+        "a usage: route whose fallback costs credits"
+    );
+    assert_eq!(
+        h.upstream_hits(),
+        10,
+        "the refused requests never reached the API"
+    );
+    // The consumer sees it in its own report.
+    let r = h
+        .get("/_tollgate/usage")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(remaining(&r), Some(0));
+    let report: Value = r.json().await.unwrap();
+    assert_eq!(
+        report["credits"],
+        json!({"remaining": 0, "granted": 100, "used": 100})
+    );
+    // A public route costs nothing and needs no credits.
+    assert_eq!(h.get("/health").send().await.unwrap().status(), 200);
+
+    // Granted once per idempotency key; the same key with another amount
+    // is a conflict, not a second grant.
+    let body = json!({"amount": 25, "idempotency_key": "support-4711", "reason": "outage credit"});
+    let (status, v) = grant(&h, "cus_pre", body.clone()).await;
+    assert_eq!((status, v["granted"].clone()), (201, json!(true)), "{v}");
+    assert_eq!(v["credits"]["remaining"], 25);
+    let (status, v) = grant(&h, "cus_pre", body).await;
+    assert_eq!(
+        (status, v["granted"].clone()),
+        (200, json!(false)),
+        "a retry: {v}"
+    );
+    assert_eq!(v["credits"]["remaining"], 25);
+    let (status, _) = grant(
+        &h,
+        "cus_pre",
+        json!({"amount": 30, "idempotency_key": "support-4711"}),
+    )
+    .await;
+    assert_eq!(status, 409);
+    for bad in [
+        json!({"amount": 0}),
+        json!({"amount": 0.0}),
+        json!({"amount": 1.5}),
+        json!({"amount": 5, "colour": 1}),
+        json!([5]),
+    ] {
+        assert_eq!(grant(&h, "cus_pre", bad.clone()).await.0, 400, "{bad}");
+    }
+    // 25 credits: three requests of 10 are admitted (the last one with 5
+    // left, so the balance ends below zero), then 402 again.
+    let statuses = h.get_n("/v1/x", &key, 4).await;
+    assert_eq!(statuses, vec![200, 200, 200, 402]);
+    let b = balance(&h, "cus_pre").await;
+    assert_eq!(b, json!({"remaining": -5, "granted": 125, "used": 130}));
+    // A removal.
+    let (status, v) = grant(
+        &h,
+        "cus_pre",
+        json!({"amount": -10, "reason": "chargeback"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    assert_eq!(v["credits"]["remaining"], -15);
+    balance(&h, "cus_pre").await;
+    // A plan without credits has no header and no balance in its report.
+    let free = h.key("cus_free", Some("free"));
+    let r = h.get("/v1/x").bearer_auth(&free).send().await.unwrap();
+    assert_eq!((r.status().as_u16(), remaining(&r)), (200, None));
+    let report: Value = h
+        .get("/_tollgate/usage")
+        .bearer_auth(&free)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(report.get("credits").is_none(), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balance_is_exact_under_64_concurrent_clients() {
+    let h = Arc::new(harness());
+    let key = h.key("cus_swarm", Some("payg"));
+    let (status, _) = grant(
+        &h,
+        "cus_swarm",
+        json!({"amount": 3000, "idempotency_key": "topup-1"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (ok, refused) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (h, key, ok, refused) = (h.clone(), key.clone(), ok.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..60 {
+                let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+                match r.status().as_u16() {
+                    200 => ok.fetch_add(1, Ordering::SeqCst),
+                    402 => refused.fetch_add(1, Ordering::SeqCst),
+                    s => panic!("unexpected {s}"),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, refused) = (ok.load(Ordering::SeqCst), refused.load(Ordering::SeqCst));
+    assert_eq!(ok + refused, 64 * 60);
+    // Every credit could be used; past zero, at most the requests already
+    // admitted (one per client) finish.
+    assert!((3000..3000 + 64).contains(&ok), "{ok} answered");
+    assert_eq!(h.upstream_hits(), ok);
+    let b = balance(&h, "cus_swarm").await;
+    assert_eq!(b["used"], ok, "every answer was charged, once");
+    assert_eq!(
+        b["remaining"],
+        3000 - ok as i64,
+        "the balance is grants minus charges"
+    );
+}
+
+fn utc(year: i64, month: u32, day: u32) -> u64 {
+    days_from_civil(Date { year, month, day }) as u64 * DAY
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plans_grant_comes_back_at_the_month_edge_and_rolls_over_when_told() {
+    let feb = utc(2027, 2, 1);
+    let clock = ManualClock::at(feb - 2_000);
+    let h = Harness::builder()
+        .plans(PLANS)
+        .admin_token(TOKEN)
+        .clock(Arc::new(clock.clone()))
+        .build();
+    let pre = h.key("cus_edge", Some("prepaid"));
+    let roll = h.key("cus_roll", Some("rolling"));
+    assert_eq!(h.get_n("/v1/x", &pre, 4).await, vec![200; 4]);
+    assert_eq!(h.get_n("/v1/x", &roll, 4).await, vec![200; 4]);
+    clock.set(feb - 1);
+    assert_eq!(
+        balance(&h, "cus_edge").await["remaining"],
+        60,
+        "still January"
+    );
+    clock.set(feb);
+    assert_eq!(
+        balance(&h, "cus_edge").await,
+        json!({"remaining": 100, "granted": 100, "used": 0}),
+        "January's unspent 60 expired; February's 100 are new"
+    );
+    assert_eq!(
+        balance(&h, "cus_roll").await,
+        json!({"remaining": 160, "granted": 160, "used": 0}),
+        "with rollover the 60 stay"
+    );
+    let r = h.get("/v1/x").bearer_auth(&pre).send().await.unwrap();
+    assert_eq!(remaining(&r), Some(90));
+}
