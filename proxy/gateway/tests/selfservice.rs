@@ -391,25 +391,16 @@ fn artifacts() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_pastes_a_key_in_chromium_and_sees_plan_limits_and_an_upgrade() {
     let (stripe, base) = stripe();
-    let h = harness(&stripe);
+    // The default plans, and one with prepaid credits.
+    let plans = harness::DEFAULT_PLANS.replace(
+        "\nroutes:",
+        "\n  prepaid:\n    meter: api_requests\n    limits: [{ name: burst, requests: 50, per: second }]\n    \
+         credits: { grant: 1000, per: month }\n    meters: { api_requests: { credits_per_unit: 7 } }\nroutes:",
+    );
+    let h = builder(&stripe).plans(&plans).build();
     let key = h.key("cus_browser", None);
     assert_eq!(h.get_n("/v1/x", &key, 3).await, vec![200; 3]);
-    let (url, key2, out) = (h.url(""), key.clone(), artifacts());
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/dashboard.py");
-    let output = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3")
-            .args([script, &url, &key2, out.to_str().unwrap()])
-            .output()
-            .expect("python3 with selenium (scripts/setup.sh installs it)")
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "dashboard.py failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let seen: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let seen = dashboard(&h, &key, "dashboard").await;
     assert_eq!(seen["label"], "API key");
     assert_eq!(seen["plan"], "free");
     // free: burst 5/s and daily 100; three requests used of the daily.
@@ -450,6 +441,44 @@ async fn a_consumer_pastes_a_key_in_chromium_and_sees_plan_limits_and_an_upgrade
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].form()["customer"], "cus_browser");
     assert!(artifacts().join("dashboard-phone.png").exists());
+    assert_eq!(
+        seen["credits"],
+        Value::Null,
+        "a plan without credits shows none"
+    );
+
+    // A customer with prepaid credits sees its balance.
+    let prepaid = h.key("cus_browser_credits", Some("prepaid"));
+    assert_eq!(h.get_n("/v1/x", &prepaid, 2).await, vec![200; 2]);
+    let seen = dashboard(&h, &prepaid, "dashboard-credits").await;
+    assert_eq!(seen["plan"], "prepaid");
+    assert_eq!(
+        seen["credits"], "Credits\n986 credits left 14 of 1,000 used this period",
+        "{seen}"
+    );
+    assert_eq!(seen["csp_violations"], json!([]));
+    assert!(artifacts().join("dashboard-credits-phone.png").exists());
+}
+
+/// What `tests/py/dashboard.py` saw of the dashboard with `key`, its
+/// screenshots named `name`.
+async fn dashboard(h: &Harness, key: &str, name: &str) -> Value {
+    let (url, key, out, name) = (h.url(""), key.to_owned(), artifacts(), name.to_owned());
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/dashboard.py");
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3")
+            .args([script, &url, &key, out.to_str().unwrap(), &name])
+            .output()
+            .expect("python3 with selenium (scripts/setup.sh installs it)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "dashboard.py failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

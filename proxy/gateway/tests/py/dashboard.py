@@ -22,6 +22,8 @@ from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
 base, key, out = sys.argv[1], sys.argv[2], sys.argv[3]
+# Screenshots are named after this (a second run keeps the first's).
+name = sys.argv[4] if len(sys.argv) > 4 else "dashboard"
 os.makedirs(out, exist_ok=True)
 
 opts = webdriver.ChromeOptions()
@@ -56,9 +58,11 @@ try:
     result["limit_text"] = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "#limits li")]
     result["usage_rows"] = [r.text for r in driver.find_elements(By.CSS_SELECTOR, "#usage tbody tr")]
     result["upgrade_buttons"] = [b.text for b in driver.find_elements(By.CSS_SELECTOR, "[data-plan]")]
-    driver.save_screenshot(os.path.join(out, "dashboard-phone.png"))
+    credits = driver.find_element(By.ID, "credits")
+    result["credits"] = credits.text if credits.is_displayed() else None
+    driver.save_screenshot(os.path.join(out, name + "-phone.png"))
     driver.set_window_size(1280, 900)
-    driver.save_screenshot(os.path.join(out, "dashboard-desktop.png"))
+    driver.save_screenshot(os.path.join(out, name + "-desktop.png"))
     # Where the key could leak: none of these may hold it.
     result["key_in_url"] = key in driver.current_url
     result["cookies"] = driver.get_cookies()
