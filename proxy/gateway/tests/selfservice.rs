@@ -61,7 +61,7 @@ fn builder(stripe: &MockProvider) -> harness::HarnessBuilder {
         .env("T_STRIPE_KEY", STRIPE_KEY)
         .config(&format!(
             r#"checkout:
-  stripe: {{ api_key_env: T_STRIPE_KEY, base_url: "{}", prices: {{ pro: price_1Pro, enterprise: price_ent }}, success_url: "https://example.com/ok", cancel_url: "https://example.com/pricing", return_url: "https://example.com/account" }}
+  stripe: {{ api_key_env: T_STRIPE_KEY, base_url: "{}", prices: {{ pro: price_1Pro, enterprise: price_ent }}, credit_pack: {{ price: price_1kCredits, credits: 1000 }}, success_url: "https://example.com/ok", cancel_url: "https://example.com/pricing", return_url: "https://example.com/account" }}
 "#,
             stripe.url()
         ))
@@ -400,7 +400,7 @@ async fn a_consumer_pastes_a_key_in_chromium_and_sees_plan_limits_and_an_upgrade
     let h = builder(&stripe).plans(&plans).build();
     let key = h.key("cus_browser", None);
     assert_eq!(h.get_n("/v1/x", &key, 3).await, vec![200; 3]);
-    let seen = dashboard(&h, &key, "dashboard").await;
+    let seen = dashboard(&h, &key, "dashboard", "upgrade").await;
     assert_eq!(seen["label"], "API key");
     assert_eq!(seen["plan"], "free");
     // free: burst 5/s and daily 100; three requests used of the daily.
@@ -446,11 +446,12 @@ async fn a_consumer_pastes_a_key_in_chromium_and_sees_plan_limits_and_an_upgrade
         Value::Null,
         "a plan without credits shows none"
     );
+    assert_eq!(seen["buy_buttons"], json!([]), "nor sells any");
 
     // A customer with prepaid credits sees its balance.
     let prepaid = h.key("cus_browser_credits", Some("prepaid"));
     assert_eq!(h.get_n("/v1/x", &prepaid, 2).await, vec![200; 2]);
-    let seen = dashboard(&h, &prepaid, "dashboard-credits").await;
+    let seen = dashboard(&h, &prepaid, "dashboard-credits", "buy").await;
     assert_eq!(seen["plan"], "prepaid");
     assert_eq!(
         seen["credits"], "Credits\n986 credits left 14 of 1,000 used this period",
@@ -458,16 +459,34 @@ async fn a_consumer_pastes_a_key_in_chromium_and_sees_plan_limits_and_an_upgrade
     );
     assert_eq!(seen["csp_violations"], json!([]));
     assert!(artifacts().join("dashboard-credits-phone.png").exists());
+    // Where a 402's `buy` link leads: a pack, bought in Stripe Checkout.
+    assert_eq!(seen["buy_buttons"], json!(["Buy 1000 credits"]));
+    assert_eq!(
+        seen["after_upgrade"],
+        format!("{}/c/pay/cs_test_a1", base.get().unwrap())
+    );
+    let sent = sessions(&stripe, "/v1/checkout/sessions");
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[1].form()["mode"], "payment");
+    assert_eq!(sent[1].form()["customer"], "cus_browser_credits");
+    assert_eq!(sent[1].form()["metadata[tollgate_credits]"], "1000");
 }
 
 /// What `tests/py/dashboard.py` saw of the dashboard with `key`, its
-/// screenshots named `name`.
-async fn dashboard(h: &Harness, key: &str, name: &str) -> Value {
-    let (url, key, out, name) = (h.url(""), key.to_owned(), artifacts(), name.to_owned());
+/// screenshots named `name`; at the end it clicks `upgrade` (to pro) or
+/// `buy` (a credit pack).
+async fn dashboard(h: &Harness, key: &str, name: &str, click: &str) -> Value {
+    let (url, key, out, name, click) = (
+        h.url(""),
+        key.to_owned(),
+        artifacts(),
+        name.to_owned(),
+        click.to_owned(),
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/dashboard.py");
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("python3")
-            .args([script, &url, &key, out.to_str().unwrap(), &name])
+            .args([script, &url, &key, out.to_str().unwrap(), &name, &click])
             .output()
             .expect("python3 with selenium (scripts/setup.sh installs it)")
     })

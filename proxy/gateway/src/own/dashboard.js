@@ -90,6 +90,8 @@
       b.disabled = current;
       b.textContent = current ? "Current plan: " + u.plan : "Upgrade to " + b.getAttribute("data-plan");
     });
+    // Credit packs, for a plan that spends credits (a subscriber too).
+    document.querySelectorAll("[data-credits]").forEach(function (b) { b.hidden = !u.credits; });
     var note = $("change-note");
     if (note) { note.hidden = !subscribed; }
   }
@@ -139,6 +141,9 @@
   });
   document.querySelectorAll("[data-plan]").forEach(function (b) {
     b.addEventListener("click", function () { go("/_tollgate/billing/checkout", "plan=" + encodeURIComponent(b.getAttribute("data-plan")), b); });
+  });
+  document.querySelectorAll("[data-credits]").forEach(function (b) {
+    b.addEventListener("click", function () { go("/_tollgate/billing/checkout", "credits=" + encodeURIComponent(b.getAttribute("data-credits")), b); });
   });
   var portal = $("portal");
   if (portal) { portal.addEventListener("click", function () { go("/_tollgate/billing/portal", null, portal); }); }

@@ -45,10 +45,12 @@ fn policy(script: &str, style: &str) -> String {
 
 impl Dashboard {
     pub fn new(config: &Config) -> Self {
-        // One button per plan with a checkout price; none without checkout.
+        // One button per plan with a checkout price, and one for a credit
+        // pack when one is on sale; none without checkout.
         let (upgrades, portal) = match &config.checkout {
-            Some(c) => (
-                c.prices
+            Some(c) => {
+                let mut buttons: String = c
+                    .prices
                     .keys()
                     .map(|p| {
                         format!(
@@ -56,9 +58,15 @@ impl Dashboard {
                             html(p)
                         )
                     })
-                    .collect::<String>(),
-                true,
-            ),
+                    .collect();
+                if let Some(pack) = &c.credit_pack {
+                    buttons.push_str(&format!(
+                        "<button type=\"button\" data-credits=\"{0}\" hidden>Buy {0} credits</button>",
+                        pack.credits
+                    ));
+                }
+                (buttons, true)
+            }
             None => (String::new(), false),
         };
         let mut page = PAGE

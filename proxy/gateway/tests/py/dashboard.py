@@ -24,6 +24,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 base, key, out = sys.argv[1], sys.argv[2], sys.argv[3]
 # Screenshots are named after this (a second run keeps the first's).
 name = sys.argv[4] if len(sys.argv) > 4 else "dashboard"
+# The button clicked at the end: `[data-plan=pro]` (upgrade) or a credit pack.
+click = "[data-credits]" if len(sys.argv) > 5 and sys.argv[5] == "buy" else "[data-plan=pro]"
 os.makedirs(out, exist_ok=True)
 
 opts = webdriver.ChromeOptions()
@@ -60,6 +62,7 @@ try:
     result["upgrade_buttons"] = [b.text for b in driver.find_elements(By.CSS_SELECTOR, "[data-plan]")]
     credits = driver.find_element(By.ID, "credits")
     result["credits"] = credits.text if credits.is_displayed() else None
+    result["buy_buttons"] = [b.text for b in driver.find_elements(By.CSS_SELECTOR, "[data-credits]") if b.is_displayed()]
     driver.save_screenshot(os.path.join(out, name + "-phone.png"))
     driver.set_window_size(1280, 900)
     driver.save_screenshot(os.path.join(out, name + "-desktop.png"))
@@ -71,7 +74,7 @@ try:
     result["csp_violations"] = [
         e["message"] for e in driver.get_log("browser") if "Content Security Policy" in e["message"]
     ]
-    upgrade = driver.find_element(By.CSS_SELECTOR, "[data-plan=pro]")
+    upgrade = driver.find_element(By.CSS_SELECTOR, click)
     upgrade.click()
     wait.until(EC.url_contains("/c/pay/"))
     result["after_upgrade"] = driver.current_url
