@@ -91,15 +91,7 @@ async fn every_request_is_one_line_with_every_field_and_its_request_id() {
     assert_eq!(p["request_id"], id401.as_str());
     // The free plan's burst is 5 a second; two were used: three more pass, then 429.
     for _ in 0..3 {
-        assert_eq!(
-            h.get("/v1/x")
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(h.status("/v1/x", &key).await, 200);
     }
     let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 429);

@@ -127,15 +127,7 @@ async fn forty_successes_and_five_failures_bill_exactly_forty_with_the_sdk_wire_
     );
 
     // `tollgate usage` numbers: recorded 40, all reported.
-    let u: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let u = h.report(&key).await;
     assert_eq!(u["usage"]["api_requests"], 40);
     assert_eq!(
         u["billing"]["api_requests"],
@@ -155,10 +147,7 @@ async fn a_provider_outage_delays_but_loses_nothing() {
     let k2 = h.key("cus_b", Some("pro"));
     for i in 0..30 {
         let k = if i % 3 == 0 { &k2 } else { &k1 };
-        assert_eq!(
-            h.get("/v1/x").bearer_auth(k).send().await.unwrap().status(),
-            200
-        );
+        assert_eq!(h.status("/v1/x", k).await, 200);
         tokio::time::sleep(Duration::from_millis(40)).await; // spread over several windows
     }
     wait_for("everything after the outage", 30, || {
@@ -198,15 +187,7 @@ async fn usage_reported_in_a_header_is_billed_under_its_own_meter() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    assert_eq!(
-        h.get("/v1/plain")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(h.status("/v1/plain", &key).await, 200);
     wait_for("AI tokens at Stripe", 15, || {
         stripe.total("ai_tokens") == 1239 && stripe.total("api_requests") == 1
     })
@@ -605,15 +586,7 @@ async fn a_full_spool_refuses_billable_requests_loudly() {
     assert_eq!(r.headers()["retry-after"], "5");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["type"], "urn:tollgate:problem:usage-spool-full");
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&free)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(h.status("/v1/x", &free).await, 200);
     assert_eq!(
         h.upstream_hits(),
         1,
@@ -625,15 +598,7 @@ async fn a_full_spool_refuses_billable_requests_loudly() {
         "{metrics}"
     );
     // The refusal consumed nothing of the plan's limits.
-    let usage: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&billed)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = h.report(&billed).await;
     assert_eq!(usage["policies"][0]["remaining"], 1000, "{usage}");
 }
 
@@ -744,15 +709,7 @@ async fn a_full_disk_refuses_billable_work_and_loses_nothing_answered() {
     assert_eq!(h.get_n("/v1/x", &key, 3).await, vec![200; 3]);
     let ready = h.client.get(admin("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
-    let usage: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = h.report(&key).await;
     assert_eq!(
         usage["billing"]["api_requests"]["recorded"],
         answered + 3,
@@ -777,15 +734,7 @@ async fn an_upstream_that_resets_is_502_and_never_billed() {
     let h = Harness::builder().upstream(addr).build();
     let key = h.key("cus_reset", Some("enterprise"));
     assert_eq!(h.get_n("/v1/x", &key, 5).await, vec![502; 5]);
-    let usage: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = h.report(&key).await;
     assert_eq!(usage["usage"], serde_json::json!({}), "{usage}");
     assert_eq!(usage["billing"], serde_json::json!({}), "{usage}");
 }

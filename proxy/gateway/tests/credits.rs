@@ -194,15 +194,7 @@ async fn credits_run_out_with_a_402_and_a_grant_brings_them_back_once() {
     let free = h.key("cus_free", Some("free"));
     let r = h.get("/v1/x").bearer_auth(&free).send().await.unwrap();
     assert_eq!((r.status().as_u16(), remaining(&r)), (200, None));
-    let report: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&free)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = h.report(&free).await;
     assert!(report.get("credits").is_none(), "{report}");
 }
 

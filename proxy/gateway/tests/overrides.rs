@@ -52,24 +52,8 @@ async fn a_customer_gets_its_own_limits_and_loses_them_again() {
     assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
     let policy = r.headers()["ratelimit-policy"].to_str().unwrap().to_owned();
     assert_eq!(policy, "\"burst\";q=2;w=1, \"monthly\";q=1000000;w=2592000");
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        429
-    );
-    let usage: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(h.status("/v1/x", &key).await, 429);
+    let usage = h.report(&key).await;
     assert_eq!(usage["policies"][1]["limit"], 1_000_000);
     assert_eq!(usage["plan"], "free", "the plan's name stays");
 

@@ -217,15 +217,7 @@ async fn routes_match_the_normalised_path_the_upstream_will_see() {
     // Dot segments cannot climb out of a public route.
     let r = h.get("/health/../v1/private").send().await.unwrap();
     assert_eq!(r.status(), 401);
-    let u: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let u = h.report(&key).await;
     assert_eq!(u["usage"], serde_json::json!({"sms_sent": 5}), "{u}");
 }
 
@@ -300,19 +292,8 @@ async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
     );
     // A metered customer is not billed for a 502.
     let pro = h.key("cus_502_pro", Some("pro"));
-    assert_eq!(
-        h.get("/x").bearer_auth(&pro).send().await.unwrap().status(),
-        502
-    );
-    let usage: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&pro)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(h.status("/x", &pro).await, 502);
+    let usage = h.report(&pro).await;
     assert_eq!(usage["usage"], serde_json::json!({}), "{usage}");
     // The connection is closed after a 502, and the answer says so: a
     // client must not send its next request into the closing socket.
@@ -358,15 +339,7 @@ async fn unreachable_upstream_is_502_and_slow_upstream_is_504() {
         "urn:tollgate:problem:upstream-timeout"
     );
     // Neither is billed.
-    let usage: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = h.report(&key).await;
     assert_eq!(usage["usage"], serde_json::json!({}), "{usage}");
 }
 
@@ -389,26 +362,10 @@ async fn usage_is_metered_per_meter_and_the_usage_header_is_stripped() {
         );
     }
     for _ in 0..3 {
-        assert_eq!(
-            h.get("/v1/plain")
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(h.status("/v1/plain", &key).await, 200);
     }
     // Not billable: 5xx.
-    assert_eq!(
-        h.get("/status/500")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        500
-    );
+    assert_eq!(h.status("/status/500", &key).await, 500);
     // Route cost: POST /v1/sms/* costs 5 on its own meter.
     assert_eq!(
         h.client
@@ -421,15 +378,7 @@ async fn usage_is_metered_per_meter_and_the_usage_header_is_stripped() {
         200
     );
 
-    let u: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let u = h.report(&key).await;
     assert_eq!(u["customer"], "cus_ai");
     assert_eq!(u["plan"], "pro");
     assert_eq!(
@@ -578,15 +527,7 @@ async fn exactly_the_quota_is_admitted_under_64_concurrent_clients() {
     assert_eq!(ok + limited, 900);
     assert_eq!(ok, 300, "exactly the quota is admitted");
     assert_eq!(h.upstream_hits(), 300);
-    let u: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let u = h.report(&key).await;
     assert_eq!(u["usage"]["api_requests"], 300);
     assert_eq!(u["policies"][0]["remaining"], 0);
 }
@@ -695,15 +636,7 @@ async fn hostile_input_gets_4xx_never_a_5xx_or_a_crash() {
 async fn admin_port_serves_metrics_health_and_the_token_protected_api() {
     let h = Harness::builder().admin_token("t0ken").build();
     let key = h.key("cus_adm", Some("pro"));
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(h.status("/v1/x", &key).await, 200);
     let admin = |p: &str| format!("http://{}{}", h.admin, p);
     // The logging phase (where requests are counted) runs after the client
     // has its answer, so give it a moment.
@@ -884,22 +817,9 @@ async fn the_admin_api_manages_keys_and_plans() {
     assert_eq!(r.status(), 201);
     let rotated: Value = r.json().await.unwrap();
     let new_key = rotated["key"].as_str().unwrap().to_owned();
+    assert_eq!(h.status("/v1/x", &new_key).await, 200);
     assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&new_key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        h.status("/v1/x", &key).await,
         200,
         "old key within its grace"
     );
@@ -913,15 +833,7 @@ async fn the_admin_api_manages_keys_and_plans() {
             .status(),
         200
     );
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&new_key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
+    assert_eq!(h.status("/v1/x", &new_key).await, 401);
 
     assert_eq!(
         post("/admin/customers/cus_api/suspend", "")
@@ -931,15 +843,7 @@ async fn the_admin_api_manages_keys_and_plans() {
             .status(),
         200
     );
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        403
-    );
+    assert_eq!(h.status("/v1/x", &key).await, 403);
     assert_eq!(
         post("/admin/customers/cus_api/resume", "")
             .send()
@@ -948,15 +852,7 @@ async fn the_admin_api_manages_keys_and_plans() {
             .status(),
         200
     );
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(h.status("/v1/x", &key).await, 200);
 
     // Bad input: clear 4xx problems, nothing changed.
     let r = post("/admin/keys", "{not json").send().await.unwrap();
@@ -1118,40 +1014,16 @@ async fn a_route_gated_by_plan_is_403_for_other_plans_and_unbilled_plans_are_nev
     );
     assert_eq!(h.upstream_hits(), 0, "refused before the upstream");
     // Nothing was charged for the refusal.
-    let u: serde_json::Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&free)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let u = h.report(&free).await;
     assert_eq!(u["policies"][0]["remaining"], 100);
     // Other routes stay open to the free plan.
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&free)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(h.status("/v1/x", &free).await, 200);
     assert_eq!(post(&pro).await.unwrap().status(), 200);
     assert_eq!(post(&internal).await.unwrap().status(), 200);
     let usage = |key: String| {
         let h = &h;
         async move {
-            let v: serde_json::Value = h
-                .get("/_tollgate/usage")
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = h.report(&key).await;
             v["usage"].clone()
         }
     };

@@ -155,15 +155,7 @@ async fn unknown_keys_are_negatively_cached() {
     let guess = tollgate_core::keys::from_secret("tg_test_", &[3u8; 32]);
     redis.cli(&["config", "resetstat"]);
     for _ in 0..50 {
-        assert_eq!(
-            h.get("/v1/x")
-                .bearer_auth(&guess)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            401
-        );
+        assert_eq!(h.status("/v1/x", &guess).await, 401);
     }
     let stats = redis.cli(&["info", "commandstats"]);
     let hgetall = stats
@@ -189,15 +181,7 @@ async fn outage(on_error: &str) -> (RedisServer, Harness, String, Vec<u16>) {
     );
     let h = Harness::builder().redis(&r).build();
     let key = h.key("cus_outage", Some("pro"));
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(h.status("/v1/x", &key).await, 200);
     redis.kill();
     let mut statuses = Vec::new();
     let started = Instant::now();

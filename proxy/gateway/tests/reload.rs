@@ -84,15 +84,7 @@ async fn a_plans_change_applies_under_load_and_a_bad_one_changes_nothing() {
     // The new limit is in force; what was used of `burst` and `daily`
     // (same names and windows) is kept.
     assert_eq!(free_limit(&h, &free).await, "7");
-    let usage: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&free)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = h.report(&free).await;
     assert_eq!(
         usage["policies"][1]["remaining"],
         100_000 - 2,

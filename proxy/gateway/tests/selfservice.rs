@@ -267,15 +267,7 @@ async fn the_portal_works_for_a_suspended_customer_and_sessions_are_never_charge
             format!("{}/p/session/test_1", base.get().unwrap())
         );
     }
-    let usage: Value = h
-        .get("/_tollgate/usage")
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = h.report(&key).await;
     assert_eq!(usage["policies"][0]["remaining"], 5, "{usage}");
     assert_eq!(h.upstream_hits(), 0);
     let sent = sessions(&stripe, "/v1/billing_portal/sessions");
@@ -306,15 +298,7 @@ async fn the_portal_works_for_a_suspended_customer_and_sessions_are_never_charge
     // but the portal, where the customer pays, still opens.
     tollgate_core::store::admin::set_suspended(&h.store, "cus_portal", true).unwrap();
     h.sync();
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        403
-    );
+    assert_eq!(h.status("/v1/x", &key).await, 403);
     assert_eq!(portal(&h, &key).await.status(), 200);
 }
 

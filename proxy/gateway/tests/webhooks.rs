@@ -803,19 +803,7 @@ async fn a_paid_credit_pack_grants_its_credits_once() {
         )
         .build();
     let key = h.key("cus_pack", None);
-    let credits = |h: &Harness, key: String| {
-        let r = h.get("/_tollgate/usage").bearer_auth(key).send();
-        async move { r.await.unwrap().json::<Value>().await.unwrap()["credits"].clone() }
-    };
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        402
-    );
+    assert_eq!(h.status("/v1/x", &key).await, 402);
     let event = |id: &str, kind: &str, status: &str| {
         json!({"id": id, "object": "event", "api_version": "2024-09-30.acacia", "created": now(),
             "type": kind, "livemode": false, "pending_webhooks": 1,
@@ -835,23 +823,15 @@ async fn a_paid_credit_pack_grants_its_credits_once() {
     // ...and paid later (SEPA, ACH): granted on the payment.
     let paid = event("evt_p1", "checkout.session.async_payment_succeeded", "paid");
     assert_eq!(stripe(&h, &paid).await.1["result"], "applied");
-    assert_eq!(credits(&h, key.clone()).await["remaining"], 5000);
+    assert_eq!(h.report(&key).await["credits"]["remaining"], 5000);
     // Stripe retries the same event: a duplicate.
     assert_eq!(stripe(&h, &paid).await.1["result"], "duplicate");
     assert_eq!(
-        credits(&h, key.clone()).await,
+        h.report(&key).await["credits"],
         json!({"remaining": 5000, "granted": 5000, "used": 0})
     );
-    assert_eq!(
-        h.get("/v1/x")
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(credits(&h, key.clone()).await["remaining"], 4999);
+    assert_eq!(h.status("/v1/x", &key).await, 200);
+    assert_eq!(h.report(&key).await["credits"]["remaining"], 4999);
     // A pack with a nonsensical amount is refused (the provider retries it
     // and an operator sees it), not granted as 0.
     let bad = event("evt_p2", "checkout.session.completed", "paid").replace("\"5000\"", "\"-3\"");

@@ -233,6 +233,28 @@ impl Harness {
         statuses
     }
 
+    /// The status of a GET of `path` with `key`.
+    pub async fn status(&self, path: &str, key: &str) -> reqwest::StatusCode {
+        self.get(path)
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    }
+
+    /// `GET /_tollgate/usage` with `key`: the consumer's own report.
+    pub async fn report(&self, key: &str) -> serde_json::Value {
+        self.get("/_tollgate/usage")
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The admin port's `/metrics` text.
     pub async fn metrics(&self) -> String {
         self.client
