@@ -1,12 +1,14 @@
 //! The per-request decision at 100k customers: key format check + SHA-256 +
 //! constant-time lookup, plan resolution, the exact memory limiter, and
-//! header rendering. Target: under 2 µs. Run: `cargo bench -p tollgate-core`.
+//! header rendering (and, apart, a prepaid balance). Target: under 2 µs.
+//! Run: `cargo bench -p tollgate-core`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use tollgate_core::clock::{rfc3339, Clock, SystemClock};
+use tollgate_core::credits::Account;
 use tollgate_core::diag::Source;
 use tollgate_core::gate::Gate;
 use tollgate_core::headers::RateHeaders;
@@ -106,6 +108,33 @@ fn decision(c: &mut Criterion) {
     });
     c.bench_function("part_sha256", |b| {
         b.iter(|| black_box(keys::hash(black_box(&raw[0]))))
+    });
+    // A prepaid customer's balance, as the spool's credit book answers it
+    // (one map lookup under its lock, then the account's balance), for
+    // 100k accounts that each have spent some this month.
+    let allowance = tollgate_core::credits::Allowance {
+        grant: 100_000,
+        ..Default::default()
+    };
+    let now = SystemClock.now_ms();
+    let accounts: std::sync::Mutex<std::collections::HashMap<Arc<str>, Account>> = ids
+        .iter()
+        .map(|id| {
+            let mut a = Account::new(allowance, now);
+            a.charge(allowance, 1234, now);
+            (id.customer.clone(), a)
+        })
+        .collect::<std::collections::HashMap<_, _>>()
+        .into();
+    c.bench_function("part_credit_balance", |b| {
+        b.iter(|| {
+            i = (i + 7919) % CUSTOMERS;
+            let m = accounts.lock().unwrap();
+            black_box(
+                m.get(&ids[i].customer)
+                    .map(|a| a.balance(allowance, now).remaining),
+            )
+        })
     });
     c.bench_function("reject_malformed_key", |b| {
         b.iter(|| black_box(gate.authenticate_cached(black_box("tg_live_not-a-key"))).is_err())

@@ -160,6 +160,9 @@ pub struct Account {
     pub plan_grant: u64,
     /// Credits charged this period, per UTC day (day start, credits).
     pub days: Vec<(Millis, u64)>,
+    /// Their sum (kept, so a balance reads no list).
+    #[serde(default)]
+    pub used: u64,
     /// Grants of this period.
     pub grants: Vec<Grant>,
     /// Idempotency keys seen within [`IDEMPOTENCY_TTL`]: when, and the amount.
@@ -177,6 +180,7 @@ impl Account {
             opening: 0,
             plan_grant: a.grant,
             days: Vec::new(),
+            used: 0,
             grants: Vec::new(),
             keys: BTreeMap::new(),
         }
@@ -215,6 +219,7 @@ impl Account {
         self.plan_left = a.grant as i64;
         self.plan_grant = a.grant;
         self.days.clear();
+        self.used = 0;
         self.grants.clear();
     }
 
@@ -228,6 +233,7 @@ impl Account {
         let from_plan = c.min(self.plan_left.max(0));
         self.plan_left -= from_plan;
         self.other = self.other.saturating_sub(c - from_plan);
+        self.used = self.used.saturating_add(credits);
         let day = at - at % DAY;
         match self.days.last_mut() {
             Some((d, n)) if *d == day => *n = n.saturating_add(credits),
@@ -279,7 +285,7 @@ impl Account {
         } else {
             self
         };
-        let used: u64 = acc.days.iter().map(|(_, n)| n).sum();
+        let used = acc.used;
         let granted = acc
             .opening
             .saturating_add(acc.plan_grant as i64)
