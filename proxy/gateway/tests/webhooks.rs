@@ -826,6 +826,9 @@ async fn a_paid_credit_pack_grants_its_credits_once() {
     assert_eq!(h.report(&key).await["credits"]["remaining"], 5000);
     // Stripe retries the same event: a duplicate.
     assert_eq!(stripe(&h, &paid).await.1["result"], "duplicate");
+    // Another event about the same purchase (the session): nothing more.
+    let again = event("evt_p9", "checkout.session.completed", "paid");
+    assert_eq!(stripe(&h, &again).await.1["result"], "duplicate");
     assert_eq!(
         h.report(&key).await["credits"],
         json!({"remaining": 5000, "granted": 5000, "used": 0})

@@ -197,6 +197,9 @@ fn stripe(v: &Value) -> Result<Option<Event>, BodyError> {
         change,
         sources,
         plan,
+        purchase: matches!(change, Change::Credits(_))
+            .then(|| str_at(obj, &["id"]).map(str::to_owned))
+            .flatten(),
     }))
 }
 
@@ -236,6 +239,7 @@ fn paystack(v: &Value, body: &[u8], received: Millis) -> Result<Option<Event>, B
         change,
         sources: plan_code.map(str::to_owned).into_iter().collect(),
         plan: None,
+        purchase: None,
     }))
 }
 
@@ -289,6 +293,7 @@ fn paddle(v: &Value) -> Result<Option<Event>, BodyError> {
         change,
         sources,
         plan: None,
+        purchase: None,
     }))
 }
 
@@ -317,6 +322,7 @@ fn standard(v: &Value, id: Option<&str>, header_at: Millis) -> Result<Option<Eve
         change,
         sources: Vec::new(),
         plan,
+        purchase: None,
     }))
 }
 

@@ -85,6 +85,9 @@ pub struct Event {
     pub sources: Vec<String>,
     /// A plan named directly (Standard Webhooks, Tollgate's own checkout).
     pub plan: Option<String>,
+    /// What a credit pack was bought in (the Checkout Session's id): its
+    /// grant's idempotency key, shared by every event about that purchase.
+    pub purchase: Option<String>,
 }
 
 /// `on_past_due`.

@@ -27,6 +27,7 @@ fn ev(id: &str, at: Millis, change: Change, sources: &[&str]) -> Event {
         change,
         sources: sources.iter().map(|s| (*s).to_owned()).collect(),
         plan: None,
+        purchase: None,
     }
 }
 

@@ -131,8 +131,9 @@ pub async fn receive(
     apply(app, provider, cfg.policy.clone(), event, now).await
 }
 
-/// A paid credit pack: granted once, keyed by the event's id, so Stripe's
-/// retries of the same event grant nothing more.
+/// A paid credit pack: granted once, keyed by its Checkout Session, so
+/// Stripe's retries, or a second event about the same purchase, grant
+/// nothing more.
 async fn grant_pack(
     app: &App,
     provider: Provider,
@@ -144,7 +145,12 @@ async fn grant_pack(
     let grant = tollgate_core::credits::Grant {
         at: now,
         amount: i64::try_from(credits).unwrap_or(i64::MAX),
-        idempotency_key: Some(format!("{}:{}", provider.name(), event.id)),
+        // One grant per purchase, whichever of its events arrives.
+        idempotency_key: Some(format!(
+            "{}:{}",
+            provider.name(),
+            event.purchase.as_deref().unwrap_or(&event.id)
+        )),
         reason: format!("credit pack ({})", event.kind),
         source: tollgate_core::credits::Source::Stripe,
     };
