@@ -47,7 +47,7 @@ pub struct Limits {
     pub max: usize,
     /// From the first byte to the end of the first request head.
     pub header_timeout: Duration,
-    /// Silence before the first byte (and between requests, see `proxy.rs`).
+    /// Silence before the first byte (and between requests, see `proxy/mod.rs`).
     pub idle_timeout: Duration,
     /// The first request head's size.
     pub max_header_bytes: usize,

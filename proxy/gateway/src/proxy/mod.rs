@@ -1,6 +1,8 @@
 //! The Pingora `ProxyHttp` implementation. It stays thin: every decision is
 //! made by core's `Gate::admit`, every refusal rendered by core's `problem`,
-//! every unit recorded by core's `Meter`; this file moves headers.
+//! every unit recorded by core's `Meter`; this file moves headers
+//! (`respond.rs` writes the answers Tollgate gives itself, `access_line.rs`
+//! the access log's line).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -18,11 +20,16 @@ use tollgate_core::gate::{self, Admission, Admitted};
 use tollgate_core::headers::RateHeaders;
 use tollgate_core::metrics;
 use tollgate_core::plans::Plan;
-use tollgate_core::problem::{with_request_id, Rejection, PROBLEM_JSON};
+use tollgate_core::problem::Rejection;
 use tollgate_core::request_id;
-use tollgate_core::usage::{units_from_header, UsageReport};
+use tollgate_core::usage::units_from_header;
 
 use crate::app::App;
+
+mod access_line;
+mod respond;
+
+use access_line::access_line;
 
 pub const H_CUSTOMER: &str = "x-tollgate-customer";
 pub const H_PLAN: &str = "x-tollgate-plan";
@@ -65,222 +72,16 @@ pub struct Ctx {
     credits: Option<i64>,
 }
 
-impl TollgateProxy {
-    fn cors_headers(&self, ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
-        let live = self.app.live();
-        let Some(cors) = &live.cors else {
-            return Ok(());
-        };
-        let origin = ctx.origin.as_ref().and_then(|o| o.to_str().ok());
-        if let Some(allowed) = cors.allow_origin(origin) {
-            resp.insert_header(header::ACCESS_CONTROL_ALLOW_ORIGIN, allowed)?;
-            resp.insert_header(
-                header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                cors.expose_headers.as_str(),
-            )?;
-            if allowed != "*" {
-                resp.append_header(header::VARY, "Origin")?;
-            }
-        }
-        Ok(())
+impl Ctx {
+    /// Who was admitted, for the headers and the access log; the balance
+    /// stands until the response says otherwise (a refusal of Tollgate's
+    /// own after admission carries it too).
+    fn note(&mut self, a: &Admitted) {
+        self.rate = RateHeaders::render(&a.decision);
+        self.plan = Some(a.plan.clone());
+        self.identity = Some(a.identity.clone());
+        self.credits = a.credits.map(|b| b.remaining);
     }
-
-    fn rate_headers(&self, ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
-        let (Some(rate), Some(plan)) = (&ctx.rate, &ctx.plan) else {
-            return Ok(());
-        };
-        resp.insert_header("x-ratelimit-limit", rate.limit)?;
-        resp.insert_header("x-ratelimit-remaining", rate.remaining)?;
-        resp.insert_header("x-ratelimit-reset", rate.reset)?;
-        resp.insert_header("ratelimit-policy", plan.policy_header.as_str())?;
-        resp.insert_header("ratelimit", rate.ratelimit.as_str())?;
-        Ok(())
-    }
-
-    fn credit_header(ctx: &Ctx, resp: &mut ResponseHeader) -> Result<()> {
-        if let Some(n) = ctx.credits {
-            resp.insert_header(CREDITS_REMAINING, n)?;
-        }
-        Ok(())
-    }
-
-    /// Writes a response Tollgate produced itself.
-    async fn send(
-        &self,
-        session: &mut Session,
-        ctx: &Ctx,
-        status: u16,
-        content_type: &str,
-        extra: impl FnOnce(&mut ResponseHeader) -> Result<()>,
-        body: Bytes,
-    ) -> Result<()> {
-        let mut resp = ResponseHeader::build(status, Some(8))?;
-        if status != 204 {
-            resp.insert_header(header::CONTENT_TYPE, content_type)?;
-            resp.insert_header(header::CONTENT_LENGTH, body.len())?;
-        }
-        resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-        resp.insert_header(request_id::HEADER, ctx.request_id.as_str())?;
-        self.rate_headers(ctx, &mut resp)?;
-        Self::credit_header(ctx, &mut resp)?;
-        self.cors_headers(ctx, &mut resp)?;
-        extra(&mut resp)?;
-        // A body we did not read would corrupt the next request on this connection.
-        if has_request_body(session) {
-            session.set_keepalive(None);
-        }
-        let head_only = session.req_header().method == Method::HEAD;
-        session
-            .write_response_header(Box::new(resp), head_only)
-            .await?;
-        if !head_only {
-            session.write_response_body(Some(body), true).await?;
-        }
-        Ok(())
-    }
-
-    async fn reject(&self, session: &mut Session, ctx: &mut Ctx, r: &Rejection) -> Result<bool> {
-        ctx.outcome = r.outcome();
-        let mut body = with_request_id(&r.body(), &ctx.request_id);
-        // Where to upgrade, when consumers can.
-        let on_sale = match (r, &self.app.checkout) {
-            (Rejection::NotInPlan(plans), Some(c)) => plans
-                .iter()
-                .any(|p| c.config.prices.contains_key(&**p))
-                .then_some("upgrade"),
-            (Rejection::CreditsExhausted, Some(c)) => {
-                c.config.credit_pack.is_some().then_some("buy")
-            }
-            _ => None,
-        };
-        if let Some(link) = on_sale {
-            if let Some(head) = body.strip_suffix('}') {
-                body = format!("{head},\"{link}\":\"/_tollgate/\"}}");
-            }
-        }
-        let body = Bytes::from(body);
-        self.send(
-            session,
-            ctx,
-            r.status(),
-            PROBLEM_JSON,
-            |resp| {
-                if let Some(v) = r.www_authenticate() {
-                    resp.insert_header(header::WWW_AUTHENTICATE, v)?;
-                }
-                if let Some(s) = r.retry_after() {
-                    resp.insert_header(header::RETRY_AFTER, s)?;
-                }
-                Ok(())
-            },
-            body,
-        )
-        .await?;
-        Ok(true)
-    }
-
-    async fn preflight(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        ctx.outcome = "preflight";
-        let cors = self.app.live().cors.clone();
-        self.send(
-            session,
-            ctx,
-            204,
-            "text/plain",
-            |resp| {
-                if let Some(c) = &cors {
-                    resp.insert_header(
-                        header::ACCESS_CONTROL_ALLOW_METHODS,
-                        "GET, POST, PUT, PATCH, DELETE, HEAD, OPTIONS",
-                    )?;
-                    resp.insert_header(
-                        header::ACCESS_CONTROL_ALLOW_HEADERS,
-                        c.allow_headers.as_str(),
-                    )?;
-                    resp.insert_header(header::ACCESS_CONTROL_MAX_AGE, c.max_age_secs)?;
-                }
-                Ok(())
-            },
-            Bytes::new(),
-        )
-        .await?;
-        Ok(true)
-    }
-
-    async fn usage_report(
-        &self,
-        session: &mut Session,
-        ctx: &mut Ctx,
-        a: &Admitted,
-    ) -> Result<bool> {
-        ctx.outcome = "allowed";
-        let app = &self.app;
-        let customer = &a.identity.customer;
-        let period = app.meter.ledger.usage(customer);
-        let mut report = UsageReport::new(
-            customer,
-            &a.plan,
-            &a.decision,
-            &period,
-            app.meter.totals(customer),
-        );
-        report.subscription = a.identity.billing.map(|b| b.as_str());
-        report.credits = a.credits;
-        let body = report.to_json();
-        self.send(
-            session,
-            ctx,
-            200,
-            "application/json",
-            |_| Ok(()),
-            Bytes::from(body),
-        )
-        .await?;
-        Ok(true)
-    }
-}
-
-impl TollgateProxy {
-    /// Tollgate's own routes (webhooks, self-service billing, dashboard).
-    async fn own(&self, session: &mut Session, ctx: &mut Ctx, path: &str) -> Result<bool> {
-        let reply = match crate::own::serve(&self.app, session, path).await {
-            Ok(r) => r,
-            Err(rejection) => return self.reject(session, ctx, &rejection).await,
-        };
-        ctx.outcome = reply.outcome;
-        let crate::own::Reply {
-            status,
-            content_type,
-            headers,
-            mut body,
-            ..
-        } = reply;
-        if content_type == PROBLEM_JSON {
-            let text = String::from_utf8_lossy(&body);
-            body = Bytes::from(with_request_id(&text, &ctx.request_id));
-        }
-        self.send(
-            session,
-            ctx,
-            status,
-            content_type,
-            |resp| {
-                for (name, value) in headers {
-                    resp.insert_header(name, value)?;
-                }
-                Ok(())
-            },
-            body,
-        )
-        .await?;
-        Ok(true)
-    }
-}
-
-/// Whether the request announced a body (which may be left unread).
-fn has_request_body(session: &Session) -> bool {
-    let h = &session.req_header().headers;
-    h.contains_key(header::CONTENT_LENGTH) || h.contains_key(header::TRANSFER_ENCODING)
 }
 
 #[async_trait]
@@ -337,10 +138,7 @@ impl ProxyHttp for TollgateProxy {
             Ok(Admission::Own(path)) => return self.own(session, ctx, &path).await,
             Ok(Admission::Preflight) => return self.preflight(session, ctx).await,
             Ok(Admission::Report(a)) => {
-                ctx.credits = a.credits.map(|b| b.remaining);
-                ctx.identity = Some(a.identity.clone());
-                ctx.rate = RateHeaders::render(&a.decision);
-                ctx.plan = Some(a.plan.clone());
+                ctx.note(&a);
                 return self.usage_report(session, ctx, &a).await;
             }
             Ok(Admission::Pass(a)) => a,
@@ -352,12 +150,7 @@ impl ProxyHttp for TollgateProxy {
                 return self.reject(session, ctx, &refused.rejection).await;
             }
         };
-        ctx.rate = RateHeaders::render(&admitted.decision);
-        ctx.plan = Some(admitted.plan.clone());
-        ctx.identity = Some(admitted.identity.clone());
-        // Until the response says otherwise (a refusal of Tollgate's own
-        // after admission carries it too).
-        ctx.credits = admitted.credits.map(|b| b.remaining);
+        ctx.note(&admitted);
         ctx.admitted = Some(admitted);
         Ok(false)
     }
@@ -639,69 +432,6 @@ fn note_units(ctx: &mut Ctx, units: &[(Arc<str>, u64)]) {
         let names: Vec<&str> = units.iter().map(|(m, _)| &**m).collect();
         Arc::from(names.join("+"))
     });
-}
-
-/// One access log line: every field on every line, `null` when unknown;
-/// the path without its query (where a client may have put its key), the
-/// key's id, never the key.
-fn access_line(session: &Session, ctx: &Ctx, total_ms: f64, now: u64) -> String {
-    let req = session.req_header();
-    let ms = |v: f64| (v * 1000.0).round() / 1000.0;
-    let who = ctx.identity.as_ref();
-    let user_agent = req
-        .headers
-        .get(header::USER_AGENT)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()));
-    let line = AccessLine {
-        bytes_sent: session.body_bytes_sent(),
-        customer: who.map(|i| &*i.customer),
-        key_id: who.map(|i| &*i.key_id),
-        meter: ctx.meter.as_deref(),
-        method: req.method.as_str(),
-        outcome: ctx.outcome,
-        path: clip(req.uri.path()),
-        plan: ctx.plan.as_ref().map(|p| &*p.name),
-        request_id: &ctx.request_id,
-        status: session.response_written().map(|r| r.status.as_u16()),
-        time: tollgate_core::clock::rfc3339_millis(now),
-        total_ms: ms(total_ms),
-        units: ctx.units,
-        upstream_ms: ctx.upstream_ms.map(ms),
-        user_agent: user_agent.as_deref().map(clip),
-    };
-    // Serialised straight from borrowed fields into one buffer: no JSON
-    // tree per request.
-    serde_json::to_string(&line).unwrap_or_default()
-}
-
-/// One access log line's fields (in the alphabetical order the lines have
-/// always had).
-#[derive(serde::Serialize)]
-struct AccessLine<'a> {
-    bytes_sent: usize,
-    customer: Option<&'a str>,
-    key_id: Option<&'a str>,
-    meter: Option<&'a str>,
-    method: &'a str,
-    outcome: &'a str,
-    path: &'a str,
-    plan: Option<&'a str>,
-    request_id: &'a str,
-    status: Option<u16>,
-    time: String,
-    total_ms: f64,
-    units: Option<u64>,
-    upstream_ms: Option<f64>,
-    user_agent: Option<&'a str>,
-}
-
-/// At most 256 bytes of a client-supplied field, so a log line stays small.
-fn clip(s: &str) -> &str {
-    let mut end = s.len().min(256);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// The refusal for a proxying error; None when the client went away.
