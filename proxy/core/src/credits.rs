@@ -246,14 +246,11 @@ impl Account {
         self.roll(a, g.at);
         self.keys
             .retain(|_, (t, _)| t.saturating_add(IDEMPOTENCY_TTL) > g.at);
+        let seen = self.would_grant(&g);
+        if seen != Granted::Applied {
+            return seen;
+        }
         if let Some(k) = &g.idempotency_key {
-            if let Some((_, amount)) = self.keys.get(k) {
-                return if *amount == g.amount {
-                    Granted::Duplicate
-                } else {
-                    Granted::Conflict
-                };
-            }
             self.keys.insert(k.clone(), (g.at, g.amount));
         }
         self.other = self.other.saturating_add(g.amount);

@@ -88,6 +88,19 @@ fn client(
     })
 }
 
+/// `GET /_tollgate/usage` of the proxy on `port` with `key`.
+async fn report(port: u16, key: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/_tollgate/usage"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -366,18 +379,9 @@ async fn kill_9_keeps_each_customers_daily_and_monthly_use() {
 
     let mut child = start(dir.path());
     wait_port(port);
-    let client = reqwest::Client::new();
     let mut used_total = 0;
     for (c, key) in customers.iter().zip(&keys) {
-        let report: serde_json::Value = client
-            .get(format!("http://127.0.0.1:{port}/_tollgate/usage"))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let report = report(port, key).await;
         let used = |name: &str| {
             let p = report["policies"]
                 .as_array()
@@ -460,15 +464,7 @@ async fn kill_9_during_streams_bills_every_stream_received_whole() {
 
     let mut child = start(dir.path());
     wait_port(port);
-    let usage: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/_tollgate/usage"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let usage = report(port, &key).await;
     child.kill().unwrap();
     child.wait().unwrap();
     // 7 output tokens a stream (tollgate_testkit::OPENAI_STREAM).
@@ -527,15 +523,7 @@ async fn kill_9_loses_no_credit_charge() {
 
     let mut child = start(dir.path());
     wait_port(port);
-    let report: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/_tollgate/usage"))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let report = report(port, &key).await;
     let used = report["credits"]["used"].as_u64().unwrap();
     assert!(
         (got * 3..=served * 3).contains(&used),

@@ -429,6 +429,15 @@ impl<L: Limiter> Gate<L> {
         }
     }
 
+    /// A customer as the store knows it, without a key (for the admin
+    /// API's reads), and its plan.
+    pub fn customer(&self, id: Arc<str>) -> (Identity, Arc<Plan>) {
+        let view = self.keys.snapshot().customer(&id).unwrap_or_default();
+        let identity = Arc::new(crate::store::KeyInfo::new("".into(), id, view));
+        let plan = self.plan_of(&identity);
+        (identity, plan)
+    }
+
     /// The balance of a customer whose plan has credits.
     pub fn balance(&self, identity: &Identity, plan: &Plan) -> Option<Balance> {
         let (book, policy) = (self.credits.as_ref()?, plan.credits.as_deref()?);

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use http::Response;
 use tollgate_core::credits::{Balance, CreditBook, CreditPolicy, Grant, Granted, Source};
-use tollgate_core::store::KeyInfo;
 
 use super::{problem, respond, AdminApp};
 use crate::app::App;
@@ -22,15 +21,7 @@ const MAX_REASON: usize = 500;
 /// grant, when the plan has no credits: a grant then waits for a plan
 /// that spends them).
 fn policy_of(app: &App, customer: &Arc<str>) -> (Arc<tollgate_core::plans::Plan>, CreditPolicy) {
-    let view = app
-        .gate
-        .keys
-        .snapshot()
-        .customer(customer)
-        .unwrap_or_default();
-    let plan = app
-        .gate
-        .plan_of(&Arc::new(KeyInfo::new("".into(), customer.clone(), view)));
+    let (_, plan) = app.gate.customer(customer.clone());
     let policy = plan.credits.as_deref().cloned().unwrap_or_default();
     (plan, policy)
 }

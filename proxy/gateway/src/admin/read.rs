@@ -27,9 +27,7 @@ impl AdminApp {
         };
         let mut out = Vec::new();
         for id in ids {
-            let view = snap.customer(&id).unwrap_or_default();
-            let identity = Arc::new(KeyInfo::new("".into(), id, view));
-            let plan = app.gate.plan_of(&identity);
+            let (identity, plan) = app.gate.customer(id);
             let decision = match app.gate.limiter.check(&identity.customer, &plan, 0).await {
                 Ok(d) => d,
                 Err(_) => {
@@ -70,17 +68,7 @@ impl AdminApp {
                 &format!("customer {id} has no limits of its own: its plan's apply"),
             );
         };
-        let view = self
-            .app
-            .gate
-            .keys
-            .snapshot()
-            .customer(id)
-            .unwrap_or_default();
-        let plan = self
-            .app
-            .gate
-            .plan_of(&Arc::new(KeyInfo::new("".into(), id.into(), view)));
+        let (_, plan) = self.app.gate.customer(id.into());
         let effective: Vec<serde_json::Value> = plan
             .limits
             .iter()

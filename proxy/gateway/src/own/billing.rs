@@ -47,6 +47,13 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Counts a session asked for: `created`, `refused` or `error`.
+    fn count(self, result: &str) {
+        CHECKOUT_SESSIONS
+            .with_label_values(&[self.name(), result])
+            .inc();
+    }
+
     fn name(self) -> &'static str {
         match self {
             Kind::Checkout => "checkout",
@@ -99,9 +106,7 @@ pub async fn session(
         Kind::Portal => None,
     };
     if matches!(kind, Kind::Checkout) && subscribed && credits.is_none() {
-        CHECKOUT_SESSIONS
-            .with_label_values(&[kind.name(), "refused"])
-            .inc();
+        kind.count("refused");
         return Ok(Reply::problem(
             409,
             "already-subscribed",
@@ -111,9 +116,7 @@ pub async fn session(
     }
     let minute = app.gate.clock.now_ms() / 60_000;
     if !app.sessions.admit(&identity.customer, minute) {
-        CHECKOUT_SESSIONS
-            .with_label_values(&[kind.name(), "refused"])
-            .inc();
+        kind.count("refused");
         let mut r = Reply::problem(
             429,
             "too-many-sessions",
@@ -152,9 +155,7 @@ pub async fn session(
     let url = match result {
         Ok(url) => url,
         Err(SessionError::UnknownPlan(plan)) => {
-            CHECKOUT_SESSIONS
-                .with_label_values(&[kind.name(), "refused"])
-                .inc();
+            kind.count("refused");
             return Ok(Reply::problem(
                 400,
                 "unknown-plan",
@@ -167,9 +168,7 @@ pub async fn session(
             ));
         }
         Err(SessionError::Credits(why)) => {
-            CHECKOUT_SESSIONS
-                .with_label_values(&[kind.name(), "refused"])
-                .inc();
+            kind.count("refused");
             return Ok(Reply::problem(
                 400,
                 "bad-credits",
@@ -178,9 +177,7 @@ pub async fn session(
             ));
         }
         Err(SessionError::Provider(why)) => {
-            CHECKOUT_SESSIONS
-                .with_label_values(&[kind.name(), "error"])
-                .inc();
+            kind.count("error");
             log::warn!(
                 "stripe {} session for customer {} failed: {why}",
                 kind.name(),
@@ -194,9 +191,7 @@ pub async fn session(
             ));
         }
     };
-    CHECKOUT_SESSIONS
-        .with_label_values(&[kind.name(), "created"])
-        .inc();
+    kind.count("created");
     Ok(if wants_json {
         Reply::json(200, serde_json::json!({ "url": url }).to_string())
     } else {

@@ -7,8 +7,8 @@
 //! - `K at customer credits grant d|m 0|1`: a charge, with the plan's
 //!   allowance in force when it was made (so a replay rolls the period
 //!   exactly as the live process did);
-//! - `G <json>`: a grant: `{"customer", "grant": {…}, "allowance": […]}`,
-//!   percent-escaped;
+//! - `G grant d|m 0|1 <json>`: a grant, with the allowance as a charge
+//!   carries it, and `{"customer", "grant": {…}}` percent-escaped;
 //! - `B customer <json>`: an account as compaction found it; the `K` and
 //!   `G` lines after it apply on top.
 
@@ -56,8 +56,6 @@ pub(super) type Accounts = HashMap<Arc<str>, Account>;
 struct GrantLine {
     customer: String,
     grant: Grant,
-    /// `[grant, per, rollover]` as in a charge line.
-    allowance: (u64, String, bool),
 }
 
 impl State {
@@ -92,13 +90,10 @@ impl State {
                 }
                 true
             }
-            (Some("G"), 2) => {
-                if let Ok(g) = serde_json::from_str::<GrantLine>(&unesc(f[1])) {
-                    let (grant, per, rollover) = &g.allowance;
-                    let rollover = if *rollover { "1" } else { "0" };
-                    if let Some(a) = parse_allowance(&grant.to_string(), per, rollover) {
-                        self.grant_credits(&g.customer.as_str().into(), a, g.grant);
-                    }
+            (Some("G"), 5) => {
+                let line = serde_json::from_str::<GrantLine>(&unesc(f[4]));
+                if let (Ok(g), Some(a)) = (line, parse_allowance(f[1], f[2], f[3])) {
+                    self.grant_credits(&g.customer.as_str().into(), a, g.grant);
                 }
                 true
             }
@@ -136,14 +131,9 @@ pub(super) fn grant_line(customer: &str, a: Allowance, g: &Grant) -> String {
     let body = GrantLine {
         customer: customer.to_owned(),
         grant: g.clone(),
-        allowance: (
-            a.grant,
-            if a.per == Window::Day { "d" } else { "m" }.to_owned(),
-            a.rollover,
-        ),
     };
     let json = serde_json::to_string(&body).unwrap_or_default();
-    line_with_crc(&format!("G {}", esc(&json)))
+    line_with_crc(&format!("G {} {}", allowance_fields(a), esc(&json)))
 }
 
 impl CreditBook for Spool {
