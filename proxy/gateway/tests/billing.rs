@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use harness::{Captured, Harness, MockProvider, Reply};
+use harness::{wait_for, Captured, Harness, MockProvider, Reply};
 use serde_json::Value;
 
 use harness::{Fault, MockStripe as Stripe, STRIPE_KEY};
@@ -20,14 +20,6 @@ fn metering(sinks: &[String]) -> String {
         "metering: {{ flush_interval: 100ms, rollup: 1s, sinks: [{}] }}",
         sinks.join(", ")
     )
-}
-
-async fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

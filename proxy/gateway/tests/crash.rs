@@ -9,10 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{free_port, MockStripe, MockUpstream, STRIPE_KEY};
-use tollgate_core::clock::{Clock, SystemClock};
-use tollgate_core::store::admin::{create_key, CreateKey};
-use tollgate_core::store::FileStore;
+use harness::{file_key, free_port, wait_port, MockStripe, MockUpstream, STRIPE_KEY};
 
 fn start(dir: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -42,26 +39,6 @@ fn write_project(dir: &std::path::Path, plans: &str, upstream: std::net::SocketA
     )
     .unwrap();
     port
-}
-
-/// A new key of `customer` in `dir/keys.db`.
-fn new_key(dir: &std::path::Path, customer: &str) -> String {
-    let store = FileStore::open(&dir.join("keys.db")).unwrap();
-    create_key(
-        &store,
-        "tg_live_",
-        CreateKey {
-            customer,
-            plan: None,
-            name: None,
-            expires: None,
-            set_plan: false,
-            meta: None,
-        },
-        SystemClock.now_ms(),
-    )
-    .unwrap()
-    .raw
 }
 
 /// A client calling `url` until `stop`, counting the 200s it received whole.
@@ -101,14 +78,6 @@ async fn report(port: u16, key: &str) -> serde_json::Value {
         .unwrap()
 }
 
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "tollgate did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_under_load_then_restart_bills_every_answered_request_once() {
     let upstream = MockUpstream::start();
@@ -130,7 +99,7 @@ async fn kill_9_under_load_then_restart_bills_every_answered_request_once() {
         ),
     )
     .unwrap();
-    let key = new_key(dir.path(), "cus_crash");
+    let key = file_key(dir.path(), "cus_crash");
 
     let mut child = start(dir.path());
     wait_port(port);
@@ -207,7 +176,7 @@ fn project(dir: &std::path::Path, port: u16, admin: u16, upstream: &str, sink: &
         ),
     )
     .unwrap();
-    new_key(dir, "cus_term")
+    file_key(dir, "cus_term")
 }
 
 /// The binary running [`project`] in front of a mock upstream, with a
@@ -352,7 +321,7 @@ async fn kill_9_keeps_each_customers_daily_and_monthly_use() {
         upstream.addr,
     );
     let customers = ["cus_q1", "cus_q2", "cus_q3", "cus_q4"];
-    let keys: Vec<String> = customers.iter().map(|c| new_key(dir.path(), c)).collect();
+    let keys: Vec<String> = customers.iter().map(|c| file_key(dir.path(), c)).collect();
     let mut child = start(dir.path());
     wait_port(port);
     let answered: Vec<Arc<AtomicU64>> = customers.iter().map(|_| Arc::default()).collect();
@@ -426,7 +395,7 @@ async fn kill_9_during_streams_bills_every_stream_received_whole() {
          - { match: \"POST /v1/chat/completions\", usage: openai, cost: 50, meter: ai_fallback_tokens }\n",
         llm.addr,
     );
-    let key = new_key(dir.path(), "cus_stream");
+    let key = file_key(dir.path(), "cus_stream");
     let mut child = start(dir.path());
     wait_port(port);
     let whole = Arc::new(AtomicU64::new(0));
@@ -496,7 +465,7 @@ async fn kill_9_loses_no_credit_charge() {
         ),
         upstream.addr,
     );
-    let key = new_key(dir.path(), "cus_credit");
+    let key = file_key(dir.path(), "cus_credit");
     let mut child = start(dir.path());
     wait_port(port);
     let ok = Arc::new(AtomicU64::new(0));

@@ -23,6 +23,51 @@ use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::store::admin::{self, CreateKey};
 pub use tollgate_testkit::*;
 
+/// A new key of `customer` in `dir/keys.db` (prefix `tg_live_`), for the
+/// tests that run the `tollgate` binary on a project directory.
+pub fn file_key(dir: &std::path::Path, customer: &str) -> String {
+    let store = tollgate_core::store::FileStore::open(&dir.join("keys.db")).unwrap();
+    admin::create_key(
+        &store,
+        "tg_live_",
+        CreateKey {
+            customer,
+            plan: None,
+            name: None,
+            expires: None,
+            set_plan: false,
+            meta: None,
+        },
+        SystemClock.now_ms(),
+    )
+    .unwrap()
+    .raw
+}
+
+/// Waits (up to 15 s) for a started `tollgate` binary to listen on `port`.
+pub fn wait_port(port: u16) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tollgate did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Polls `done` every 50 ms until it holds; fails the test after `secs`.
+pub async fn wait_for(what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 pub const DEFAULT_PLANS: &str = r#"
 default_plan: free
 plans:
