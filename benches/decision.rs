@@ -64,6 +64,7 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
         journal: None,
         jwt: None,
         credits: None,
+        alerts: None,
     };
     (gate, raw)
 }

@@ -47,6 +47,8 @@ impl Default for Allowance {
 /// A plan's credits: its grant and what one unit of each meter costs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CreditPolicy {
+    /// The plan these are the credits of (named in alerts).
+    pub plan: Arc<str>,
     pub allowance: Allowance,
     /// `meters.<name>.credits_per_unit`.
     pub prices: BTreeMap<Arc<str>, u64>,

@@ -4,7 +4,7 @@
 //! It owns the key format ([`keys`]), plans and windows ([`plans`]), the
 //! key-store and limiter traits with the exact in-memory limiter
 //! ([`store`], [`limiter`]), the per-request decision ([`gate`]), the
-//! rate-limit header values ([`headers`]), prepaid credits ([`credits`]), the one error model
+//! rate-limit header values ([`headers`]), prepaid credits ([`credits`]), threshold alerts ([`alerts`]), the one error model
 //! ([`problem`]), the usage ledger ([`usage`]), units read from response
 //! bodies ([`body_usage`]), billing webhooks turned into plan
 //! changes ([`lifecycle`]), JWT verification ([`jwt`]), time ([`clock`]), config
@@ -14,6 +14,7 @@
 //! on Pingora, redis, reqwest or tokio's networking: the compiler enforces
 //! the layering.
 
+pub mod alerts;
 pub mod body_usage;
 pub mod clock;
 pub mod credits;

@@ -254,6 +254,21 @@ pub static ADDED_DURATION: LazyLock<Histogram> = LazyLock::new(|| {
     )
 });
 
+/// The `result` label values of `tollgate_alerts_total`.
+pub const ALERT_RESULTS: &[&str] = &["raised", "delivered", "retry", "dead_letter"];
+
+pub static ALERTS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+    let c = counter(
+        "tollgate_alerts_total",
+        "Usage threshold alerts (alerts.at) raised, and their webhook deliveries by result",
+        &["result"],
+    );
+    for r in ALERT_RESULTS {
+        c.with_label_values(&[r]);
+    }
+    c
+});
+
 /// The `result` label values of `tollgate_webhook_events_total`.
 pub const WEBHOOK_RESULTS: &[&str] = &["applied", "duplicate", "stale", "ignored", "rejected"];
 
@@ -285,6 +300,7 @@ pub fn init() {
     LazyLock::force(&ACCESS_LOG_DROPPED);
     LazyLock::force(&SPOOL_MAX_BYTES);
     LazyLock::force(&ADDED_DURATION);
+    LazyLock::force(&ALERTS);
     BUILD_INFO
         .with_label_values(&[env!("CARGO_PKG_VERSION")])
         .set(1);

@@ -197,6 +197,10 @@ impl App {
             credits: spool
                 .clone()
                 .map(|s| s as Arc<dyn tollgate_core::credits::CreditBook>),
+            alerts: spool
+                .clone()
+                .filter(|_| config.alerts.is_some())
+                .map(|s| s as Arc<dyn tollgate_core::alerts::AlertJournal>),
         };
         // On the memory backend the day and month counters live here: the
         // spool journals their charges and gives them back on start.
@@ -410,6 +414,11 @@ pub fn spool_config(config: &Config) -> SpoolConfig {
         rollup: m.rollup.as_millis() as u64,
         sinks: m.sinks.iter().map(|s| s.name().to_owned()).collect(),
         seal: m.seal.clone(),
+        alerts: config
+            .alerts
+            .as_ref()
+            .map(|a| a.at.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -269,6 +269,17 @@ impl BackgroundService for Billing {
                 stop_rx.clone(),
             )));
         }
+        if let Some(cfg) = &self.app.config.alerts {
+            let hook = tollgate_metering::alerts::AlertWebhook::new(
+                cfg,
+                self.app.config.metering.sink_timeout,
+            );
+            loops.push(tokio::spawn(tollgate_metering::alerts::deliver_alerts(
+                Arc::new(hook),
+                spool.clone(),
+                stop_rx.clone(),
+            )));
+        }
         let mut tick = tokio::time::interval(self.app.config.metering.flush_interval);
         loop {
             tokio::select! {

@@ -146,6 +146,8 @@ pub struct Gate<L> {
     pub jwt: Option<Arc<crate::jwt::Verifier>>,
     /// Balances of plans with credits; None: no plan has them.
     pub credits: Option<Arc<dyn CreditBook>>,
+    /// `alerts:`: where the quota thresholds a request crosses are raised.
+    pub alerts: Option<Arc<dyn crate::alerts::AlertJournal>>,
 }
 
 impl<L: Limiter> Gate<L> {
@@ -311,7 +313,24 @@ impl<L: Limiter> Gate<L> {
             return Ok(Admission::Report(admitted));
         }
         count_near_limit(&admitted);
+        self.raise_alerts(&admitted);
         Ok(Admission::Pass(admitted))
+    }
+
+    /// Raises the alerts of the quota thresholds `a`'s charge crossed.
+    fn raise_alerts(&self, a: &Admitted) {
+        let Some(journal) = &self.alerts else { return };
+        let crossed = crate::alerts::limit_crossings(
+            journal.thresholds(),
+            &a.identity.customer,
+            &a.plan,
+            &a.decision,
+            a.cost,
+            a.at,
+        );
+        for alert in crossed {
+            journal.raise(alert);
+        }
     }
 
     /// Checks a presented key against the local snapshot: format first (no

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use http::Request;
 
 use super::*;
+use crate::alerts::{Alert, AlertJournal, Thresholds};
 use crate::clock::{days_from_civil, Date, ManualClock, Millis, DAY};
 use crate::diag::Source;
 use crate::limiter::MemoryLimiter;
@@ -97,6 +98,7 @@ fn setup_with(answer_preflights: bool, journal_full: Option<Arc<AtomicBool>>) ->
             }),
             jwt: None,
             credits: None,
+            alerts: None,
         },
         free,
         pro,
@@ -340,4 +342,56 @@ fn sliding_windows_of_any_whole_seconds_up_to_an_hour() {
     assert_eq!(Window::parse("1500ms"), None);
     assert_eq!(Window::Sliding(10_000).name(), "10s");
     assert_eq!(Window::Sliding(60_000).name(), "minute");
+}
+
+/// Alerts as the gate raises them (the spool's dedupe is its own test).
+struct Raised(Thresholds, std::sync::Mutex<Vec<Alert>>);
+
+impl AlertJournal for Raised {
+    fn thresholds(&self) -> &Thresholds {
+        &self.0
+    }
+    fn raise(&self, alert: Alert) {
+        self.1.lock().unwrap().push(alert);
+    }
+}
+
+#[tokio::test]
+async fn quota_thresholds_are_raised_by_the_request_that_crosses_them() {
+    let mut s = setup(false);
+    let raised = Arc::new(Raised(Thresholds::new(vec![50, 100]), Default::default()));
+    s.gate.alerts = Some(raised.clone());
+    let seen = || {
+        raised
+            .1
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|a| (a.policy.to_string(), a.percent, a.used, a.limit))
+            .collect::<Vec<_>>()
+    };
+    let sms = request("POST", "/v1/sms/send", Some(&s.pro));
+    // 10 a day, 5 per SMS: the first reaches 50 %, the second 100 %.
+    passed(admit(&s.gate, &sms).await);
+    assert_eq!(seen(), vec![("daily".into(), 50, 5, 10)]);
+    // A request that costs 1 but crosses nothing raises nothing.
+    let a = passed(admit(&s.gate, &request("GET", "/v1/x", Some(&s.pro))).await);
+    assert_eq!(a.cost, 1);
+    assert_eq!(seen().len(), 1);
+    // 6 + 5 passes the quota (as overage): 100 %.
+    passed(admit(&s.gate, &sms).await);
+    assert_eq!(seen()[1], ("daily".into(), 100, 10, 10));
+    let alert = raised.1.lock().unwrap()[1].clone();
+    assert_eq!((&*alert.customer, &*alert.plan), ("cus_pro", "pro"));
+    assert_eq!(alert.period_end - alert.period_start, DAY);
+    // Past the quota as overage, the same 100 % again (the journal keeps
+    // the first of an id).
+    passed(admit(&s.gate, &sms).await);
+    assert_eq!(seen().len(), 3);
+    assert_eq!(raised.1.lock().unwrap()[2].id(), alert.id());
+    // Per-second limits have no period to warn about.
+    for _ in 0..5 {
+        passed(admit(&s.gate, &request("GET", "/v1/x", Some(&s.free))).await);
+    }
+    assert_eq!(seen().len(), 3);
 }

@@ -174,7 +174,7 @@ fn parse_plan(
     if let Some(m) = &rp.meter {
         check_meter(src, &format!("{path}.meter"), m, d);
     }
-    let credits = parse_credits(src, &path, &rp, d);
+    let credits = parse_credits(src, name, &path, &rp, d);
     Some(Plan {
         name: name.into(),
         policy_header: policy_header(&limits),
@@ -193,6 +193,7 @@ fn parse_plan(
 /// `credits:` and `meters:` of a plan: None when it has neither.
 fn parse_credits(
     src: &Source,
+    name: &str,
     path: &str,
     rp: &RawPlan,
     d: &mut Diagnostics,
@@ -201,7 +202,10 @@ fn parse_credits(
     if rp.credits.is_none() && rp.meters.is_empty() {
         return None;
     }
-    let mut policy = CreditPolicy::default();
+    let mut policy = CreditPolicy {
+        plan: name.into(),
+        ..CreditPolicy::default()
+    };
     if let Some(c) = &rp.credits {
         if c.grant < 0 {
             d.0.push(src.error(

@@ -198,6 +198,8 @@ pub struct Config {
     pub docs: Option<Docs>,
     /// Consumer self-service at Stripe (checkout, portal).
     pub checkout: Option<tollgate_metering::billing::checkout::CheckoutConfig>,
+    /// Usage threshold alerts and where they are sent.
+    pub alerts: Option<tollgate_metering::alerts::AlertConfig>,
 }
 
 /// `docs:`.
@@ -226,6 +228,7 @@ pub const RESTART_ONLY: &[&str] = &[
     "metering",
     "auth",
     "checkout",
+    "alerts",
     "docs",
     "access_log",
     "shutdown",
@@ -255,7 +258,7 @@ impl Config {
     }
 }
 
-const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, auth, admin, metering, billing_webhooks, checkout, docs, access_log, shutdown, cors, timeouts, threads, connections";
+const KNOWN_SETTINGS: &str = "listen, tls, upstream, plans, keys, limits, redis, auth, admin, metering, billing_webhooks, checkout, alerts, docs, access_log, shutdown, cors, timeouts, threads, connections";
 
 impl Config {
     /// Loads and validates the config file and the plans it names.
@@ -363,6 +366,17 @@ impl Config {
         });
         let admin = sections::admin(&mut cx, raw.admin.as_ref());
         let metering = sections::metering(&mut cx, raw.metering.as_ref());
+        let alerts = raw
+            .alerts
+            .as_ref()
+            .and_then(|a| tollgate_metering::alerts::AlertConfig::parse(&mut cx, a));
+        if raw.alerts.is_some() && !metering.enabled {
+            cx.err(
+                "alerts",
+                "alerts are journaled in the usage spool (once per period, across restarts); metering cannot be off",
+                None,
+            );
+        }
         let cors = raw.cors.as_ref().map(|c| sections::cors(&mut cx, c));
         let timeouts = sections::timeouts(&mut cx, raw.timeouts.as_ref());
         let threads = sections::threads(&mut cx, raw.threads);
@@ -398,6 +412,7 @@ impl Config {
                     version,
                     sections,
                     checkout,
+                    alerts,
                 })
             }
             _ => Err(cx.d),
@@ -468,6 +483,7 @@ fn read_sections(cx: &mut Check<'_>) -> Result<(RawConfig, serde_yaml::Mapping),
             "metering" => raw.metering = cx.typed(key, v),
             "billing_webhooks" => raw.billing_webhooks = Some(v.clone()),
             "checkout" => raw.checkout = Some(v.clone()),
+            "alerts" => raw.alerts = Some(v.clone()),
             "auth" => raw.auth = cx.typed(key, v),
             "docs" => raw.docs = cx.typed(key, v),
             "access_log" => raw.access_log = cx.typed(key, v),

@@ -24,6 +24,8 @@ pub(super) struct RawConfig {
     pub(super) shutdown: Option<RawShutdown>,
     /// Parsed by `tollgate_metering::billing::checkout`.
     pub(super) checkout: Option<serde_yaml::Value>,
+    /// Parsed by `tollgate_metering::alerts`.
+    pub(super) alerts: Option<serde_yaml::Value>,
     pub(super) cors: Option<RawCors>,
     pub(super) timeouts: Option<RawTimeouts>,
     pub(super) threads: Option<usize>,

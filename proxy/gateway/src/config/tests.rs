@@ -260,3 +260,37 @@ fn billing_webhooks_and_checkout_are_read_and_checked_against_the_plans() {
         assert!(all.contains(&needle), "missing `{needle}` in:\n{all}");
     }
 }
+
+#[test]
+fn alerts_are_checked_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "plans.yaml", PLANS);
+    let f = write(
+        dir.path(),
+        "tollgate.yaml",
+        "upstream: http://127.0.0.1:8000\nmetering: { enabled: false }\nalerts:\n  at: [80, 0, 150]\n  webhook: { url: ops.example.com, secret_env: ALERT_SECRET }\n",
+    );
+    let all = Config::load_with_env(&f, &no_env).unwrap_err().to_string();
+    let cfg = f.display().to_string();
+    for needle in [
+        format!("{cfg}:4:12: error: `0` is not a percent from 1 to 100"),
+        format!("{cfg}:4:15: error: `150` is not a percent from 1 to 100"),
+        format!("{cfg}:5:19: error: `ops.example.com` is not an http(s) URL"),
+        format!("{cfg}:5:48: error: environment variable ALERT_SECRET is not set"),
+        format!("{cfg}:3:1: error: alerts are journaled in the usage spool"),
+    ] {
+        assert!(all.contains(&needle), "missing `{needle}` in:\n{all}");
+    }
+    let f = write(
+        dir.path(),
+        "tollgate.yaml",
+        "upstream: http://127.0.0.1:8000\nalerts: { at: [100, 80], webhook: { url: \"https://ops.example.com/h\", secret_env: ALERT_SECRET } }\n",
+    );
+    let c = Config::load_with_env(&f, &|k| {
+        (k == "ALERT_SECRET").then(|| "whsec_c2VjcmV0".into())
+    })
+    .unwrap();
+    let a = c.alerts.unwrap();
+    assert_eq!(a.at.as_slice(), &[80, 100]);
+    assert_eq!(a.url, "https://ops.example.com/h");
+}

@@ -15,6 +15,51 @@ struct Retry {
     not_before: Instant,
 }
 
+/// When each failed item may be tried again (a record, an alert).
+pub(crate) struct Retries<K>(Mutex<HashMap<K, Retry>>);
+
+impl<K: std::hash::Hash + Eq> Retries<K> {
+    pub(crate) fn new() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+
+    /// Whether `k` is not backing off at `now`.
+    pub(crate) fn ready(&self, k: &K, now: Instant) -> bool {
+        tollgate_core::lock(&self.0)
+            .get(k)
+            .is_none_or(|x| x.not_before <= now)
+    }
+
+    /// Schedules the next attempt at `k` after a backoff; returns how many
+    /// attempts failed (log the first and every tenth).
+    pub(crate) fn failed(&self, k: K) -> u32 {
+        let mut r = tollgate_core::lock(&self.0);
+        let e = r.entry(k).or_insert(Retry {
+            attempts: 0,
+            not_before: Instant::now(),
+        });
+        e.attempts += 1;
+        e.not_before = Instant::now() + backoff(e.attempts);
+        e.attempts
+    }
+
+    /// Forgets items settled for good.
+    pub(crate) fn settled<'a>(&self, done: impl IntoIterator<Item = &'a K>)
+    where
+        K: 'a,
+    {
+        let mut r = tollgate_core::lock(&self.0);
+        for k in done {
+            r.remove(k);
+        }
+    }
+}
+
+/// Whether a failure's attempt number is one to log.
+pub(crate) fn worth_logging(attempts: u32) -> bool {
+    attempts == 1 || attempts.is_multiple_of(10)
+}
+
 /// Backoff before attempt `n` (1-based): 0.5 s doubling to 60 s, ±25 % jitter.
 pub fn backoff(attempts: u32) -> Duration {
     let base = 500u64.saturating_mul(1 << attempts.min(7)).min(60_000);
@@ -30,7 +75,7 @@ pub async fn deliver(
     spool: Arc<Spool>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let retries: Retries = Mutex::new(HashMap::new());
+    let retries = Retries::new();
     loop {
         let sent = deliver_once(&*sink, &spool, &retries).await;
         if *stop.borrow() {
@@ -45,19 +90,12 @@ pub async fn deliver(
     }
 }
 
-type Retries = Mutex<HashMap<u64, Retry>>;
-
 /// One pass: sends what is due, settles outcomes. Returns records attempted.
-async fn deliver_once(sink: &dyn Sink, spool: &Arc<Spool>, retries: &Retries) -> usize {
+async fn deliver_once(sink: &dyn Sink, spool: &Arc<Spool>, retries: &Retries<u64>) -> usize {
     let now = Instant::now();
-    let due: Vec<Record> = {
-        let r = tollgate_core::lock(retries);
-        // Backing-off records are skipped before the limit, so they never
-        // crowd out newer ones.
-        spool.unsettled(sink.name(), 5_000, |rec| {
-            r.get(&rec.rseq).is_none_or(|x| x.not_before <= now)
-        })
-    };
+    // Backing-off records are skipped before the limit, so they never
+    // crowd out newer ones.
+    let due: Vec<Record> = spool.unsettled(sink.name(), 5_000, |rec| retries.ready(&rec.rseq, now));
     if due.is_empty() {
         return 0;
     }
@@ -83,17 +121,12 @@ async fn deliver_once(sink: &dyn Sink, spool: &Arc<Spool>, retries: &Retries) ->
                 }
                 Outcome::Retry(why) => {
                     count(sink, "retry");
-                    schedule_retry(sink, retries, rec, now, &why);
+                    schedule_retry(sink, retries, rec, &why);
                 }
             }
         }
     }
-    {
-        let mut r = tollgate_core::lock(retries);
-        for s in ok.iter().chain(dead.iter().map(|(rec, _)| &rec.rseq)) {
-            r.remove(s);
-        }
-    }
+    retries.settled(ok.iter().chain(dead.iter().map(|(rec, _)| &rec.rseq)));
     settle(sink, spool, ok, dead).await;
     attempted
 }
@@ -122,20 +155,13 @@ fn count(sink: &dyn Sink, result: &str) {
         .inc();
 }
 
-fn schedule_retry(sink: &dyn Sink, retries: &Retries, rec: &Record, now: Instant, why: &str) {
-    let mut r = tollgate_core::lock(retries);
-    let e = r.entry(rec.rseq).or_insert(Retry {
-        attempts: 0,
-        not_before: now,
-    });
-    e.attempts += 1;
-    e.not_before = Instant::now() + backoff(e.attempts);
-    if e.attempts == 1 || e.attempts.is_multiple_of(10) {
+fn schedule_retry(sink: &dyn Sink, retries: &Retries<u64>, rec: &Record, why: &str) {
+    let attempts = retries.failed(rec.rseq);
+    if worth_logging(attempts) {
         log::warn!(
-            "billing sink {}: {} will be retried (attempt {}): {why}",
+            "billing sink {}: {} will be retried (attempt {attempts}): {why}",
             sink.name(),
             rec.identifier,
-            e.attempts
         );
     }
 }

@@ -32,9 +32,11 @@ mod webhook;
 
 pub use config::SinkConfig;
 pub use deliver::{backoff, deliver};
+pub(crate) use deliver::{worth_logging, Retries};
 pub use lago::Lago;
 pub use openmeter::OpenMeter;
 pub use stripe::{StripeV1, StripeV2, STRIPE_VERSION};
+pub(crate) use webhook::signed;
 pub use webhook::{standard_webhooks_signature, webhook_key, Webhook};
 
 /// What became of one record.

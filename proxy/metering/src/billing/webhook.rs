@@ -62,20 +62,31 @@ impl Sink for Webhook {
             "msg_{}",
             &hex::encode(tollgate_core::keys::hash(&joined.join(",")))[..24]
         );
-        let ts = tollgate_core::clock::SystemClock.now_ms() / 1000;
-        let req = self
-            .client
-            .post(&self.url)
-            .header("Content-Type", "application/json")
-            .header("webhook-id", &id)
-            .header("webhook-timestamp", ts.to_string())
-            .header(
-                "webhook-signature",
-                standard_webhooks_signature(&self.key, &id, ts, &body),
-            )
-            .body(body);
+        let req = signed(&self.client, &self.url, &self.key, &id, body);
         post(req, records.len()).await.2
     }
+}
+
+/// A POST of `body` (JSON) under message id `id`, signed per Standard
+/// Webhooks with `key` and the current time.
+pub(crate) fn signed(
+    client: &reqwest::Client,
+    url: &str,
+    key: &[u8],
+    id: &str,
+    body: String,
+) -> reqwest::RequestBuilder {
+    let ts = tollgate_core::clock::SystemClock.now_ms() / 1000;
+    client
+        .post(url)
+        .header("Content-Type", "application/json")
+        .header("webhook-id", id)
+        .header("webhook-timestamp", ts.to_string())
+        .header(
+            "webhook-signature",
+            standard_webhooks_signature(key, id, ts, &body),
+        )
+        .body(body)
 }
 
 #[derive(Debug, serde::Deserialize)]

@@ -68,6 +68,9 @@ pub(super) fn compact_files(
     }
     // Prepaid credits: each account as it stands.
     events.push_str(&st.credit_lines());
+    // Alerts still owed, and those that keep a threshold from firing twice
+    // in a period.
+    events.push_str(&st.alert_lines(now));
     let mut records = line_with_crc(&format!("H {}", st.next_rseq));
     for ((c, m), sum) in st
         .summaries

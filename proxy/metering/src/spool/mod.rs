@@ -12,14 +12,16 @@
 //!   limit units crc` (replayed into the limiter on start, so a restart
 //!   gives no customer a day's or a month's quota back);
 //!   Charges and grants of prepaid credits are lines here too (`K`, `G`,
-//!   and `B` for an account after compaction; see `credits.rs`);
+//!   and `B` for an account after compaction; see `credits.rs`), and so
+//!   are threshold alerts (`T` raised, `X` settled; see `alerts.rs`);
 //! - `records.log`: `H next` (the record sequence high-water mark: sequences,
 //!   and so identifiers, are never reused), `S month customer meter recorded
 //!   reported` (this month's usage already settled everywhere and dropped
 //!   from memory), and `R rseq upto window customer meter units identifier`
 //!   (records some sink still owes);
 //! - `acks-<sink>.log`: `A rseq ok|dead`, what each sink has settled;
-//! - `dead-<sink>.jsonl`: records a sink refused for good, with the reason.
+//! - `dead-<sink>.jsonl`: records a sink refused for good, with the reason
+//!   (`dead-alerts.jsonl`: alerts the alert webhook refused).
 //!
 //! Every line ends with a CRC-32 of the rest, so a line torn by a crash is
 //! recognised and ignored on replay. Customer and meter are percent-escaped.
@@ -53,6 +55,7 @@ use tollgate_core::meter::CalendarCharge;
 use tollgate_core::plans::Window;
 use tollgate_core::sync::{lock, Pending};
 
+mod alerts;
 mod codec;
 mod compact;
 mod credits;
@@ -87,6 +90,9 @@ pub struct SpoolConfig {
     pub sinks: Vec<String>,
     /// Seal the files at rest (`metering.encryption`); None: plain text.
     pub seal: Option<Arc<Seal>>,
+    /// `alerts.at`: the percents of a quota or of credits that raise an
+    /// alert (empty: none).
+    pub alerts: tollgate_core::alerts::Thresholds,
 }
 
 /// One rolled-up record: what a sink reports, under a fixed identifier.
@@ -187,6 +193,9 @@ struct State {
     /// across I/O (this one is, by rollups and compaction). Taken after
     /// this state's lock when both are.
     credits: Arc<Mutex<credits::Accounts>>,
+    /// Threshold alerts (see `alerts.rs`), behind their own lock like the
+    /// credits: the gate claims one when it sees a crossing.
+    alerts: Arc<Mutex<alerts::Outbox>>,
     next_seq: u64,
     next_rseq: u64,
 }
@@ -260,6 +269,8 @@ struct Append {
     /// What the usage costs in credits.
     credits: Option<Arc<CreditPolicy>>,
     at: Millis,
+    /// A quota's threshold the gate saw crossed (already claimed).
+    alert: Option<Box<tollgate_core::alerts::Alert>>,
     done: tokio::sync::oneshot::Sender<bool>,
 }
 
@@ -343,6 +354,8 @@ pub struct Spool {
     lock: Mutex<Option<File>>,
     /// The same accounts as the state's, for the gate.
     credits: Arc<Mutex<credits::Accounts>>,
+    /// The same alerts as the state's.
+    alerts: Arc<Mutex<alerts::Outbox>>,
 }
 
 impl Spool {
@@ -376,6 +389,7 @@ impl Spool {
             charge,
             credits: credits.cloned(),
             at: self.clock.now_ms(),
+            alert: None,
             done,
         };
         if lock(&self.queue).push(item) {
@@ -424,6 +438,7 @@ impl Spool {
                     charge: None,
                     credits: credits.cloned(),
                     at,
+                    alert: None,
                     done,
                 }
             })

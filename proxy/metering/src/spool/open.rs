@@ -52,6 +52,7 @@ impl Spool {
         let bytes = Arc::new(AtomicU64::new(size));
         let failed_at = Arc::new(AtomicU64::new(0));
         let credits = st.credits.clone();
+        let alerts = st.alerts.clone();
         let state = Arc::new(Mutex::new(st));
         let (tx, rx) = mpsc::channel();
         let writer = Arc::new(Mutex::new(Writer::open(
@@ -86,6 +87,7 @@ impl Spool {
             thread: Mutex::new(Some(handle)),
             lock: Mutex::new(Some(lock_file)),
             credits,
+            alerts,
         }))
     }
 }
@@ -282,7 +284,7 @@ fn replay_events(
             }
             continue;
         }
-        if st.replay_credit_line(&f) {
+        if st.replay_credit_line(&f) || st.replay_alert_line(&f) {
             continue;
         }
         if f.len() != 6 || f[0] != "E" {

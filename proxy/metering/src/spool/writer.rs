@@ -15,13 +15,15 @@ use tollgate_core::clock::{month_bounds, Clock, Millis};
 use tollgate_core::keys::crc32;
 use tollgate_core::sync::lock;
 
+use super::alerts::{self, alert_line, claim, CreditCrossings};
 use super::codec::{io_err, plain, record_line};
 use super::compact::compact_files;
 use super::{
     window_code, Append, CounterKey, GroupKey, Msg, Record, Seal, SpoolConfig, SpoolError, State,
     COMPACT_AT,
 };
-use tollgate_core::credits::Allowance;
+use tollgate_core::alerts::{Alert, Thresholds};
+use tollgate_core::credits::{Allowance, CreditPolicy};
 use tollgate_core::limiter::calendar_window;
 
 /// `K at customer credits grant d|m 0|1 crc`: a charge of credits.
@@ -49,6 +51,8 @@ pub(super) struct Writer {
     last_sync: Instant,
     dirty: bool,
     seal: Option<Arc<Seal>>,
+    /// The percents of credits that raise an alert.
+    alerts: Thresholds,
 }
 
 impl Writer {
@@ -74,6 +78,7 @@ impl Writer {
             clock,
             last_sync: Instant::now(),
             dirty: false,
+            alerts: config.alerts.clone(),
         })
     }
 
@@ -147,16 +152,23 @@ impl Writer {
         let mut text = String::with_capacity(items.len() * 64);
         let mut added: Vec<(GroupKey, u64, u64)> = Vec::with_capacity(items.len());
         let mut counted: Vec<(CounterKey, Millis, u64)> = Vec::new();
-        let mut charged: Vec<(Arc<str>, Allowance, u64, Millis)> = Vec::new();
+        let mut charged: Vec<(Arc<str>, Arc<CreditPolicy>, u64, Millis)> = Vec::new();
+        let mut raised: Vec<Alert> = Vec::new();
         let mut acks = Vec::with_capacity(items.len());
         let mut st = lock(&self.state);
         for a in items {
+            if let Some(alert) = a.alert {
+                text.push_str(&alert_line(&alert));
+                raised.push(*alert);
+            }
             if let Some((meter, units)) = a.usage {
                 // What the units cost in credits, on the line after them.
                 let credits = a
                     .credits
-                    .as_ref()
-                    .map(|p| (p.allowance, p.cost(&meter, units)))
+                    .map(|p| {
+                        let c = p.cost(&meter, units);
+                        (p, c)
+                    })
                     .filter(|(_, c)| *c > 0);
                 let seq = st.next_seq;
                 st.next_seq += 1;
@@ -175,9 +187,9 @@ impl Writer {
                     units,
                     seq,
                 ));
-                if let Some((allowance, credits)) = credits {
-                    credit_line(&mut text, &a.customer, allowance, credits, a.at);
-                    charged.push((a.customer.clone(), allowance, credits, a.at));
+                if let Some((policy, credits)) = credits {
+                    credit_line(&mut text, &a.customer, policy.allowance, credits, a.at);
+                    charged.push((a.customer.clone(), policy, credits, a.at));
                 }
             }
             if let Some(charge) = a.charge {
@@ -204,6 +216,23 @@ impl Writer {
             }
             acks.push(a.done);
         }
+        // Credit thresholds these charges cross: in the same write.
+        if !self.alerts.is_empty() && !charged.is_empty() {
+            let accounts = lock(&st.credits);
+            let mut crossings = CreditCrossings::new(&self.alerts);
+            let mut out = lock(&st.alerts);
+            for (customer, policy, credits, at) in &charged {
+                let plan = &policy.plan;
+                for alert in
+                    crossings.charge(&accounts, customer, plan, policy.allowance, *credits, *at)
+                {
+                    if claim(&mut out, &alert) {
+                        text.push_str(&alert_line(&alert));
+                        raised.push(alert);
+                    }
+                }
+            }
+        }
         // Sequences are handed out and written under the state lock, so the
         // file holds them in order and a rollup never sees a later event of
         // a group before an earlier one is in the file.
@@ -219,8 +248,8 @@ impl Writer {
             for (key, begin, units) in counted {
                 st.count(key, begin, units);
             }
-            for (customer, allowance, credits, at) in charged {
-                st.charge_credits(&customer, allowance, credits, at);
+            for (customer, policy, credits, at) in charged {
+                st.charge_credits(&customer, policy.allowance, credits, at);
             }
             self.bytes.fetch_add(n, Ordering::Relaxed);
             self.dirty = true;
@@ -236,6 +265,9 @@ impl Writer {
                 "usage spool write failed: {} responses are refused",
                 acks.len()
             );
+        }
+        if !raised.is_empty() {
+            alerts::written(&mut lock(&st.alerts), &raised, ok);
         }
         drop(st);
         for a in acks {
