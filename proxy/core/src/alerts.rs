@@ -3,13 +3,13 @@
 //! limit with a `day` or `month` window) or of their credits this period
 //! gets one `usage.threshold_reached` event, once per threshold and period.
 //!
-//! Plain logic, no I/O: the gate finds the crossings of limits in the
-//! limiter's decision (so every backend gives the same answer, and in Redis
-//! mode only the instance whose charge crossed sees it); the spool finds
+//! Plain logic, no I/O: the gate finds the thresholds a quota reached in
+//! the limiter's decision (in Redis mode only those the request's own
+//! charge crossed, so only that instance raises them); the spool finds
 //! those of credits where it charges them, and is the [`AlertJournal`] that
 //! makes each alert durable, remembers it for the period (so neither a
-//! restart nor a refund that crosses again repeats it) and hands it to the
-//! delivery loop. Sliding windows (`second` … `1h`) have no period to be
+//! restart nor usage that falls and rises again repeats it) and hands it
+//! to the delivery loop. Sliding windows (`second` … `1h`) have no period to be
 //! warned about and give no alerts.
 
 use std::sync::Arc;
@@ -122,13 +122,18 @@ impl Alert {
 pub trait AlertJournal: Send + Sync {
     fn thresholds(&self) -> &Thresholds;
     /// Journals `alert` unless the same (customer, policy, percent,
-    /// period) was raised before. Never waits.
+    /// period) was raised before. Never waits; cheap for one raised before
+    /// (a customer past a threshold raises it with every request).
     fn raise(&self, alert: Alert);
 }
 
-/// The thresholds of `plan`'s quotas that a charge of `cost` at `at`
-/// crossed, read from the limiter's `decision` (in plan order, as every
-/// limiter answers).
+/// The thresholds of `plan`'s quotas that usage has reached after a
+/// charge of `cost` at `at`, read from the limiter's `decision` (in plan
+/// order, as every limiter answers). With `shared` limits (Redis) only
+/// those this charge crossed: the instance whose charge it was raises
+/// them, and no other. Otherwise every threshold reached, so one a lost
+/// write or a smaller quota (a plan change) skipped is raised by the next
+/// request; the journal keeps the first of each.
 pub fn limit_crossings(
     th: &Thresholds,
     customer: &Arc<str>,
@@ -136,6 +141,7 @@ pub fn limit_crossings(
     decision: &Decision,
     cost: u64,
     at: Millis,
+    shared: bool,
 ) -> Vec<Alert> {
     let mut out = Vec::new();
     if cost == 0 || !decision.allowed {
@@ -149,7 +155,11 @@ pub fn limit_crossings(
         // request seems to reach 100 % again, and the journal keeps the
         // first.
         let after = p.quota.saturating_sub(p.remaining);
-        let before = after.saturating_sub(cost);
+        let before = if shared {
+            after.saturating_sub(cost)
+        } else {
+            0
+        };
         for percent in th.crossed(before, after, p.quota) {
             let (period_start, period_end) = calendar_window(l.window, at);
             out.push(Alert {
@@ -185,6 +195,38 @@ mod tests {
         // Uneven quotas: 80 % of 7 is 5.6, reached at 6.
         assert_eq!(th.crossed(5, 6, 7).collect::<Vec<_>>(), vec![80]);
         assert_eq!(th.crossed(0, 5, 0).count(), 0, "nothing to be a percent of");
+    }
+
+    #[test]
+    fn shared_limits_raise_what_the_charge_crossed_local_ones_all_reached() {
+        use crate::diag::Source;
+        use crate::limiter::{Limiter, MemoryLimiter};
+        let plans = crate::plans::Plans::parse(&Source::new(
+            std::path::Path::new("plans.yaml"),
+            "default_plan: p\nplans:\n  p:\n    limits: [{ name: monthly, requests: 10, per: month }, { name: burst, requests: 100, per: second }]\n".into(),
+        ))
+        .unwrap();
+        let plan = plans.get("p").unwrap().clone();
+        let clock = std::sync::Arc::new(crate::clock::ManualClock::at(1_780_000_000_000));
+        let limiter = MemoryLimiter::new(clock);
+        let c: Arc<str> = "cus_1".into();
+        let th = Thresholds::new(vec![50, 80]);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let d = rt.block_on(limiter.check(&c, &plan, 9)).unwrap();
+        let percents = |shared, cost| {
+            limit_crossings(&th, &c, &plan, &d, cost, 0, shared)
+                .iter()
+                .map(|a| (a.policy.to_string(), a.percent))
+                .collect::<Vec<_>>()
+        };
+        let both = vec![("monthly".to_owned(), 50), ("monthly".to_owned(), 80)];
+        assert_eq!(percents(false, 9), both);
+        assert_eq!(percents(true, 9), both, "0 to 9 crosses both");
+        // Had this charge been 1 of the 9, it crossed neither (8 to 9).
+        assert_eq!(percents(true, 1), vec![]);
+        assert_eq!(percents(false, 1), both, "reached all the same");
     }
 
     #[test]

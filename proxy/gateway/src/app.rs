@@ -154,6 +154,10 @@ impl Limiter for Limiters {
         }
     }
 
+    fn shared(&self) -> bool {
+        matches!(self, Limiters::Redis(_))
+    }
+
     async fn check(
         &self,
         customer: &Arc<str>,

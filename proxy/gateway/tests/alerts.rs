@@ -297,8 +297,10 @@ async fn an_alert_owed_at_kill_9_is_delivered_after_the_restart_and_not_raised_a
     let _child = Running(start(dir.path()));
     wait_port(port);
     wait_for("the owed alert", 10, || taken(&answers).len() == 1).await;
-    // The month's count came back from the spool: 5 more reach 100 %, and
-    // the 50 % is not raised again.
+    // The month's count came back from the spool: 5 more reach 100 %. Each
+    // of them finds 50 % reached (the memory limiter's alerts are raised
+    // by every request past a threshold), and the replayed spool knows it
+    // was raised: it is not raised again (`raised` below counts 1).
     assert_eq!(get(6).await, [vec![200; 5], vec![429]].concat());
     wait_for("the 100 % alert", 10, || taken(&answers).len() == 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

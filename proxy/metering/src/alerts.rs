@@ -148,15 +148,9 @@ pub async fn deliver_alerts(
             let keys: Vec<AlertKey> = settle.iter().map(|(a, _)| a.key()).collect();
             retries.settled(&keys);
             let sp = spool.clone();
-            let written = tokio::task::spawn_blocking(move || {
-                settle
-                    .iter()
-                    .try_for_each(|(a, why)| sp.settle_alert(a, why.as_deref()))
-            })
-            .await;
-            if let Ok(Err(e)) = written {
-                log::error!("alert webhook: cannot record deliveries: {e} (they will be sent again under the same webhook-id)");
-            }
+            // Settled in memory even if the disk fails: never sent again by
+            // this process.
+            let _ = tokio::task::spawn_blocking(move || sp.settle_alerts(&settle)).await;
         }
         if *stop.borrow() {
             return;

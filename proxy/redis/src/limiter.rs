@@ -529,6 +529,10 @@ impl Limiter for RedisLimiter {
         "redis"
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     /// Removes the request's lease from its caps (in the background: the
     /// response is already on its way).
     fn release(&self, _customer: &Arc<str>, _plan: &Arc<Plan>, decision: &Decision) {

@@ -327,6 +327,7 @@ impl<L: Limiter> Gate<L> {
             &a.decision,
             a.cost,
             a.at,
+            self.limiter.shared(),
         );
         for alert in crossed {
             journal.raise(alert);

@@ -75,6 +75,10 @@ impl<L: Limiter> Limiter for Fallback<L> {
         self.primary.name()
     }
 
+    fn shared(&self) -> bool {
+        self.primary.shared()
+    }
+
     fn check(
         &self,
         customer: &Arc<str>,

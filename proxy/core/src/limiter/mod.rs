@@ -97,6 +97,12 @@ pub trait Limiter: Send + Sync {
     /// The `backend` label of the limiter metrics.
     fn name(&self) -> &'static str;
 
+    /// Whether other instances count against the same limits (so only the
+    /// charge that crossed a threshold may raise its alert).
+    fn shared(&self) -> bool {
+        false
+    }
+
     fn check(
         &self,
         customer: &Arc<str>,

@@ -98,6 +98,10 @@ pub fn parse_limit_specs(v: &Value, path: &str) -> Result<Vec<LimitSpec>, LimitE
                 format!("{p}.name"),
                 format!("`{n}` may only hold letters, digits, `_`, `-` and `.`"),
             )),
+            Some(crate::alerts::CREDITS) => errors.push((
+                format!("{p}.name"),
+                "`credits` names a customer's prepaid credits in alerts; call the limit something else".into(),
+            )),
             Some(n) if !seen.insert(n.to_owned()) => {
                 duplicates.push((format!("{p}.name"), format!("`{n}` is given twice")))
             }

@@ -162,6 +162,13 @@ fn parse_plan(
                 Some("it is sent to clients in the RateLimit headers"),
             ));
         }
+        if l.name == crate::alerts::CREDITS {
+            d.0.push(src.error(
+                &format!("{lp}.name"),
+                "`credits` names a customer's prepaid credits in alerts",
+                Some("call the limit something else"),
+            ));
+        }
         if !seen.insert(l.name.clone()) {
             d.0.push(src.error(
                 &format!("{lp}.name"),

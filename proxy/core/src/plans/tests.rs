@@ -229,3 +229,16 @@ fn routes_gated_by_plan_name_plans_that_exist() {
         "{e:?}"
     );
 }
+
+#[test]
+fn a_limit_may_not_be_called_credits() {
+    // Alerts name a customer's prepaid credits `credits`.
+    let all = errors(
+        "default_plan: free\nplans:\n  free:\n    limits:\n      - { name: credits, requests: 5, per: month }\n",
+    )
+    .join("\n");
+    assert!(
+        all.contains("plans.yaml:5:17: error: `credits` names a customer's prepaid credits"),
+        "{all}"
+    );
+}

@@ -3,32 +3,31 @@
 //!
 //! Lines of `events.log` (each with its CRC, like every other):
 //! - `T <json>`: an alert raised (core's `Alert`, percent-escaped JSON).
-//!   A credit threshold's line is written in the same append as the `K`
-//!   charge that crossed it; a quota's, as soon as the gate saw the
-//!   crossing. Either way before it is offered for delivery.
-//! - `X customer policy percent period_start ok|dead`: its delivery settled (dead: also a line of
-//!   `dead-alerts.jsonl`, with the reason).
+//!   A credit threshold's line is written right after the `K` charge (or
+//!   `G` grant) that reached it, in the same append; a quota's, as soon as
+//!   the gate saw it reached. Either way before it is offered for delivery.
+//! - `X customer policy percent period_start ok|dead`: its delivery
+//!   settled (dead: also a line of `dead-alerts.jsonl`, with the reason).
 //!
 //! Compaction keeps the alerts still owed, and those of periods not yet
 //! over (so the same threshold is not raised twice in a period).
 
-use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::io::Write;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tollgate_core::alerts::{Alert, AlertJournal, AlertKey, Thresholds, CREDITS};
 use tollgate_core::clock::Millis;
-use tollgate_core::credits::{Account, Allowance};
-use tollgate_core::sync::lock;
+use tollgate_core::credits::{Account, Balance, CreditPolicy};
+use tollgate_core::limiter::calendar_window;
+use tollgate_core::sync::{lock, read, write};
 
-use super::codec::{esc, line_with_crc, sealed, unesc};
-use super::{credits::Accounts, Append, Msg, Spool, SpoolError, State};
+use super::codec::{esc, line_with_crc, unesc};
+use super::{credits::Accounts, Append, Msg, Spool, State};
 
 /// One alert and where its delivery stands.
 #[derive(Debug, Clone)]
-pub(super) struct Raised {
-    pub(super) alert: Alert,
+struct Raised {
+    alert: Alert,
     /// In the file (only then is it delivered).
     durable: bool,
     /// None: owed; true: delivered; false: dead-lettered.
@@ -36,7 +35,66 @@ pub(super) struct Raised {
 }
 
 /// Alerts by key: owed ones, and the ones raised in periods still running.
-pub(super) type Outbox = HashMap<AlertKey, Raised>;
+#[derive(Debug, Default)]
+pub(super) struct Outbox {
+    raised: HashMap<AlertKey, Raised>,
+    /// Durable and not settled: what delivery takes.
+    owed: HashSet<AlertKey>,
+}
+
+impl Outbox {
+    /// Whether `alert` is new (not raised this period, or no longer
+    /// remembered); if so, it is now raised, not yet durable.
+    pub(super) fn claim(&mut self, alert: &Alert) -> bool {
+        let key = alert.key();
+        if self.raised.contains_key(&key) {
+            return false;
+        }
+        self.raised.insert(
+            key,
+            Raised {
+                alert: alert.clone(),
+                durable: false,
+                settled: None,
+            },
+        );
+        true
+    }
+
+    /// Marks `alerts` durable once their lines are in the file, or forgets
+    /// them when the write failed (the next request or charge that finds
+    /// the threshold reached raises it again; in Redis mode, where only the
+    /// crossing raises, it is lost and logged).
+    pub(super) fn written(&mut self, alerts: &[Alert], ok: bool) {
+        for a in alerts {
+            let key = a.key();
+            if !ok {
+                self.raised.remove(&key);
+                log::error!(
+                    "usage spool write failed: the {}% alert of `{}` for {} was not recorded",
+                    a.percent,
+                    a.policy,
+                    a.customer
+                );
+                continue;
+            }
+            if let Some(r) = self.raised.get_mut(&key) {
+                r.durable = true;
+                self.owed.insert(key);
+            }
+            tollgate_core::metrics::ALERTS
+                .with_label_values(&["raised"])
+                .inc();
+        }
+    }
+
+    fn settle(&mut self, key: &AlertKey, ok: bool) {
+        if let Some(r) = self.raised.get_mut(key) {
+            r.settled = Some(ok);
+        }
+        self.owed.remove(key);
+    }
+}
 
 /// `T …` for an alert.
 pub(super) fn alert_line(a: &Alert) -> String {
@@ -58,23 +116,28 @@ fn settled_line(k: &AlertKey, ok: bool) -> String {
 impl State {
     /// One `T` or `X` line of events.log; false if it is neither.
     pub(super) fn replay_alert_line(&mut self, f: &[&str]) -> bool {
-        let mut out = lock(&self.alerts);
+        let mut out = write(&self.alerts);
         match (f.first().copied(), f.len()) {
             (Some("T"), 2) => {
                 if let Ok(alert) = serde_json::from_str::<Alert>(&unesc(f[1])) {
-                    out.entry(alert.key()).or_insert(Raised {
-                        alert,
-                        durable: true,
-                        settled: None,
-                    });
+                    let key = alert.key();
+                    if !out.raised.contains_key(&key) {
+                        out.owed.insert(key.clone());
+                        out.raised.insert(
+                            key,
+                            Raised {
+                                alert,
+                                durable: true,
+                                settled: None,
+                            },
+                        );
+                    }
                 }
                 true
             }
             (Some("X"), 6) => {
                 if let (Ok(percent), Ok(start)) = (f[3].parse::<u16>(), f[4].parse::<Millis>()) {
-                    if let Some(r) = out.get_mut(&(unesc(f[1]), unesc(f[2]), percent, start)) {
-                        r.settled = Some(f[5] == "ok");
-                    }
+                    out.settle(&(unesc(f[1]), unesc(f[2]), percent, start), f[5] == "ok");
                 }
                 true
             }
@@ -84,10 +147,11 @@ impl State {
 
     /// The alerts compaction keeps, as lines; forgets the others.
     pub(super) fn alert_lines(&self, now: Millis) -> String {
-        let mut out = lock(&self.alerts);
-        out.retain(|_, r| r.settled.is_none() || r.alert.period_end > now);
+        let mut out = write(&self.alerts);
+        out.raised
+            .retain(|_, r| r.settled.is_none() || r.alert.period_end > now);
         let mut text = String::new();
-        for (k, r) in out.iter().filter(|(_, r)| r.durable) {
+        for (k, r) in out.raised.iter().filter(|(_, r)| r.durable) {
             text.push_str(&alert_line(&r.alert));
             if let Some(ok) = r.settled {
                 text.push_str(&settled_line(k, ok));
@@ -97,162 +161,168 @@ impl State {
     }
 }
 
-/// The credit thresholds that charges of one append cross, in order: each
-/// charged customer's account is followed on a copy, so the real accounts
-/// change only once the lines are in the file.
+/// The credit thresholds reached by the charges of one append, in order:
+/// each charged customer's usage is followed through the batch, so the
+/// real accounts change only once the lines are in the file.
 pub(super) struct CreditCrossings<'a> {
     th: &'a Thresholds,
-    scratch: HashMap<Arc<str>, Account>,
+    /// Per customer: the period (start, end), used and granted after the
+    /// batch's charges so far.
+    seen: HashMap<Arc<str>, (Millis, Millis, u64, i64)>,
 }
 
 impl<'a> CreditCrossings<'a> {
     pub(super) fn new(th: &'a Thresholds) -> Self {
         Self {
             th,
-            scratch: HashMap::new(),
+            seen: HashMap::new(),
         }
     }
 
-    /// The alerts of a charge of `credits` to `customer` on `plan` at `at`
-    /// (none when no thresholds are configured).
+    /// The alerts of the thresholds `customer` has reached once `credits`
+    /// more are charged at `at` (raised before or not: the outbox keeps the
+    /// first), none when no thresholds are configured.
     pub(super) fn charge(
         &mut self,
         accounts: &Accounts,
         customer: &Arc<str>,
-        plan: &Arc<str>,
-        a: Allowance,
+        policy: &CreditPolicy,
         credits: u64,
         at: Millis,
     ) -> Vec<Alert> {
         if self.th.is_empty() {
             return Vec::new();
         }
-        let acc = self.scratch.entry(customer.clone()).or_insert_with(|| {
-            accounts
-                .get(customer)
-                .cloned()
-                .unwrap_or_else(|| Account::new(a, at))
-        });
-        let before = acc.balance(a, at);
-        acc.charge(a, credits, at);
-        let after = acc.balance(a, at);
-        let granted = u64::try_from(after.granted).unwrap_or(0);
-        // Both read at `at`: a period that began with this charge starts
-        // from nothing used.
-        let period_start = acc.period;
-        self.th
-            .crossed(before.used, after.used, granted)
-            .map(|percent| Alert {
-                customer: customer.clone(),
-                plan: plan.clone(),
-                policy: CREDITS.into(),
-                percent,
-                used: after.used,
-                limit: granted,
-                period_start,
-                period_end: after.period_end,
-                at,
-            })
-            .collect()
+        let e = match self.seen.get_mut(customer) {
+            Some(e) if e.0 <= at && at < e.1 => e,
+            _ => {
+                let b = balance(accounts, customer, policy, at);
+                let start = calendar_window(policy.allowance.per, at).0;
+                self.seen
+                    .entry(customer.clone())
+                    .insert_entry((start, b.period_end, b.used, b.granted))
+                    .into_mut()
+            }
+        };
+        e.2 = e.2.saturating_add(credits);
+        reached(self.th, customer, policy, *e, at)
     }
 }
 
-/// Whether an alert with this id is new (not raised before, or no longer
-/// remembered); if so, it is now raised, not yet durable.
-pub(super) fn claim(out: &mut Outbox, alert: &Alert) -> bool {
-    let key = alert.key();
-    if out.contains_key(&key) {
-        return false;
+/// `customer`'s balance at `at` (a new account's if it has none yet).
+fn balance(accounts: &Accounts, customer: &str, policy: &CreditPolicy, at: Millis) -> Balance {
+    let a = policy.allowance;
+    match accounts.get(customer) {
+        Some(acc) => acc.balance(a, at),
+        None => Account::new(a, at).balance(a, at),
     }
-    out.insert(
-        key,
-        Raised {
-            alert: alert.clone(),
-            durable: false,
-            settled: None,
-        },
-    );
-    true
+}
+
+/// The credit alerts of every threshold `used` of `granted` has reached.
+fn reached(
+    th: &Thresholds,
+    customer: &Arc<str>,
+    policy: &CreditPolicy,
+    (start, end, used, granted): (Millis, Millis, u64, i64),
+    at: Millis,
+) -> Vec<Alert> {
+    let granted = u64::try_from(granted).unwrap_or(0);
+    th.crossed(0, used, granted)
+        .map(|percent| Alert {
+            customer: customer.clone(),
+            plan: policy.plan.clone(),
+            policy: CREDITS.into(),
+            percent,
+            used,
+            limit: granted,
+            period_start: start,
+            period_end: end,
+            at,
+        })
+        .collect()
 }
 
 impl Spool {
-    /// Alerts in the file and not settled, that `ready` accepts.
+    /// Alerts in the file and not settled, that `ready` accepts, oldest
+    /// first.
     pub fn alerts_due(&self, limit: usize, ready: impl Fn(&Alert) -> bool) -> Vec<Alert> {
-        let out = lock(&self.alerts);
-        let mut due: Vec<&Raised> = out
-            .values()
-            .filter(|r| r.durable && r.settled.is_none() && ready(&r.alert))
+        let out = read(&self.alerts);
+        let mut due: Vec<&Alert> = out
+            .owed
+            .iter()
+            .filter_map(|k| out.raised.get(k))
+            .map(|r| &r.alert)
+            .filter(|a| ready(a))
             .collect();
-        due.sort_by_key(|r| r.alert.at);
-        due.into_iter()
-            .take(limit)
-            .map(|r| r.alert.clone())
-            .collect()
+        due.sort_by_key(|a| a.at);
+        due.into_iter().take(limit).cloned().collect()
     }
 
-    /// Records that `alert` was delivered, or (with a reason) refused for
-    /// good and written to `dead-alerts.jsonl`. Does file I/O: call it off
-    /// the async workers.
-    pub fn settle_alert(&self, alert: &Alert, dead: Option<&str>) -> Result<(), SpoolError> {
-        let key = alert.key();
-        if let Some(reason) = dead {
-            let path = self.config.dir.join("dead-alerts.jsonl");
-            let line = serde_json::json!({
-                "id": alert.id(),
-                "event": alert.event(),
-                "reason": reason,
-            });
-            let text = sealed(self.config.seal.as_deref(), format!("{line}\n"))?;
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&path)
-                .and_then(|mut f| f.write_all(text.as_bytes()))
-                .map_err(|e| super::codec::io_err(&path, e))?;
+    /// Records how each alert's delivery ended: delivered (None), or
+    /// refused for good with a reason, then also written to
+    /// `dead-alerts.jsonl`. In memory it is settled whatever the disk
+    /// says; a settlement that did not reach the file means a redelivery
+    /// after a restart, under the same `webhook-id`. Does file I/O (no
+    /// fsync: the spool's next sync covers it): call it off the async
+    /// workers.
+    pub fn settle_alerts(&self, done: &[(Alert, Option<String>)]) {
+        if done.is_empty() {
+            return;
         }
-        let mut w = lock(&self.writer);
-        w.append_text(&settled_line(&key, dead.is_none()))
-            .map_err(|e| SpoolError::Io {
-                path: self.config.dir.join("events.log"),
-                source: std::io::Error::other(e),
-            })?;
-        if let Some(r) = lock(&self.alerts).get_mut(&key) {
-            r.settled = Some(dead.is_none());
+        let text: String = done
+            .iter()
+            .map(|(a, dead)| settled_line(&a.key(), dead.is_none()))
+            .collect();
+        if let Err(e) = lock(&self.writer).append_unsynced(&text) {
+            log::error!("alert deliveries not recorded ({e}): they will be sent again after a restart, under the same webhook-id");
         }
-        drop(w);
-        Ok(())
+        let dead: String = done
+            .iter()
+            .filter_map(|(a, why)| {
+                let line = serde_json::json!({ "id": a.id(), "event": a.event(), "reason": why.as_deref()? });
+                Some(format!("{line}\n"))
+            })
+            .collect();
+        if !dead.is_empty() {
+            self.append_dead(&self.config.dir.join("dead-alerts.jsonl"), dead);
+        }
+        let mut out = write(&self.alerts);
+        for (a, dead) in done {
+            out.settle(&a.key(), dead.is_none());
+        }
     }
 
     /// Alerts raised and not yet delivered or dead-lettered.
     pub fn alerts_owed(&self) -> usize {
-        lock(&self.alerts)
-            .values()
-            .filter(|r| r.settled.is_none())
-            .count()
+        read(&self.alerts).owed.len()
     }
-}
 
-/// Marks `alerts` durable once their lines are in the file, or forgets
-/// them when the write failed (the next crossing may raise them again).
-pub(super) fn written(out: &mut Outbox, alerts: &[Alert], ok: bool) {
-    for a in alerts {
-        let key = a.key();
-        if ok {
-            if let Some(r) = out.get_mut(&key) {
-                r.durable = true;
-            }
-            tollgate_core::metrics::ALERTS
-                .with_label_values(&["raised"])
-                .inc();
-        } else {
-            out.remove(&key);
-            log::error!(
-                "usage spool write failed: the {}% alert of `{}` for {} is lost",
-                a.percent,
-                a.policy,
-                a.customer
-            );
+    /// The `T` lines of the credit thresholds `customer` has reached after
+    /// a grant (one that removed credits may have raised their share
+    /// used), claimed; called under the writer's lock.
+    pub(super) fn credit_alerts_after_grant(
+        &self,
+        customer: &Arc<str>,
+        policy: &CreditPolicy,
+        at: Millis,
+    ) -> Vec<Alert> {
+        let th = &self.config.alerts;
+        if th.is_empty() {
+            return Vec::new();
         }
+        let b = balance(&lock(&self.credits), customer, policy, at);
+        let start = calendar_window(policy.allowance.per, at).0;
+        let mut out = write(&self.alerts);
+        reached(
+            th,
+            customer,
+            policy,
+            (start, b.period_end, b.used, b.granted),
+            at,
+        )
+        .into_iter()
+        .filter(|a| out.claim(a))
+        .collect()
     }
 }
 
@@ -262,11 +332,13 @@ impl AlertJournal for Spool {
     }
 
     fn raise(&self, alert: Alert) {
-        if !claim(&mut lock(&self.alerts), &alert) {
+        let key = alert.key();
+        // The common case, a customer past a threshold raised before: a
+        // shared read.
+        if read(&self.alerts).raised.contains_key(&key) || !write(&self.alerts).claim(&alert) {
             return;
         }
         // The spool's thread writes it: never waits here.
-        let key = alert.key();
         let (done, _) = tokio::sync::oneshot::channel();
         let item = Append {
             customer: alert.customer.clone(),
@@ -281,7 +353,7 @@ impl AlertJournal for Spool {
             .as_ref()
             .is_some_and(|tx| tx.send(Msg::Appends(vec![item])).is_ok());
         if !sent {
-            lock(&self.alerts).remove(&key);
+            write(&self.alerts).raised.remove(&key);
             log::warn!("usage spool is closed: an alert was not raised");
         }
     }

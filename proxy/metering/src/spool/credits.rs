@@ -166,6 +166,13 @@ impl CreditBook for Spool {
             w.append_text(&grant_line(customer, a, &grant))
                 .map_err(CreditError::NotRecorded)?;
             grant_into(&mut lock(&self.credits), customer, a, grant);
+            // Credits removed raise the share used: thresholds it reaches.
+            let reached = self.credit_alerts_after_grant(customer, policy, at);
+            if !reached.is_empty() {
+                let text: String = reached.iter().map(super::alerts::alert_line).collect();
+                let ok = w.append_text(&text).is_ok();
+                tollgate_core::sync::write(&self.alerts).written(&reached, ok);
+            }
         }
         drop(w);
         Ok((seen, CreditBook::balance(self, customer, policy, at)))

@@ -55,6 +55,8 @@ use tollgate_core::meter::CalendarCharge;
 use tollgate_core::plans::Window;
 use tollgate_core::sync::{lock, Pending};
 
+#[cfg(test)]
+mod alert_tests;
 mod alerts;
 mod codec;
 mod compact;
@@ -194,8 +196,9 @@ struct State {
     /// this state's lock when both are.
     credits: Arc<Mutex<credits::Accounts>>,
     /// Threshold alerts (see `alerts.rs`), behind their own lock like the
-    /// credits: the gate claims one when it sees a crossing.
-    alerts: Arc<Mutex<alerts::Outbox>>,
+    /// credits (taken after them when both are): the gate reads it with
+    /// every request whose customer has reached a threshold.
+    alerts: Arc<std::sync::RwLock<alerts::Outbox>>,
     next_seq: u64,
     next_rseq: u64,
 }
@@ -355,7 +358,7 @@ pub struct Spool {
     /// The same accounts as the state's, for the gate.
     credits: Arc<Mutex<credits::Accounts>>,
     /// The same alerts as the state's.
-    alerts: Arc<Mutex<alerts::Outbox>>,
+    alerts: Arc<std::sync::RwLock<alerts::Outbox>>,
 }
 
 impl Spool {
@@ -591,13 +594,19 @@ impl Spool {
         });
         // Under the state lock: a replay rewrites this file.
         let _st = lock(&self.state);
-        let written = codec::sealed(self.config.seal.as_deref(), format!("{line}\n"))
+        self.append_dead(&path, format!("{line}\n"));
+    }
+
+    /// Appends lines to a dead-letter file (sealed if the spool is); a
+    /// failure is logged.
+    fn append_dead(&self, path: &std::path::Path, text: String) {
+        let written = codec::sealed(self.config.seal.as_deref(), text)
             .map_err(|e| std::io::Error::other(e.to_string()))
             .and_then(|text| {
                 OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(&path)?
+                    .open(path)?
                     .write_all(text.as_bytes())
             });
         if let Err(e) = written {

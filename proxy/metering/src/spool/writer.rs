@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use tollgate_core::clock::{month_bounds, Clock, Millis};
 use tollgate_core::keys::crc32;
-use tollgate_core::sync::lock;
+use tollgate_core::sync::{lock, write};
 
-use super::alerts::{self, alert_line, claim, CreditCrossings};
+use super::alerts::{alert_line, CreditCrossings};
 use super::codec::{io_err, plain, record_line};
 use super::compact::compact_files;
 use super::{
@@ -156,6 +156,12 @@ impl Writer {
         let mut raised: Vec<Alert> = Vec::new();
         let mut acks = Vec::with_capacity(items.len());
         let mut st = lock(&self.state);
+        // Credit thresholds the charges reach: their lines follow the
+        // charge's, in the same write.
+        let watch = !self.alerts.is_empty() && items.iter().any(|a| a.credits.is_some());
+        let books = watch.then(|| (st.credits.clone(), st.alerts.clone()));
+        let mut held = books.as_ref().map(|(c, o)| (lock(c), write(o)));
+        let mut crossings = CreditCrossings::new(&self.alerts);
         for a in items {
             if let Some(alert) = a.alert {
                 text.push_str(&alert_line(&alert));
@@ -189,6 +195,15 @@ impl Writer {
                 ));
                 if let Some((policy, credits)) = credits {
                     credit_line(&mut text, &a.customer, policy.allowance, credits, a.at);
+                    if let Some((accounts, outbox)) = held.as_mut() {
+                        for alert in crossings.charge(accounts, &a.customer, &policy, credits, a.at)
+                        {
+                            if outbox.claim(&alert) {
+                                text.push_str(&alert_line(&alert));
+                                raised.push(alert);
+                            }
+                        }
+                    }
                     charged.push((a.customer.clone(), policy, credits, a.at));
                 }
             }
@@ -216,23 +231,7 @@ impl Writer {
             }
             acks.push(a.done);
         }
-        // Credit thresholds these charges cross: in the same write.
-        if !self.alerts.is_empty() && !charged.is_empty() {
-            let accounts = lock(&st.credits);
-            let mut crossings = CreditCrossings::new(&self.alerts);
-            let mut out = lock(&st.alerts);
-            for (customer, policy, credits, at) in &charged {
-                let plan = &policy.plan;
-                for alert in
-                    crossings.charge(&accounts, customer, plan, policy.allowance, *credits, *at)
-                {
-                    if claim(&mut out, &alert) {
-                        text.push_str(&alert_line(&alert));
-                        raised.push(alert);
-                    }
-                }
-            }
-        }
+        drop(held);
         // Sequences are handed out and written under the state lock, so the
         // file holds them in order and a rollup never sees a later event of
         // a group before an earlier one is in the file.
@@ -267,7 +266,7 @@ impl Writer {
             );
         }
         if !raised.is_empty() {
-            alerts::written(&mut lock(&st.alerts), &raised, ok);
+            write(&st.alerts).written(&raised, ok);
         }
         drop(st);
         for a in acks {
@@ -279,10 +278,20 @@ impl Writer {
     /// before it returns: a grant is answered as done (and a provider then
     /// stops retrying it). Grants are rare; the sync is affordable.
     pub(super) fn append_text(&mut self, text: &str) -> Result<(), String> {
+        self.append_lines(text, true)
+    }
+
+    /// Appends lines that answer no one and need no sync of their own (the
+    /// spool's next periodic sync covers them).
+    pub(super) fn append_unsynced(&mut self, text: &str) -> Result<(), String> {
+        self.append_lines(text, false)
+    }
+
+    fn append_lines(&mut self, text: &str, sync: bool) -> Result<(), String> {
         let written = self
             .events
             .append(text)
-            .filter(|_| self.events.file.sync_data().is_ok());
+            .filter(|_| !sync || self.events.file.sync_data().is_ok());
         match written {
             Some(n) => {
                 self.bytes.fetch_add(n, Ordering::Relaxed);
