@@ -65,6 +65,7 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
         jwt: None,
         credits: None,
         alerts: None,
+        holds: Default::default(),
     };
     (gate, raw)
 }

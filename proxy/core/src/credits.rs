@@ -369,6 +369,53 @@ pub trait CreditBook: Send + Sync {
     fn history(&self, customer: &str, policy: &CreditPolicy, now: Millis) -> Vec<Entry>;
 }
 
+/// Credits held by requests in flight (`reserve:` on a route), per
+/// customer: what the gate admits against is the balance minus these.
+/// In memory only: a hold lasts as long as its request, and a restart
+/// ends both.
+#[derive(Debug, Default)]
+pub struct Holds(std::sync::Mutex<std::collections::HashMap<Arc<str>, u64>>);
+
+impl Holds {
+    /// Whether a request holding `want` may start given `remaining`: what
+    /// is not held by others must be above zero and cover `want`. If so,
+    /// `want` is held until [`Holds::give_back`].
+    pub fn take(&self, customer: &Arc<str>, remaining: i64, want: u64) -> bool {
+        let mut h = crate::sync::lock(&self.0);
+        let held = h.get(customer).copied().unwrap_or(0);
+        let available = i128::from(remaining) - i128::from(held);
+        if available <= 0 || available < i128::from(want) {
+            return false;
+        }
+        if want > 0 {
+            h.insert(customer.clone(), held.saturating_add(want));
+        }
+        true
+    }
+
+    /// Ends a hold of `want` (its request is over: what it cost is charged).
+    pub fn give_back(&self, customer: &Arc<str>, want: u64) {
+        if want == 0 {
+            return;
+        }
+        let mut h = crate::sync::lock(&self.0);
+        if let Some(held) = h.get_mut(customer) {
+            *held = held.saturating_sub(want);
+            if *held == 0 {
+                h.remove(customer);
+            }
+        }
+    }
+
+    /// What `customer`'s requests in flight hold.
+    pub fn held(&self, customer: &str) -> u64 {
+        crate::sync::lock(&self.0)
+            .get(customer)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,6 +448,29 @@ mod tests {
         let h: i64 = acc.history(a, now).iter().map(|e| e.amount).sum();
         assert_eq!(h, b.remaining, "history adds up to the balance");
         assert_eq!(b.granted - b.used as i64, b.remaining);
+    }
+
+    #[test]
+    fn holds_admit_against_what_others_do_not_hold() {
+        let h = Holds::default();
+        let c: Arc<str> = "cus".into();
+        assert!(h.take(&c, 100, 40));
+        assert!(h.take(&c, 100, 40));
+        assert!(!h.take(&c, 100, 40), "20 left unheld");
+        assert!(h.take(&c, 100, 20), "exactly covered");
+        assert!(
+            !h.take(&c, 100, 0),
+            "nothing unheld: not even a request without a reserve"
+        );
+        h.give_back(&c, 40);
+        assert_eq!(h.held(&c), 60);
+        assert!(h.take(&c, 100, 0));
+        assert!(!h.take(&c, 0, 0), "a balance at zero admits nothing");
+        for w in [40, 20] {
+            h.give_back(&c, w);
+        }
+        assert_eq!(h.held(&c), 0);
+        assert!(h.0.lock().unwrap().is_empty(), "no entry left behind");
     }
 
     #[test]

@@ -205,6 +205,7 @@ impl App {
                 .clone()
                 .filter(|_| config.alerts.is_some())
                 .map(|s| s as Arc<dyn tollgate_core::alerts::AlertJournal>),
+            holds: Default::default(),
         };
         // On the memory backend the day and month counters live here: the
         // spool journals their charges and gives them back on start.

@@ -1,6 +1,7 @@
 //! Prepaid credits: charged per billable unit, 402 at zero, grants through
 //! the admin API (idempotent), exact under concurrency, and the plan's
-//! grant at the period edge.
+//! grant at the period edge; `reserve` holding credits while a request
+//! runs.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod harness;
@@ -37,6 +38,9 @@ routes:
   # Tokens are not priced in these plans, but a response that reports none
   # is billed on the plan's meter, which is: it costs credits.
   - { match: "POST /v1/chat/*", usage: openai }
+  # Hold 4 (and 10) units at 10 credits while they run.
+  - { match: "GET /slow", reserve: 4 }
+  - { match: "GET /status/*", reserve: 10 }
 "#;
 
 fn harness() -> Harness {
@@ -278,4 +282,36 @@ async fn the_plans_grant_comes_back_at_the_month_edge_and_rolls_over_when_told()
     );
     let r = h.get("/v1/x").bearer_auth(&pre).send().await.unwrap();
     assert_eq!(remaining(&r), Some(90));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_credits_keep_parallel_calls_from_overshooting_the_balance() {
+    let h = harness();
+    let key = h.key("cus_agents", Some("prepaid"));
+    let slow = |ms: u64| {
+        let req = h.get(&format!("/slow?ms={ms}")).bearer_auth(&key);
+        tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
+    };
+    // Two calls in flight hold 80 of the 100 credits.
+    let (a, b) = (slow(800), slow(800));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // A third would need 40: refused before it reaches the upstream.
+    let third = h.get("/slow?ms=0").bearer_auth(&key).send().await.unwrap();
+    assert_eq!(third.status(), 402);
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["type"], "urn:tollgate:problem:credits-exhausted");
+    // One without a reserve needs only what is not held.
+    assert_eq!(h.status("/v1/x", &key).await, 200);
+    assert_eq!((a.await.unwrap(), b.await.unwrap()), (200, 200));
+    // Settled: each charged what it cost (10), the holds are gone.
+    let r = h.get("/slow?ms=0").bearer_auth(&key).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(remaining(&r), Some(60), "100 - 4 x 10, this one included");
+    assert_eq!(balance(&h, "cus_agents").await["remaining"], 60);
+    // A call that fails holds the whole balance while it runs, is not
+    // billed (5xx), and gives its hold back: the next one is admitted.
+    let other = h.key("cus_failing", Some("prepaid"));
+    assert_eq!(h.status("/status/503", &other).await, 503);
+    assert_eq!(h.status("/status/200", &other).await, 200);
+    assert_eq!(balance(&h, "cus_failing").await["remaining"], 90);
 }

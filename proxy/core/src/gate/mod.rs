@@ -92,6 +92,8 @@ pub struct Admitted {
     pub at: crate::clock::Millis,
     /// The customer's credits when admitted (plans with credits only).
     pub credits: Option<Balance>,
+    /// Credits this request holds while it runs (`reserve`; 0: none).
+    pub held: u64,
 }
 
 /// A request Tollgate answers with a problem instead of the upstream, with
@@ -148,6 +150,8 @@ pub struct Gate<L> {
     pub credits: Option<Arc<dyn CreditBook>>,
     /// `alerts:`: where the quota thresholds a request crosses are raised.
     pub alerts: Option<Arc<dyn crate::alerts::AlertJournal>>,
+    /// Credits held by `reserve` requests in flight.
+    pub holds: crate::credits::Holds,
 }
 
 impl<L: Limiter> Gate<L> {
@@ -235,10 +239,20 @@ impl<L: Limiter> Gate<L> {
             }
         }
         let cost = if is_usage { 0 } else { route.cost };
-        // Out of credits: refused before anything is charged, when the
-        // request would cost credits.
+        // Out of credits (those no other request in flight holds): refused
+        // before anything is charged, when the request would cost credits.
+        // A `reserve` route's hold is taken here, given back at its end.
+        let mut held = 0;
         if let (Some(b), Some(policy)) = (credits, plan.credits.as_deref()) {
-            if !is_usage && b.remaining <= 0 && costs_credits(route.route, &plan, policy) {
+            let reserve = route.route.map_or(0, |r| r.reserve);
+            let want = if reserve > 0 && !is_usage {
+                reserve.saturating_mul(credit_price(route.route, &plan, policy))
+            } else {
+                0
+            };
+            if !is_usage && self.holds.take(&identity.customer, b.remaining, want) {
+                held = want;
+            } else if !is_usage && (want > 0 || credit_price(route.route, &plan, policy) > 0) {
                 return Err(Refused {
                     rejection: Rejection::CreditsExhausted,
                     identity: Some(identity),
@@ -256,6 +270,7 @@ impl<L: Limiter> Gate<L> {
                 JournalState::Failing => Some(Rejection::UsageNotRecorded),
             };
             if let Some(rejection) = rejection {
+                self.holds.give_back(&identity.customer, held);
                 metrics::SPOOL_REJECTED
                     .with_label_values(&[&plan.name])
                     .inc();
@@ -277,6 +292,7 @@ impl<L: Limiter> Gate<L> {
             .with_label_values(&[self.limiter.name()])
             .observe(started.elapsed().as_secs_f64());
         let Ok(decision) = decision else {
+            self.holds.give_back(&identity.customer, held);
             return Err(Refused {
                 rejection: Rejection::Unavailable { retry_after: 1 },
                 identity: Some(identity),
@@ -286,6 +302,7 @@ impl<L: Limiter> Gate<L> {
             });
         };
         if !is_usage && !decision.allowed {
+            self.holds.give_back(&identity.customer, held);
             return Err(Refused {
                 rejection: limited(&decision, cost),
                 identity: Some(identity),
@@ -308,6 +325,7 @@ impl<L: Limiter> Gate<L> {
             cost,
             at,
             credits,
+            held,
         };
         if is_usage {
             return Ok(Admission::Report(admitted));
@@ -440,8 +458,10 @@ impl<L: Limiter> Gate<L> {
     }
 
     /// The end of an admitted request: what it held of its plan's
-    /// `concurrent` caps is given back. Call once per admitted request.
+    /// `concurrent` caps, and of its customer's credits, is given back.
+    /// Call once per admitted request, after its usage is recorded.
     pub fn release(&self, a: &Admitted) {
+        self.holds.give_back(&a.identity.customer, a.held);
         // A request of cost 0 took no slot, so it gives none back.
         if a.cost > 0 && crate::limiter::holds(&a.plan) {
             self.limiter
@@ -525,29 +545,28 @@ fn may_bill(route: Option<&Route>, plan: &Plan) -> bool {
             || plan.limits.iter().any(|l| l.overage_meter.is_some()))
 }
 
-/// Whether a request of `plan` on `route` would cost credits: a meter it
-/// may be billed on has a price.
-fn costs_credits(
-    route: Option<&Route>,
-    plan: &Plan,
-    policy: &crate::credits::CreditPolicy,
-) -> bool {
+/// What one unit a request of `plan` on `route` may be billed costs at
+/// most, in credits (0: the request costs none): the dearest price of
+/// the meters it may be billed on.
+fn credit_price(route: Option<&Route>, plan: &Plan, policy: &crate::credits::CreditPolicy) -> u64 {
+    let price = |m: &str| policy.prices.get(m).copied().unwrap_or(0);
     // A `usage:` route bills its body's meters, or its cost on the
     // route's or plan's meter when the body reports none.
-    if let Some(format) = route.and_then(|r| r.usage.as_deref()) {
-        if format.meters().iter().any(|m| policy.prices(m)) {
-            return true;
-        }
-    }
-    route
+    let body = route.and_then(|r| r.usage.as_deref()).map_or(0, |f| {
+        f.meters().iter().map(|m| price(m)).max().unwrap_or(0)
+    });
+    let own = route
         .and_then(|r| r.meter.as_deref())
         .or(plan.meter.as_deref())
-        .is_some_and(|m| policy.prices(m))
-        || plan
-            .limits
-            .iter()
-            .filter_map(|l| l.overage_meter.as_deref())
-            .any(|m| policy.prices(m))
+        .map_or(0, price);
+    let overage = plan
+        .limits
+        .iter()
+        .filter_map(|l| l.overage_meter.as_deref())
+        .map(price)
+        .max()
+        .unwrap_or(0);
+    body.max(own).max(overage)
 }
 
 /// Counts each policy an admitted request left at or past 80 % used.

@@ -99,6 +99,7 @@ fn setup_with(answer_preflights: bool, journal_full: Option<Arc<AtomicBool>>) ->
             jwt: None,
             credits: None,
             alerts: None,
+            holds: Default::default(),
         },
         free,
         pro,
@@ -398,4 +399,83 @@ async fn quota_thresholds_are_raised_by_the_request_that_crosses_them() {
         passed(admit(&s.gate, &request("GET", "/v1/x", Some(&s.free))).await);
     }
     assert_eq!(seen().len(), 2);
+}
+
+/// A balance that stays where it is (charges are the spool's business).
+struct Fixed(i64);
+
+impl crate::credits::CreditBook for Fixed {
+    fn balance(
+        &self,
+        _: &str,
+        _: &crate::credits::CreditPolicy,
+        _: Millis,
+    ) -> crate::credits::Balance {
+        crate::credits::Balance {
+            remaining: self.0,
+            granted: self.0,
+            used: 0,
+            period_end: 0,
+        }
+    }
+    fn grant(
+        &self,
+        _: &Arc<str>,
+        _: &crate::credits::CreditPolicy,
+        _: crate::credits::Grant,
+    ) -> Result<(crate::credits::Granted, crate::credits::Balance), crate::credits::CreditError>
+    {
+        unreachable!("not granted here")
+    }
+    fn history(
+        &self,
+        _: &str,
+        _: &crate::credits::CreditPolicy,
+        _: Millis,
+    ) -> Vec<crate::credits::Entry> {
+        Vec::new()
+    }
+}
+
+#[tokio::test]
+async fn a_reserve_route_holds_credits_until_its_request_ends() {
+    let mut s = setup(false);
+    // 100 credits; a chat call may bill output tokens at 4 a unit, so a
+    // reserve of 10 holds 40.
+    let plans = Plans::parse(&Source::new(
+        std::path::Path::new("plans.yaml"),
+        "default_plan: free
+plans:
+  free: {}
+  pro:
+    credits: { grant: 100 }
+    meters: { ai_input_tokens: { credits_per_unit: 1 }, ai_output_tokens: { credits_per_unit: 4 } }
+routes:
+  - { match: \"POST /v1/chat\", usage: openai, reserve: 10 }
+  - { match: \"GET /v1/free\", meter: ai_input_tokens }
+"
+        .into(),
+    ))
+    .unwrap();
+    s.gate.plans = crate::sync::Shared::new(Arc::new(plans));
+    s.gate.credits = Some(Arc::new(Fixed(100)));
+    let chat = request("POST", "/v1/chat", Some(&s.pro));
+    let (a, b) = (
+        passed(admit(&s.gate, &chat).await),
+        passed(admit(&s.gate, &chat).await),
+    );
+    assert_eq!((a.held, b.held), (40, 40));
+    // 20 are not held: not enough for a third.
+    let r = refused(admit(&s.gate, &chat).await);
+    assert!(matches!(r.rejection, Rejection::CreditsExhausted));
+    // A request with no reserve needs only something unheld.
+    let other = passed(admit(&s.gate, &request("GET", "/v1/free", Some(&s.pro))).await);
+    assert_eq!(other.held, 0);
+    s.gate.release(&a);
+    let c = passed(admit(&s.gate, &chat).await);
+    assert_eq!(s.gate.holds.held("cus_pro"), 80);
+    for x in [&b, &c, &other] {
+        s.gate.release(x);
+    }
+    assert_eq!(s.gate.holds.held("cus_pro"), 0, "every hold given back");
 }

@@ -151,6 +151,9 @@ pub struct Route {
     pub usage: Option<Arc<crate::body_usage::BodyFormat>>,
     /// Only these plans may call it; None: every plan.
     pub plans: Option<Vec<Arc<str>>>,
+    /// `reserve`: units held against a customer's credits (at the dearest
+    /// `credits_per_unit` the request may be billed at) while it runs.
+    pub reserve: u64,
 }
 
 impl Route {

@@ -89,6 +89,8 @@ struct RawRoute {
     usage: Option<serde_yaml::Value>,
     /// Only these plans may call the route (403 `not-in-plan` for others).
     plans: Option<Vec<String>>,
+    /// Units held against the customer's credits while a request runs.
+    reserve: Option<i64>,
 }
 
 impl Plans {
@@ -404,9 +406,10 @@ fn parse_routes(
                         || r.meter.is_some()
                         || r.usage_header.is_some()
                         || r.usage.is_some()
-                        || r.plans.is_some())
+                        || r.plans.is_some()
+                        || r.reserve.is_some())
                 {
-                    d.0.push(src.error(&path, "a public route is neither limited nor metered, so `cost`, `meter`, `usage_header`, `usage` and `plans` make no sense on it", None));
+                    d.0.push(src.error(&path, "a public route is neither limited nor metered, so `cost`, `meter`, `usage_header`, `usage`, `plans` and `reserve` make no sense on it", None));
                 }
                 if let Some(m) = &r.meter {
                     check_meter(src, &format!("{path}.meter"), m, d);
@@ -613,17 +616,8 @@ fn parse_route(r: &RawRoute) -> Result<Route, RouteError> {
             Some("routes match the decoded path with `.` and `..` resolved, without the query"),
         ));
     }
-    let cost = match r.cost {
-        None => DEFAULT_COST,
-        Some(c) if c >= 0 => c as u64,
-        Some(c) => {
-            return Err((
-                "cost",
-                format!("`cost` must not be negative, got {c}"),
-                None,
-            ))
-        }
-    };
+    let cost = non_negative("cost", r.cost, DEFAULT_COST)?;
+    let reserve = non_negative("reserve", r.reserve, 0)?;
     let usage_header = match &r.usage_header {
         None => None,
         Some(h) => Some(http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
@@ -657,11 +651,26 @@ fn parse_route(r: &RawRoute) -> Result<Route, RouteError> {
         meter: r.meter.as_deref().map(Into::into),
         usage_header,
         usage,
+        reserve,
         plans: r
             .plans
             .as_ref()
             .map(|p| p.iter().map(|n| n.as_str().into()).collect()),
     })
+}
+
+/// A route's whole-number field, `default` when not given.
+fn non_negative(field: &'static str, v: Option<i64>, default: u64) -> Result<u64, RouteError> {
+    match v {
+        None => Ok(default),
+        Some(n) => u64::try_from(n).map_err(|_| {
+            (
+                field,
+                format!("`{field}` must not be negative, got {n}"),
+                None,
+            )
+        }),
+    }
 }
 
 /// Why a route's path can never match a request's canonical path (escapes

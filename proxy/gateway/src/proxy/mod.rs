@@ -393,16 +393,17 @@ impl ProxyHttp for TollgateProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
-        // However it ended, a request's hold on its concurrency caps ends.
-        if let Some(a) = &ctx.admitted {
-            self.app.gate.release(a);
-        }
         // A body that never ended (the client went away, the upstream
         // broke off): billed what it reported by then, or the route's cost.
         if let (Some(scanner), Some(a)) = (ctx.scanner.take(), &ctx.admitted) {
             let units = self.app.meter.body_units(a, scanner.so_far(), true);
             self.app.meter.record_late(a, &units).await;
             note_units(ctx, &units);
+        }
+        // However it ended, a request's hold on its concurrency caps and
+        // credits ends, once what it cost is charged.
+        if let Some(a) = &ctx.admitted {
+            self.app.gate.release(a);
         }
         let plan = ctx.plan.as_ref().map_or("none", |p| &*p.name);
         metrics::REQUESTS
