@@ -43,6 +43,19 @@ impl BodyFormat {
     }
 
     /// The meters this format bills, in a fixed order.
+    /// The highest of `price` over the meters this format reports, without
+    /// allocating (the gate asks on every request of a `reserve` route).
+    pub fn max_over_meters(&self, price: impl Fn(&str) -> u64) -> u64 {
+        match self {
+            BodyFormat::OpenAi | BodyFormat::Anthropic => [AI_INPUT, AI_OUTPUT, AI_CACHED_INPUT]
+                .into_iter()
+                .map(price)
+                .max()
+                .unwrap_or(0),
+            BodyFormat::Json(m) => m.iter().map(|(n, _)| price(n)).max().unwrap_or(0),
+        }
+    }
+
     pub fn meters(&self) -> Vec<Arc<str>> {
         match self {
             BodyFormat::OpenAi | BodyFormat::Anthropic => {

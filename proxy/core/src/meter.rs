@@ -286,7 +286,7 @@ mod tests {
             fallback: 3,
             at: 0,
             credits: None,
-            held: 0,
+            hold: crate::credits::Hold::none(),
         }
     }
 

@@ -294,7 +294,10 @@ async fn reserved_credits_keep_parallel_calls_from_overshooting_the_balance() {
     };
     // Two calls in flight hold 80 of the 100 credits.
     let (a, b) = (slow(800), slow(800));
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    harness::wait_for("both calls admitted", 5, || {
+        h.app.gate.holds.held("cus_agents") == 80
+    })
+    .await;
     // A third would need 40: refused before it reaches the upstream.
     let third = h.get("/slow?ms=0").bearer_auth(&key).send().await.unwrap();
     assert_eq!(third.status(), 402);
@@ -303,7 +306,9 @@ async fn reserved_credits_keep_parallel_calls_from_overshooting_the_balance() {
     // One without a reserve needs only what is not held.
     assert_eq!(h.status("/v1/x", &key).await, 200);
     assert_eq!((a.await.unwrap(), b.await.unwrap()), (200, 200));
-    // Settled: each charged what it cost (10), the holds are gone.
+    // Settled: each charged what it cost (10), the holds gone before the
+    // answers reached the client.
+    assert_eq!(h.app.gate.holds.held("cus_agents"), 0);
     let r = h.get("/slow?ms=0").bearer_auth(&key).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(remaining(&r), Some(60), "100 - 4 x 10, this one included");

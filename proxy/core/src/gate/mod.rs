@@ -11,7 +11,7 @@ use http::header::{HeaderMap, HeaderName};
 use http::Method;
 
 use crate::clock::Clock;
-use crate::credits::{Balance, CreditBook};
+use crate::credits::{Balance, CreditBook, Hold};
 use crate::keys;
 use crate::limiter::{Decision, Limiter, LimiterError};
 use crate::meter::JournalState;
@@ -92,8 +92,9 @@ pub struct Admitted {
     pub at: crate::clock::Millis,
     /// The customer's credits when admitted (plans with credits only).
     pub credits: Option<Balance>,
-    /// Credits this request holds while it runs (`reserve`; 0: none).
-    pub held: u64,
+    /// Credits this request holds while it runs (`reserve`): settle it
+    /// once its usage is charged (dropping it does too).
+    pub hold: Hold,
 }
 
 /// A request Tollgate answers with a problem instead of the upstream, with
@@ -151,7 +152,7 @@ pub struct Gate<L> {
     /// `alerts:`: where the quota thresholds a request crosses are raised.
     pub alerts: Option<Arc<dyn crate::alerts::AlertJournal>>,
     /// Credits held by `reserve` requests in flight.
-    pub holds: crate::credits::Holds,
+    pub holds: Arc<crate::credits::Holds>,
 }
 
 impl<L: Limiter> Gate<L> {
@@ -241,25 +242,35 @@ impl<L: Limiter> Gate<L> {
         let cost = if is_usage { 0 } else { route.cost };
         // Out of credits (those no other request in flight holds): refused
         // before anything is charged, when the request would cost credits.
-        // A `reserve` route's hold is taken here, given back at its end.
-        let mut held = 0;
-        if let (Some(b), Some(policy)) = (credits, plan.credits.as_deref()) {
+        // A `reserve` route's hold is taken here; it is given back when the
+        // request's usage is charged, or when `Admitted` (or a refusal
+        // below) drops it.
+        let mut hold = Hold::none();
+        if let (Some(b), Some(policy), Some(book)) =
+            (credits, plan.credits.as_deref(), self.credits.as_ref())
+        {
             let reserve = route.route.map_or(0, |r| r.reserve);
             let want = if reserve > 0 && !is_usage {
                 reserve.saturating_mul(credit_price(route.route, &plan, policy))
             } else {
                 0
             };
-            if !is_usage && self.holds.take(&identity.customer, b.remaining, want) {
-                held = want;
-            } else if !is_usage && (want > 0 || credit_price(route.route, &plan, policy) > 0) {
-                return Err(Refused {
-                    rejection: Rejection::CreditsExhausted,
-                    identity: Some(identity),
-                    plan: Some(plan),
-                    decision: None,
-                    credits,
-                });
+            let read = || {
+                book.balance(&identity.customer, policy, self.clock.now_ms())
+                    .remaining
+            };
+            match self.holds.take(&identity.customer, want, b.remaining, read) {
+                Some(h) => hold = h,
+                None if !is_usage && (want > 0 || credit_price(route.route, &plan, policy) > 0) => {
+                    return Err(Refused {
+                        rejection: Rejection::CreditsExhausted,
+                        identity: Some(identity),
+                        plan: Some(plan),
+                        decision: None,
+                        credits,
+                    });
+                }
+                None => {}
             }
         }
         // Refused before anything is charged: a refusal consumes nothing.
@@ -270,7 +281,6 @@ impl<L: Limiter> Gate<L> {
                 JournalState::Failing => Some(Rejection::UsageNotRecorded),
             };
             if let Some(rejection) = rejection {
-                self.holds.give_back(&identity.customer, held);
                 metrics::SPOOL_REJECTED
                     .with_label_values(&[&plan.name])
                     .inc();
@@ -292,7 +302,6 @@ impl<L: Limiter> Gate<L> {
             .with_label_values(&[self.limiter.name()])
             .observe(started.elapsed().as_secs_f64());
         let Ok(decision) = decision else {
-            self.holds.give_back(&identity.customer, held);
             return Err(Refused {
                 rejection: Rejection::Unavailable { retry_after: 1 },
                 identity: Some(identity),
@@ -302,7 +311,6 @@ impl<L: Limiter> Gate<L> {
             });
         };
         if !is_usage && !decision.allowed {
-            self.holds.give_back(&identity.customer, held);
             return Err(Refused {
                 rejection: limited(&decision, cost),
                 identity: Some(identity),
@@ -325,7 +333,7 @@ impl<L: Limiter> Gate<L> {
             cost,
             at,
             credits,
-            held,
+            hold,
         };
         if is_usage {
             return Ok(Admission::Report(admitted));
@@ -461,7 +469,7 @@ impl<L: Limiter> Gate<L> {
     /// `concurrent` caps, and of its customer's credits, is given back.
     /// Call once per admitted request, after its usage is recorded.
     pub fn release(&self, a: &Admitted) {
-        self.holds.give_back(&a.identity.customer, a.held);
+        a.hold.settle();
         // A request of cost 0 took no slot, so it gives none back.
         if a.cost > 0 && crate::limiter::holds(&a.plan) {
             self.limiter
@@ -552,9 +560,9 @@ fn credit_price(route: Option<&Route>, plan: &Plan, policy: &crate::credits::Cre
     let price = |m: &str| policy.prices.get(m).copied().unwrap_or(0);
     // A `usage:` route bills its body's meters, or its cost on the
     // route's or plan's meter when the body reports none.
-    let body = route.and_then(|r| r.usage.as_deref()).map_or(0, |f| {
-        f.meters().iter().map(|m| price(m)).max().unwrap_or(0)
-    });
+    let body = route
+        .and_then(|r| r.usage.as_deref())
+        .map_or(0, |f| f.max_over_meters(price));
     let own = route
         .and_then(|r| r.meter.as_deref())
         .or(plan.meter.as_deref())

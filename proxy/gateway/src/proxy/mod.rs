@@ -268,6 +268,11 @@ impl ProxyHttp for TollgateProxy {
             // What was recorded, for the access log.
             ctx.units = Some(units);
             ctx.meter = a.meter.clone();
+            // Charged (unless its body is still to report): its hold on
+            // the customer's credits ends before the client has the answer.
+            if ctx.scanner.is_none() {
+                a.hold.settle();
+            }
             // The balance after this response's charge, when it is known
             // now (a body-metered one is charged as its body ends).
             if a.credits.is_some() {
@@ -388,6 +393,7 @@ impl ProxyHttp for TollgateProxy {
             ctx.failure = Some(r);
             return Error::e_explain(ErrorType::InternalError, "usage could not be recorded");
         }
+        a.hold.settle();
         note_units(ctx, &units);
         Ok(None)
     }
