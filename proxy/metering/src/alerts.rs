@@ -20,6 +20,10 @@ use tollgate_core::diag::Check;
 use crate::billing::{http_client, post, signed, webhook_key, worth_logging, Outcome, Retries};
 use crate::spool::Spool;
 
+/// What `tollgate billing status | replay` and `POST /admin/billing/replay`
+/// call the alert webhook, beside the sinks.
+pub const ALERTS: &str = "alerts";
+
 /// `alerts:` as validated.
 #[derive(Debug, Clone)]
 pub struct AlertConfig {

@@ -61,7 +61,8 @@ impl AdminApp {
             Ok(p) => p,
             Err((status, msg)) => return problem(status, "Bad request", &msg),
         };
-        if !spool.config().sinks.contains(&sink) {
+        let alerts = sink == tollgate_metering::alerts::ALERTS && !spool.config().alerts.is_empty();
+        if !spool.config().sinks.contains(&sink) && !alerts {
             return problem(
                 404,
                 "Not found",

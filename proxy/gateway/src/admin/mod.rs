@@ -53,6 +53,21 @@ pub fn openapi(plans: &tollgate_core::plans::Plans, sinks: &[String]) -> Vec<u8>
     doc.to_string().into_bytes()
 }
 
+impl AdminApp {
+    /// What `POST /admin/billing/replay` takes: the sinks, and `alerts`
+    /// when the alert webhook is configured.
+    fn replayable(&self) -> Vec<String> {
+        let Some(spool) = &self.app.spool else {
+            return Vec::new();
+        };
+        let mut names = spool.config().sinks.clone();
+        if !spool.config().alerts.is_empty() {
+            names.push(tollgate_metering::alerts::ALERTS.into());
+        }
+        names
+    }
+}
+
 pub(super) fn respond(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
     let mut r = Response::new(body);
     *r.status_mut() =
@@ -187,10 +202,7 @@ impl ServeHttp for AdminApp {
                 return respond(
                     200,
                     "application/json",
-                    openapi(
-                        &self.app.gate.plans.load(),
-                        self.app.spool.as_ref().map_or(&[], |s| &s.config().sinks),
-                    ),
+                    openapi(&self.app.gate.plans.load(), &self.replayable()),
                 );
             }
             _ => {}

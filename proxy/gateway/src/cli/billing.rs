@@ -23,7 +23,8 @@ pub(super) fn billing(cmd: BillingCmd, config: &Config) -> Result<ExitCode, Stri
     }
     let sc = spool_config(config);
     let known = |sink: &str| -> Result<(), String> {
-        if sc.sinks.iter().any(|s| s == sink) {
+        let alerts = sink == tollgate_metering::alerts::ALERTS && config.alerts.is_some();
+        if alerts || sc.sinks.iter().any(|s| s == sink) {
             Ok(())
         } else if sc.sinks.is_empty() {
             Err(format!("no sink `{sink}`: metering.sinks is empty"))
@@ -67,6 +68,9 @@ pub(super) fn billing(cmd: BillingCmd, config: &Config) -> Result<ExitCode, Stri
         BillingCmd::DeadLetters { sink, json } => {
             if let Some(s) = &sink {
                 known(s)?;
+            }
+            if sink.as_deref() == Some(tollgate_metering::alerts::ALERTS) {
+                return dead_alerts(&sc, json);
             }
             let mut all: Vec<DeadLetter> = Vec::new();
             for s in sc
@@ -125,6 +129,38 @@ pub(super) fn billing(cmd: BillingCmd, config: &Config) -> Result<ExitCode, Stri
                 ));
             }
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `dead-letters --sink alerts`: the alert events the webhook refused.
+fn dead_alerts(sc: &spool::SpoolConfig, json: bool) -> Result<ExitCode, String> {
+    let all = spool::dead_alerts(&sc.dir, sc.seal.as_deref());
+    if json {
+        println!("{}", serde_json::Value::from(all));
+    } else if all.is_empty() {
+        eprintln!("no dead letters");
+    } else {
+        let rows: Vec<Vec<String>> = all
+            .iter()
+            .map(|v| {
+                let d = &v["event"]["data"];
+                let s = |x: &serde_json::Value| x.as_str().unwrap_or("").to_owned();
+                vec![
+                    s(&v["id"]),
+                    s(&d["customer"]),
+                    s(&d["policy"]),
+                    d["percent"].to_string(),
+                    s(&d["period_start"]),
+                    s(&v["reason"]),
+                ]
+            })
+            .collect();
+        table::print(
+            &["ID", "CUSTOMER", "POLICY", "PERCENT", "PERIOD", "REASON"],
+            &rows,
+            &[3],
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

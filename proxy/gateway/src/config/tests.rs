@@ -294,3 +294,19 @@ fn alerts_are_checked_with_file_and_line() {
     assert_eq!(a.at.as_slice(), &[80, 100]);
     assert_eq!(a.url, "https://ops.example.com/h");
 }
+
+#[test]
+fn no_sink_may_be_called_alerts() {
+    // `tollgate billing` names the alert webhook `alerts` beside the sinks.
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "plans.yaml", PLANS);
+    let f = write(
+        dir.path(),
+        "tollgate.yaml",
+        "upstream: http://127.0.0.1:8000\nmetering:\n  sinks:\n    - webhook: { name: alerts, url: \"https://x.example/h\", secret_env: S }\n",
+    );
+    let all = Config::load_with_env(&f, &|_| Some("whsec_c2VjcmV0".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(all.contains("`alerts` names the alert webhook"), "{all}");
+}

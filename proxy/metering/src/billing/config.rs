@@ -63,7 +63,7 @@ impl SinkConfig {
         };
         let kind = kind.as_str().unwrap_or("");
         let p = format!("{path}.{kind}");
-        match kind {
+        let sink = match kind {
             "stripe" => super::stripe::parse_config(cx, &p, body),
             "openmeter" => super::openmeter::parse_config(cx, &p, body),
             "lago" => super::lago::parse_config(cx, &p, body),
@@ -76,6 +76,17 @@ impl SinkConfig {
                 );
                 None
             }
+        };
+        if sink
+            .as_ref()
+            .is_some_and(|s| s.name() == crate::alerts::ALERTS)
+        {
+            cx.err(
+                &format!("{p}.name"),
+                "`alerts` names the alert webhook in `tollgate billing`; call the sink something else",
+                None,
+            );
         }
+        sink
     }
 }

@@ -6,8 +6,10 @@
 //!   A credit threshold's line is written right after the `K` charge (or
 //!   `G` grant) that reached it, in the same append; a quota's, as soon as
 //!   the gate saw it reached. Either way before it is offered for delivery.
-//! - `X customer policy percent period_start ok|dead`: its delivery
-//!   settled (dead: also a line of `dead-alerts.jsonl`, with the reason).
+//! - `X customer policy percent period_start ok|dead|owed`: its delivery
+//!   settled (dead: also a line of `dead-alerts.jsonl`, with the reason),
+//!   or, `owed`, a dead letter put back by `tollgate billing replay --sink
+//!   alerts`.
 //!
 //! Compaction keeps the alerts still owed, and those of periods not yet
 //! over (so the same threshold is not raised twice in a period).
@@ -21,8 +23,9 @@ use tollgate_core::credits::{Account, Balance, CreditPolicy};
 use tollgate_core::limiter::calendar_window;
 use tollgate_core::sync::{lock, read, write};
 
-use super::codec::{esc, line_with_crc, unesc};
-use super::{credits::Accounts, Append, Msg, Spool, State};
+use super::codec::{esc, line_with_crc, read_lines, unesc};
+use super::compact::replace_file;
+use super::{credits::Accounts, Append, Msg, Spool, SpoolError, State};
 
 /// One alert and where its delivery stands.
 #[derive(Debug, Clone)]
@@ -94,6 +97,19 @@ impl Outbox {
         }
         self.owed.remove(key);
     }
+
+    /// Owed again (a replayed dead letter), known or not.
+    fn owe(&mut self, alert: Alert) {
+        let key = alert.key();
+        let r = self.raised.entry(key.clone()).or_insert(Raised {
+            alert,
+            durable: true,
+            settled: None,
+        });
+        r.settled = None;
+        r.durable = true;
+        self.owed.insert(key);
+    }
 }
 
 /// `T …` for an alert.
@@ -103,13 +119,16 @@ pub(super) fn alert_line(a: &Alert) -> String {
 }
 
 fn settled_line(k: &AlertKey, ok: bool) -> String {
+    x_line(k, if ok { "ok" } else { "dead" })
+}
+
+fn x_line(k: &AlertKey, state: &str) -> String {
     line_with_crc(&format!(
-        "X {} {} {} {} {}",
+        "X {} {} {} {} {state}",
         esc(&k.0),
         esc(&k.1),
         k.2,
-        k.3,
-        if ok { "ok" } else { "dead" }
+        k.3
     ))
 }
 
@@ -137,12 +156,32 @@ impl State {
             }
             (Some("X"), 6) => {
                 if let (Ok(percent), Ok(start)) = (f[3].parse::<u16>(), f[4].parse::<Millis>()) {
-                    out.settle(&(unesc(f[1]), unesc(f[2]), percent, start), f[5] == "ok");
+                    let key = (unesc(f[1]), unesc(f[2]), percent, start);
+                    match f[5] {
+                        "owed" => {
+                            if let Some(a) = out.raised.get(&key).map(|r| r.alert.clone()) {
+                                out.owe(a);
+                            }
+                        }
+                        state => out.settle(&key, state == "ok"),
+                    }
                 }
                 true
             }
             _ => false,
         }
+    }
+
+    /// How many alerts are owed, and since when (the oldest raised).
+    pub(super) fn alerts_owed_since(&self) -> (u64, Option<Millis>) {
+        let out = read(&self.alerts);
+        let oldest = out
+            .owed
+            .iter()
+            .filter_map(|k| out.raised.get(k))
+            .map(|r| r.alert.at)
+            .min();
+        (out.owed.len() as u64, oldest)
     }
 
     /// The alerts compaction keeps, as lines; forgets the others.
@@ -279,7 +318,9 @@ impl Spool {
         let dead: String = done
             .iter()
             .filter_map(|(a, why)| {
-                let line = serde_json::json!({ "id": a.id(), "event": a.event(), "reason": why.as_deref()? });
+                let line = serde_json::json!({
+                    "id": a.id(), "event": a.event(), "reason": why.as_deref()?, "alert": a,
+                });
                 Some(format!("{line}\n"))
             })
             .collect();
@@ -290,6 +331,56 @@ impl Spool {
         for (a, dead) in done {
             out.settle(&a.key(), dead.is_none());
         }
+    }
+
+    /// Puts the alert webhook's dead letters (those whose id is in `ids`,
+    /// or all) back in its queue under their ids, and takes them out of
+    /// `dead-alerts.jsonl`. Returns the ids put back. Blocking file I/O.
+    pub fn replay_alerts(&self, ids: Option<&[String]>) -> Result<Vec<String>, SpoolError> {
+        let path = self.config.dir.join("dead-alerts.jsonl");
+        let seal = self.config.seal.as_deref();
+        let mut w = lock(&self.writer);
+        let mut keep = String::new();
+        let mut back: Vec<Alert> = Vec::new();
+        for line in read_lines(&path, seal) {
+            let alert = serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .and_then(|v| serde_json::from_value::<Alert>(v["alert"].clone()).ok());
+            match alert {
+                Some(a) if ids.is_none_or(|ids| ids.contains(&a.id())) => {
+                    if back.iter().all(|b| b.key() != a.key()) {
+                        back.push(a);
+                    }
+                }
+                _ => {
+                    keep.push_str(&line);
+                    keep.push('\n');
+                }
+            }
+        }
+        if back.is_empty() {
+            return Ok(Vec::new());
+        }
+        let text: String = back
+            .iter()
+            .map(|a| alert_line(a) + &x_line(&a.key(), "owed"))
+            .collect();
+        // Owed again in the file before the dead letters go.
+        w.append_text(&text).map_err(|e| SpoolError::Io {
+            path: self.config.dir.join("events.log"),
+            source: std::io::Error::other(e),
+        })?;
+        if let Err(e) = replace_file(&path, keep, seal) {
+            log::warn!("replayed, but cannot rewrite dead-alerts.jsonl: {e}");
+        }
+        drop(w);
+        let out: Vec<String> = back.iter().map(Alert::id).collect();
+        let mut o = write(&self.alerts);
+        for a in back {
+            o.owe(a);
+        }
+        log::info!("replayed dead alerts: {out:?}");
+        Ok(out)
     }
 
     /// Alerts raised and not yet delivered or dead-lettered.
@@ -324,6 +415,15 @@ impl Spool {
         .filter(|a| out.claim(a))
         .collect()
     }
+}
+
+/// The alert webhook's dead letters in `dir`: each line of
+/// `dead-alerts.jsonl` that parses (`{"id", "event", "reason", "alert"}`).
+pub fn dead_alerts(dir: &std::path::Path, seal: Option<&super::Seal>) -> Vec<serde_json::Value> {
+    read_lines(&dir.join("dead-alerts.jsonl"), seal)
+        .iter()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 impl AlertJournal for Spool {

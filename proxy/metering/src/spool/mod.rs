@@ -69,6 +69,7 @@ pub mod seal;
 mod tests;
 mod writer;
 
+pub use alerts::dead_alerts;
 use codec::{io_err, line_with_crc};
 pub use replay::{dead_letters, DeadLetter, Inspection, SinkStatus};
 pub use report::CalendarCount;

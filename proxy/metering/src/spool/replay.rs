@@ -117,22 +117,30 @@ impl State {
 
     fn inspection(&self, config: &SpoolConfig, bytes: u64) -> Inspection {
         let seal = config.seal.as_deref();
-        Inspection {
-            bytes,
-            sinks: config
-                .sinks
-                .iter()
-                .map(|sink| {
-                    let (pending_units, oldest) = self.pending_units(sink);
-                    SinkStatus {
-                        sink: sink.clone(),
-                        pending_units,
-                        oldest,
-                        dead_letters: dead_letters(&config.dir, sink, seal).len(),
-                    }
-                })
-                .collect(),
+        let mut sinks: Vec<SinkStatus> = config
+            .sinks
+            .iter()
+            .map(|sink| {
+                let (pending_units, oldest) = self.pending_units(sink);
+                SinkStatus {
+                    sink: sink.clone(),
+                    pending_units,
+                    oldest,
+                    dead_letters: dead_letters(&config.dir, sink, seal).len(),
+                }
+            })
+            .collect();
+        // The alert webhook, beside them: alerts owed instead of units.
+        if !config.alerts.is_empty() {
+            let (owed, oldest) = self.alerts_owed_since();
+            sinks.push(SinkStatus {
+                sink: crate::alerts::ALERTS.into(),
+                pending_units: owed,
+                oldest,
+                dead_letters: read_lines(&dead_path(&config.dir, "alerts"), seal).len(),
+            });
         }
+        Inspection { bytes, sinks }
     }
 }
 
@@ -165,11 +173,14 @@ impl Spool {
     }
 
     /// Puts `sink`'s dead letters (those whose identifier is in `ids`, or
-    /// all) back in its queue under their original identifiers, and takes
+    /// all; for the alert webhook, [`crate::alerts::ALERTS`], their ids) back in its queue under their original identifiers, and takes
     /// them out of `dead-<sink>.jsonl`. Returns the identifiers put back;
     /// an id that is not a dead letter of `sink` is left out. Blocking file
     /// I/O: call it off the async workers.
     pub fn replay(&self, sink: &str, ids: Option<&[String]>) -> Result<Vec<String>, SpoolError> {
+        if sink == crate::alerts::ALERTS {
+            return self.replay_alerts(ids);
+        }
         let seal = self.config.seal.as_deref();
         let dir = &self.config.dir;
         // Writer before state, as a rollup takes them.
