@@ -138,6 +138,68 @@ fn decision(c: &mut Criterion) {
             )
         })
     });
+    // What a request of a customer past an alert threshold pays on top
+    // (`alerts:` on, memory limiter): the thresholds its decision reached,
+    // then the journal's shared-read check that each was raised before
+    // (the spool's `raise` fast path: a read lock and a hash lookup).
+    let th = tollgate_core::alerts::Thresholds::new(vec![80, 100]);
+    let status = |name: &str, quota, remaining| tollgate_core::limiter::PolicyStatus {
+        name: name.into(),
+        quota,
+        remaining,
+        reset_secs: 1,
+        violated: false,
+        concurrent: false,
+    };
+    let past = tollgate_core::limiter::Decision {
+        policies: vec![
+            status("burst", 1_000_000, 999_999),
+            status("monthly", 100, 10),
+        ],
+        ..tollgate_core::limiter::Decision::unlimited()
+    };
+    let raised: std::sync::RwLock<std::collections::HashSet<tollgate_core::alerts::AlertKey>> =
+        std::sync::RwLock::new(
+            ids.iter()
+                .flat_map(|id| {
+                    tollgate_core::alerts::limit_crossings(
+                        &th,
+                        &id.customer,
+                        &plan0,
+                        &past,
+                        1,
+                        now,
+                        false,
+                    )
+                })
+                .map(|a| a.key())
+                .collect(),
+        );
+    c.bench_function("part_alerts_past_threshold", |b| {
+        b.iter(|| {
+            i = (i + 7919) % CUSTOMERS;
+            let found = tollgate_core::alerts::limit_crossings(
+                &th,
+                &ids[i].customer,
+                &plan0,
+                black_box(&past),
+                1,
+                now,
+                false,
+            );
+            let r = raised.read().unwrap();
+            black_box(found.iter().all(|a| r.contains(&a.key())))
+        })
+    });
+    // A `reserve` route's hold on the credits: taken, then settled.
+    let holds = Arc::new(tollgate_core::credits::Holds::default());
+    c.bench_function("part_credit_hold", |b| {
+        b.iter(|| {
+            i = (i + 7919) % CUSTOMERS;
+            let h = holds.take(&ids[i].customer, 40, 1000, || black_box(1000));
+            black_box(h.map(|h| h.settle()))
+        })
+    });
     c.bench_function("reject_malformed_key", |b| {
         b.iter(|| black_box(gate.authenticate_cached(black_box("tg_live_not-a-key"))).is_err())
     });
