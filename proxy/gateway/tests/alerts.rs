@@ -264,6 +264,27 @@ async fn an_alert_the_receiver_refuses_goes_to_the_dead_letters_and_is_replayed(
         "",
         "no longer a dead letter"
     );
+    // The status page says none is owed any more.
+    let page = wait_until_page(&h, "Usage alerts: 0 owed").await;
+    assert!(page.contains("Usage alerts: 0 owed"), "{page}");
+}
+
+/// The admin status page once it holds `text` (up to 5 s).
+async fn wait_until_page(h: &Harness, text: &str) -> String {
+    let mut page = String::new();
+    for _ in 0..100 {
+        page = reqwest::get(format!("http://{}/", h.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if page.contains(text) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    page
 }
 
 fn start(dir: &std::path::Path) -> Child {

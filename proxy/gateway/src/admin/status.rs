@@ -298,6 +298,14 @@ pub fn page(app: &App) -> String {
         }
         b.push_str("</tbody></table>");
     }
+    if let (Some(_), Some(spool)) = (&app.config.alerts, &app.spool) {
+        let owed = spool.alerts_owed();
+        let _ = write!(
+            b,
+            "<p{}>Usage alerts: {owed} owed to the alert webhook</p>",
+            if owed > 0 { " class=bad" } else { "" }
+        );
+    }
     let snap = app.gate.keys.snapshot();
     let _ = write!(
         b,
