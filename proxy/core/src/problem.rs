@@ -28,9 +28,14 @@ pub enum Rejection {
         /// big rather than the limit spent.
         detail: Option<String>,
     },
-    /// The customer's prepaid credits are at or below zero and the request
-    /// would cost credits.
-    CreditsExhausted,
+    /// The customer's prepaid credits are at or below zero (or what their
+    /// calls in flight do not hold is less than this call reserves) and the
+    /// request would cost credits.
+    CreditsExhausted {
+        /// Says what this call would hold and what is free, when credits
+        /// are left but held or too few for its reservation.
+        detail: Option<String>,
+    },
     /// The limiter store is down and policy says closed.
     Unavailable {
         retry_after: u64,
@@ -64,7 +69,7 @@ impl Rejection {
             | Rejection::InvalidToken(_) => 401,
             Rejection::Suspended | Rejection::NotInPlan(_) => 403,
             Rejection::Limited { .. } => 429,
-            Rejection::CreditsExhausted => 402,
+            Rejection::CreditsExhausted { .. } => 402,
             Rejection::Unavailable { .. } | Rejection::SpoolFull | Rejection::UsageNotRecorded => {
                 503
             }
@@ -134,7 +139,7 @@ impl Rejection {
                 "Rate limit exceeded",
                 "A limit of your plan is exhausted; retry after the time in Retry-After.",
             ),
-            Rejection::CreditsExhausted => (
+            Rejection::CreditsExhausted { .. } => (
                 "credits-exhausted",
                 "Credits exhausted",
                 "Your prepaid credits are used up; buy more, or wait for your plan's next grant.",
@@ -214,6 +219,9 @@ impl Rejection {
                 p.detail = d.as_str().into();
             }
         }
+        if let Rejection::CreditsExhausted { detail: Some(d) } = self {
+            p.detail = d.as_str().into();
+        }
         if let Rejection::NotInPlan(plans) = self {
             let names: Vec<&str> = plans.iter().map(|p| &**p).collect();
             p.detail = format!(
@@ -248,7 +256,7 @@ impl Rejection {
                 violated: vec!["burst".into()],
                 detail: None,
             },
-            Rejection::CreditsExhausted,
+            Rejection::CreditsExhausted { detail: None },
             Rejection::BadPath,
             Rejection::Unavailable { retry_after: 1 },
             Rejection::SpoolFull,
@@ -354,7 +362,7 @@ mod tests {
                 detail: None,
             },
             Rejection::Unavailable { retry_after: 1 },
-            Rejection::CreditsExhausted,
+            Rejection::CreditsExhausted { detail: None },
             Rejection::SpoolFull,
             Rejection::UsageNotRecorded,
             Rejection::UpstreamUnreachable,

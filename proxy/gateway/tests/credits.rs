@@ -152,6 +152,9 @@ async fn credits_run_out_with_a_402_and_a_grant_brings_them_back_once() {
     // Granted once per idempotency key; the same key with another amount
     // is a conflict, not a second grant.
     let body = json!({"amount": 25, "idempotency_key": "support-4711", "reason": "outage credit"});
+    // Not to a customer the store does not know (a typo grants nothing).
+    let (status, v) = grant(&h, "cus_typo", body.clone()).await;
+    assert_eq!(status, 404, "{v}");
     let (status, v) = grant(&h, "cus_pre", body.clone()).await;
     assert_eq!((status, v["granted"].clone()), (201, json!(true)), "{v}");
     assert_eq!(v["credits"]["remaining"], 25);

@@ -262,8 +262,24 @@ impl<L: Limiter> Gate<L> {
             match self.holds.take(&identity.customer, want, b.remaining, read) {
                 Some(h) => hold = h,
                 None if !is_usage && (want > 0 || credit_price(route.route, &plan, policy) > 0) => {
+                    let free = b.remaining.saturating_sub(
+                        i64::try_from(self.holds.held(&identity.customer)).unwrap_or(i64::MAX),
+                    );
+                    // Credits are left, but held by the customer's other
+                    // calls, or too few for this call's reservation.
+                    let detail = (b.remaining > 0).then(|| {
+                        if want == 0 {
+                            format!("Your calls in flight hold all {} of your credits; retry when one has finished, or buy more.", b.remaining)
+                        } else {
+                            format!(
+                                "This call holds {want} credits while it runs and {} of your {} are not held by your calls in flight; retry when one has finished, or buy more.",
+                                free.max(0),
+                                b.remaining
+                            )
+                        }
+                    });
                     return Err(Refused {
-                        rejection: Rejection::CreditsExhausted,
+                        rejection: Rejection::CreditsExhausted { detail },
                         identity: Some(identity),
                         plan: Some(plan),
                         decision: None,

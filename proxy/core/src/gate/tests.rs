@@ -467,9 +467,15 @@ routes:
         passed(admit(&s.gate, &chat).await),
     );
     assert_eq!((a.hold.amount(), b.hold.amount()), (40, 40));
-    // 20 are not held: not enough for a third.
+    // 20 are not held: not enough for a third, and the problem says so.
     let r = refused(admit(&s.gate, &chat).await);
-    assert!(matches!(r.rejection, Rejection::CreditsExhausted));
+    let Rejection::CreditsExhausted { detail: Some(d) } = &r.rejection else {
+        panic!("{:?}", r.rejection)
+    };
+    assert!(
+        d.contains("holds 40 credits") && d.contains("20 of your 100"),
+        "{d}"
+    );
     // A request with no reserve needs only something unheld.
     let other = passed(admit(&s.gate, &request("GET", "/v1/free", Some(&s.pro))).await);
     assert_eq!(other.hold.amount(), 0);

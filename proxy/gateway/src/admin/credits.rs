@@ -44,11 +44,26 @@ pub async fn grant(
 }
 
 impl AdminApp {
+    /// The 404 for a customer the key store does not know.
+    fn unknown_customer(&self, id: &str) -> Option<Response<Vec<u8>>> {
+        let known = self.app.gate.keys.snapshot().customer(id).is_some();
+        (!known).then(|| {
+            problem(
+                404,
+                "Not found",
+                &format!("no customer `{}`", id.chars().take(64).collect::<String>()),
+            )
+        })
+    }
+
     pub(super) fn credits(&self, id: &str) -> Response<Vec<u8>> {
         let app = &self.app;
         let Some(spool) = &app.spool else {
             return problem(404, "Not found", "metering is off: there are no credits");
         };
+        if let Some(unknown) = self.unknown_customer(id) {
+            return unknown;
+        }
         let customer: Arc<str> = id.into();
         let (plan, policy) = policy_of(app, &customer);
         let now = app.gate.clock.now_ms();
@@ -70,6 +85,10 @@ impl AdminApp {
         let Some(fields) = body.as_object() else {
             return problem(400, "Bad request", "the body must be a JSON object");
         };
+        // A typo must not grant credits to nobody.
+        if let Some(unknown) = self.unknown_customer(id) {
+            return unknown;
+        }
         if let Some(k) = fields
             .keys()
             .find(|k| !matches!(k.as_str(), "amount" | "idempotency_key" | "reason"))

@@ -26,13 +26,19 @@ pub(super) fn billing(cmd: BillingCmd, config: &Config) -> Result<ExitCode, Stri
         let alerts = sink == tollgate_metering::alerts::ALERTS && config.alerts.is_some();
         if alerts || sc.sinks.iter().any(|s| s == sink) {
             Ok(())
-        } else if sc.sinks.is_empty() {
-            Err(format!("no sink `{sink}`: metering.sinks is empty"))
         } else {
-            Err(format!(
-                "no sink `{sink}` (configured: {})",
-                sc.sinks.join(", ")
-            ))
+            let mut names = sc.sinks.clone();
+            if config.alerts.is_some() {
+                names.push(tollgate_metering::alerts::ALERTS.into());
+            }
+            if names.is_empty() {
+                Err(format!("no sink `{sink}`: metering.sinks is empty"))
+            } else {
+                Err(format!(
+                    "no sink `{sink}` (configured: {})",
+                    names.join(", ")
+                ))
+            }
         }
     };
     let now = SystemClock.now_ms();
@@ -119,7 +125,7 @@ pub(super) fn billing(cmd: BillingCmd, config: &Config) -> Result<ExitCode, Stri
                 println!("{i}");
             }
             eprintln!(
-                "{} dead letter(s) back in {sink}'s queue under their original identifiers",
+                "{} dead letter(s) back in the queue of {sink} under their original identifiers",
                 replayed.len()
             );
             if !missing.is_empty() {

@@ -271,11 +271,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
             let (server, app) = tollgate::server::build(config.clone(), Arc::new(SystemClock))?;
             let data = tollgate_core::store::UpdateStore::data(&app.keys).unwrap_or_default();
             log::info!(
-                "loaded {} plans, {} keys, {} customers, {} sinks",
+                "loaded {} plans, {} keys, {} customers, {} sinks{}",
                 config.plans.plans.len(),
                 data.keys.len(),
                 data.customers.len(),
-                config.metering.sinks.len()
+                config.metering.sinks.len(),
+                config.alerts.as_ref().map_or(String::new(), |a| format!(
+                    ", usage alerts at {:?} %",
+                    a.at.as_slice()
+                ))
             );
             log::info!(
                 "tollgate listening on {} in front of {}:{}, admin on {}",

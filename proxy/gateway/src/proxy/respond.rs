@@ -103,7 +103,7 @@ impl TollgateProxy {
                 .iter()
                 .any(|p| c.config.prices.contains_key(&**p))
                 .then_some("upgrade"),
-            (Rejection::CreditsExhausted, Some(c)) => {
+            (Rejection::CreditsExhausted { .. }, Some(c)) => {
                 c.config.credit_pack.is_some().then_some("buy")
             }
             _ => None,
