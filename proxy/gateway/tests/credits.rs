@@ -323,3 +323,33 @@ async fn reserved_credits_keep_parallel_calls_from_overshooting_the_balance() {
     assert_eq!(h.status("/status/200", &other).await, 200);
     assert_eq!(balance(&h, "cus_failing").await["remaining"], 90);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgraded_connection_holds_no_credits_while_it_stays_open() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that switches protocols (a websocket, say) and keeps the
+    // tunnel open.
+    let upstream = harness::MockProvider::start(|_| (101, String::new()));
+    let h = Harness::builder()
+        .plans(PLANS)
+        .admin_token(TOKEN)
+        .upstream(upstream.addr)
+        .build();
+    let key = h.key("cus_socket", Some("prepaid"));
+    let mut s = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "GET /slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = vec![0u8; 512];
+    let n = s.read(&mut head).await.unwrap();
+    let head = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // The tunnel is open (this socket); the route's hold of 40 is not.
+    assert_eq!(h.app.gate.holds.held("cus_socket"), 0);
+    drop(s);
+}

@@ -225,6 +225,11 @@ impl ProxyHttp for TollgateProxy {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if resp.status.is_informational() {
+            // An upgraded connection (101) is a tunnel, never metered: it
+            // holds no credits for as long as it stays open.
+            if let (101, Some(a)) = (resp.status.as_u16(), &ctx.admitted) {
+                a.hold.settle();
+            }
             return Ok(());
         }
         if let Some(t) = ctx.upstream_start {
