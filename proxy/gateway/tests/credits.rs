@@ -296,7 +296,8 @@ async fn reserved_credits_keep_parallel_calls_from_overshooting_the_balance() {
         tokio::spawn(async move { req.send().await.unwrap().status().as_u16() })
     };
     // Two calls in flight hold 80 of the 100 credits.
-    let (a, b) = (slow(800), slow(800));
+    // Long enough that both are in flight together however loaded the box.
+    let (a, b) = (slow(2000), slow(2000));
     harness::wait_for("both calls admitted", 5, || {
         h.app.gate.holds.held("cus_agents") == 80
     })
