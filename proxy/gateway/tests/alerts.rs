@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use harness::{
-    file_key, free_port, metric, wait_for, wait_port, Captured, Harness, MockProvider, MockUpstream,
+    file_key, metric, start_binary, wait_for, wait_port, write_project, Captured, Harness,
+    MockProvider, MockUpstream,
 };
 use serde_json::{json, Value};
 
@@ -270,33 +271,16 @@ async fn an_alert_the_receiver_refuses_goes_to_the_dead_letters_and_is_replayed(
 }
 
 /// The admin status page once it holds `text` (up to 5 s).
-async fn wait_until_page(h: &Harness, text: &str) -> String {
+async fn wait_until_page(h: &Harness, want: &str) -> String {
     let mut page = String::new();
     for _ in 0..100 {
-        page = reqwest::get(format!("http://{}/", h.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if page.contains(text) {
+        page = harness::text(&format!("http://{}/", h.admin)).await;
+        if page.contains(want) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     page
-}
-
-fn start(dir: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["run", "-c"])
-        .arg(dir.join("tollgate.yaml"))
-        .env("ALERT_SECRET", SECRET)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 /// Kills the child when dropped (a failed assertion leaves nothing behind).
@@ -317,18 +301,7 @@ async fn an_alert_owed_at_kill_9_is_delivered_after_the_restart_and_not_raised_a
     let (server, answers) = receiver(move || u.load(Ordering::SeqCst));
     let upstream = MockUpstream::start();
     let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
-    std::fs::write(dir.path().join("plans.yaml"), PLANS).unwrap();
-    std::fs::write(
-        dir.path().join("tollgate.yaml"),
-        format!(
-            "listen: 127.0.0.1:{port}\nupstream: http://{}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nthreads: 2\n\
-             access_log: {{ enabled: false }}\n{}",
-            upstream.addr,
-            alerts_config(&server)
-        ),
-    )
-    .unwrap();
+    let (port, admin) = write_project(dir.path(), PLANS, upstream.addr, &alerts_config(&server));
     let key = file_key(dir.path(), "cus_crash");
     let client = reqwest::Client::new();
     let get = |n: usize| {
@@ -347,7 +320,7 @@ async fn an_alert_owed_at_kill_9_is_delivered_after_the_restart_and_not_raised_a
             out
         }
     };
-    let mut child = Running(start(dir.path()));
+    let mut child = Running(start_binary(dir.path(), &[("ALERT_SECRET", SECRET)]));
     wait_port(port);
     assert_eq!(get(5).await, vec![200; 5]);
     wait_for("a failed delivery", 10, || {
@@ -357,7 +330,7 @@ async fn an_alert_owed_at_kill_9_is_delivered_after_the_restart_and_not_raised_a
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     up.store(204, Ordering::SeqCst);
-    let _child = Running(start(dir.path()));
+    let _child = Running(start_binary(dir.path(), &[("ALERT_SECRET", SECRET)]));
     wait_port(port);
     wait_for("the owed alert", 10, || taken(&answers).len() == 1).await;
     // The month's count came back from the spool: 5 more reach 100 %. Each
@@ -387,14 +360,7 @@ async fn an_alert_owed_at_kill_9_is_delivered_after_the_restart_and_not_raised_a
         .collect();
     assert_eq!(ids.len(), 2, "{ids:?}");
     // This process raised one (100 %) and delivered both.
-    let m = client
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = harness::text(&format!("http://127.0.0.1:{admin}/metrics")).await;
     assert_eq!(
         metric(&m, "tollgate_alerts_total{result=\"raised\"}"),
         Some(1.0)

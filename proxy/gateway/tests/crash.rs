@@ -9,36 +9,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{file_key, free_port, wait_port, MockStripe, MockUpstream, STRIPE_KEY};
+use harness::{
+    file_key, free_port, start_binary, wait_port, write_project, MockStripe, MockUpstream,
+    STRIPE_KEY,
+};
 
 fn start(dir: &std::path::Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["run", "-c"])
-        .arg(dir.join("tollgate.yaml"))
-        .env("TEST_STRIPE_KEY", STRIPE_KEY)
-        .env("RUST_LOG", "error")
-        // A child left behind by a failed assertion must not hold the test
-        // runner's output open (scripts/test.sh would wait for it forever).
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
-}
-
-/// `dir`'s plans.yaml and a tollgate.yaml in front of `upstream` (no
-/// access log, default metering); returns the proxy's port.
-fn write_project(dir: &std::path::Path, plans: &str, upstream: std::net::SocketAddr) -> u16 {
-    let (port, admin) = (free_port(), free_port());
-    std::fs::write(dir.join("plans.yaml"), plans).unwrap();
-    std::fs::write(
-        dir.join("tollgate.yaml"),
-        format!(
-            "listen: 127.0.0.1:{port}\nupstream: http://{upstream}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nthreads: 2\n\
-             access_log: {{ enabled: false }}\n"
-        ),
-    )
-    .unwrap();
-    port
+    start_binary(dir, &[("TEST_STRIPE_KEY", STRIPE_KEY)])
 }
 
 /// A client calling `url` until `stop`, counting the 200s it received whole.
@@ -312,13 +289,14 @@ async fn sigusr1_reopens_the_access_log_after_logrotate_moved_it() {
 async fn kill_9_keeps_each_customers_daily_and_monthly_use() {
     let upstream = MockUpstream::start();
     let dir = tempfile::tempdir().unwrap();
-    let port = write_project(
+    let (port, _) = write_project(
         dir.path(),
         "default_plan: quota\nplans:\n  quota:\n    meter: api_requests\n    limits:\n      \
          - { name: daily, requests: 1000000, per: day }\n      \
          - { name: monthly, requests: 5000000, per: month }\n      \
          - { name: burst, requests: 1000000, per: second }\n",
         upstream.addr,
+        "",
     );
     let customers = ["cus_q1", "cus_q2", "cus_q3", "cus_q4"];
     let keys: Vec<String> = customers.iter().map(|c| file_key(dir.path(), c)).collect();
@@ -389,11 +367,12 @@ async fn kill_9_keeps_each_customers_daily_and_monthly_use() {
 async fn kill_9_during_streams_bills_every_stream_received_whole() {
     let llm = harness::MockLlm::start();
     let dir = tempfile::tempdir().unwrap();
-    let port = write_project(
+    let (port, _) = write_project(
         dir.path(),
         "default_plan: ai\nplans:\n  ai:\n    limits: []\nroutes:\n  \
          - { match: \"POST /v1/chat/completions\", usage: openai, cost: 50, meter: ai_fallback_tokens }\n",
         llm.addr,
+        "",
     );
     let key = file_key(dir.path(), "cus_stream");
     let mut child = start(dir.path());
@@ -456,7 +435,7 @@ async fn kill_9_loses_no_credit_charge() {
     let upstream = MockUpstream::start();
     let dir = tempfile::tempdir().unwrap();
     let grant = 10_000_000;
-    let port = write_project(
+    let (port, _) = write_project(
         dir.path(),
         &format!(
             "default_plan: prepaid\nplans:\n  prepaid:\n    meter: api_requests\n    \
@@ -464,6 +443,7 @@ async fn kill_9_loses_no_credit_charge() {
              meters: {{ api_requests: {{ credits_per_unit: 3 }} }}\n"
         ),
         upstream.addr,
+        "",
     );
     let key = file_key(dir.path(), "cus_credit");
     let mut child = start(dir.path());

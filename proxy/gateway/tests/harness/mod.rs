@@ -44,6 +44,43 @@ pub fn file_key(dir: &std::path::Path, customer: &str) -> String {
     .raw
 }
 
+/// The `tollgate` binary running `dir/tollgate.yaml` with `env` set.
+pub fn start_binary(dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["run", "-c"])
+        .arg(dir.join("tollgate.yaml"))
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "error")
+        // A child left behind by a failed assertion must not hold the test
+        // runner's output open (scripts/test.sh would wait for it forever).
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// `dir`'s plans.yaml and a tollgate.yaml in front of `upstream` (no
+/// access log, default metering, then `extra`); returns the proxy's port
+/// and the admin port.
+pub fn write_project(
+    dir: &std::path::Path,
+    plans: &str,
+    upstream: SocketAddr,
+    extra: &str,
+) -> (u16, u16) {
+    let (port, admin) = (free_port(), free_port());
+    std::fs::write(dir.join("plans.yaml"), plans).unwrap();
+    std::fs::write(
+        dir.join("tollgate.yaml"),
+        format!(
+            "listen: 127.0.0.1:{port}\nupstream: http://{upstream}\nadmin: {{ listen: 127.0.0.1:{admin} }}\nthreads: 2\n\
+             access_log: {{ enabled: false }}\n{extra}"
+        ),
+    )
+    .unwrap();
+    (port, admin)
+}
+
 /// Waits (up to 15 s) for a started `tollgate` binary to listen on `port`.
 pub fn wait_port(port: u16) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
@@ -54,6 +91,12 @@ pub fn wait_port(port: u16) {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// The body of `GET url` (a port the harness does not own, such as a
+/// started binary's admin port).
+pub async fn text(url: &str) -> String {
+    reqwest::get(url).await.unwrap().text().await.unwrap()
 }
 
 /// Polls `done` every 50 ms until it holds; fails the test after `secs`.
