@@ -262,22 +262,8 @@ impl<L: Limiter> Gate<L> {
             match self.holds.take(&identity.customer, want, b.remaining, read) {
                 Some(h) => hold = h,
                 None if !is_usage && (want > 0 || credit_price(route.route, &plan, policy) > 0) => {
-                    let free = b.remaining.saturating_sub(
-                        i64::try_from(self.holds.held(&identity.customer)).unwrap_or(i64::MAX),
-                    );
-                    // Credits are left, but held by the customer's other
-                    // calls, or too few for this call's reservation.
-                    let detail = (b.remaining > 0).then(|| {
-                        if want == 0 {
-                            format!("Your calls in flight hold all {} of your credits; retry when one has finished, or buy more.", b.remaining)
-                        } else {
-                            format!(
-                                "This call holds {want} credits while it runs and {} of your {} are not held by your calls in flight; retry when one has finished, or buy more.",
-                                free.max(0),
-                                b.remaining
-                            )
-                        }
-                    });
+                    let held = self.holds.held(&identity.customer);
+                    let detail = held_detail(b.remaining, held, want);
                     return Err(Refused {
                         rejection: Rejection::CreditsExhausted { detail },
                         identity: Some(identity),
@@ -359,7 +345,8 @@ impl<L: Limiter> Gate<L> {
         Ok(Admission::Pass(admitted))
     }
 
-    /// Raises the alerts of the quota thresholds `a`'s charge crossed.
+    /// Raises the alerts of the quota thresholds `a`'s charge reached (with
+    /// shared limits, crossed; see `alerts::limit_crossings`).
     fn raise_alerts(&self, a: &Admitted) {
         let Some(journal) = &self.alerts else { return };
         let crossed = crate::alerts::limit_crossings(
@@ -591,6 +578,24 @@ fn credit_price(route: Option<&Route>, plan: &Plan, policy: &crate::credits::Cre
         .max()
         .unwrap_or(0);
     body.max(own).max(overage)
+}
+
+/// Why a call is refused while credits are left (None when none are):
+/// the customer's calls in flight hold them, or too many for this call's
+/// hold of `want`.
+fn held_detail(remaining: i64, held: u64, want: u64) -> Option<String> {
+    if remaining <= 0 {
+        return None;
+    }
+    let free = remaining.saturating_sub(i64::try_from(held).unwrap_or(i64::MAX));
+    Some(if want == 0 {
+        format!("Your calls in flight hold all {remaining} of your credits; retry when one has finished, or buy more.")
+    } else {
+        format!(
+            "This call holds {want} credits while it runs and {} of your {remaining} are not held by your calls in flight; retry when one has finished, or buy more.",
+            free.max(0)
+        )
+    })
 }
 
 /// Counts each policy an admitted request left at or past 80 % used.

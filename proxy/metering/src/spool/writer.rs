@@ -23,7 +23,7 @@ use super::{
     COMPACT_AT,
 };
 use tollgate_core::alerts::{Alert, Thresholds};
-use tollgate_core::credits::{Allowance, CreditPolicy};
+use tollgate_core::credits::Allowance;
 use tollgate_core::limiter::calendar_window;
 
 /// `K at customer credits grant d|m 0|1 crc`: a charge of credits.
@@ -152,7 +152,7 @@ impl Writer {
         let mut text = String::with_capacity(items.len() * 64);
         let mut added: Vec<(GroupKey, u64, u64)> = Vec::with_capacity(items.len());
         let mut counted: Vec<(CounterKey, Millis, u64)> = Vec::new();
-        let mut charged: Vec<(Arc<str>, Arc<CreditPolicy>, u64, Millis)> = Vec::new();
+        let mut charged: Vec<(Arc<str>, Allowance, u64, Millis)> = Vec::new();
         let mut raised: Vec<Alert> = Vec::new();
         let mut acks = Vec::with_capacity(items.len());
         let mut st = lock(&self.state);
@@ -171,10 +171,8 @@ impl Writer {
                 // What the units cost in credits, on the line after them.
                 let credits = a
                     .credits
-                    .map(|p| {
-                        let c = p.cost(&meter, units);
-                        (p, c)
-                    })
+                    .as_ref()
+                    .map(|p| (p, p.cost(&meter, units)))
                     .filter(|(_, c)| *c > 0);
                 let seq = st.next_seq;
                 st.next_seq += 1;
@@ -196,7 +194,7 @@ impl Writer {
                 if let Some((policy, credits)) = credits {
                     credit_line(&mut text, &a.customer, policy.allowance, credits, a.at);
                     if let Some((accounts, outbox)) = held.as_mut() {
-                        for alert in crossings.charge(accounts, &a.customer, &policy, credits, a.at)
+                        for alert in crossings.charge(accounts, &a.customer, policy, credits, a.at)
                         {
                             if outbox.claim(&alert) {
                                 text.push_str(&alert_line(&alert));
@@ -204,7 +202,7 @@ impl Writer {
                             }
                         }
                     }
-                    charged.push((a.customer.clone(), policy, credits, a.at));
+                    charged.push((a.customer.clone(), policy.allowance, credits, a.at));
                 }
             }
             if let Some(charge) = a.charge {
@@ -247,8 +245,8 @@ impl Writer {
             for (key, begin, units) in counted {
                 st.count(key, begin, units);
             }
-            for (customer, policy, credits, at) in charged {
-                st.charge_credits(&customer, policy.allowance, credits, at);
+            for (customer, allowance, credits, at) in charged {
+                st.charge_credits(&customer, allowance, credits, at);
             }
             self.bytes.fetch_add(n, Ordering::Relaxed);
             self.dirty = true;
