@@ -333,8 +333,19 @@ impl Account {
 }
 
 /// The start of the grant period holding `at`.
-fn period_start(a: Allowance, at: Millis) -> Millis {
+pub fn period_start(a: Allowance, at: Millis) -> Millis {
     calendar_window(a.per, at).0
+}
+
+/// A grant period's number (UTC days or months since 1970), so a shared
+/// store can count the periods between two without a calendar.
+pub fn period_index(per: Window, start: Millis) -> i64 {
+    let days = (start / DAY) as i64;
+    if per == Window::Day {
+        return days;
+    }
+    let d = crate::clock::civil_from_days(days);
+    d.year * 12 + i64::from(d.month) - 1
 }
 
 /// Why a grant could not be made.
@@ -367,6 +378,19 @@ pub trait CreditBook: Send + Sync {
 
     /// This period's history of `customer`.
     fn history(&self, customer: &str, policy: &CreditPolicy, now: Millis) -> Vec<Entry>;
+
+    /// Whether the balances live in the limiter's shared store (Redis), so
+    /// the gate asks for them in the limiter's call ([`crate::limiter::CreditAsk`])
+    /// rather than here.
+    fn shared(&self) -> bool {
+        false
+    }
+
+    /// Credits this instance has charged `customer` that the shared store
+    /// does not have yet (0 when the balances are here).
+    fn pending(&self, _customer: &str) -> u64 {
+        0
+    }
 }
 
 /// Credits held by requests in flight (`reserve:` on a route), per
@@ -414,6 +438,24 @@ impl Holds {
             owner: Some((self.clone(), customer.clone())),
             amount: std::sync::atomic::AtomicU64::new(want),
         })
+    }
+
+    /// Holds `want` for `customer` whatever the balance: where the balance
+    /// is checked elsewhere (a shared store, with what is held here), a
+    /// refused call drops its hold.
+    pub fn claim(self: &Arc<Self>, customer: &Arc<str>, want: u64) -> Hold {
+        use std::sync::atomic::Ordering;
+        if want == 0 {
+            return Hold::none();
+        }
+        let mut h = crate::sync::lock(&self.held);
+        let held = h.entry(customer.clone()).or_insert(0);
+        *held = held.saturating_add(want);
+        self.total.fetch_add(want, Ordering::AcqRel);
+        Hold {
+            owner: Some((self.clone(), customer.clone())),
+            amount: std::sync::atomic::AtomicU64::new(want),
+        }
     }
 
     fn give_back(&self, customer: &Arc<str>, want: u64) {

@@ -52,6 +52,9 @@ pub struct App {
     pub dashboard: tollgate_core::sync::Shared<crate::own::dashboard::Dashboard>,
     /// Runs the Redis connections' driver tasks while the app lives.
     redis_rt: Option<Arc<RedisRuntime>>,
+    /// Credits shared through Redis (Redis limits), whose charges the
+    /// billing service delivers there.
+    pub shared_credits: Option<Arc<crate::shared_credits::SharedCredits>>,
 }
 
 /// The configured key store, and the one handle to it: the proxy reads its
@@ -170,6 +173,19 @@ impl Limiter for Limiters {
         }
     }
 
+    async fn check_credits(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+        ask: tollgate_core::limiter::CreditAsk,
+    ) -> Result<(Decision, Option<tollgate_core::limiter::CreditAnswer>), LimiterError> {
+        match self {
+            Limiters::Memory(m) => m.check_credits(customer, plan, cost, ask).await,
+            Limiters::Redis(r) => r.check_credits(customer, plan, cost, ask).await,
+        }
+    }
+
     fn release(&self, customer: &Arc<str>, plan: &Arc<Plan>, decision: &Decision) {
         match self {
             Limiters::Memory(m) => m.release(customer, plan),
@@ -187,6 +203,22 @@ impl App {
         let limiter = limiter(&config, redis.as_ref().map(|(_, c)| c.clone()), &clock)?;
         let usage = Arc::new(UsageLedger::new(clock.clone(), Vec::new()));
         let spool = open_spool(&config, &usage, &clock)?;
+        // With Redis limits, balances live in Redis (charges go there
+        // from the spool; see shared_credits.rs).
+        let shared_credits = match (&redis, &spool) {
+            (Some((rt, conn)), Some(sp)) if config.redis_limits => {
+                Some(Arc::new(crate::shared_credits::SharedCredits {
+                    redis: tollgate_redis::RedisCredits::new(conn.clone()),
+                    spool: sp.clone(),
+                    rt: rt.clone(),
+                    alerts: config
+                        .alerts
+                        .as_ref()
+                        .map(|_| sp.clone() as Arc<dyn tollgate_core::alerts::AlertJournal>),
+                }))
+            }
+            _ => None,
+        };
         let gate = Gate {
             plans: tollgate_core::sync::Shared::new(config.plans.clone()),
             keys: keys.as_key_store(),
@@ -198,9 +230,12 @@ impl App {
                 Arc::new(move || s.state()) as Arc<dyn Fn() -> JournalState + Send + Sync>
             }),
             jwt: config.auth.as_ref().map(|a| a.verifier.clone()),
-            credits: spool
-                .clone()
-                .map(|s| s as Arc<dyn tollgate_core::credits::CreditBook>),
+            credits: match &shared_credits {
+                Some(book) => Some(book.clone() as Arc<dyn tollgate_core::credits::CreditBook>),
+                None => spool
+                    .clone()
+                    .map(|s| s as Arc<dyn tollgate_core::credits::CreditBook>),
+            },
             alerts: spool
                 .clone()
                 .filter(|_| config.alerts.is_some())
@@ -262,6 +297,7 @@ impl App {
             meter,
             keys,
             redis_rt: redis.map(|(rt, _)| rt),
+            shared_credits,
         }))
     }
 
@@ -424,6 +460,7 @@ pub fn spool_config(config: &Config) -> SpoolConfig {
             .as_ref()
             .map(|a| a.at.clone())
             .unwrap_or_default(),
+        shared_credits: config.redis_limits,
     }
 }
 

@@ -28,3 +28,4 @@ pub mod logging;
 pub mod own;
 pub mod proxy;
 pub mod server;
+pub mod shared_credits;

@@ -280,6 +280,12 @@ impl BackgroundService for Billing {
                 stop_rx.clone(),
             )));
         }
+        if let Some(book) = &self.app.shared_credits {
+            loops.push(tokio::spawn(crate::shared_credits::deliver(
+                book.clone(),
+                stop_rx.clone(),
+            )));
+        }
         let mut tick = tokio::time::interval(self.app.config.metering.flush_interval);
         loop {
             tokio::select! {

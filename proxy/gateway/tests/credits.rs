@@ -354,3 +354,82 @@ async fn an_upgraded_connection_holds_no_credits_while_it_stays_open() {
     assert_eq!(h.app.gate.holds.held("cus_socket"), 0);
     drop(s);
 }
+
+/// With Redis limits, instances share one balance in Redis: a grant made
+/// through one is seen (and deduplicated) by the other, 64 clients split
+/// across both spend it with charges exact to the credit, and a call out of
+/// credits is refused 402 by either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_exact_balance_through_redis() {
+    let redis = tollgate_testkit::RedisServer::start();
+    let r = format!("url: \"{}\", timeout: 2s", redis.url());
+    let build = || {
+        Arc::new(
+            Harness::builder()
+                .plans(PLANS)
+                .admin_token(TOKEN)
+                .redis(&r)
+                .build(),
+        )
+    };
+    let (a, b) = (build(), build());
+    let key = a.key("cus_shared", Some("payg"));
+    b.sync();
+    let topup = json!({"amount": 2000, "idempotency_key": "topup-shared"});
+    assert_eq!(grant(&a, "cus_shared", topup.clone()).await.0, 201);
+    let (status, v) = grant(&b, "cus_shared", topup).await;
+    assert_eq!(
+        (status, v["credits"]["remaining"].as_i64()),
+        (200, Some(2000)),
+        "{v}"
+    );
+    let ok = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let h = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (key, ok) = (key.clone(), ok.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..40 {
+                let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+                match r.status().as_u16() {
+                    200 => ok.fetch_add(1, Ordering::SeqCst),
+                    402 => 0,
+                    s => panic!("unexpected {s}"),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let ok = ok.load(Ordering::SeqCst);
+    // Every credit could be used. Past zero, the calls admitted before the
+    // other instance's last charges reached Redis (a few ms of them) finish.
+    assert!((2000..2000 + 256).contains(&ok), "{ok} answered");
+    assert_eq!(a.upstream_hits() + b.upstream_hits(), ok);
+    // Once each instance has delivered its charges, both agree, exactly.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for h in [&a, &b] {
+        loop {
+            let v = balance(h, "cus_shared").await;
+            if v["used"] == ok {
+                assert_eq!(
+                    v["remaining"],
+                    2000 - ok as i64,
+                    "grants minus charges: {v}"
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "charges never all applied: {v}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    for h in [&a, &b] {
+        let r = h.get("/v1/x").bearer_auth(&key).send().await.unwrap();
+        assert_eq!(r.status(), 402);
+        assert!(remaining(&r).unwrap() <= 0);
+    }
+}

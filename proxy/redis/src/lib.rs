@@ -9,11 +9,13 @@
 //! gateway. What happens when Redis fails is core's `Fallback` policy.
 
 pub mod conn;
+pub mod credits;
 pub mod limiter;
 pub mod runtime;
 pub mod store;
 
 pub use conn::{RedisConfig, RedisConn};
+pub use credits::RedisCredits;
 pub use limiter::RedisLimiter;
 pub use runtime::RedisRuntime;
 pub use store::{BlockingRedisAdmin, RedisKeyStore};

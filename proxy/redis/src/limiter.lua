@@ -2,15 +2,22 @@
 -- (one customer and plan): number of limits, per limit its kind ('s'
 -- sliding, 'c' calendar, 'p' a cap on requests in flight), window ms
 -- (sliding), window end (calendar) or lease expiry (cap), quota and overage
--- (0/1); then number of requests and each request's cost.
+-- (0/1); then 1 and the period arguments of credits.lua if the group's
+-- credits are checked here, else 0; then number of requests and each
+-- request's cost (with credits: and what this instance holds of them
+-- besides, what the request holds, and 1 if it costs credits).
 -- KEYS: per group and limit, a sliding window's set and total, a calendar
 -- window's counter, or a cap's set of leases (member
 -- `<instance>:<call>:<group>:<request>`, score its expiry; the instance
 -- renews the leases of requests still running and removes each at its end,
 -- so an instance that dies gives its leases back when they expire).
+-- A group's credits: the customer's account (see account.lua), read as of
+-- now, never written: usage is charged as it is recorded (credits.lua).
 -- Reply: per group, per limit what the group starts from (units used, the
--- oldest charge still in a sliding window or -1), then per request 0 if
--- admitted, else 1 + the seconds until its sliding limits have room.
+-- oldest charge still in a sliding window or -1), with credits the
+-- balance (remaining, granted, used), then per request 0 if admitted, -1
+-- if out of credits (no limit charged), else 1 + the seconds until its
+-- sliding limits have room.
 local inst, nows, seq = ARGV[1], ARGV[2], ARGV[3]
 local now = tonumber(nows)
 local out = {}
@@ -141,21 +148,44 @@ for g = 1, tonumber(ARGV[4]) do
     table.insert(out, L.s.used)
     table.insert(out, first)
   end
+  local C = nil
+  if ARGV[a] == '1' then
+    C = account(KEYS[k + 1], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3],
+                tonumber(ARGV[a + 4]), ARGV[a + 5] == '1')
+    k = k + 1
+    a = a + 6
+    table.insert(out, C.l + C.o)
+    table.insert(out, C.b + C.g + C.x)
+    table.insert(out, C.u)
+  else
+    a = a + 1
+  end
   -- The group's requests, in order, each seeing the charges before it.
   local m = tonumber(ARGV[a])
   a = a + 1
   for r = 1, m do
     local cost = tonumber(ARGV[a])
     a = a + 1
-    local ok = true
+    local ok, broke = true, false
+    if C ~= nil then
+      -- What is not held must be above zero and cover this request's hold.
+      local held, want = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
+      local free = C.l + C.o - held
+      broke = ARGV[a + 2] == '1' and (free <= 0 or free < want)
+      a = a + 3
+    end
+    if broke then ok = false end
     for i = 1, n do
+      if not ok then break end
       local L = lim[i]
       -- A cap takes one per request, whatever it costs.
       local need = cost
       if L.cap and cost > 0 then need = 1 end
       if not L.over and L.s.used + need > L.quota then ok = false break end
     end
-    if ok then
+    if broke then
+      table.insert(out, -1)
+    elseif ok then
       for i = 1, n do
         local L = lim[i]
         local s = L.s

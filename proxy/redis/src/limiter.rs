@@ -34,13 +34,14 @@ use redis::Script;
 use crate::conn::RedisConn;
 use tollgate_core::clock::Clock;
 use tollgate_core::limiter::{
-    calendar_window, ceil_secs, Decision, Limiter, LimiterError, PolicyStatus,
+    calendar_window, ceil_secs, CreditAnswer, CreditAsk, Decision, Limiter, LimiterError,
+    PolicyStatus,
 };
 use tollgate_core::plans::{Plan, Window};
 use tollgate_core::sync::{lock, Pending};
 
 /// The script; see the comments at its top for its arguments and keys.
-const SCRIPT: &str = include_str!("limiter.lua");
+const SCRIPT: &str = concat!(include_str!("account.lua"), include_str!("limiter.lua"));
 
 /// How long a lease on a `concurrent` cap lives without being renewed:
 /// how long the requests of an instance that died keep holding the cap.
@@ -48,13 +49,16 @@ pub const LEASE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often this instance renews the leases of its running requests.
 pub const RENEW_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
 
-type Reply = tokio::sync::oneshot::Sender<Result<Decision, LimiterError>>;
+type Answer = Result<(Decision, Option<CreditAnswer>), LimiterError>;
+type Reply = tokio::sync::oneshot::Sender<Answer>;
 
 /// One request waiting for the next script call.
 struct Queued {
     customer: Arc<str>,
     plan: Arc<Plan>,
     cost: u64,
+    /// The customer's credits to check too (a prepaid plan).
+    ask: Option<CreditAsk>,
     done: Reply,
 }
 
@@ -64,6 +68,8 @@ struct Group {
     customer: Arc<str>,
     plan: Arc<Plan>,
     costs: Vec<u64>,
+    /// Per request, its credit check (all or none of a group have one).
+    asks: Vec<CreditAsk>,
     replies: Vec<Reply>,
 }
 
@@ -73,13 +79,33 @@ impl Group {
             customer: q.customer.clone(),
             plan: q.plan.clone(),
             costs: Vec::new(),
+            asks: Vec::new(),
             replies: Vec::new(),
         }
     }
 
+    /// Whether `q` may join this group.
+    fn takes(&self, q: &Queued) -> bool {
+        self.customer == q.customer
+            && Arc::ptr_eq(&self.plan, &q.plan)
+            && self.asks.is_empty() == q.ask.is_none()
+    }
+
+    /// The allowance of the group's credits, when it checks them.
+    fn credits(&self) -> Option<tollgate_core::credits::Allowance> {
+        self.asks.first().map(|a| a.allowance)
+    }
+
     fn push(&mut self, q: Queued) {
         self.costs.push(q.cost);
+        self.asks.extend(q.ask);
         self.replies.push(q.done);
+    }
+
+    /// Items of the script's reply for this group: per limit two, the
+    /// balance's three when it checks credits, per request one.
+    fn reply_len(&self) -> usize {
+        2 * self.plan.limits.len() + if self.asks.is_empty() { 0 } else { 3 } + self.costs.len()
     }
 
     fn fail(self, e: &str) {
@@ -156,15 +182,17 @@ impl RedisLimiter {
         customer: &Arc<str>,
         plan: &Arc<Plan>,
         cost: u64,
-    ) -> Result<Decision, LimiterError> {
-        if plan.limits.is_empty() {
-            return Ok(Decision::unlimited());
+        ask: Option<CreditAsk>,
+    ) -> Answer {
+        if plan.limits.is_empty() && ask.is_none() {
+            return Ok((Decision::unlimited(), None));
         }
         let (done, rx) = tokio::sync::oneshot::channel();
         let item = Queued {
             customer: customer.clone(),
             plan: plan.clone(),
             cost,
+            ask,
             done,
         };
         if lock(&self.shared.queue).push(item) {
@@ -268,7 +296,7 @@ impl Shared {
                 .iter_mut()
                 .rev()
                 .find(|g| g.customer == item.customer)
-                .filter(|g| Arc::ptr_eq(&g.plan, &item.plan));
+                .filter(|g| g.takes(&item));
             match latest {
                 Some(g) => g.push(item),
                 None => {
@@ -314,15 +342,25 @@ impl Shared {
                 }
                 inv.arg(l.quota).arg(u8::from(l.overage));
             }
+            match g.credits() {
+                Some(a) => {
+                    inv.key(crate::credits::account_key(prefix, customer))
+                        .arg(1);
+                    crate::credits::period_args(&mut inv, a, now);
+                }
+                None => {
+                    inv.arg(0);
+                }
+            }
             inv.arg(g.costs.len());
-            for c in &g.costs {
+            for (i, c) in g.costs.iter().enumerate() {
                 inv.arg(c);
+                if let Some(ask) = g.asks.get(i) {
+                    inv.arg(ask.held).arg(ask.want).arg(u8::from(ask.required));
+                }
             }
         }
-        let expected: usize = groups
-            .iter()
-            .map(|g| 2 * g.plan.limits.len() + g.costs.len())
-            .sum();
+        let expected: usize = groups.iter().map(Group::reply_len).sum();
         let out = match conn.script::<Vec<i64>>(&inv).await {
             Ok(out) if out.len() == expected => out,
             Ok(out) => {
@@ -339,8 +377,17 @@ impl Shared {
         let mut at = 0;
         for (gi, g) in groups.into_iter().enumerate() {
             let n = 2 * g.plan.limits.len();
-            let (start, flags) = out[at..at + n + g.costs.len()].split_at(n);
-            at += n + g.costs.len();
+            let len = g.reply_len();
+            let (start, rest) = out[at..at + len].split_at(n);
+            at += len;
+            // The group's balance as read (nothing is charged at admission).
+            let (balance, flags) = match g.credits() {
+                Some(a) => {
+                    let (b, flags) = rest.split_at(3);
+                    (Some(crate::credits::balance_of(b, a, now)), flags)
+                }
+                None => (None, rest),
+            };
             let mut replay = Replay::new(&g.plan, now, start);
             let caps: Vec<String> = g
                 .plan
@@ -351,7 +398,14 @@ impl Shared {
                 .collect();
             for (ri, ((cost, flag), reply)) in g.costs.iter().zip(flags).zip(g.replies).enumerate()
             {
-                let mut d = replay.next(*cost, *flag);
+                let mut d = replay.next(*cost, (*flag).max(0));
+                let answer = balance.map(|b| {
+                    if *flag < 0 {
+                        CreditAnswer::Refused(b)
+                    } else {
+                        CreditAnswer::Admitted(b)
+                    }
+                });
                 if d.allowed && *cost > 0 && !caps.is_empty() {
                     // The member the script added (its indices count from 1).
                     let lease: Arc<str> =
@@ -361,7 +415,7 @@ impl Shared {
                 }
                 // Nobody waits any more (the request was dropped): its
                 // lease goes now rather than being renewed forever.
-                if let Err(Ok(d)) = reply.send(Ok(d)) {
+                if let Err(Ok((d, _))) = reply.send(Ok((d, answer))) {
                     self.drop_lease(&d);
                 }
             }
@@ -545,7 +599,32 @@ impl Limiter for RedisLimiter {
         plan: &Arc<Plan>,
         cost: u64,
     ) -> Result<Decision, LimiterError> {
-        let result = self.run(customer, plan, cost).await;
+        self.check_credits_inner(customer, plan, cost, None)
+            .await
+            .map(|(d, _)| d)
+    }
+
+    async fn check_credits(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+        ask: CreditAsk,
+    ) -> Answer {
+        self.check_credits_inner(customer, plan, cost, Some(ask))
+            .await
+    }
+}
+
+impl RedisLimiter {
+    async fn check_credits_inner(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+        ask: Option<CreditAsk>,
+    ) -> Answer {
+        let result = self.run(customer, plan, cost, ask).await;
         // While the breaker is open every call fails the same way: say it once.
         if let (Err(e), false) = (&result, self.shared.conn.breaker.is_open()) {
             log::debug!("limiter: {e:?}");

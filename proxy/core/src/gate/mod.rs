@@ -13,7 +13,7 @@ use http::Method;
 use crate::clock::Clock;
 use crate::credits::{Balance, CreditBook, Hold};
 use crate::keys;
-use crate::limiter::{Decision, Limiter, LimiterError};
+use crate::limiter::{CreditAnswer, CreditAsk, Decision, Limiter, LimiterError};
 use crate::meter::JournalState;
 use crate::metrics;
 use crate::plans::{Plan, Plans, Route, DEFAULT_COST};
@@ -208,7 +208,13 @@ impl<L: Limiter> Gate<L> {
             None => return Err(Rejection::MissingKey.into()),
         };
         let plan = self.plan_of(&identity);
-        let credits = self.balance(&identity, &plan);
+        // Balances in the limiter's store are read in its call, below.
+        let shared = self.shared_credits(&plan);
+        let mut credits = if shared.is_some() {
+            None
+        } else {
+            self.balance(&identity, &plan)
+        };
         if identity.suspended {
             // Refused knowing who: the access log names the customer.
             return Err(Refused {
@@ -249,12 +255,7 @@ impl<L: Limiter> Gate<L> {
         if let (Some(b), Some(policy), Some(book)) =
             (credits, plan.credits.as_deref(), self.credits.as_ref())
         {
-            let reserve = route.route.map_or(0, |r| r.reserve);
-            let want = if reserve > 0 && !is_usage {
-                reserve.saturating_mul(credit_price(route.route, &plan, policy))
-            } else {
-                0
-            };
+            let want = self.wanted(route.route, &plan, policy, is_usage);
             let read = || {
                 book.balance(&identity.customer, policy, self.clock.now_ms())
                     .remaining
@@ -295,14 +296,55 @@ impl<L: Limiter> Gate<L> {
                 });
             }
         }
+        // Balances in the limiter's store: this call's hold is taken here
+        // first (so calls racing it see it), then checked with the limits.
+        let ask = shared.map(|(book, policy)| {
+            let want = self.wanted(route.route, &plan, policy, is_usage);
+            hold = self.holds.claim(&identity.customer, want);
+            let held = self.holds.held(&identity.customer).saturating_sub(want);
+            CreditAsk {
+                allowance: policy.allowance,
+                held: held.saturating_add(book.pending(&identity.customer)),
+                want,
+                required: !is_usage && (want > 0 || credit_price(route.route, &plan, policy) > 0),
+            }
+        });
         let started = Instant::now();
         // Read just before the limiter reads its own clock: a charge within
         // microseconds of midnight UTC may be journaled to the day before.
         let at = self.clock.now_ms();
-        let decision = self.limit(&identity, &plan, cost).await;
+        let decision = match ask {
+            Some(ask) => {
+                self.limiter
+                    .check_credits(&identity.customer, &plan, cost, ask)
+                    .await
+            }
+            None => self.limit(&identity, &plan, cost).await.map(|d| (d, None)),
+        };
         metrics::LIMITER_DURATION
             .with_label_values(&[self.limiter.name()])
             .observe(started.elapsed().as_secs_f64());
+        let decision = match decision {
+            Ok((_, Some(CreditAnswer::Refused(b)))) => {
+                let ask = ask.unwrap_or_default();
+                return Err(Refused {
+                    rejection: Rejection::CreditsExhausted {
+                        detail: held_detail(b.remaining, ask.held, ask.want),
+                    },
+                    identity: Some(identity),
+                    plan: Some(plan),
+                    decision: None,
+                    credits: Some(b),
+                });
+            }
+            Ok((d, answer)) => {
+                if let Some(CreditAnswer::Admitted(b)) = answer {
+                    credits = Some(b);
+                }
+                Ok(d)
+            }
+            Err(e) => Err(e),
+        };
         let Ok(decision) = decision else {
             return Err(Refused {
                 rejection: Rejection::Unavailable { retry_after: 1 },
@@ -487,6 +529,50 @@ impl<L: Limiter> Gate<L> {
         let identity = Arc::new(crate::store::KeyInfo::new("".into(), id, view));
         let plan = self.plan_of(&identity);
         (identity, plan)
+    }
+
+    /// What a call on `route` holds of its customer's credits while it
+    /// runs (`reserve` units at the dearest price it may be billed at).
+    fn wanted(
+        &self,
+        route: Option<&Route>,
+        plan: &Plan,
+        policy: &crate::credits::CreditPolicy,
+        is_usage: bool,
+    ) -> u64 {
+        let reserve = route.map_or(0, |r| r.reserve);
+        if reserve > 0 && !is_usage {
+            reserve.saturating_mul(credit_price(route, plan, policy))
+        } else {
+            0
+        }
+    }
+
+    /// The book and policy of a plan with credits kept in the limiter's
+    /// shared store (None: no credits, or kept here).
+    fn shared_credits<'p>(
+        &self,
+        plan: &'p Plan,
+    ) -> Option<(&Arc<dyn CreditBook>, &'p crate::credits::CreditPolicy)> {
+        let book = self.credits.as_ref().filter(|b| b.shared())?;
+        Some((book, plan.credits.as_deref()?))
+    }
+
+    /// `a`'s customer's balance once `units` of its meter are charged: read
+    /// here, or with shared balances the one the limiter read at admission
+    /// less this charge (no second round trip).
+    pub fn balance_after(&self, a: &Admitted, units: u64) -> Option<Balance> {
+        let Some((_, policy)) = self.shared_credits(&a.plan) else {
+            return self.balance(&a.identity, &a.plan);
+        };
+        let cost = a.meter.as_deref().map_or(0, |m| policy.cost(m, units));
+        a.credits.map(|b| Balance {
+            remaining: b
+                .remaining
+                .saturating_sub(i64::try_from(cost).unwrap_or(i64::MAX)),
+            used: b.used.saturating_add(cost),
+            ..b
+        })
     }
 
     /// The balance of a customer whose plan has credits.

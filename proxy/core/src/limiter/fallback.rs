@@ -50,8 +50,17 @@ impl<L: Limiter> Fallback<L> {
         customer: &Arc<str>,
         plan: &Arc<Plan>,
         cost: u64,
-    ) -> Result<Decision, LimiterError> {
-        if let Ok(d) = self.primary.check(customer, plan, cost).await {
+        ask: Option<super::CreditAsk>,
+    ) -> Result<(Decision, Option<super::CreditAnswer>), LimiterError> {
+        let primary = match ask {
+            Some(ask) => self.primary.check_credits(customer, plan, cost, ask).await,
+            None => self
+                .primary
+                .check(customer, plan, cost)
+                .await
+                .map(|d| (d, None)),
+        };
+        if let Ok(d) = primary {
             return Ok(d);
         }
         crate::metrics::LIMITER_ERRORS
@@ -60,9 +69,11 @@ impl<L: Limiter> Fallback<L> {
         crate::metrics::LIMITER_FALLBACK
             .with_label_values(&[self.on_error.as_str()])
             .inc();
+        // The credits go unchecked too: what the calls use is still
+        // journaled and charged once the store is back.
         match self.on_error {
-            OnError::Local => Ok(self.local.decide(customer, plan, cost)),
-            OnError::Open => Ok(Decision::unlimited()),
+            OnError::Local => Ok((self.local.decide(customer, plan, cost), None)),
+            OnError::Open => Ok((Decision::unlimited(), None)),
             OnError::Closed => Err(LimiterError::Unavailable(
                 "redis unavailable and on_error is closed".into(),
             )),
@@ -79,13 +90,27 @@ impl<L: Limiter> Limiter for Fallback<L> {
         self.primary.shared()
     }
 
-    fn check(
+    async fn check(
         &self,
         customer: &Arc<str>,
         plan: &Arc<Plan>,
         cost: u64,
-    ) -> impl std::future::Future<Output = Result<Decision, LimiterError>> + Send {
-        self.decide(customer, plan, cost)
+    ) -> Result<Decision, LimiterError> {
+        self.decide(customer, plan, cost, None)
+            .await
+            .map(|(d, _)| d)
+    }
+
+    fn check_credits(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+        ask: super::CreditAsk,
+    ) -> impl std::future::Future<
+        Output = Result<(Decision, Option<super::CreditAnswer>), LimiterError>,
+    > + Send {
+        self.decide(customer, plan, cost, Some(ask))
     }
 
     /// To whichever held the request: the shared store's lease, else this

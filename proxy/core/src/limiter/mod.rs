@@ -86,6 +86,31 @@ impl Decision {
     }
 }
 
+/// A prepaid customer's credits, checked in the limiter's own call when the
+/// balances live in its shared store (Redis): a call refused for credits
+/// is refused before any limit is charged, in the same round trip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CreditAsk {
+    pub allowance: crate::credits::Allowance,
+    /// What this instance's other calls in flight hold, plus what it has
+    /// charged that the store does not have yet.
+    pub held: u64,
+    /// What this call holds while it runs (`reserve`).
+    pub want: u64,
+    /// The call costs credits: refused unless what is not held is above
+    /// zero and covers `want`. False: the balance is only read.
+    pub required: bool,
+}
+
+/// The store's answer to a [`CreditAsk`]: the balance it read (nothing is
+/// charged at admission; usage is charged as it is recorded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreditAnswer {
+    Admitted(crate::credits::Balance),
+    /// Out of credits: no limit was charged.
+    Refused(crate::credits::Balance),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimiterError {
     /// The shared store could not be reached in time.
@@ -109,6 +134,20 @@ pub trait Limiter: Send + Sync {
         plan: &Arc<Plan>,
         cost: u64,
     ) -> impl Future<Output = Result<Decision, LimiterError>> + Send;
+
+    /// `check`, and in the same call the customer's credits when the
+    /// backend keeps them (see [`CreditAsk`]). The answer is None from a
+    /// backend that does not (the balances are elsewhere) or could not.
+    fn check_credits(
+        &self,
+        customer: &Arc<str>,
+        plan: &Arc<Plan>,
+        cost: u64,
+        ask: CreditAsk,
+    ) -> impl Future<Output = Result<(Decision, Option<CreditAnswer>), LimiterError>> + Send {
+        let _ = ask;
+        async move { Ok((self.check(customer, plan, cost).await?, None)) }
+    }
 
     /// The end of a request `check` admitted under `plan`: what it held of
     /// the plan's `concurrent` caps is given back. Called once per admitted

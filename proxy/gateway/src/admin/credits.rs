@@ -1,14 +1,15 @@
 //! `GET /admin/customers/{id}/credits` (the balance and this period's
 //! history) and `POST /admin/customers/{id}/credits` (`{"amount": N,
 //! "idempotency_key": "…", "reason": "…"}`: a grant, or, negative, a
-//! removal). A grant is journaled in the usage spool before it is answered;
+//! removal). A grant is journaled in the usage spool (with Redis limits,
+//! made in Redis) before it is answered;
 //! a retry with the same idempotency key changes nothing and answers 200,
 //! the same key with another amount 409 (as Stripe's idempotency keys do).
 
 use std::sync::Arc;
 
 use http::Response;
-use tollgate_core::credits::{Balance, CreditBook, CreditPolicy, Grant, Granted, Source};
+use tollgate_core::credits::{Balance, CreditPolicy, Grant, Granted, Source};
 
 use super::{problem, respond, AdminApp};
 use crate::app::App;
@@ -32,12 +33,13 @@ pub async fn grant(
     customer: Arc<str>,
     grant: Grant,
 ) -> Result<(Granted, Balance), String> {
-    let Some(spool) = app.spool.clone() else {
+    let Some(book) = app.gate.credits.clone() else {
         return Err("metering is off: credits have nowhere to be kept".into());
     };
     let (_, policy) = policy_of(app, &customer);
     tokio::task::spawn_blocking(move || {
-        CreditBook::grant(&*spool, &customer, &policy, grant).map_err(|e| e.to_string())
+        book.grant(&customer, &policy, grant)
+            .map_err(|e| e.to_string())
     })
     .await
     .map_err(|e| e.to_string())?
@@ -58,7 +60,7 @@ impl AdminApp {
 
     pub(super) fn credits(&self, id: &str) -> Response<Vec<u8>> {
         let app = &self.app;
-        let Some(spool) = &app.spool else {
+        let Some(book) = &app.gate.credits else {
             return problem(404, "Not found", "metering is off: there are no credits");
         };
         if let Some(unknown) = self.unknown_customer(id) {
@@ -71,8 +73,8 @@ impl AdminApp {
             "customer": id,
             "plan": &*plan.name,
             "plan_has_credits": plan.credits.is_some(),
-            "credits": spool.balance(id, &policy, now),
-            "history": spool.history(id, &policy, now),
+            "credits": book.balance(id, &policy, now),
+            "history": book.history(id, &policy, now),
         });
         respond(200, "application/json", body.to_string().into_bytes())
     }

@@ -382,7 +382,7 @@ impl Config {
         let threads = sections::threads(&mut cx, raw.threads);
         let connections = sections::connections(&mut cx, raw.connections.as_ref());
         if let Some(p) = plans.as_deref() {
-            credits_need_spool(&mut cx, p, metering.enabled, redis_limits);
+            credits_need_spool(&mut cx, p, metering.enabled);
         }
         match (listen, upstream, plans, admin) {
             (Some(listen), Some(upstream), Some(plans), Some(admin)) if cx.d.is_empty() => {
@@ -420,10 +420,10 @@ impl Config {
     }
 }
 
-/// Balances live in this instance's usage spool: plans with credits need
-/// metering on, and limits in this process (shared balances in Redis are
-/// not built yet; see docs/ai-apis.md).
-fn credits_need_spool(cx: &mut Check<'_>, plans: &Plans, metering: bool, redis_limits: bool) {
+/// Charges of credits are journaled in the usage spool (and, with Redis
+/// limits, delivered from it to the shared balance): plans with credits
+/// need metering on.
+fn credits_need_spool(cx: &mut Check<'_>, plans: &Plans, metering: bool) {
     let Some(plan) = plans.plans.values().find(|p| p.credits.is_some()) else {
         return;
     };
@@ -435,16 +435,6 @@ fn credits_need_spool(cx: &mut Check<'_>, plans: &Plans, metering: bool, redis_l
                 plan.name
             ),
             None,
-        );
-    }
-    if redis_limits {
-        cx.err(
-            "limits",
-            format!(
-                "plan `{}` has prepaid credits, which are kept per instance in its usage spool; they cannot be shared through Redis yet",
-                plan.name
-            ),
-            Some("run one instance with `limits: { backend: memory }`, or drop `credits:` from the plans"),
         );
     }
 }

@@ -281,11 +281,7 @@ impl ProxyHttp for TollgateProxy {
             // The balance after this response's charge, when it is known
             // now (a body-metered one is charged as its body ends).
             if a.credits.is_some() {
-                ctx.credits = self
-                    .app
-                    .gate
-                    .balance(&a.identity, &a.plan)
-                    .map(|b| b.remaining);
+                ctx.credits = self.app.gate.balance_after(a, units).map(|b| b.remaining);
             }
         }
         self.rate_headers(ctx, resp)?;

@@ -11,8 +11,19 @@
 //!   carries it, and `{"customer", "grant": {…}}` percent-escaped;
 //! - `B customer <json>`: an account as compaction found it; the `K` and
 //!   `G` lines after it apply on top.
+//!
+//! When the balances live in a shared store (Redis limits; see
+//! [`SpoolConfig::shared_credits`](super::SpoolConfig)), the spool keeps no
+//! account: a charge is owed to the store until delivered, in sequence
+//! order, by the gateway ([`Spool::credits_owed`]); grants go to the store
+//! directly.
+//! - `K at customer credits grant d|m 0|1 kseq plan`: a charge owed,
+//!   numbered (the store skips a number it applied before, so a delivery
+//!   retried after a crash charges once), with its plan (for alerts);
+//! - `Y kseq`: delivered; `W next`: the next number (compaction keeps it,
+//!   so numbers are never reused).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +61,70 @@ fn parse_allowance(grant: &str, per: &str, rollover: &str) -> Option<Allowance> 
 
 /// Every customer's account.
 pub(super) type Accounts = HashMap<Arc<str>, Account>;
+
+/// A charge journaled for the shared store, not yet applied there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwedCharge {
+    /// Its number in this spool: increasing, never reused.
+    pub seq: u64,
+    pub customer: Arc<str>,
+    /// The plan, and its allowance, when it was made.
+    pub plan: Arc<str>,
+    pub allowance: Allowance,
+    pub credits: u64,
+    pub at: Millis,
+}
+
+/// Charges owed to the shared store, and their sum per customer (which the
+/// gate counts as held: the store does not have them yet).
+#[derive(Debug, Default)]
+pub(super) struct Owed {
+    charges: BTreeMap<u64, OwedCharge>,
+    per_customer: HashMap<Arc<str>, u64>,
+}
+
+impl Owed {
+    pub(super) fn add(&mut self, c: OwedCharge) {
+        let sum = self.per_customer.entry(c.customer.clone()).or_insert(0);
+        *sum = sum.saturating_add(c.credits);
+        self.charges.insert(c.seq, c);
+    }
+
+    fn settle(&mut self, seq: u64) {
+        let Some(c) = self.charges.remove(&seq) else {
+            return;
+        };
+        if let Some(sum) = self.per_customer.get_mut(&c.customer) {
+            *sum = sum.saturating_sub(c.credits);
+            if *sum == 0 {
+                self.per_customer.remove(&c.customer);
+            }
+        }
+    }
+}
+
+/// A charge's line; `owed` numbers one owed to the shared store (and
+/// names its plan).
+pub(super) fn charge_line(
+    text: &mut String,
+    customer: &str,
+    a: Allowance,
+    credits: u64,
+    at: Millis,
+    owed: Option<(u64, &str)>,
+) {
+    use std::fmt::Write;
+    let start = text.len();
+    let _ = write!(text, "K {at} ");
+    tollgate_core::pct::encode_into(text, customer, super::codec::plain);
+    let _ = write!(text, " {credits} {}", allowance_fields(a));
+    if let Some((k, plan)) = owed {
+        let _ = write!(text, " {k} ");
+        tollgate_core::pct::encode_into(text, plan, super::codec::plain);
+    }
+    let crc = tollgate_core::keys::crc32(&text.as_bytes()[start..]);
+    let _ = writeln!(text, " {crc:08x}");
+}
 
 /// A grant line's body.
 #[derive(Serialize, Deserialize)]
@@ -90,6 +165,38 @@ impl State {
                 }
                 true
             }
+            (Some("K"), 9) => {
+                if let (Ok(at), Ok(credits), Some(allowance), Ok(seq)) = (
+                    f[1].parse::<u64>(),
+                    f[3].parse::<u64>(),
+                    parse_allowance(f[4], f[5], f[6]),
+                    f[7].parse::<u64>(),
+                ) {
+                    self.next_kseq = self.next_kseq.max(seq + 1);
+                    lock(&self.owed).add(OwedCharge {
+                        seq,
+                        customer: unesc(f[2]),
+                        plan: unesc(f[8]),
+                        allowance,
+                        credits,
+                        at,
+                    });
+                }
+                true
+            }
+            (Some("Y"), 2) => {
+                if let Ok(seq) = f[1].parse::<u64>() {
+                    self.next_kseq = self.next_kseq.max(seq + 1);
+                    lock(&self.owed).settle(seq);
+                }
+                true
+            }
+            (Some("W"), 2) => {
+                if let Ok(next) = f[1].parse::<u64>() {
+                    self.next_kseq = self.next_kseq.max(next);
+                }
+                true
+            }
             (Some("G"), 5) => {
                 let line = serde_json::from_str::<GrantLine>(&unesc(f[4]));
                 if let (Ok(g), Some(a)) = (line, parse_allowance(f[1], f[2], f[3])) {
@@ -107,9 +214,17 @@ impl State {
         }
     }
 
-    /// The accounts as compaction writes them.
+    /// The accounts (and charges owed to the shared store) as compaction
+    /// writes them.
     pub(super) fn credit_lines(&self) -> String {
         let mut out = String::new();
+        if self.next_kseq > 0 {
+            out.push_str(&line_with_crc(&format!("W {}", self.next_kseq)));
+        }
+        for c in lock(&self.owed).charges.values() {
+            let owed = Some((c.seq, &*c.plan));
+            charge_line(&mut out, &c.customer, c.allowance, c.credits, c.at, owed);
+        }
         for (c, acc) in lock(&self.credits).iter() {
             if let Ok(json) = serde_json::to_string(acc) {
                 out.push_str(&line_with_crc(&format!("B {} {}", esc(c), esc(&json))));
@@ -184,5 +299,54 @@ impl CreditBook for Spool {
             Some(acc) => acc.history(a, now),
             None => Account::new(a, now).history(a, now),
         }
+    }
+}
+
+impl Spool {
+    /// Up to `max` charges owed to the shared store, oldest first.
+    pub fn credits_owed(&self, max: usize) -> Vec<OwedCharge> {
+        lock(&self.owed)
+            .charges
+            .values()
+            .take(max)
+            .cloned()
+            .collect()
+    }
+
+    /// The store has these charges: they are owed no more (`Y` lines,
+    /// unsynced: a delivery lost with them is retried, and skipped there).
+    pub fn credits_delivered(&self, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        {
+            let mut owed = lock(&self.owed);
+            for s in seqs {
+                owed.settle(*s);
+            }
+        }
+        let text: String = seqs
+            .iter()
+            .map(|s| line_with_crc(&format!("Y {s}")))
+            .collect();
+        if let Err(e) = lock(&self.writer).append_unsynced(&text) {
+            log::warn!("credit deliveries not recorded ({e}): they are sent again after a restart, and skipped by the store");
+        }
+    }
+
+    /// What `customer` was charged here that the shared store does not
+    /// have yet.
+    pub fn credits_pending(&self, customer: &str) -> u64 {
+        lock(&self.owed)
+            .per_customer
+            .get(customer)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Waits until a charge may be owed (returns at once if one was
+    /// written since the last wait).
+    pub async fn credits_written(&self) {
+        self.owed_ready.notified().await;
     }
 }

@@ -71,6 +71,7 @@ mod writer;
 
 pub use alerts::dead_alerts;
 use codec::{io_err, line_with_crc};
+pub use credits::OwedCharge;
 pub use replay::{dead_letters, DeadLetter, Inspection, SinkStatus};
 pub use report::CalendarCount;
 pub use seal::Seal;
@@ -96,6 +97,10 @@ pub struct SpoolConfig {
     /// `alerts.at`: the percents of a quota or of credits that raise an
     /// alert (empty: none).
     pub alerts: tollgate_core::alerts::Thresholds,
+    /// Credit balances live in a shared store (Redis limits): charges are
+    /// owed to it until delivered (see `credits.rs`), and kept in no
+    /// account here.
+    pub shared_credits: bool,
 }
 
 /// One rolled-up record: what a sink reports, under a fixed identifier.
@@ -202,6 +207,15 @@ struct State {
     alerts: Arc<std::sync::RwLock<alerts::Outbox>>,
     next_seq: u64,
     next_rseq: u64,
+    /// See [`SpoolConfig::shared_credits`].
+    shared_credits: bool,
+    /// Charges owed to the shared store, behind their own lock (the gate
+    /// reads a customer's sum per request); taken after this state's.
+    owed: Arc<Mutex<credits::Owed>>,
+    /// The number of the next charge owed (`kseq`).
+    next_kseq: u64,
+    /// Woken when a charge is owed.
+    owed_ready: Arc<tokio::sync::Notify>,
 }
 
 impl State {
@@ -360,6 +374,9 @@ pub struct Spool {
     credits: Arc<Mutex<credits::Accounts>>,
     /// The same alerts as the state's.
     alerts: Arc<std::sync::RwLock<alerts::Outbox>>,
+    /// The same charges owed as the state's, and their wake-up.
+    owed: Arc<Mutex<credits::Owed>>,
+    owed_ready: Arc<tokio::sync::Notify>,
 }
 
 impl Spool {

@@ -53,6 +53,7 @@ impl Spool {
         let failed_at = Arc::new(AtomicU64::new(0));
         let credits = st.credits.clone();
         let alerts = st.alerts.clone();
+        let (owed, owed_ready) = (st.owed.clone(), st.owed_ready.clone());
         let state = Arc::new(Mutex::new(st));
         let (tx, rx) = mpsc::channel();
         let writer = Arc::new(Mutex::new(Writer::open(
@@ -88,6 +89,8 @@ impl Spool {
             lock: Mutex::new(Some(lock_file)),
             credits,
             alerts,
+            owed,
+            owed_ready,
         }))
     }
 }
@@ -100,7 +103,10 @@ pub(super) fn load_state(config: &SpoolConfig, month_start: Millis) -> State {
         .and_then(|s| s.trim().parse::<u64>().ok())
         .filter(|&r| r > 0)
         .unwrap_or(config.rollup);
-    let mut st = State::default();
+    let mut st = State {
+        shared_credits: config.shared_credits,
+        ..State::default()
+    };
     let covered = replay_records(dir, &mut st, month_start, seal);
     replay_acks(dir, &config.sinks, &mut st, seal);
     replay_events(dir, &mut st, &covered, disk_rollup, seal);

@@ -13,6 +13,7 @@ pub(super) fn config(dir: &Path, sinks: &[&str]) -> SpoolConfig {
         sinks: sinks.iter().map(|s| s.to_string()).collect(),
         seal: None,
         alerts: Default::default(),
+        shared_credits: false,
     }
 }
 
@@ -576,4 +577,76 @@ async fn credit_charges_and_grants_survive_reopening_and_compaction() {
         );
         s.close();
     }
+}
+
+/// With the balances in a shared store, charges are owed to it in order,
+/// numbered, until delivered: through a restart and a compaction, never
+/// twice a number, and none kept in a local account.
+#[tokio::test]
+async fn charges_owed_to_a_shared_store_survive_until_delivered() {
+    use tollgate_core::clock::ManualClock;
+    use tollgate_core::credits::{Allowance, CreditBook, CreditPolicy};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::at(1_780_000_000_000);
+    let cfg = || SpoolConfig {
+        shared_credits: true,
+        ..config(dir.path(), &[])
+    };
+    let policy = Arc::new(CreditPolicy {
+        plan: "prepaid".into(),
+        allowance: Allowance {
+            grant: 100,
+            per: Window::Month,
+            rollover: false,
+        },
+        prices: [("tokens".into(), 2)].into_iter().collect(),
+    });
+    let (a, b, tokens): (Arc<str>, Arc<str>, Arc<str>) =
+        ("cus a".into(), "cus-b".into(), "tokens".into());
+    let s = Spool::open(cfg(), Arc::new(clock.clone())).unwrap();
+    for (c, units) in [(&a, 5), (&b, 1), (&a, 3)] {
+        assert!(s
+            .journal(c, Some((&tokens, units)), None, Some(&policy))
+            .await
+            .unwrap());
+    }
+    let owed = s.credits_owed(10);
+    let seqs: Vec<u64> = owed.iter().map(|c| c.seq).collect();
+    assert_eq!(seqs, [0, 1, 2], "numbered in order");
+    assert_eq!(owed[0].customer, a);
+    assert_eq!((owed[0].credits, owed[2].credits), (10, 6));
+    assert_eq!((s.credits_pending(&a), s.credits_pending(&b)), (16, 2));
+    assert_eq!(
+        s.balance(&a, &policy, clock.now_ms()).used,
+        0,
+        "no local account: the store keeps the balance"
+    );
+    s.credits_delivered(&[0]);
+    assert_eq!(s.credits_pending(&a), 6);
+    s.close();
+    drop(s);
+    for round in ["replayed", "compacted"] {
+        let s = Spool::open(cfg(), Arc::new(clock.clone())).unwrap();
+        let seqs: Vec<u64> = s.credits_owed(10).iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, [1, 2], "{round}: the delivered one is not owed");
+        assert_eq!(s.credits_pending(&a), 6, "{round}");
+        s.close();
+    }
+    // Everything delivered, compacted away: the next number is still new.
+    let s = Spool::open(cfg(), Arc::new(clock.clone())).unwrap();
+    s.credits_delivered(&[1, 2]);
+    s.close();
+    drop(s);
+    for _ in 0..2 {
+        let s = Spool::open(cfg(), Arc::new(clock.clone())).unwrap();
+        assert!(s.credits_owed(10).is_empty());
+        s.close();
+    }
+    let s = Spool::open(cfg(), Arc::new(clock.clone())).unwrap();
+    assert!(s
+        .journal(&b, Some((&tokens, 1)), None, Some(&policy))
+        .await
+        .unwrap());
+    assert_eq!(s.credits_owed(10)[0].seq, 3, "numbers are never reused");
+    s.close();
 }

@@ -18,6 +18,7 @@ use tollgate_core::sync::{lock, write};
 use super::alerts::{alert_line, CreditCrossings};
 use super::codec::{io_err, plain, record_line};
 use super::compact::compact_files;
+use super::credits::{charge_line, OwedCharge};
 use super::{
     window_code, Append, CounterKey, GroupKey, Msg, Record, Seal, SpoolConfig, SpoolError, State,
     COMPACT_AT,
@@ -25,16 +26,6 @@ use super::{
 use tollgate_core::alerts::{Alert, Thresholds};
 use tollgate_core::credits::Allowance;
 use tollgate_core::limiter::calendar_window;
-
-/// `K at customer credits grant d|m 0|1 crc`: a charge of credits.
-fn credit_line(text: &mut String, customer: &str, a: Allowance, credits: u64, at: Millis) {
-    let start = text.len();
-    let _ = write!(text, "K {at} ");
-    tollgate_core::pct::encode_into(text, customer, plain);
-    let _ = write!(text, " {credits} {}", super::credits::allowance_fields(a));
-    let crc = crc32(&text.as_bytes()[start..]);
-    let _ = writeln!(text, " {crc:08x}");
-}
 
 pub(super) struct Writer {
     dir: PathBuf,
@@ -158,7 +149,9 @@ impl Writer {
         let mut st = lock(&self.state);
         // Credit thresholds the charges reach: their lines follow the
         // charge's, in the same write.
-        let watch = !self.alerts.is_empty() && items.iter().any(|a| a.credits.is_some());
+        let shared = st.shared_credits;
+        let mut owed = Vec::new();
+        let watch = !shared && !self.alerts.is_empty() && items.iter().any(|a| a.credits.is_some());
         let books = watch.then(|| (st.credits.clone(), st.alerts.clone()));
         let mut held = books.as_ref().map(|(c, o)| (lock(c), write(o)));
         let mut crossings = CreditCrossings::new(&self.alerts);
@@ -191,8 +184,30 @@ impl Writer {
                     units,
                     seq,
                 ));
-                if let Some((policy, credits)) = credits {
-                    credit_line(&mut text, &a.customer, policy.allowance, credits, a.at);
+                if let Some((policy, credits)) = credits.filter(|_| shared) {
+                    // Owed to the shared store, which keeps the balance.
+                    let seq = st.next_kseq;
+                    st.next_kseq += 1;
+                    let allowance = policy.allowance;
+                    let owes = Some((seq, &*policy.plan));
+                    charge_line(&mut text, &a.customer, allowance, credits, a.at, owes);
+                    owed.push(OwedCharge {
+                        seq,
+                        customer: a.customer.clone(),
+                        plan: policy.plan.clone(),
+                        allowance,
+                        credits,
+                        at: a.at,
+                    });
+                } else if let Some((policy, credits)) = credits {
+                    charge_line(
+                        &mut text,
+                        &a.customer,
+                        policy.allowance,
+                        credits,
+                        a.at,
+                        None,
+                    );
                     if let Some((accounts, outbox)) = held.as_mut() {
                         for alert in crossings.charge(accounts, &a.customer, policy, credits, a.at)
                         {
@@ -247,6 +262,12 @@ impl Writer {
             }
             for (customer, allowance, credits, at) in charged {
                 st.charge_credits(&customer, allowance, credits, at);
+            }
+            if !owed.is_empty() {
+                let mut o = lock(&st.owed);
+                owed.into_iter().for_each(|c| o.add(c));
+                drop(o);
+                st.owed_ready.notify_one();
             }
             self.bytes.fetch_add(n, Ordering::Relaxed);
             self.dirty = true;
