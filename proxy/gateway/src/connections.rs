@@ -13,6 +13,12 @@
 //!   connection is closed (and counted as a client hang-up by Pingora's
 //!   log line, see `logging`).
 //!
+//! - on shutdown (SIGTERM, or handing over to an upgraded process),
+//!   connections accepted before the listeners closed get their first
+//!   request read before Pingora drops every connection still waiting for
+//!   a head (for at most a second), so a client that connected in that
+//!   instant is answered, not reset.
+//!
 //! [`Rearm`] sits between Pingora's HTTP loop and the proxy: each request a
 //! connection starts (its first, and every one after on a kept-alive
 //! connection) re-arms the guard, so a request's body, and what follows a
@@ -69,7 +75,13 @@ pub struct GuardedApp<A> {
     inner: Arc<A>,
     limits: Limits,
     open: Arc<AtomicUsize>,
+    /// Connections that have not yet sent their first request head.
+    fresh: Arc<AtomicUsize>,
 }
+
+/// How long shutdown waits for connections accepted just before it to
+/// send their first request (bounded by `header_timeout` too).
+pub const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
 
 impl<A> GuardedApp<A> {
     pub fn new(inner: A, limits: Limits) -> Self {
@@ -77,7 +89,13 @@ impl<A> GuardedApp<A> {
             inner: Arc::new(inner),
             limits,
             open: Arc::new(AtomicUsize::new(0)),
+            fresh: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// The number of connections open now (shared, live).
+    pub fn open_connections(&self) -> Arc<AtomicUsize> {
+        self.open.clone()
     }
 }
 
@@ -95,12 +113,22 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
                 tollgate_core::metrics::CONNECTIONS_REFUSED.inc();
                 return None;
             };
-            Box::new(GuardedStream::new(stream, slot, self.limits))
+            let fresh = Slot::count(&self.fresh);
+            Box::new(GuardedStream::new(stream, slot, fresh, self.limits))
         };
         self.inner.process_new(stream, shutdown).await
     }
 
+    /// Runs once the listeners are closed. Pingora's cleanup drops every
+    /// connection waiting for a request head, including one accepted an
+    /// instant ago whose request is still on the wire: those get their
+    /// first head read first.
     async fn cleanup(&self) {
+        let wait = FIRST_REQUEST_WAIT.min(self.limits.header_timeout);
+        let deadline = Instant::now() + wait;
+        while self.fresh.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
         self.inner.cleanup().await;
     }
 }
@@ -156,6 +184,12 @@ impl Slot {
         .ok()
         .map(|_| Slot(open.clone()))
     }
+
+    /// Counted in `n`, without a limit.
+    fn count(n: &Arc<AtomicUsize>) -> Self {
+        n.fetch_add(1, Ordering::AcqRel);
+        Slot(n.clone())
+    }
 }
 
 impl Drop for Slot {
@@ -169,6 +203,8 @@ impl Drop for Slot {
 pub struct GuardedStream {
     inner: Stream,
     _slot: Slot,
+    /// Held until the first request head is complete.
+    fresh: Option<Slot>,
     limits: Limits,
     /// While `armed`: when the connection is closed for being idle or slow.
     deadline: Pin<Box<Sleep>>,
@@ -184,10 +220,11 @@ pub struct GuardedStream {
 }
 
 impl GuardedStream {
-    fn new(inner: Stream, slot: Slot, limits: Limits) -> Self {
+    fn new(inner: Stream, slot: Slot, fresh: Slot, limits: Limits) -> Self {
         Self {
             inner,
             _slot: slot,
+            fresh: Some(fresh),
             limits,
             deadline: Box::pin(tokio::time::sleep(limits.idle_timeout)),
             armed: true,
@@ -217,6 +254,7 @@ impl GuardedStream {
             // CRLF CRLF, or LF LF as lenient parsers accept.
             if b == b'\n' && (d == b'\n' || (d == b'\r' && c == b'\n' && a == b'\r')) {
                 self.armed = false;
+                self.fresh = None;
                 self.head_bytes += i + 1;
                 return Ok(());
             }
@@ -354,10 +392,48 @@ mod tests {
     use super::*;
 
     fn stream(limits: Limits) -> (GuardedStream, tokio::io::DuplexStream, Arc<AtomicUsize>) {
+        let (s, b, open, _) = counted(limits);
+        (s, b, open)
+    }
+
+    /// [`stream`], with the count of connections yet to send a head.
+    fn counted(
+        limits: Limits,
+    ) -> (
+        GuardedStream,
+        tokio::io::DuplexStream,
+        Arc<AtomicUsize>,
+        Arc<AtomicUsize>,
+    ) {
         let (a, b) = tokio::io::duplex(1 << 20);
-        let open = Arc::new(AtomicUsize::new(0));
+        let (open, fresh) = Default::default();
         let slot = Slot::take(&open, 1).unwrap();
-        (GuardedStream::new(Box::new(a), slot, limits), b, open)
+        let first = Slot::count(&fresh);
+        (
+            GuardedStream::new(Box::new(a), slot, first, limits),
+            b,
+            open,
+            fresh,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_fresh_until_its_first_head_is_complete() {
+        use tokio::io::AsyncWriteExt;
+        let (mut s, mut client, _, fresh) = counted(Limits::default());
+        assert_eq!(fresh.load(Ordering::Acquire), 1);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        read_all(&mut s).await.unwrap();
+        assert_eq!(fresh.load(Ordering::Acquire), 1, "half a head");
+        client.write_all(b"Host: x\r\n\r\n").await.unwrap();
+        read_all(&mut s).await.unwrap();
+        assert_eq!(fresh.load(Ordering::Acquire), 0, "its head is read");
+        s.rearm();
+        assert_eq!(fresh.load(Ordering::Acquire), 0, "a kept-alive wait is not");
+
+        let (s, _client, _, fresh) = counted(Limits::default());
+        drop(s);
+        assert_eq!(fresh.load(Ordering::Acquire), 0, "a closed one is not");
     }
 
     async fn read_all(s: &mut GuardedStream) -> io::Result<Vec<u8>> {
