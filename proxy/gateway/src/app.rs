@@ -198,11 +198,24 @@ impl App {
     /// Builds the shared state, connecting to Redis if configured
     /// (start-up fails with a clear message if it cannot be reached).
     pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<Arc<App>, String> {
+        Self::build_with(config, clock, || std::time::Duration::ZERO)
+    }
+
+    /// [`App::build`], calling `before_spool` once everything but the
+    /// usage spool is ready (a binary upgrade takes the listeners over
+    /// there, when nothing else can fail); it returns how long to wait for
+    /// the replaced process to release the spool.
+    pub fn build_with(
+        config: Arc<Config>,
+        clock: Arc<dyn Clock>,
+        before_spool: impl FnOnce() -> std::time::Duration,
+    ) -> Result<Arc<App>, String> {
         let redis = connect_redis(&config)?;
         let keys = open_keys(&config, redis.as_ref())?;
         let limiter = limiter(&config, redis.as_ref().map(|(_, c)| c.clone()), &clock)?;
         let usage = Arc::new(UsageLedger::new(clock.clone(), Vec::new()));
-        let spool = open_spool(&config, &usage, &clock)?;
+        let wait = before_spool();
+        let spool = open_spool(&config, &usage, &clock, wait)?;
         // With Redis limits, balances live in Redis (charges go there
         // from the spool; see shared_credits.rs).
         let shared_credits = match (&redis, &spool) {
@@ -468,12 +481,13 @@ fn open_spool(
     config: &Config,
     usage: &UsageLedger,
     clock: &Arc<dyn Clock>,
+    wait: std::time::Duration,
 ) -> Result<Option<Arc<Spool>>, String> {
     let m = &config.metering;
     if !m.enabled {
         return Ok(None);
     }
-    let spool = Spool::open(spool_config(config), clock.clone())
+    let spool = Spool::open_waiting(spool_config(config), clock.clone(), wait)
         .map_err(|e| format!("cannot open the usage spool: {e}"))?;
     // /_tollgate/usage counts what was recorded before a restart too.
     for ((customer, meter), units) in spool.recorded_this_month() {

@@ -1,14 +1,16 @@
 //! Assembles a Pingora [`Server`] from a validated [`Config`]: the proxy
 //! service, the admin service and the background housekeeping.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{ExecutionPhase, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
+use tokio::sync::broadcast;
 
 use tollgate_core::clock::{Clock, Millis};
 use tollgate_core::metrics;
@@ -244,8 +246,47 @@ impl BackgroundService for Signals {
 
 /// Rolls usage into records every `flush_interval` and feeds every sink; on
 /// shutdown, rolls up everything and gives sinks a few seconds to deliver.
+/// When the process is being replaced (SIGQUIT, see [`build_as`]), it
+/// instead hands the spool over: once the last request has been recorded
+/// it closes the spool, which the new process is waiting to open.
 struct Billing {
     app: Arc<App>,
+    phases: std::sync::Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+    /// The proxy's open client connections.
+    open: Arc<AtomicUsize>,
+}
+
+impl Billing {
+    /// Whether the server was told to hand its listeners to a new process.
+    fn upgrading(&self) -> bool {
+        let mut phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rx) = phases.as_mut() else {
+            return false;
+        };
+        loop {
+            match rx.try_recv() {
+                Ok(ExecutionPhase::GracefulUpgradeTransferringFds) => return true,
+                Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Waits for the proxy's connections to end (bounded by the shutdown
+    /// grace), then closes the spool for the process taking over.
+    async fn hand_over(&self, spool: &tollgate_metering::spool::Spool) {
+        let deadline = tokio::time::Instant::now() + self.app.config.shutdown_grace;
+        while self.open.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let left = self.open.load(Ordering::Acquire);
+        spool.close();
+        if left > 0 {
+            log::warn!("upgrade: handed the usage spool over with {left} connections still open");
+        } else {
+            log::info!("upgrade: every request recorded; the usage spool is handed over");
+        }
+    }
 }
 
 /// How long shutdown waits for sinks to deliver what is left (at most half
@@ -297,6 +338,15 @@ impl BackgroundService for Billing {
             }
         }
         let n = spool.rollup(true).await;
+        if self.upgrading() {
+            // The new process delivers what is left.
+            let _ = stop_tx.send(true);
+            for l in loops {
+                let _ = l.await;
+            }
+            self.hand_over(&spool).await;
+            return;
+        }
         // Half the shutdown grace at most: the rest is for in-flight requests.
         let wait = FLUSH_ON_SHUTDOWN.min(self.app.config.shutdown_grace / 2);
         log::info!(
@@ -325,10 +375,81 @@ impl BackgroundService for Billing {
     }
 }
 
+/// How long a binary upgrade waits for the other process: the new one for
+/// the old one's SIGQUIT, the old one for the new one to take its listeners.
+pub const UPGRADE_WAIT_SECS: usize = 60;
+/// Pingora's pause between handing the listeners over and stopping.
+const PINGORA_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a running Tollgate hands its listeners to the one replacing it.
+pub fn upgrade_socket(config: &Config) -> std::path::PathBuf {
+    config.metering.spool_dir.join("upgrade.sock")
+}
+
+/// The process id of the Tollgate holding `metering.spool_dir`.
+pub fn pid_file(config: &Config) -> std::path::PathBuf {
+    config.metering.spool_dir.join("tollgate.pid")
+}
+
 /// A server ready to `run`, and the state it serves (for tests and the CLI).
 pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<App>), String> {
+    build_as(config, clock, false)
+}
+
+/// [`build`]; with `upgrade`, taking over from the Tollgate running the
+/// same config: it receives that process's listeners through
+/// [`upgrade_socket`] when that process gets SIGQUIT (Pingora's graceful
+/// upgrade), then opens the usage spool once that process has recorded its
+/// last request and closed it.
+pub fn build_as(
+    config: Arc<Config>,
+    clock: Arc<dyn Clock>,
+    upgrade: bool,
+) -> Result<(Server, Arc<App>), String> {
     metrics::init();
-    let app = App::build(config.clone(), clock)?;
+    let sock = upgrade_socket(&config);
+    // sockaddr_un holds 108 bytes; Pingora would panic on a longer path.
+    if sock.as_os_str().len() > 100 {
+        return Err(format!(
+            "the upgrade socket {} is too long a path for a Unix socket: choose a shorter metering.spool_dir",
+            sock.display()
+        ));
+    }
+    if upgrade {
+        std::fs::create_dir_all(&config.metering.spool_dir)
+            .map_err(|e| format!("cannot create {}: {e}", config.metering.spool_dir.display()))?;
+    }
+    // SIGTERM: stop accepting after a second (Pingora's default waits 300 s
+    // for an upgrading process to take the listeners), then give in-flight
+    // requests and the usage flush `shutdown.grace`.
+    let mut conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(config.shutdown_grace.as_secs().max(1)),
+        upgrade_sock: sock.to_string_lossy().into_owned(),
+        upgrade_sock_connect_accept_max_retries: Some(UPGRADE_WAIT_SECS),
+        ..ServerConf::default()
+    };
+    conf.upstream_keepalive_pool_size = 256;
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    let phases = server.watch_execution_phase();
+    let grace = config.shutdown_grace;
+    let app = App::build_with(config.clone(), clock, || {
+        // Blocks until the old process sends its listeners (or exits the
+        // process after UPGRADE_WAIT_SECS).
+        server.bootstrap();
+        if upgrade {
+            // Its in-flight requests (bounded by the grace), and again as
+            // much if it is a Tollgate that keeps the spool until it exits.
+            PINGORA_CLOSE_TIMEOUT + 2 * grace + Duration::from_secs(10)
+        } else {
+            Duration::ZERO
+        }
+    })?;
     let sinks: Vec<&str> = config.metering.sinks.iter().map(|s| s.name()).collect();
     metrics::expose(
         &config.plans,
@@ -346,34 +467,21 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
             .collect::<Vec<_>>(),
     );
 
-    // SIGTERM: stop accepting after a second (Pingora's default waits 300 s
-    // for an upgrading process to take the listeners), then give in-flight
-    // requests and the usage flush `shutdown.grace`.
     metrics::CONFIG_INFO
         .with_label_values(&[&config.version])
         .set(1);
     metrics::SPOOL_MAX_BYTES
         .set(i64::try_from(config.metering.max_spool_bytes).unwrap_or(i64::MAX));
-    let mut conf = ServerConf {
-        threads: config.threads,
-        grace_period_seconds: Some(1),
-        graceful_shutdown_timeout_seconds: Some(config.shutdown_grace.as_secs().max(1)),
-        ..ServerConf::default()
-    };
-    conf.upstream_keepalive_pool_size = 256;
-    let mut server = Server::new_with_opt_and_conf(None, conf);
-    server.bootstrap();
 
-    let mut proxy = Service::new(
-        "tollgate proxy".to_string(),
-        GuardedApp::new(
-            Rearm::new(pingora::proxy::http_proxy(
-                &server.configuration,
-                TollgateProxy { app: app.clone() },
-            )),
-            config.connections,
-        ),
+    let guarded = GuardedApp::new(
+        Rearm::new(pingora::proxy::http_proxy(
+            &server.configuration,
+            TollgateProxy { app: app.clone() },
+        )),
+        config.connections,
     );
+    let open = guarded.open_connections();
+    let mut proxy = Service::new("tollgate proxy".to_string(), guarded);
     let listen = config.listen.to_string();
     match &config.tls {
         Some(tls) => proxy
@@ -396,7 +504,11 @@ pub fn build(config: Arc<Config>, clock: Arc<dyn Clock>) -> Result<(Server, Arc<
 
     server.add_service(background_service(
         "tollgate billing",
-        Billing { app: app.clone() },
+        Billing {
+            app: app.clone(),
+            phases: std::sync::Mutex::new(Some(phases)),
+            open,
+        },
     ));
     server.add_service(background_service(
         "tollgate signals",

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{
-    file_key, free_port, start_binary, wait_port, write_project, MockStripe, MockUpstream,
-    STRIPE_KEY,
+    file_key, free_port, start_binary, usage_report, wait_billed, wait_port, write_project,
+    MockStripe, MockUpstream, STRIPE_KEY,
 };
 
 fn start(dir: &std::path::Path) -> Child {
@@ -40,19 +40,6 @@ fn client(
             }
         }
     })
-}
-
-/// `GET /_tollgate/usage` of the proxy on `port` with `key`.
-async fn report(port: u16, key: &str) -> serde_json::Value {
-    reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/_tollgate/usage"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,15 +90,7 @@ async fn kill_9_under_load_then_restart_bills_every_answered_request_once() {
     wait_port(port);
     // Billed must reach what clients received, and may exceed it only by
     // responses the API served but the crash kept from the client.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while stripe.total("api_requests") < answered {
-        assert!(
-            Instant::now() < deadline,
-            "billed {} < answered {answered}",
-            stripe.total("api_requests")
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_billed(&stripe, "api_requests", answered).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let billed = stripe.total("api_requests");
     child.kill().unwrap();
@@ -328,7 +307,7 @@ async fn kill_9_keeps_each_customers_daily_and_monthly_use() {
     wait_port(port);
     let mut used_total = 0;
     for (c, key) in customers.iter().zip(&keys) {
-        let report = report(port, key).await;
+        let report = usage_report(port, key).await;
         let used = |name: &str| {
             let p = report["policies"]
                 .as_array()
@@ -412,7 +391,7 @@ async fn kill_9_during_streams_bills_every_stream_received_whole() {
 
     let mut child = start(dir.path());
     wait_port(port);
-    let usage = report(port, &key).await;
+    let usage = usage_report(port, &key).await;
     child.kill().unwrap();
     child.wait().unwrap();
     // 7 output tokens a stream (tollgate_testkit::OPENAI_STREAM).
@@ -472,7 +451,7 @@ async fn kill_9_loses_no_credit_charge() {
 
     let mut child = start(dir.path());
     wait_port(port);
-    let report = report(port, &key).await;
+    let report = usage_report(port, &key).await;
     let used = report["credits"]["used"].as_u64().unwrap();
     assert!(
         (got * 3..=served * 3).contains(&used),

@@ -42,7 +42,13 @@ pub struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start the proxy.
-    Run,
+    Run {
+        /// Take over from the Tollgate running this config without dropping
+        /// a connection: start this, then send the running one SIGQUIT
+        /// (`kill -QUIT $(cat <spool_dir>/tollgate.pid)`) within 60 s.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate config, plans and key store; exit 1 on any error.
     Check,
     /// Create, list, revoke and rotate API keys.
@@ -251,10 +257,19 @@ pub(crate) fn duration_ms(s: &str, what: &str) -> Result<u64, String> {
 pub fn run(cli: Cli) -> Result<ExitCode, String> {
     let now = SystemClock.now_ms();
     match cli.command {
-        Command::Run => {
+        Command::Run { upgrade } => {
             let config = Arc::new(load(&cli.config)?);
             refuse_on(check::check_store(&config, now), &cli.config)?;
-            listeners_free(&config)?;
+            let pid_file = tollgate::server::pid_file(&config);
+            if upgrade {
+                log::info!(
+                    "upgrade: waiting up to {} s for the running Tollgate to hand over its listeners: kill -QUIT $(cat {})",
+                    tollgate::server::UPGRADE_WAIT_SECS,
+                    pid_file.display()
+                );
+            } else {
+                listeners_free(&config)?;
+            }
             if config.keys_store == tollgate::config::StoreKind::File && !config.keys_path.exists()
             {
                 log::warn!(
@@ -268,7 +283,14 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
                     config.admin.token_env
                 );
             }
-            let (server, app) = tollgate::server::build(config.clone(), Arc::new(SystemClock))?;
+            let (server, app) =
+                tollgate::server::build_as(config.clone(), Arc::new(SystemClock), upgrade)?;
+            // Names the process holding the spool, for the next upgrade.
+            let written = std::fs::create_dir_all(&config.metering.spool_dir)
+                .and_then(|()| std::fs::write(&pid_file, format!("{}\n", std::process::id())));
+            if let Err(e) = written {
+                log::warn!("cannot write {}: {e}", pid_file.display());
+            }
             let data = tollgate_core::store::UpdateStore::data(&app.keys).unwrap_or_default();
             log::info!(
                 "loaded {} plans, {} keys, {} customers, {} sinks{}",

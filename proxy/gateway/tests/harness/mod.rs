@@ -46,9 +46,19 @@ pub fn file_key(dir: &std::path::Path, customer: &str) -> String {
 
 /// The `tollgate` binary running `dir/tollgate.yaml` with `env` set.
 pub fn start_binary(dir: &std::path::Path, env: &[(&str, &str)]) -> std::process::Child {
+    start_binary_with(dir, &[], env)
+}
+
+/// [`start_binary`] with more arguments to `tollgate run`.
+pub fn start_binary_with(
+    dir: &std::path::Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["run", "-c"])
         .arg(dir.join("tollgate.yaml"))
+        .args(args)
         .envs(env.iter().copied())
         .env("RUST_LOG", "error")
         // A child left behind by a failed assertion must not hold the test
@@ -97,6 +107,32 @@ pub fn wait_port(port: u16) {
 /// started binary's admin port).
 pub async fn text(url: &str) -> String {
     reqwest::get(url).await.unwrap().text().await.unwrap()
+}
+
+/// `GET /_tollgate/usage` with `key` of a started binary's proxy on `port`.
+pub async fn usage_report(port: u16, key: &str) -> serde_json::Value {
+    reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/_tollgate/usage"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits (up to 20 s) until `stripe` has billed at least `units` of `meter`.
+pub async fn wait_billed(stripe: &MockStripe, meter: &str, units: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while stripe.total(meter) < units {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "billed {} < {units}",
+            stripe.total(meter)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Polls `done` every 50 ms until it holds; fails the test after `secs`.

@@ -40,6 +40,33 @@ impl Spool {
         Ok(spool)
     }
 
+    /// [`Spool::open`], waiting up to `wait` for another process to
+    /// release the spool (the process a binary upgrade replaces holds it
+    /// until its last request has been recorded).
+    pub fn open_waiting(
+        config: SpoolConfig,
+        clock: Arc<dyn Clock>,
+        wait: std::time::Duration,
+    ) -> Result<Arc<Self>, SpoolError> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut logged = false;
+        loop {
+            match Self::open(config.clone(), clock.clone()) {
+                Err(SpoolError::InUse(_)) if std::time::Instant::now() < deadline => {
+                    if !logged {
+                        log::info!(
+                            "waiting up to {} s for the running Tollgate to release the usage spool",
+                            wait.as_secs()
+                        );
+                        logged = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The writer and its thread, on replayed state.
     fn start(
         config: SpoolConfig,

@@ -455,6 +455,41 @@ fn a_second_process_cannot_open_a_spool_in_use() {
     Spool::open(config(dir.path(), &[]), clock()).expect("free again after close");
 }
 
+/// A binary upgrade: the new process waits for the old one to close the
+/// spool, and then sees what it recorded; it gives up after its wait.
+#[tokio::test]
+async fn opening_waits_for_the_process_holding_the_spool_to_close_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = Spool::open(config(dir.path(), &["a"]), clock()).unwrap();
+    let err = Spool::open_waiting(
+        config(dir.path(), &["a"]),
+        clock(),
+        Duration::from_millis(50),
+    )
+    .err()
+    .expect("still held after the wait");
+    assert!(matches!(err, SpoolError::InUse(_)), "{err}");
+    let (c, m): (Arc<str>, Arc<str>) = ("cus_up".into(), "api".into());
+    assert!(old.append(&c, &m, 7).await.unwrap());
+    let closing = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        old.close();
+    });
+    let started = std::time::Instant::now();
+    let new = Spool::open_waiting(config(dir.path(), &["a"]), clock(), Duration::from_secs(10))
+        .expect("opened once the old process closed it");
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    closing.join().unwrap();
+    new.rollup(true).await;
+    assert_eq!(
+        new.unsettled("a", 10, |_| true)
+            .iter()
+            .map(|r| r.units)
+            .sum::<u64>(),
+        7
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_appends_are_each_written_once() {
     let dir = tempfile::tempdir().unwrap();
