@@ -1,5 +1,5 @@
 //! The access log: one JSON line per request, to stdout or a file, written
-//! by a thread of its own. A request only hands its line to a bounded
+//! by a thread of its own, every 20 ms. A request only hands its line to a bounded
 //! queue; when the queue is full (a stalled disk) the line is dropped and
 //! counted in `tollgate_access_log_dropped_total`, never the request.
 //! SIGUSR1 reopens the file (after logrotate moved it).
@@ -8,7 +8,7 @@ use std::fs::OpenOptions;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +65,12 @@ fn open(target: &Target) -> io::Result<Box<dyn Write + Send>> {
     })
 }
 
+/// How long the writer sleeps once it has drained the queue. It polls
+/// rather than blocks: a sleeping receiver costs every request a futex wake
+/// and the writer a context switch and a `write` per line (measured in
+/// `benches/README.md`); polling batches a period's lines into few writes.
+pub const POLL: Duration = Duration::from_millis(20);
+
 fn writer(
     target: Target,
     out: Box<dyn Write + Send>,
@@ -80,22 +86,24 @@ fn writer(
                 Err(e) => log::error!("access log: cannot reopen {target:?}: {e}"),
             }
         }
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                let _ = out.write_all(line.as_bytes());
-                let _ = out.write_all(b"\n");
-                // Drain what is queued, then flush once.
-                while let Ok(line) = rx.try_recv() {
+        let mut wrote = false;
+        loop {
+            match rx.try_recv() {
+                Ok(line) => {
                     let _ = out.write_all(line.as_bytes());
                     let _ = out.write_all(b"\n");
+                    wrote = true;
                 }
-                let _ = out.flush();
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = out.flush();
-                return;
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
             }
         }
+        if wrote {
+            let _ = out.flush();
+        }
+        std::thread::sleep(POLL);
     }
 }
