@@ -9,6 +9,7 @@ use super::*;
 use crate::alerts::{Alert, AlertJournal, Thresholds};
 use crate::clock::{days_from_civil, Date, ManualClock, Millis, DAY};
 use crate::diag::Source;
+use crate::keys;
 use crate::limiter::MemoryLimiter;
 use crate::meter::JournalState;
 use crate::store::{CustomerRecord, KeyRecord, Snapshot, StaticKeys, StoreData};
