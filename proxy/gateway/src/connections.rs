@@ -124,13 +124,22 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for GuardedApp<A> {
     /// instant ago whose request is still on the wire: those get their
     /// first head read first.
     async fn cleanup(&self) {
-        let wait = FIRST_REQUEST_WAIT.min(self.limits.header_timeout);
-        let deadline = Instant::now() + wait;
-        while self.fresh.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        drained(
+            &self.fresh,
+            FIRST_REQUEST_WAIT.min(self.limits.header_timeout),
+        )
+        .await;
         self.inner.cleanup().await;
     }
+}
+
+/// Waits until the count `n` is 0, or for `wait` at most; what is left.
+pub async fn drained(n: &AtomicUsize, wait: Duration) -> usize {
+    let deadline = Instant::now() + wait;
+    while n.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    n.load(Ordering::Acquire)
 }
 
 /// The proxy application, re-arming its connection's [`GuardedStream`]

@@ -1,7 +1,7 @@
 //! Assembles a Pingora [`Server`] from a validated [`Config`]: the proxy
 //! service, the admin service and the background housekeeping.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -275,11 +275,7 @@ impl Billing {
     /// Waits for the proxy's connections to end (bounded by the shutdown
     /// grace), then closes the spool for the process taking over.
     async fn hand_over(&self, spool: &tollgate_metering::spool::Spool) {
-        let deadline = tokio::time::Instant::now() + self.app.config.shutdown_grace;
-        while self.open.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let left = self.open.load(Ordering::Acquire);
+        let left = crate::connections::drained(&self.open, self.app.config.shutdown_grace).await;
         spool.close();
         if left > 0 {
             log::warn!("upgrade: handed the usage spool over with {left} connections still open");

@@ -369,14 +369,7 @@ impl Harness {
 
     /// `GET /_tollgate/usage` with `key`: the consumer's own report.
     pub async fn report(&self, key: &str) -> serde_json::Value {
-        self.get("/_tollgate/usage")
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        usage_report(self.addr.port(), key).await
     }
 
     /// The admin port's `/metrics` text.
