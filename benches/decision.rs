@@ -108,6 +108,23 @@ fn decision(c: &mut Criterion) {
     c.bench_function("part_render", |b| {
         b.iter(|| black_box(RateHeaders::render(black_box(&d))))
     });
+    // The per-request strings Tollgate writes itself: a generated
+    // X-Request-Id and the access log line's timestamp.
+    c.bench_function("part_request_id", |b| {
+        b.iter(|| {
+            black_box(tollgate_core::request_id::generate(black_box(
+                1_796_000_000_042,
+            )))
+        })
+    });
+    c.bench_function("part_log_time", |b| {
+        let mut line = String::with_capacity(32);
+        b.iter(|| {
+            line.clear();
+            tollgate_core::clock::push_rfc3339_millis(&mut line, black_box(1_796_000_000_042));
+            black_box(line.len())
+        })
+    });
     c.bench_function("part_sha256", |b| {
         b.iter(|| black_box(keys::hash(black_box(&raw[0]))))
     });

@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup.sh
+. benches/common.sh
 for tool in wrk nginx; do
   command -v $tool >/dev/null 2>&1 || { echo "installing $tool" >&2; apt-get install -y -qq $tool >/dev/null 2>&1 || apt-get install -y -qq nginx-light >/dev/null; }
 done
@@ -29,8 +30,6 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 100); do (echo > /dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 up=$(port); ngx=$(port); pt=$(port); tgm=$(port); tgr=$(port); tgo=$(port); adm1=$(port); adm2=$(port); adm3=$(port); rport=$(port)
 
@@ -54,15 +53,7 @@ nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!); pid_nginx=$!
 "$pass" 127.0.0.1:$pt 127.0.0.1:$up 1 >/dev/null 2>&1 & pids+=($!); pid_passthrough=$!
 redis-server --port $rport --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!); pid_redis_server=$!
 
-cat > "$work/plans.yaml" <<'PLANS'
-default_plan: pro
-plans:
-  pro:
-    limits:
-      - { name: burst, requests: 100000000, per: second }
-      - { name: monthly, requests: 1000000000000, per: month }
-    meter: api_requests
-PLANS
+bench_plans "$work/plans.yaml"
 # Every feature on: the access log goes to a file, as in production
 # (ACCESS_LOG="access_log: { enabled: false }" measures without it).
 access=${ACCESS_LOG:-"access_log: { to: access.log }"}

@@ -9,6 +9,7 @@
 # temporary directory; the upstream is never called.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 sizes=("$@")
 [ ${#sizes[@]} -gt 0 ] || sizes=(10000 100000)
 cargo build --release -q -p tollgate
@@ -17,7 +18,6 @@ work=$(mktemp -d)
 trap 'kill $pid 2>/dev/null || true; rm -rf "$work"' EXIT
 pid=
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 rss_mb() { awk '/VmRSS/ {printf "%d", $2/1024}' "/proc/$1/status"; }
 elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
 now() { date +%s.%N; }
@@ -28,7 +28,7 @@ for n in "${sizes[@]}"; do
   dir=$work/$n
   mkdir -p "$dir"
   printf 'default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 10, per: second }\n' >"$dir/plans.yaml"
-  port=$(free_port); admin=$(free_port)
+  port=$(port); admin=$(port)
   printf 'listen: 127.0.0.1:%s\nupstream: http://127.0.0.1:9\nkeys: { path: keys.db }\nadmin: { listen: 127.0.0.1:%s }\naccess_log: { enabled: false }\nmetering: { enabled: false }\n' \
     "$port" "$admin" >"$dir/tollgate.yaml"
   # N keys, one customer each, in the file store's format (hashes are

@@ -3,8 +3,6 @@
 //! (draft 10/11: a List of named policies, `q`/`w` on the policy, `r`/`t` on
 //! the current state).
 
-use std::fmt::Write;
-
 use crate::limiter::Decision;
 
 /// The header values for one keyed response.
@@ -26,11 +24,13 @@ impl RateHeaders {
             if !ratelimit.is_empty() {
                 ratelimit.push_str(", ");
             }
-            let _ = write!(
-                ratelimit,
-                "\"{}\";r={};t={}",
-                p.name, p.remaining, p.reset_secs
-            );
+            let mut n = itoa::Buffer::new();
+            ratelimit.push('"');
+            ratelimit.push_str(&p.name);
+            ratelimit.push_str("\";r=");
+            ratelimit.push_str(n.format(p.remaining));
+            ratelimit.push_str(";t=");
+            ratelimit.push_str(n.format(p.reset_secs));
         }
         Some(Self {
             limit: tight.quota,

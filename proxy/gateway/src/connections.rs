@@ -254,22 +254,22 @@ impl GuardedStream {
 
     /// Follows the current head through `data`; an error once it is too large.
     fn scan(&mut self, data: &[u8]) -> io::Result<()> {
+        if let Some(end) = head_end(self.tail, data) {
+            self.armed = false;
+            self.fresh = None;
+            self.head_bytes += end;
+            return Ok(());
+        }
         if self.head_bytes == 0 && !data.is_empty() {
+            // A head begun but not complete in its first read: it has
+            // `header_timeout` to finish.
             let at = Instant::now() + self.limits.header_timeout;
             self.deadline.as_mut().reset(at);
         }
-        for (i, &b) in data.iter().enumerate() {
-            let [a, c, d] = self.tail;
-            // CRLF CRLF, or LF LF as lenient parsers accept.
-            if b == b'\n' && (d == b'\n' || (d == b'\r' && c == b'\n' && a == b'\r')) {
-                self.armed = false;
-                self.fresh = None;
-                self.head_bytes += i + 1;
-                return Ok(());
-            }
-            self.tail = [c, d, b];
-        }
         self.head_bytes += data.len();
+        for &b in data.iter().rev().take(3).rev() {
+            self.tail = [self.tail[1], self.tail[2], b];
+        }
         if self.head_bytes > self.limits.max_header_bytes {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -278,6 +278,24 @@ impl GuardedStream {
         }
         Ok(())
     }
+}
+
+/// Where in `data` the blank line ending a head is (just past it): CRLF
+/// CRLF, or LF LF as lenient parsers accept; `tail` holds the three bytes
+/// read before `data`, the last one last.
+fn head_end(tail: [u8; 3], data: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(found) = data[from..].iter().position(|&b| b == b'\n') {
+        let i = from + found;
+        // The byte `k` places before the LF, from `data` or from `tail`.
+        let before = |k: usize| if i >= k { data[i - k] } else { tail[3 + i - k] };
+        let d = before(1);
+        if d == b'\n' || (d == b'\r' && before(2) == b'\n' && before(3) == b'\r') {
+            return Some(i + 1);
+        }
+        from = i + 1;
+    }
+    None
 }
 
 impl AsyncRead for GuardedStream {
@@ -424,6 +442,31 @@ mod tests {
             open,
             fresh,
         )
+    }
+
+    #[tokio::test]
+    async fn a_head_ends_at_its_blank_line_however_the_reads_split_it() {
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nbody";
+        let end = head.len() - 4;
+        for split in 0..=head.len() {
+            let (a, b) = head.split_at(split);
+            let mut g = stream(Limits::default()).0;
+            g.scan(a).unwrap();
+            let found = if split >= end {
+                assert!(!g.armed, "complete in the first read at {split}");
+                g.head_bytes
+            } else {
+                assert!(g.armed, "not complete at {split}");
+                g.scan(b).unwrap();
+                assert!(!g.armed, "complete after the second read at {split}");
+                g.head_bytes
+            };
+            assert_eq!(found, end, "split at {split}");
+        }
+        assert_eq!(head_end([0; 3], b"GET / HTTP/1.0\n\n"), Some(16), "LF LF");
+        assert_eq!(head_end(*b"\r\n\r", b"\n"), Some(1), "CRLF CR | LF");
+        assert_eq!(head_end(*b"x\r\n", b"Host: x\r\n"), None);
+        assert_eq!(head_end(*b"\n\r\n", b"x"), None);
     }
 
     #[tokio::test]
