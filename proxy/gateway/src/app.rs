@@ -78,7 +78,9 @@ impl Keys {
                 replica: None,
                 admin: Arc::new(BlockingRedisAdmin::connect(rc.clone())?),
             }),
-            _ => Ok(Keys::File(Arc::new(FileStore::open(&config.keys_path)?))),
+            _ => Ok(Keys::File(Arc::new(FileStore::unsnapshotted(
+                &config.keys_path,
+            )))),
         }
     }
 

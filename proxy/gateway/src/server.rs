@@ -14,7 +14,6 @@ use tokio::sync::broadcast;
 
 use tollgate_core::clock::{Clock, Millis};
 use tollgate_core::metrics;
-use tollgate_core::store::UpdateStore;
 
 use crate::admin::AdminApp;
 use crate::app::{App, Keys};
@@ -48,7 +47,7 @@ impl BackgroundService for Housekeeping {
         };
         let mut seen = stamp(&self.app);
         let mut failing = false;
-        update_key_gauge(&self.app.keys, self.app.gate.clock.now_ms());
+        update_key_gauge(&self.app, self.app.gate.clock.now_ms());
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -72,7 +71,7 @@ impl BackgroundService for Housekeeping {
                         Ok(Ok(true)) => {
                             failing = false;
                             metrics::CONFIG_RELOADS.with_label_values(&["success"]).inc();
-                            update_key_gauge(&self.app.keys, self.app.gate.clock.now_ms());
+                            update_key_gauge(&self.app, self.app.gate.clock.now_ms());
                             log::info!("key store reloaded");
                         }
                         Ok(Ok(false)) => failing = false,
@@ -88,9 +87,7 @@ impl BackgroundService for Housekeeping {
                 }
                 _ = sweep.tick() => {
                     // Keys pass from expiring to expired without a store change.
-                    let app = Arc::clone(&self.app);
-                    let now = self.app.gate.clock.now_ms();
-                    let _ = tokio::task::spawn_blocking(move || update_key_gauge(&app.keys, now)).await;
+                    update_key_gauge(&self.app, self.app.gate.clock.now_ms());
                     let removed = self.app.gate.limiter.memory().sweep();
                     if removed > 0 {
                         log::debug!("limiter: evicted {removed} idle customers");
@@ -101,18 +98,8 @@ impl BackgroundService for Housekeeping {
     }
 }
 
-fn update_key_gauge(keys: &Keys, now: Millis) {
-    let Ok(data) = keys.data() else { return };
-    let mut counts = std::collections::BTreeMap::<&str, i64>::new();
-    for s in ["active", "expiring", "expired", "revoked"] {
-        counts.insert(s, 0);
-    }
-    for k in &data.keys {
-        *counts
-            .entry(tollgate_core::store::admin::status(k, now))
-            .or_default() += 1;
-    }
-    for (s, n) in counts {
+fn update_key_gauge(app: &App, now: Millis) {
+    for (s, n) in app.gate.keys.snapshot().key_statuses(now) {
         metrics::KEYS.with_label_values(&[s]).set(n);
     }
 }

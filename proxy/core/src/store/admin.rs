@@ -245,10 +245,15 @@ pub const EXPIRING_WITHIN: Millis = 7 * 86_400_000;
 /// `revoked`, `expired`, `expiring` (valid, expires within
 /// [`EXPIRING_WITHIN`]), or `active`.
 pub fn status(k: &KeyRecord, now: Millis) -> &'static str {
-    if k.revoked.is_some() {
-        return "revoked";
-    }
-    match k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0)) {
+    let expires = k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0));
+    status_of(k.revoked.is_some(), expires, now)
+}
+
+/// [`status`] of a key revoked or not, with this expiry (an unparsable
+/// one is 0: expired).
+pub fn status_of(revoked: bool, expires: Option<Millis>, now: Millis) -> &'static str {
+    match expires {
+        _ if revoked => "revoked",
         Some(t) if t <= now => "expired",
         Some(t) if t - now <= EXPIRING_WITHIN => "expiring",
         _ => "active",

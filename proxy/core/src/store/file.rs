@@ -17,6 +17,9 @@ pub struct FileStore {
     /// What the file looked like when last read (None: never read; `Some(None)`:
     /// it did not exist), so a missing file is not re-read four times a second.
     stamp: std::sync::Mutex<Option<Option<Stamp>>>,
+    /// Whether a snapshot is kept (the running proxy) or not (the CLI,
+    /// which only reads and writes the file).
+    snapshots: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,9 +46,24 @@ impl FileStore {
             path: path.to_path_buf(),
             current: RwLock::new(Arc::new(Snapshot::default())),
             stamp: std::sync::Mutex::new(None),
+            snapshots: true,
         };
         store.reload()?;
         Ok(store)
+    }
+
+    /// The store for reading and writing its file only (the CLI): nothing
+    /// is read until asked, and no lookup snapshot is built, before or
+    /// after a write. With a million keys that is the difference between
+    /// one parse of the file per command and three parses and two
+    /// snapshots (benches/README.md, "Scale of state").
+    pub fn unsnapshotted(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            current: RwLock::new(Arc::new(Snapshot::default())),
+            stamp: std::sync::Mutex::new(None),
+            snapshots: false,
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -143,12 +161,29 @@ impl FileStore {
             }
         }
         drop(lock);
-        self.reload()?;
+        if self.snapshots {
+            self.reload()?;
+        }
         Ok(out)
     }
 
     pub fn data(&self) -> Result<StoreData, StoreError> {
         read_data(&self.path)
+    }
+
+    /// The data and the file's text (for locating records in messages),
+    /// from one read; an empty text for a missing file.
+    pub fn data_and_text(&self) -> Result<(StoreData, String), StoreError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(StoreError::Corrupt(self.path.clone(), e.to_string()))
+            }
+            Err(e) => return Err(StoreError::Io(self.path.clone(), e)),
+        };
+        let data = parse_data(&self.path, text.as_bytes())?;
+        Ok((data, text))
     }
 }
 
@@ -166,12 +201,19 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 
 fn read_data(path: &Path) -> Result<StoreData, StoreError> {
     match fs::read(path) {
-        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => Ok(StoreData::default()),
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| StoreError::Corrupt(path.to_path_buf(), e.to_string())),
+        Ok(bytes) => parse_data(path, &bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreData::default()),
         Err(e) => Err(StoreError::Io(path.to_path_buf(), e)),
     }
+}
+
+/// The store in `bytes` (all blank: an empty store).
+fn parse_data(path: &Path, bytes: &[u8]) -> Result<StoreData, StoreError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(StoreData::default());
+    }
+    serde_json::from_slice(bytes)
+        .map_err(|e| StoreError::Corrupt(path.to_path_buf(), e.to_string()))
 }
 
 impl UpdateStore for FileStore {
@@ -263,6 +305,43 @@ mod tests {
             revoke(&s, "key_missing", NOW),
             Err(StoreError::NotFound(_))
         ));
+    }
+
+    #[test]
+    fn the_key_gauge_counts_the_snapshot_as_status_names_the_records() {
+        let (_d, s) = store();
+        let a = create(&s, "cus_1");
+        create(&s, "cus_2");
+        let c = create(&s, "cus_3");
+        rotate(&s, "tg_test_", &a.record.id, HOUR, NOW).unwrap();
+        revoke(&s, &c.record.id, NOW).unwrap();
+        for now in [NOW, NOW + 2 * HOUR] {
+            let mut want = std::collections::BTreeMap::new();
+            for st in ["active", "expiring", "expired", "revoked"] {
+                want.insert(st, 0);
+            }
+            for k in &s.data().unwrap().keys {
+                *want.get_mut(status(k, now)).unwrap() += 1;
+            }
+            assert_eq!(s.snapshot().key_statuses(now), want, "at {now}");
+        }
+        let counts = s.snapshot().key_statuses(NOW + 2 * HOUR);
+        assert_eq!((counts["expired"], counts["revoked"]), (1, 1));
+    }
+
+    #[test]
+    fn the_cli_handle_reads_and_writes_the_file_without_a_snapshot() {
+        let (_d, s) = store();
+        let cli = FileStore::unsnapshotted(s.path());
+        let k = create(&cli, "cus_cli");
+        assert_eq!(cli.snapshot().key_count, 0, "no snapshot kept");
+        let (data, text) = cli.data_and_text().unwrap();
+        assert_eq!(data.keys.len(), 1);
+        assert!(text.contains(&k.record.id));
+        assert!(s.reload().unwrap());
+        assert!(s.snapshot().lookup(&keys::hash(&k.raw), NOW).is_ok());
+        fs::write(s.path(), "{ not json").unwrap();
+        assert!(matches!(cli.data_and_text(), Err(StoreError::Corrupt(..))));
     }
 
     #[test]

@@ -276,6 +276,21 @@ impl Snapshot {
         s
     }
 
+    /// How many keys are in each [`admin::status`] at `now` (the
+    /// `tollgate_keys` gauge), from the snapshot: no read of the store.
+    pub fn key_statuses(&self, now: Millis) -> BTreeMap<&'static str, i64> {
+        let mut counts: BTreeMap<&'static str, i64> = ["active", "expiring", "expired", "revoked"]
+            .into_iter()
+            .map(|s| (s, 0))
+            .collect();
+        for e in self.keys.values().chain(&self.overflow) {
+            *counts
+                .entry(admin::status_of(e.revoked, e.expires, now))
+                .or_default() += 1;
+        }
+        counts
+    }
+
     /// Every customer the store knows.
     pub fn customer_ids(&self) -> impl Iterator<Item = Arc<str>> + '_ {
         self.customers.keys().cloned()

@@ -83,12 +83,8 @@ fn read_store(config: &Config) -> Result<(StoreData, String, String), String> {
         Err(e) => return Err(format!("{}:1:1: error: {e}", config.file.display())),
         Ok(Keys::File(store)) => {
             let path = config.keys_path.display().to_string();
-            match store.data() {
-                Ok(d) => (
-                    d,
-                    std::fs::read_to_string(&config.keys_path).unwrap_or_default(),
-                    path,
-                ),
+            match store.data_and_text() {
+                Ok((d, text)) => (d, text, path),
                 Err(e) => return Err(format!("{path}:1:1: error: {e}")),
             }
         }
