@@ -439,9 +439,26 @@ fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
                 admin: Arc::new(BlockingRedisAdmin::from_conn(conn.clone(), rt.clone())),
             })
         }
-        _ => Ok(Keys::File(Arc::new(
-            FileStore::open(&config.keys_path).map_err(|e| e.to_string())?,
-        ))),
+        _ => {
+            // Checked on the data the store parses as it opens (`tollgate
+            // run` does not parse the file a second time to check it).
+            let path = config.keys_path.display().to_string();
+            let mut problems = Vec::new();
+            let store = FileStore::open_inspecting(&config.keys_path, |data| {
+                problems = crate::config::store_check::problems(config, data, &path, || {
+                    std::fs::read_to_string(&config.keys_path).unwrap_or_default()
+                });
+            })
+            .map_err(|e| e.to_string())?;
+            if !problems.is_empty() {
+                return Err(format!(
+                    "{} has errors; not starting:\n{}",
+                    config.file.display(),
+                    problems.join("\n")
+                ));
+            }
+            Ok(Keys::File(Arc::new(store)))
+        }
     }
 }
 

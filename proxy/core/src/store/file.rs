@@ -42,13 +42,23 @@ fn stamp(path: &Path) -> Option<Stamp> {
 impl FileStore {
     /// Opens the store; a missing file is an empty store.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_inspecting(path, |_| ())
+    }
+
+    /// [`open`](Self::open), showing `inspect` the data it parsed before
+    /// the snapshot is built from it: `run` checks the store this way, with
+    /// one parse of the file instead of two.
+    pub fn open_inspecting(
+        path: &Path,
+        inspect: impl FnOnce(&StoreData),
+    ) -> Result<Self, StoreError> {
         let store = Self {
             path: path.to_path_buf(),
             current: RwLock::new(Arc::new(Snapshot::default())),
             stamp: std::sync::Mutex::new(None),
             snapshots: true,
         };
-        store.reload()?;
+        store.reload_inspecting(inspect)?;
         Ok(store)
     }
 
@@ -73,6 +83,10 @@ impl FileStore {
     /// Reads the file into a fresh snapshot if it changed. A broken file is
     /// reported and the previous snapshot kept: keys keep working.
     pub fn reload(&self) -> Result<bool, StoreError> {
+        self.reload_inspecting(|_| ())
+    }
+
+    fn reload_inspecting(&self, inspect: impl FnOnce(&StoreData)) -> Result<bool, StoreError> {
         let now_stamp = stamp(&self.path);
         {
             let last = crate::lock(&self.stamp);
@@ -81,6 +95,7 @@ impl FileStore {
             }
         }
         let data = read_data(&self.path)?;
+        inspect(&data);
         let snap = Arc::new(Snapshot::build(&data));
         *crate::sync::write(&self.current) = snap;
         *crate::lock(&self.stamp) = Some(now_stamp);

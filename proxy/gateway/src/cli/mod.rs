@@ -259,7 +259,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
     match cli.command {
         Command::Run { upgrade } => {
             let config = Arc::new(load(&cli.config)?);
-            refuse_on(check::check_store(&config, now), &cli.config)?;
+            // The file store is checked as the app opens it (one parse).
+            if config.keys_store == tollgate::config::StoreKind::Redis {
+                refuse_on(check::check_store(&config, now), &cli.config)?;
+            }
             let pid_file = tollgate::server::pid_file(&config);
             if upgrade {
                 log::info!(

@@ -21,6 +21,7 @@ mod auth;
 mod raw;
 mod redis;
 mod sections;
+pub mod store_check;
 #[cfg(test)]
 mod tests;
 mod webhooks;

@@ -1,0 +1,83 @@
+//! The key store checked against the config: customers on plans the
+//! config does not define, malformed or duplicated key ids, hashes and
+//! times, each located at its record's line in the file. `tollgate check`
+//! runs it on the store it reads; `run` on the data the file store parses
+//! as it opens (one parse of the file, not two).
+
+use tollgate_core::store::StoreData;
+
+use super::Config;
+
+/// The store's problems; `path` names it in messages, `read_text` gives
+/// its text (the file store's JSON; empty for Redis) when one is to be
+/// located.
+pub fn problems(
+    config: &Config,
+    data: &StoreData,
+    path: &str,
+    read_text: impl Fn() -> String,
+) -> Vec<String> {
+    // The file's text is read only when a problem is to be located.
+    let text = std::cell::OnceCell::new();
+    // The line and column where `needle` first stands in the file.
+    let at = |needle: &str| -> String {
+        let text = text.get_or_init(&read_text);
+        text.lines()
+            .enumerate()
+            .find_map(|(i, l)| {
+                l.find(needle)
+                    .map(|c| format!("{path}:{}:{}", i + 1, c + 1))
+            })
+            .unwrap_or_else(|| {
+                if text.is_empty() {
+                    format!("{path} ({needle})")
+                } else {
+                    format!("{path}:1:1")
+                }
+            })
+    };
+    let mut errors = Vec::new();
+    for (id, c) in &data.customers {
+        if let Some(plan) = &c.plan {
+            if config.plans.get(plan).is_none() {
+                errors.push(format!(
+                    "{}: error: customer {id} is on plan `{plan}`, which {} does not define\n  hint: it gets the default plan until you run `tollgate customers set-plan {id} <plan>`",
+                    at(&format!("\"{id}\"")),
+                    config.plans_file.display()
+                ));
+            }
+        }
+    }
+    let mut ids = std::collections::HashSet::new();
+    for k in &data.keys {
+        // Located only when there is something to report: a search of the
+        // file per key would make `check` quadratic in keys.
+        let loc = || at(&format!("\"{}\"", k.id));
+        if !tollgate_core::keys::valid_key_id(&k.id) || !ids.insert(&k.id) {
+            errors.push(format!(
+                "{}: error: key id `{}` is malformed or duplicated",
+                loc(),
+                k.id
+            ));
+        }
+        if k.hash.len() != 64 || hex::decode(&k.hash).is_err() {
+            errors.push(format!("{}: error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", loc(), k.id));
+        }
+        for (field, value) in [
+            ("created", Some(&k.created)),
+            ("expires", k.expires.as_ref()),
+            ("revoked", k.revoked.as_ref()),
+        ] {
+            if let Some(v) = value {
+                if tollgate_core::clock::parse_rfc3339(v).is_none() {
+                    errors.push(format!(
+                        "{}: error: key {} has `{field}: {v}`, not a time like 2026-01-31T12:00:00Z\n  hint: an expiry that does not parse is treated as already expired",
+                        loc(),
+                        k.id
+                    ));
+                }
+            }
+        }
+    }
+    errors
+}
