@@ -450,13 +450,7 @@ fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
                 });
             })
             .map_err(|e| e.to_string())?;
-            if !problems.is_empty() {
-                return Err(format!(
-                    "{} has errors; not starting:\n{}",
-                    config.file.display(),
-                    problems.join("\n")
-                ));
-            }
+            crate::config::store_check::refuse_on(problems, &config.file)?;
             Ok(Keys::File(Arc::new(store)))
         }
     }

@@ -53,10 +53,8 @@ impl FileStore {
         inspect: impl FnOnce(&StoreData),
     ) -> Result<Self, StoreError> {
         let store = Self {
-            path: path.to_path_buf(),
-            current: RwLock::new(Arc::new(Snapshot::default())),
-            stamp: std::sync::Mutex::new(None),
             snapshots: true,
+            ..Self::unsnapshotted(path)
         };
         store.reload_inspecting(inspect)?;
         Ok(store)
@@ -189,15 +187,10 @@ impl FileStore {
     /// The data and the file's text (for locating records in messages),
     /// from one read; an empty text for a missing file.
     pub fn data_and_text(&self) -> Result<(StoreData, String), StoreError> {
-        let text = match fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                return Err(StoreError::Corrupt(self.path.clone(), e.to_string()))
-            }
-            Err(e) => return Err(StoreError::Io(self.path.clone(), e)),
-        };
-        let data = parse_data(&self.path, text.as_bytes())?;
+        let bytes = read_file(&self.path)?;
+        let data = parse_data(&self.path, &bytes)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| StoreError::Corrupt(self.path.clone(), e.to_string()))?;
         Ok((data, text))
     }
 }
@@ -215,9 +208,14 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 fn read_data(path: &Path) -> Result<StoreData, StoreError> {
+    parse_data(path, &read_file(path)?)
+}
+
+/// The file's bytes; none for a missing file (an empty store).
+fn read_file(path: &Path) -> Result<Vec<u8>, StoreError> {
     match fs::read(path) {
-        Ok(bytes) => parse_data(path, &bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StoreData::default()),
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(StoreError::Io(path.to_path_buf(), e)),
     }
 }

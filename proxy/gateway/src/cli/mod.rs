@@ -223,18 +223,6 @@ fn load_without_secrets(path: &std::path::Path) -> Result<Config, String> {
     Config::load_without_secrets(path).map_err(|d| format!("{} has errors:\n{d}", path.display()))
 }
 
-/// `run` starts only where `check` passes: the same errors, the same lines.
-fn refuse_on(errors: Vec<String>, config: &std::path::Path) -> Result<(), String> {
-    if errors.is_empty() {
-        return Ok(());
-    }
-    Err(format!(
-        "{} has errors; not starting:\n{}",
-        config.display(),
-        errors.join("\n")
-    ))
-}
-
 /// Every address the process listens on is free, or it does not start:
 /// one line and a non-zero exit, not Pingora's retries and panic.
 fn listeners_free(config: &Config) -> Result<(), String> {
@@ -261,7 +249,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
             let config = Arc::new(load(&cli.config)?);
             // The file store is checked as the app opens it (one parse).
             if config.keys_store == tollgate::config::StoreKind::Redis {
-                refuse_on(check::check_store(&config, now), &cli.config)?;
+                tollgate::config::store_check::refuse_on(
+                    check::check_store(&config, now),
+                    &cli.config,
+                )?;
             }
             let pid_file = tollgate::server::pid_file(&config);
             if upgrade {

@@ -81,3 +81,15 @@ pub fn problems(
     }
     errors
 }
+
+/// `run` starts only where `check` passes: the same errors, the same lines.
+pub fn refuse_on(errors: Vec<String>, config: &std::path::Path) -> Result<(), String> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} has errors; not starting:\n{}",
+        config.display(),
+        errors.join("\n")
+    ))
+}
