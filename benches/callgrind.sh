@@ -29,16 +29,7 @@ cleanup() { kill -9 "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; 
 trap cleanup EXIT
 up=$(port); pt=$(port); tg=$(port); adm=$(port)
 
-mkdir -p "$work/nginx"
-cat > "$work/nginx/nginx.conf" <<NGX
-worker_processes 1;
-daemon off;
-master_process off;
-pid $work/nginx/nginx.pid;
-error_log stderr error;
-events { worker_connections 1024; }
-http { access_log off; server { listen 127.0.0.1:$up; location / { return 200 "ok\n"; } } }
-NGX
+nginx_conf "$work/nginx" $up
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!)
 bench_plans "$work/plans.yaml"
 cat > "$work/tollgate.yaml" <<CFG

@@ -18,3 +18,22 @@ plans:
     meter: api_requests
 PLANS
 }
+
+# Writes $1/nginx.conf: one worker answering 200 itself on port $2 (the
+# upstream every target proxies to), plus whatever more `http` lines $3 has.
+nginx_conf() {
+  mkdir -p "$1"
+  cat > "$1/nginx.conf" <<NGX
+worker_processes 1;
+daemon off;
+master_process off;
+pid $1/nginx.pid;
+error_log stderr error;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$2; location / { return 200 "ok\n"; } }
+  ${3:-}
+}
+NGX
+}

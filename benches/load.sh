@@ -33,22 +33,9 @@ trap cleanup EXIT
 
 up=$(port); ngx=$(port); pt=$(port); tgm=$(port); tgr=$(port); tgo=$(port); adm1=$(port); adm2=$(port); adm3=$(port); rport=$(port)
 
-mkdir -p "$work/nginx"
-cat > "$work/nginx/nginx.conf" <<NGX
-worker_processes 1;
-daemon off;
-master_process off;
-pid $work/nginx/nginx.pid;
-error_log stderr error;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream api { server 127.0.0.1:$up; keepalive 256; }
-  server { listen 127.0.0.1:$up; location / { return 200 "ok\n"; } }
+nginx_conf "$work/nginx" $up "upstream api { server 127.0.0.1:$up; keepalive 256; }
   server { listen 127.0.0.1:$ngx;
-    location / { proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection ""; } }
-}
-NGX
+    location / { proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
 nginx -p "$work/nginx" -c "$work/nginx/nginx.conf" & pids+=($!); pid_nginx=$!
 "$pass" 127.0.0.1:$pt 127.0.0.1:$up 1 >/dev/null 2>&1 & pids+=($!); pid_passthrough=$!
 redis-server --port $rport --bind 127.0.0.1 --save "" --appendonly no >/dev/null & pids+=($!); pid_redis_server=$!
