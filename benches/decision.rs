@@ -20,7 +20,8 @@ use tollgate_core::store::{CustomerRecord, KeyRecord, Snapshot, StaticKeys, Stor
 const CUSTOMERS: usize = 100_000;
 const PLANS: &str = "default_plan: pro\nplans:\n  pro:\n    limits:\n      - { name: burst, requests: 1000000, per: second }\n      - { name: monthly, requests: 1000000000000, per: month }\n    meter: api_requests\n";
 
-fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
+/// A store of `CUSTOMERS` customers with one key each, and the keys.
+fn store() -> (StoreData, Vec<String>) {
     let now = SystemClock.now_ms();
     let mut data = StoreData {
         version: 1,
@@ -52,6 +53,11 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
         });
         raw.push(key);
     }
+    (data, raw)
+}
+
+fn setup() -> (Gate<MemoryLimiter>, Vec<String>) {
+    let (data, raw) = store();
     let plans = Plans::parse(&Source::new("plans.yaml".as_ref(), PLANS.into())).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let gate = Gate {
@@ -222,5 +228,35 @@ fn decision(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decision);
+/// What a running proxy does with one change to its store: the file store
+/// builds a new snapshot of every key (`snapshot_build_100k`); the Redis
+/// replica, which once did as much plus a copy of every record for each
+/// published change (`replica_change_before_100k`), now derives the next
+/// snapshot from the current one (`replica_change_key_100k`: a new key;
+/// `replica_change_customer_100k`: a plan change).
+fn replica_changes(c: &mut Criterion) {
+    let (data, _) = store();
+    c.bench_function("snapshot_build_100k", |b| {
+        b.iter(|| black_box(Snapshot::build(black_box(&data)).key_count))
+    });
+    c.bench_function("replica_change_before_100k", |b| {
+        b.iter(|| black_box(Snapshot::build(&black_box(&data).clone()).key_count))
+    });
+    let snap = Snapshot::build(&data);
+    let mut record = data.keys[0].clone();
+    record.id = "key_new".into();
+    let hash = keys::hash(&keys::from_secret("tg_live_", &[0xee; 32]));
+    c.bench_function("replica_change_key_100k", |b| {
+        b.iter(|| black_box(snap.with_key(black_box(&hash), Some(&record)).key_count))
+    });
+    let pro = CustomerRecord {
+        plan: Some("enterprise".into()),
+        ..CustomerRecord::default()
+    };
+    c.bench_function("replica_change_customer_100k", |b| {
+        b.iter(|| black_box(snap.with_customer("cus_00004242", Some(&pro)).key_count))
+    });
+}
+
+criterion_group!(benches, decision, replica_changes);
 criterion_main!(benches);

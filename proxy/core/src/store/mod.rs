@@ -3,19 +3,21 @@
 //! embedded default) is a JSON document written atomically (lock, temp file,
 //! fsync, rename) and re-read by running proxies within ~250 ms of a change.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::clock::{parse_rfc3339, Millis};
-use crate::keys::{self, KeyHash};
+use crate::clock::Millis;
+use crate::keys::KeyHash;
 
 pub mod admin;
 mod file;
+mod snapshot;
 
 pub use file::FileStore;
+pub use snapshot::{CustomerView, Snapshot, SHARDS};
 
 /// A stored key: never the key itself, only its SHA-256.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -166,161 +168,6 @@ pub enum KeyRejection {
     Unknown,
     Revoked,
     Expired,
-}
-
-#[derive(Debug)]
-struct Entry {
-    hash: KeyHash,
-    expires: Option<Millis>,
-    revoked: bool,
-    info: Identity,
-}
-
-/// The first 8 bytes of a SHA-256 are already uniformly distributed: they
-/// index the key map as they are, with no second hash.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct PassThrough(u64);
-
-impl std::hash::Hasher for PassThrough {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
-
-type PassThroughMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<PassThrough>>;
-
-/// An immutable, indexed view of the store for the hot path.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    /// Indexed by the first 8 bytes of the hash; the full hash is then
-    /// compared in constant time. Keys sharing those 8 bytes (never seen in
-    /// practice) go to `overflow`.
-    keys: PassThroughMap<Entry>,
-    overflow: Vec<Entry>,
-    customers: HashMap<Arc<str>, CustomerView>,
-    pub key_count: usize,
-}
-
-/// What the snapshot keeps of a customer.
-#[derive(Debug, Clone, Default)]
-pub struct CustomerView {
-    /// None: the default plan.
-    pub plan: Option<Arc<str>>,
-    pub suspended: bool,
-    pub billing: Option<BillingStatus>,
-    pub limits: Option<Arc<[crate::plans::Limit]>>,
-}
-
-fn bucket(hash: &KeyHash) -> u64 {
-    let mut b = [0u8; 8];
-    b.copy_from_slice(&hash[..8]);
-    u64::from_le_bytes(b)
-}
-
-impl Snapshot {
-    pub fn build(data: &StoreData) -> Self {
-        let mut s = Snapshot::default();
-        for (id, c) in &data.customers {
-            s.customers.insert(
-                id.as_str().into(),
-                CustomerView {
-                    plan: c.plan.as_deref().map(Into::into),
-                    suspended: c.is_suspended(),
-                    billing: c.billing.as_ref().map(|b| b.status),
-                    // Stored limits were checked when written; one that no
-                    // longer parses is left out rather than refusing all.
-                    limits: c
-                        .limits
-                        .as_ref()
-                        .map(|l| l.iter().filter_map(|s| s.limit()).collect()),
-                },
-            );
-        }
-        s.keys.reserve(data.keys.len());
-        for k in &data.keys {
-            let mut hash = [0u8; 32];
-            if hex::decode_to_slice(&k.hash, &mut hash).is_err() {
-                log::warn!(
-                    "key store: key {} has a malformed hash and is ignored",
-                    k.id
-                );
-                continue;
-            }
-            let (customer, view) = match s.customers.get_key_value(k.customer.as_str()) {
-                Some((c, view)) => (c.clone(), view.clone()),
-                None => (k.customer.as_str().into(), CustomerView::default()),
-            };
-            let entry = Entry {
-                hash,
-                // An expiry that does not parse fails closed: expired.
-                expires: k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0)),
-                revoked: k.revoked.is_some(),
-                info: Arc::new(KeyInfo::new(k.id.as_str().into(), customer, view)),
-            };
-            match s.keys.entry(bucket(&hash)) {
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    v.insert(entry);
-                }
-                std::collections::hash_map::Entry::Occupied(_) => s.overflow.push(entry),
-            }
-            s.key_count += 1;
-        }
-        s
-    }
-
-    /// How many keys are in each [`admin::status`] at `now` (the
-    /// `tollgate_keys` gauge), from the snapshot: no read of the store.
-    pub fn key_statuses(&self, now: Millis) -> BTreeMap<&'static str, i64> {
-        let mut counts: BTreeMap<&'static str, i64> = ["active", "expiring", "expired", "revoked"]
-            .into_iter()
-            .map(|s| (s, 0))
-            .collect();
-        for e in self.keys.values().chain(&self.overflow) {
-            *counts
-                .entry(admin::status_of(e.revoked, e.expires, now))
-                .or_default() += 1;
-        }
-        counts
-    }
-
-    /// Every customer the store knows.
-    pub fn customer_ids(&self) -> impl Iterator<Item = Arc<str>> + '_ {
-        self.customers.keys().cloned()
-    }
-
-    /// A customer's plan name (None: default), suspension and billing state.
-    pub fn customer(&self, id: &str) -> Option<CustomerView> {
-        self.customers.get(id).cloned()
-    }
-
-    pub fn lookup(&self, hash: &KeyHash, now: Millis) -> Result<Identity, KeyRejection> {
-        let mut found = self
-            .keys
-            .get(&bucket(hash))
-            .filter(|e| keys::hashes_equal(&e.hash, hash));
-        if found.is_none() && !self.overflow.is_empty() {
-            found = self
-                .overflow
-                .iter()
-                .find(|e| keys::hashes_equal(&e.hash, hash));
-        }
-        let e = found.ok_or(KeyRejection::Unknown)?;
-        if e.revoked {
-            return Err(KeyRejection::Revoked);
-        }
-        if e.expires.is_some_and(|t| t <= now) {
-            return Err(KeyRejection::Expired);
-        }
-        Ok(Arc::clone(&e.info))
-    }
 }
 
 /// The read side every backend offers the proxy: a current snapshot, and
