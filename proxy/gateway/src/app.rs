@@ -429,10 +429,18 @@ fn connect_redis(config: &Config) -> Result<Option<Redis>, String> {
 fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
     match (config.keys_store, redis) {
         (StoreKind::Redis, Some((rt, conn))) => {
+            // Checked on the data the replica reads as it opens, as the
+            // file store is below.
+            let path = format!("redis {}", conn.config.urls.join(","));
+            let mut problems = Vec::new();
+            let open = RedisKeyStore::open_inspecting(conn.clone(), |data| {
+                problems = crate::config::store_check::problems(config, data, &path, String::new);
+            });
             let store = rt
-                .block_on(RedisKeyStore::open(conn.clone()))
+                .block_on(open)
                 .ok_or("the redis runtime failed")?
                 .map_err(|e| format!("cannot load keys from redis: {e}"))?;
+            crate::config::store_check::refuse_on(problems, &config.file)?;
             rt.spawn(Arc::clone(&store).follow());
             Ok(Keys::Redis {
                 replica: Some(store),

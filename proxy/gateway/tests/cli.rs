@@ -234,31 +234,28 @@ fn listen_on(dir: &Path, port: u16, admin: u16) {
     .unwrap();
 }
 
-#[test]
-fn run_refuses_to_strand_customers_on_a_plan_that_no_longer_exists() {
-    let dir = project();
-    listen_on(dir.path(), free_port(), free_port());
-    assert!(tollgate(
-        dir.path(),
+/// A customer with a key on `pro`, then `pro` renamed in plans.yaml: what
+/// `check` says first, and that `run` exits 1 saying it too.
+fn strand_a_customer_then_run(dir: &Path) -> String {
+    let created = tollgate(
+        dir,
         &[
             "keys",
             "create",
             "--customer",
             "cus_paying",
             "--plan",
-            "pro"
-        ]
-    )
-    .status
-    .success());
-    // The operator renames `pro` in plans.yaml.
+            "pro",
+        ],
+    );
+    assert!(created.status.success(), "{}", text(&created.stderr));
     std::fs::write(
-        dir.path().join("plans.yaml"),
+        dir.join("plans.yaml"),
         "default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 5, per: second }\n  professional:\n    limits: []\n",
     )
     .unwrap();
-    let check = text(&tollgate(dir.path(), &["check"]).stdout);
-    let (code, err) = run_for(dir.path(), 10);
+    let check = text(&tollgate(dir, &["check"]).stdout);
+    let (code, err) = run_for(dir, 10);
     assert_eq!(code, Some(1), "{err}");
     let line = check.lines().next().unwrap();
     assert!(
@@ -266,6 +263,14 @@ fn run_refuses_to_strand_customers_on_a_plan_that_no_longer_exists() {
         "{check}"
     );
     assert!(err.contains(line), "run says what check says:\n{err}");
+    line.to_owned()
+}
+
+#[test]
+fn run_refuses_to_strand_customers_on_a_plan_that_no_longer_exists() {
+    let dir = project();
+    listen_on(dir.path(), free_port(), free_port());
+    strand_a_customer_then_run(dir.path());
 }
 
 #[test]
@@ -506,4 +511,24 @@ fn customers_list_and_show_read_the_store_and_an_unknown_customer_is_an_error() 
         "{}",
         text(&out.stderr)
     );
+}
+
+/// `run` on a Redis key store checks the records it loads (one read of the
+/// store, as with the file store) and refuses them as `check` does.
+#[test]
+fn run_on_a_redis_store_refuses_what_check_refuses() {
+    let redis = tollgate_testkit::RedisServer::start();
+    let dir = project();
+    std::fs::write(
+        dir.path().join("tollgate.yaml"),
+        format!(
+            "listen: 127.0.0.1:{}\nupstream: http://127.0.0.1:8000\nkeys: {{ store: redis, prefix: sk_live_ }}\nredis: {{ url: \"{}\" }}\nadmin: {{ listen: 127.0.0.1:{} }}\nmetering: {{ spool_dir: spool }}\n",
+            free_port(),
+            redis.url(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let line = strand_a_customer_then_run(dir.path());
+    assert!(line.starts_with("redis "), "named by its store: {line}");
 }

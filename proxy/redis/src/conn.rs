@@ -175,6 +175,28 @@ impl RedisConn {
         }
     }
 
+    /// Runs `cmds` without the breaker (administration, start-up) and
+    /// answers in their order: as one pipeline on a single node; on a
+    /// cluster one after the other, as their keys may live on other nodes.
+    pub async fn admin_each<T: FromRedisValue>(&self, cmds: &[Cmd]) -> RedisResult<Vec<T>> {
+        match self.inner.clone() {
+            Inner::Single(mut m) => {
+                let mut pipe = redis::pipe();
+                for c in cmds {
+                    pipe.add_command(c.clone());
+                }
+                pipe.query_async(&mut m).await
+            }
+            Inner::Cluster(mut m) => {
+                let mut out = Vec::with_capacity(cmds.len());
+                for c in cmds {
+                    out.push(c.query_async(&mut m).await?);
+                }
+                Ok(out)
+            }
+        }
+    }
+
     /// Runs `f` with the timeout, unless the breaker is open, and tells the
     /// breaker how it went.
     async fn guarded<T, F, Fut>(&self, f: F) -> Result<T, RedisFailure>

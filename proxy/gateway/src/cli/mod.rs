@@ -246,14 +246,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
     let now = SystemClock.now_ms();
     match cli.command {
         Command::Run { upgrade } => {
+            // The key store is checked as the app opens it (one read).
             let config = Arc::new(load(&cli.config)?);
-            // The file store is checked as the app opens it (one parse).
-            if config.keys_store == tollgate::config::StoreKind::Redis {
-                tollgate::config::store_check::refuse_on(
-                    check::check_store(&config, now),
-                    &cli.config,
-                )?;
-            }
             let pid_file = tollgate::server::pid_file(&config);
             if upgrade {
                 log::info!(
