@@ -87,9 +87,12 @@ EOF
   t0=$(now); (cd "$dir" && "$bin" check -c tollgate.yaml >"$dir/check.log" 2>&1) || { cat "$dir/check.log" >&2; exit 1; }; t1=$(now)
   check=$(elapsed "$t0" "$t1")
   t0=$(now)
-  (cd "$dir" && RUST_LOG=error exec "$bin" run -c tollgate.yaml >/dev/null 2>&1) &
+  (cd "$dir" && RUST_LOG=error exec "$bin" run -c tollgate.yaml >/dev/null 2>"$dir/run.log") &
   pid=$!
-  until curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1; do sleep 0.02; done
+  until curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || { echo "tollgate run exited:" >&2; cat "$dir/run.log" >&2; exit 1; }
+    sleep 0.02
+  done
   t1=$(now)
   ready=$(elapsed "$t0" "$t1")
   sleep 1

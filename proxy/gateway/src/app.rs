@@ -10,7 +10,9 @@ use tollgate_core::gate::Gate;
 use tollgate_core::limiter::{Decision, Fallback, Limiter, LimiterError, MemoryLimiter};
 use tollgate_core::meter::{JournalState, Meter};
 use tollgate_core::plans::Plan;
-use tollgate_core::store::{FileStore, KeyStore, StaticKeys, StoreData, StoreError, UpdateStore};
+use tollgate_core::store::{
+    FileStore, KeyStore, Only, StaticKeys, StoreData, StoreError, UpdateStore,
+};
 use tollgate_core::usage::UsageLedger;
 use tollgate_metering::spool::{Spool, SpoolConfig};
 use tollgate_redis::{BlockingRedisAdmin, RedisConn, RedisKeyStore, RedisLimiter, RedisRuntime};
@@ -121,6 +123,17 @@ impl UpdateStore for Keys {
         match self {
             Keys::File(s) => FileStore::update(s, f),
             Keys::Redis { admin, .. } => admin.update(f),
+        }
+    }
+
+    fn update_only<T: Send>(
+        &self,
+        only: Only<'_>,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        match self {
+            Keys::File(s) => FileStore::update(s, f),
+            Keys::Redis { admin, .. } => admin.update_only(only, f),
         }
     }
 

@@ -147,6 +147,87 @@ async fn keys_revocations_and_plan_changes_reach_every_instance_within_a_second(
     }
 }
 
+/// How many times Redis ran `command` since its stats were reset.
+fn calls(redis: &RedisServer, command: &str) -> u32 {
+    let stats = redis.cli(&["info", "commandstats"]);
+    stats
+        .lines()
+        .find(|l| l.starts_with(&format!("cmdstat_{command}:")))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0)
+}
+
+/// A key or customer change through the CLI or admin API reads only the
+/// records it names (no scan of the store), with the same answers as a
+/// change run on the whole store: a plan conflict, a revoked key, a key
+/// rotated, an unknown id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_and_customer_changes_read_only_their_records() {
+    use tollgate_core::store::{admin, StoreError, UpdateStore};
+    let redis = RedisServer::start();
+    let r = format!("url: \"{}\"", redis.url());
+    let h = Harness::builder().redis(&r).build();
+    for i in 0..40 {
+        h.key(&format!("cus_{i}"), None);
+    }
+    let (key, id) = h.key_with_id("cus_pro", Some("pro"));
+    redis.cli(&["config", "resetstat"]);
+    let now = SystemClock.now_ms();
+
+    let second = admin::CreateKey {
+        customer: "cus_pro",
+        plan: Some("enterprise"),
+        name: None,
+        expires: None,
+        set_plan: false,
+        meta: None,
+    };
+    let refused = admin::create_key(&h.store, &h.config.key_prefix, second, now);
+    assert!(
+        matches!(refused, Err(StoreError::Conflict(ref why)) if why.contains("on plan pro")),
+        "{refused:?}"
+    );
+    let rotated = admin::rotate(&h.store, &h.config.key_prefix, &id, 60_000, now).unwrap();
+    assert_eq!(rotated.record.customer, "cus_pro");
+    let revoked = admin::revoke(&h.store, &id, now).unwrap();
+    assert!(revoked.revoked.is_some() && revoked.expires.is_some());
+    assert!(matches!(
+        admin::revoke(&h.store, "key_nonexistent00", now),
+        Err(StoreError::NotFound(_))
+    ));
+    admin::set_suspended(&h.store, "cus_pro", true).unwrap();
+    assert!(matches!(
+        admin::set_suspended(&h.store, "cus_nobody", true),
+        Err(StoreError::NotFound(_))
+    ));
+
+    assert_eq!(
+        calls(&redis, "sscan") + calls(&redis, "smembers"),
+        0,
+        "no scan of the store"
+    );
+    assert!(
+        calls(&redis, "hgetall") < 20,
+        "{} HGETALLs",
+        calls(&redis, "hgetall")
+    );
+    // The running proxy follows: the old key is revoked, the customer suspended.
+    let started = Instant::now();
+    loop {
+        let status = h.status("/v1/x", &key).await;
+        if status == 401 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(2), "still {status}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let data = h.store.data().unwrap();
+    assert_eq!(data.keys.len(), 42);
+    assert!(data.customers["cus_pro"].suspended);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_keys_are_negatively_cached() {
     let redis = RedisServer::start();

@@ -74,6 +74,18 @@ impl std::fmt::Display for RedisFailure {
     }
 }
 
+/// How long an administrative command (the CLI, reading the whole store)
+/// may wait for its answer. Commands on the request path are held to
+/// `redis.timeout` by [`RedisConn::query`] and [`RedisConn::script`]
+/// themselves; the connection's own deadline is this one, so that loading a
+/// million records is not failed by a 100 ms stall (a page-fault storm, a
+/// busy core) meant for requests.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn admin_timeout(config: &RedisConfig) -> Duration {
+    config.timeout.max(ADMIN_TIMEOUT)
+}
+
 impl RedisConn {
     /// Connects now; fails if Redis cannot be reached at start-up.
     pub async fn connect(config: Arc<RedisConfig>) -> RedisResult<Self> {
@@ -84,7 +96,7 @@ impl RedisConn {
             }
             let client = redis::cluster::ClusterClient::builder(nodes)
                 .connection_timeout(config.timeout)
-                .response_timeout(config.timeout)
+                .response_timeout(admin_timeout(&config))
                 .retries(2)
                 .build()?;
             Inner::Cluster(client.get_async_connection().await?)
@@ -97,7 +109,7 @@ impl RedisConn {
             let client = redis::Client::open(config.connection_info(url)?)?;
             let cfg = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(config.timeout))
-                .set_response_timeout(Some(config.timeout))
+                .set_response_timeout(Some(admin_timeout(&config)))
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(500));
             Inner::Single(ConnectionManager::new_with_config(client, cfg).await?)

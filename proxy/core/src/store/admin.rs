@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use super::{KeyRecord, StoreError, UpdateStore};
+use super::{KeyRecord, Only, StoreError, UpdateStore};
 use crate::clock::{parse_rfc3339, rfc3339, Millis};
 use crate::keys;
 
@@ -95,6 +95,20 @@ fn new_record(
     Ok(NewKey { raw, record })
 }
 
+fn customer_only<'a>(customers: &'a [&'a str]) -> Only<'a> {
+    Only {
+        customers,
+        ..Only::default()
+    }
+}
+
+fn key_only<'a>(key_ids: &'a [&'a str]) -> Only<'a> {
+    Only {
+        key_ids,
+        ..Only::default()
+    }
+}
+
 pub struct CreateKey<'a> {
     pub customer: &'a str,
     pub plan: Option<&'a str>,
@@ -122,7 +136,7 @@ pub fn create_key(
     let mut new = new_record(prefix, req.customer, req.name, now, req.expires)?;
     new.record.meta = req.meta.clone();
     let record = new.record.clone();
-    store.update(|d| {
+    store.update_only(customer_only(&[req.customer]), |d| {
         if let (Some(plan), Some(c), false) = (req.plan, d.customers.get(req.customer), req.set_plan) {
             if c.plan.as_deref() != Some(plan) {
                 return Err(StoreError::Conflict(format!(
@@ -143,7 +157,7 @@ pub fn create_key(
 }
 
 pub fn revoke(store: &impl UpdateStore, id: &str, now: Millis) -> Result<KeyRecord, StoreError> {
-    store.update(|d| {
+    store.update_only(key_only(&[id]), |d| {
         let k = d
             .keys
             .iter_mut()
@@ -164,7 +178,7 @@ pub fn rotate(
     grace: Millis,
     now: Millis,
 ) -> Result<NewKey, StoreError> {
-    store.update(|d| {
+    store.update_only(key_only(&[id]), |d| {
         let old = d
             .keys
             .iter_mut()
@@ -190,7 +204,7 @@ pub fn rotate(
 
 pub fn set_plan(store: &impl UpdateStore, customer: &str, plan: &str) -> Result<(), StoreError> {
     customer_id_ok(customer)?;
-    store.update(|d| {
+    store.update_only(customer_only(&[customer]), |d| {
         d.customers.entry(customer.to_owned()).or_default().plan = Some(plan.to_owned());
         Ok(())
     })
@@ -204,7 +218,7 @@ pub fn set_limits(
     limits: Option<Vec<crate::plans::custom::LimitSpec>>,
 ) -> Result<(), StoreError> {
     customer_id_ok(customer)?;
-    store.update(|d| {
+    store.update_only(customer_only(&[customer]), |d| {
         let has = d
             .customers
             .get(customer)
@@ -224,7 +238,7 @@ pub fn set_suspended(
     customer: &str,
     suspended: bool,
 ) -> Result<(), StoreError> {
-    store.update(|d| {
+    store.update_only(customer_only(&[customer]), |d| {
         let c = d
             .customers
             .get_mut(customer)

@@ -234,6 +234,17 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+/// The records a change reads, for [`UpdateStore::update_only`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Only<'a> {
+    pub customers: &'a [&'a str],
+    /// By key id.
+    pub key_ids: &'a [&'a str],
+    /// The billing webhook deliveries already applied (bounded by
+    /// [`crate::lifecycle::REMEMBER_MAX`]).
+    pub webhook_events: bool,
+}
+
 /// A store that can apply a change atomically: the file store, or Redis
 /// through the Redis backend's blocking admin.
 pub trait UpdateStore {
@@ -241,5 +252,20 @@ pub trait UpdateStore {
         &self,
         f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError>;
+
+    /// [`update`](Self::update) for a change that reads no record but
+    /// those `only` names: `f` may be shown a store holding just those (the
+    /// ones that exist) and nothing else, and what it adds or changes is
+    /// written. A store that reads records one by one (Redis) reads only
+    /// these, so a change costs O(change), not O(keys); the file store,
+    /// which reads its whole document anyway, runs `update`.
+    fn update_only<T: Send>(
+        &self,
+        only: Only<'_>,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        let _ = only;
+        self.update(f)
+    }
     fn data(&self) -> Result<StoreData, StoreError>;
 }

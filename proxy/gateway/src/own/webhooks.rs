@@ -7,7 +7,7 @@
 
 use tollgate_core::lifecycle::{self, events, signature, Applied, Provider};
 use tollgate_core::metrics::{PLAN_CHANGES, WEBHOOK_EVENTS};
-use tollgate_core::store::{StoreError, UpdateStore};
+use tollgate_core::store::{Only, StoreError, UpdateStore};
 
 use super::{header_str, read_body, BodyError, Reply};
 use crate::app::App;
@@ -200,7 +200,14 @@ async fn apply(
     // One locked read-modify-write of the store (a file, or Redis through
     // its blocking adapter), off the workers.
     let result = tokio::task::spawn_blocking(move || {
-        store.update(|d| {
+        // The event reads its customer and the deliveries applied before,
+        // nothing else: on Redis, only those are read.
+        let only = Only {
+            customers: &[ev.customer.as_str()],
+            webhook_events: true,
+            ..Only::default()
+        };
+        store.update_only(only, |d| {
             lifecycle::apply(d, provider, &ev, &policy, &|p| plans.get(p).is_some(), now)
                 .map_err(|e| StoreError::Invalid(e.0))
         })

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::Cmd;
-use tollgate_core::store::{CustomerRecord, KeyRecord, StoreData, StoreError};
+use tollgate_core::store::{CustomerRecord, KeyRecord, Only, StoreData, StoreError};
 
-use super::{k_customer, k_key, k_keyid, load_all, redis_err};
+use super::{customer_from, k_customer, k_key, k_keyid, load_all, record_from, redis_err};
 use crate::conn::RedisConn;
 use crate::runtime::RedisRuntime;
 
@@ -159,10 +159,61 @@ pub struct RedisAdmin {
     pub conn: RedisConn,
 }
 
+/// The records `only` names that exist, read one by one, as [`load_all`]
+/// would have read them: O(change) instead of O(keys).
+async fn load_some(conn: &RedisConn, only: Only<'_>) -> Result<StoreData, StoreError> {
+    let p = &conn.config.prefix;
+    let mut data = StoreData {
+        version: 1,
+        ..StoreData::default()
+    };
+    for id in only.key_ids {
+        let hash: Option<String> = conn
+            .admin(Cmd::get(k_keyid(p, id)))
+            .await
+            .map_err(redis_err)?;
+        let Some(hash) = hash else { continue };
+        let listed: bool = conn
+            .admin(Cmd::sismember(format!("{p}:keys"), &hash))
+            .await
+            .map_err(redis_err)?;
+        let f: HashMap<String, String> = conn
+            .admin(Cmd::hgetall(k_key(p, &hash)))
+            .await
+            .map_err(redis_err)?;
+        if let Some(rec) = record_from(&hash, &f).filter(|r| listed && r.id == *id) {
+            data.keys.push(rec);
+        }
+    }
+    for id in only.customers {
+        let listed: bool = conn
+            .admin(Cmd::sismember(format!("{p}:customers"), *id))
+            .await
+            .map_err(redis_err)?;
+        if listed {
+            let f: HashMap<String, String> = conn
+                .admin(Cmd::hgetall(k_customer(p, id)))
+                .await
+                .map_err(redis_err)?;
+            data.customers.insert((*id).to_owned(), customer_from(&f));
+        }
+    }
+    if only.webhook_events {
+        let events: HashMap<String, u64> = conn
+            .admin(Cmd::hgetall(format!("{p}:webhook_events")))
+            .await
+            .map_err(redis_err)?;
+        data.webhook_events = events.into_iter().collect();
+    }
+    Ok(data)
+}
+
 impl RedisAdmin {
-    /// Applies `f` under the store lock (a `SET NX` key with an expiry).
+    /// Applies `f` under the store lock (a `SET NX` key with an expiry), on
+    /// the whole store or, given `only`, on just the records it names.
     pub async fn update_with(
         &self,
+        only: Option<Only<'_>>,
         f: &mut (dyn FnMut(&mut StoreData) -> Result<(), StoreError> + Send),
     ) -> Result<(), StoreError> {
         let p = &self.conn.config.prefix;
@@ -191,7 +242,10 @@ impl RedisAdmin {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let result = async {
-            let (_, old) = load_all(&self.conn).await?;
+            let old = match only {
+                Some(only) => load_some(&self.conn, only).await?,
+                None => load_all(&self.conn).await?.1,
+            };
             let mut new = old.clone();
             f(&mut new)?;
             write_changes(&self.conn, &old, &new).await?;
@@ -271,9 +325,10 @@ impl BlockingRedisAdmin {
     }
 }
 
-impl tollgate_core::store::UpdateStore for BlockingRedisAdmin {
-    fn update<T: Send>(
+impl BlockingRedisAdmin {
+    fn update_blocking<T: Send>(
         &self,
+        only: Option<Only<'_>>,
         f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
         // `f` runs on the helper thread; it is not required to be Send, so
@@ -283,13 +338,30 @@ impl tollgate_core::store::UpdateStore for BlockingRedisAdmin {
         let mut out = None;
         let result = self
             .rt
-            .block_on(admin.update_with(&mut |d: &mut StoreData| {
+            .block_on(admin.update_with(only, &mut |d: &mut StoreData| {
                 let f = f.take().ok_or_else(|| redis_err("update ran twice"))?;
                 out = Some(f(d)?);
                 Ok(())
             }));
         result.ok_or_else(|| redis_err("runtime failed"))??;
         out.ok_or_else(|| redis_err("update did not run"))
+    }
+}
+
+impl tollgate_core::store::UpdateStore for BlockingRedisAdmin {
+    fn update<T: Send>(
+        &self,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        self.update_blocking(None, f)
+    }
+
+    fn update_only<T: Send>(
+        &self,
+        only: Only<'_>,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        self.update_blocking(Some(only), f)
     }
 
     fn data(&self) -> Result<StoreData, StoreError> {
