@@ -757,7 +757,6 @@ async fn a_plan_change_reaches_a_second_instance_sharing_redis_within_a_second()
     let key = a.key("cus_shared", None);
     b.sync();
     assert_eq!(plan_name(&b, &key).await, "free");
-    redis.cli(&["config", "resetstat"]);
     let t = now();
     let body = stripe_sub(
         "evt_r1",
@@ -789,13 +788,6 @@ async fn a_plan_change_reaches_a_second_instance_sharing_redis_within_a_second()
     );
     assert_eq!(stripe(&b, &older).await.1["result"], "stale");
     assert_eq!(plan_name(&a, &key).await, "pro");
-    // Each delivery read its customer and the deliveries applied before,
-    // not the whole store.
-    let stats = redis.cli(&["info", "commandstats"]);
-    assert!(
-        !stats.contains("cmdstat_sscan:") && !stats.contains("cmdstat_smembers:"),
-        "{stats}"
-    );
 }
 
 /// A paid credit pack (`checkout.session.completed`, `mode: payment`, the
