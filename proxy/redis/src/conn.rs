@@ -21,7 +21,7 @@ pub struct RedisConfig {
     /// From the env var `password_env` names, if any.
     pub password: Option<String>,
     pub on_error: OnError,
-    /// Per command; also the connect timeout.
+    /// Per command on the request path; also the connect timeout.
     pub timeout: Duration,
     /// Prefix of every Redis key Tollgate writes.
     pub prefix: String,

@@ -112,8 +112,9 @@ fn take_batch(
     Ok(())
 }
 
-/// A set's members, `SSCAN`ned a few thousand at a time: one `SMEMBERS`
-/// of 100 000 hashes (6 MB) outlasts the response timeout.
+/// A set's members, `SSCAN`ned a few thousand at a time, so that no reply
+/// is megabytes long (`SMEMBERS` of a million hashes is 64 MB, which Redis
+/// builds in one go while it serves nothing else).
 async fn members(conn: &RedisConn, set: &str) -> Result<Vec<String>, StoreError> {
     let mut out = Vec::new();
     let mut cursor = 0u64;
@@ -151,15 +152,15 @@ pub async fn load_all(conn: &RedisConn) -> Result<(u64, StoreData), StoreError> 
     let ids = members(conn, &format!("{p}:customers")).await?;
     let mut data = StoreData {
         version: 1,
-        // Grown by doubling, the last copy (a million records: 200 MB of
-        // fresh pages) stalled the reads in flight past their timeout.
+        // Allocated once: grown by doubling, the last copy moves 100 MB
+        // at a million records.
         keys: Vec::with_capacity(hashes.len()),
         ..StoreData::default()
     };
     // Pipelines of `LOAD_BATCH` reads, `LOAD_IN_FLIGHT` at a time on the
-    // multiplexed connection (more would queue past the response timeout):
-    // a round trip per key, and one customer at a time, took 1.3 s for
-    // 10 000 keys.
+    // multiplexed connection (enough to keep Redis busy, without queueing
+    // every reply at once): a round trip per key, and one customer at a
+    // time, took 1.3 s for 10 000 keys.
     let batches = hashes
         .chunks(LOAD_BATCH)
         .map(|c| (true, c))
