@@ -8,7 +8,19 @@ TOLLGATE_SETUP=test . scripts/setup.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --features tollgate/conformance --no-fail-fast "$@" 2>&1 | tee "$log" || status=$?
+# Runs cargo with its output appended to the log and shown as it comes.
+# The log is followed until cargo ends, not until its output closes: a
+# process a test left behind (the abort below kills a test binary before
+# it can stop its redis-servers) may hold that output open for good.
+logged() {
+  local from pid
+  from=$(($(wc -l <"$log") + 1))
+  "$@" >>"$log" 2>&1 &
+  pid=$!
+  tail -n +"$from" --pid="$pid" -f "$log"
+  wait "$pid"
+}
+logged cargo test --workspace --features tollgate/conformance --no-fail-fast "$@" || status=$?
 # A test binary that runs many Pingora servers in one process has, rarely,
 # aborted with "IO Safety violation: owned file descriptor already closed":
 # an fd closed twice below Tollgate's code (which has no unsafe), not yet
@@ -19,7 +31,7 @@ if [ "$status" != 0 ] && grep -q "IO Safety violation" "$log" && ! grep -q "^tes
   for target in $(grep -o 'rerun pass `[^`]*`' "$log" | sed 's/rerun pass `//; s/`$//; s/ /:/g'); do
     echo "tollgate test: the known fd abort hit ${target//:/ }; running it once more" >&2
     # shellcheck disable=SC2086
-    cargo test --features tollgate/conformance ${target//:/ } 2>&1 | tee -a "$log" || status=$?
+    logged cargo test --features tollgate/conformance ${target//:/ } || status=$?
   done
 fi
 # A short fuzzing run of core's parsers (scripts/fuzz.sh; FUZZ_SECS=0 skips it).

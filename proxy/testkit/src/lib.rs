@@ -591,7 +591,10 @@ impl RedisServer {
             .arg("--dir")
             .arg(self.dir.path())
             .args(&self.extra)
+            // Neither stream is the test's: a server a crashed test binary
+            // left behind must not hold the runner's output open.
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/setup.sh installs it)");
         self.child = Some(child);
