@@ -132,7 +132,7 @@ impl UpdateStore for Keys {
         f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
         match self {
-            Keys::File(s) => FileStore::update(s, f),
+            Keys::File(s) => s.update_only(only, f),
             Keys::Redis { admin, .. } => admin.update_only(only, f),
         }
     }
@@ -444,7 +444,7 @@ fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
         (StoreKind::Redis, Some((rt, conn))) => {
             // Checked on the data the replica reads as it opens, as the
             // file store is below.
-            let path = format!("redis {}", conn.config.urls.join(","));
+            let path = crate::config::store_check::store_name(config);
             let mut problems = Vec::new();
             let open = RedisKeyStore::open_inspecting(conn.clone(), |data| {
                 problems = crate::config::store_check::problems(config, data, &path, String::new);
@@ -463,7 +463,7 @@ fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
         _ => {
             // Checked on the data the store parses as it opens (`tollgate
             // run` does not parse the file a second time to check it).
-            let path = config.keys_path.display().to_string();
+            let path = crate::config::store_check::store_name(config);
             let mut problems = Vec::new();
             let store = FileStore::open_inspecting(&config.keys_path, |data| {
                 problems = crate::config::store_check::problems(config, data, &path, || {

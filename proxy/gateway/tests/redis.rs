@@ -9,7 +9,7 @@ mod harness;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use harness::{Harness, RedisCluster, RedisServer};
+use harness::{create_key, Harness, RedisCluster, RedisServer};
 use tollgate_core::clock::{Clock, ManualClock, SystemClock};
 
 const MONTHLY: &str = "default_plan: metered\nplans:\n  metered:\n    limits:\n      - { name: monthly, requests: 300, per: month }\n    meter: api_requests\n";
@@ -182,17 +182,8 @@ async fn key_and_customer_changes_read_only_their_records() {
             }))
             .unwrap();
         let now = SystemClock.now_ms();
-        let create = |customer: &str, plan: Option<&str>| {
-            let req = admin::CreateKey {
-                customer,
-                plan,
-                name: None,
-                expires: None,
-                set_plan: false,
-                meta: None,
-            };
-            admin::create_key(&store, "tg_test_", req, now)
-        };
+        let create =
+            |customer: &str, plan: Option<&str>| create_key(&store, "tg_test_", customer, plan);
         for i in 0..40 {
             create(&format!("cus_{i}"), None).unwrap();
         }

@@ -2,7 +2,7 @@
 //! problem located at its file and line.
 
 use tollgate::app::Keys;
-use tollgate::config::store_check::problems;
+use tollgate::config::store_check::{problems, store_name};
 use tollgate::config::Config;
 use tollgate_core::store::{StoreData, UpdateStore};
 
@@ -24,21 +24,14 @@ fn read_store(config: &Config) -> Result<(StoreData, String, String), String> {
     Ok(match open_store(config) {
         Err(e) => return Err(format!("{}:1:1: error: {e}", config.file.display())),
         Ok(Keys::File(store)) => {
-            let path = config.keys_path.display().to_string();
+            let path = store_name(config);
             match store.data_and_text() {
                 Ok((d, text)) => (d, text, path),
                 Err(e) => return Err(format!("{path}:1:1: error: {e}")),
             }
         }
         Ok(store @ Keys::Redis { .. }) => {
-            let path = format!(
-                "redis {}",
-                config
-                    .redis
-                    .as_ref()
-                    .map(|r| r.urls.join(","))
-                    .unwrap_or_default()
-            );
+            let path = store_name(config);
             match store.data() {
                 Ok(d) => (d, String::new(), path),
                 Err(e) => return Err(format!("{path}: error: {e}")),

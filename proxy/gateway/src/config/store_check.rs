@@ -6,7 +6,17 @@
 
 use tollgate_core::store::StoreData;
 
-use super::Config;
+use super::{Config, StoreKind};
+
+/// How messages name the configured key store: the file's path, or
+/// `redis <urls>`.
+pub fn store_name(config: &Config) -> String {
+    match (config.keys_store, &config.redis) {
+        (StoreKind::Redis, Some(r)) => format!("redis {}", r.urls.join(",")),
+        (StoreKind::Redis, None) => "redis".to_owned(),
+        _ => config.keys_path.display().to_string(),
+    }
+}
 
 /// The store's problems; `path` names it in messages, `read_text` gives
 /// its text (the file store's JSON; empty for Redis) when one is to be

@@ -391,20 +391,7 @@ impl Harness {
     }
 
     pub fn key_with_id(&self, customer: &str, plan: Option<&str>) -> (String, String) {
-        let k = admin::create_key(
-            &self.store,
-            &self.config.key_prefix,
-            CreateKey {
-                customer,
-                plan,
-                name: None,
-                expires: None,
-                set_plan: false,
-                meta: None,
-            },
-            SystemClock.now_ms(),
-        )
-        .unwrap();
+        let k = create_key(&self.store, &self.config.key_prefix, customer, plan).unwrap();
         self.sync();
         (k.raw, k.record.id)
     }
@@ -432,4 +419,23 @@ impl Drop for Harness {
             let _ = t.join();
         }
     }
+}
+
+/// Creates a key in `store` the way `tollgate keys create` does (no name,
+/// no expiry, no `--set-plan`).
+pub fn create_key(
+    store: &impl tollgate_core::store::UpdateStore,
+    prefix: &str,
+    customer: &str,
+    plan: Option<&str>,
+) -> Result<admin::NewKey, tollgate_core::store::StoreError> {
+    let req = CreateKey {
+        customer,
+        plan,
+        name: None,
+        expires: None,
+        set_plan: false,
+        meta: None,
+    };
+    admin::create_key(store, prefix, req, SystemClock.now_ms())
 }
