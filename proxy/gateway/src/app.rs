@@ -11,7 +11,7 @@ use tollgate_core::limiter::{Decision, Fallback, Limiter, LimiterError, MemoryLi
 use tollgate_core::meter::{JournalState, Meter};
 use tollgate_core::plans::Plan;
 use tollgate_core::store::{
-    FileStore, KeyStore, Only, StaticKeys, StoreData, StoreError, UpdateStore,
+    FileStore, KeyStore, Only, StaticKeys, StoreData, StoreError, StoreText, UpdateStore,
 };
 use tollgate_core::usage::UsageLedger;
 use tollgate_metering::spool::{Spool, SpoolConfig};
@@ -447,7 +447,7 @@ fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
             let path = crate::config::store_check::store_name(config);
             let mut problems = Vec::new();
             let open = RedisKeyStore::open_inspecting(conn.clone(), |data| {
-                problems = crate::config::store_check::problems(config, data, &path, String::new);
+                problems = crate::config::store_check::problems(config, data, &path, |_| None);
             });
             let store = rt
                 .block_on(open)
@@ -466,8 +466,11 @@ fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
             let path = crate::config::store_check::store_name(config);
             let mut problems = Vec::new();
             let store = FileStore::open_inspecting(&config.keys_path, |data| {
-                problems = crate::config::store_check::problems(config, data, &path, || {
-                    std::fs::read_to_string(&config.keys_path).unwrap_or_default()
+                // The files' text is read only when a problem is to be located.
+                let text = std::cell::OnceCell::new();
+                problems = crate::config::store_check::problems(config, data, &path, |needle| {
+                    text.get_or_init(|| StoreText::read(&config.keys_path))
+                        .locate(needle)
                 });
             })
             .map_err(|e| e.to_string())?;

@@ -414,18 +414,24 @@ fn customers_get_their_own_limits_from_a_file_and_lose_them_again() {
         &["customers", "set-limits", "cus_big", "--file", "big.yaml"],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let store: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("keys.db")).unwrap())
-            .unwrap();
+    let store: serde_json::Value = serde_json::to_value(
+        tollgate_core::store::FileStore::unsnapshotted(&dir.path().join("keys.db"))
+            .data()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(
         store["customers"]["cus_big"]["limits"],
         serde_json::json!([{"name": "burst", "requests": 500, "per": "second"}, {"name": "monthly", "requests": 10_000_000, "per": "month"}])
     );
     let out = tollgate(dir.path(), &["customers", "clear-limits", "cus_big"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let store: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("keys.db")).unwrap())
-            .unwrap();
+    let store: serde_json::Value = serde_json::to_value(
+        tollgate_core::store::FileStore::unsnapshotted(&dir.path().join("keys.db"))
+            .data()
+            .unwrap(),
+    )
+    .unwrap();
     assert!(store["customers"]["cus_big"].get("limits").is_none());
 }
 

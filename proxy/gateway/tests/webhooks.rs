@@ -410,8 +410,12 @@ async fn stripe_events_set_the_plan_once_and_in_order() {
     }
     // The store remembers both the plan and what was applied: a restart
     // (a fresh read of the file) keeps them.
-    let data: Value =
-        serde_json::from_str(&std::fs::read_to_string(h.keys_path()).unwrap()).unwrap();
+    let data: Value = serde_json::to_value(
+        tollgate_core::store::FileStore::unsnapshotted(&h.keys_path())
+            .data()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(data["customers"]["cus_life"]["plan"], "pro");
     assert_eq!(
         data["customers"]["cus_life"]["billing"]["last_event_id"],

@@ -1,25 +1,49 @@
-//! The file store of the embedded default: a JSON document written
-//! atomically (lock, temp file, fsync, rename) and re-read by running
-//! proxies within ~250 ms of a change.
+//! The file store of the embedded default: a JSON document (`keys.db`)
+//! and the journal of the changes made since it was written
+//! (`keys.db.journal`, see [`super::journal`]). A change appends one line
+//! to the journal under the store's lock (`keys.db.lock`); a running proxy
+//! applies the lines it has not seen to its snapshot within ~250 ms, and
+//! re-reads everything only when the document itself was replaced (a
+//! compaction, or an operator's edit).
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::{KeyStore, Snapshot, StoreData, StoreError, UpdateStore};
+use super::journal::{self, Change};
+use super::{KeyStore, Only, Snapshot, StoreData, StoreError, UpdateStore};
+
+/// The journal is folded into the document once it holds at least this
+/// many bytes and a quarter of the document's size.
+const COMPACT_AT: u64 = 1 << 20;
 
 /// The file-backed store.
 pub struct FileStore {
     path: PathBuf,
+    journal: PathBuf,
     current: RwLock<Arc<Snapshot>>,
-    /// What the file looked like when last read (None: never read; `Some(None)`:
-    /// it did not exist), so a missing file is not re-read four times a second.
-    stamp: std::sync::Mutex<Option<Option<Stamp>>>,
+    /// What was read of the files (None: nothing yet); held for the whole
+    /// of a reload, so reloads do not race each other.
+    seen: Mutex<Option<Seen>>,
     /// Whether a snapshot is kept (the running proxy) or not (the CLI,
-    /// which only reads and writes the file).
+    /// which only reads and writes the files).
     snapshots: bool,
+    compact_at: u64,
+}
+
+/// The files as a reader last read them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    /// The document (None: it did not exist), so an unchanged one is not
+    /// re-read four times a second.
+    document: Option<Stamp>,
+    /// The journal's inode (None: there was none), and how many of its
+    /// bytes were applied.
+    journal: Option<u64>,
+    applied: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,7 +54,6 @@ struct Stamp {
 }
 
 fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
     let m = fs::metadata(path).ok()?;
     Some(Stamp {
         modified: m.modified().ok(),
@@ -45,9 +68,9 @@ impl FileStore {
         Self::open_inspecting(path, |_| ())
     }
 
-    /// [`open`](Self::open), showing `inspect` the data it parsed before
+    /// [`open`](Self::open), showing `inspect` the data it read before
     /// the snapshot is built from it: `run` checks the store this way, with
-    /// one parse of the file instead of two.
+    /// one read of the files instead of two.
     pub fn open_inspecting(
         path: &Path,
         inspect: impl FnOnce(&StoreData),
@@ -60,17 +83,17 @@ impl FileStore {
         Ok(store)
     }
 
-    /// The store for reading and writing its file only (the CLI): nothing
+    /// The store for reading and writing its files only (the CLI): nothing
     /// is read until asked, and no lookup snapshot is built, before or
-    /// after a write. With a million keys that is the difference between
-    /// one parse of the file per command and three parses and two
-    /// snapshots (benches/README.md, "Scale of state").
+    /// after a write (benches/README.md, "Scale of state").
     pub fn unsnapshotted(path: &Path) -> Self {
         Self {
             path: path.to_path_buf(),
+            journal: with_suffix(path, ".journal"),
             current: RwLock::new(Arc::new(Snapshot::default())),
-            stamp: std::sync::Mutex::new(None),
+            seen: Mutex::new(None),
             snapshots: false,
+            compact_at: COMPACT_AT,
         }
     }
 
@@ -78,29 +101,149 @@ impl FileStore {
         &self.path
     }
 
-    /// Reads the file into a fresh snapshot if it changed. A broken file is
-    /// reported and the previous snapshot kept: keys keep working.
+    /// The journal of changes beside the document (`<path>.journal`).
+    pub fn journal_path(&self) -> &Path {
+        &self.journal
+    }
+
+    /// Brings the snapshot up to date: the journal's new lines applied to
+    /// it when only they changed, else everything read into a fresh one. A
+    /// broken file is reported and the previous snapshot kept: keys keep
+    /// working.
     pub fn reload(&self) -> Result<bool, StoreError> {
         self.reload_inspecting(|_| ())
     }
 
     fn reload_inspecting(&self, inspect: impl FnOnce(&StoreData)) -> Result<bool, StoreError> {
-        let now_stamp = stamp(&self.path);
-        {
-            let last = crate::lock(&self.stamp);
-            if last.as_ref() == Some(&now_stamp) {
-                return Ok(false);
+        let mut seen = crate::lock(&self.seen);
+        if let Some(last) = seen.as_ref().filter(|s| s.document == stamp(&self.path)) {
+            match self.follow(last)? {
+                Follow::Nothing => return Ok(false),
+                Follow::Applied(next) => {
+                    *seen = Some(next);
+                    return Ok(true);
+                }
+                Follow::Replaced => {}
             }
         }
-        let data = read_data(&self.path)?;
+        let (data, now_seen) = self.read_state()?;
         inspect(&data);
         let snap = Arc::new(Snapshot::build(&data));
         *crate::sync::write(&self.current) = snap;
-        *crate::lock(&self.stamp) = Some(now_stamp);
+        *seen = Some(now_seen);
         Ok(true)
     }
 
-    /// Re-reads the file every `every` until `stop` flips, on a plain thread
+    /// Applies the journal's lines written since `seen` to the snapshot,
+    /// in place of a re-read of everything.
+    fn follow(&self, seen: &Seen) -> Result<Follow, StoreError> {
+        let io = |e| StoreError::Io(self.journal.clone(), e);
+        let mut file = match File::open(&self.journal) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(match seen.journal {
+                    None => Follow::Nothing,
+                    // Folded into the document, or removed by hand.
+                    Some(_) => Follow::Replaced,
+                });
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let meta = file.metadata().map_err(io)?;
+        let from = match seen.journal {
+            Some(ino) if ino == meta.ino() => seen.applied,
+            // The first change since the document was read.
+            None => 0,
+            Some(_) => return Ok(Follow::Replaced),
+        };
+        if meta.len() < from {
+            return Ok(Follow::Replaced);
+        }
+        if meta.len() == from {
+            return Ok(Follow::Nothing);
+        }
+        file.seek(SeekFrom::Start(from)).map_err(io)?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(io)?;
+        let (changes, used) = journal::parse(&self.journal, &bytes)?;
+        if used == 0 {
+            return Ok(Follow::Nothing);
+        }
+        // A compaction between the document's stamp and this read.
+        if stamp(&self.path) != seen.document {
+            return Ok(Follow::Replaced);
+        }
+        let mut next = Snapshot::clone(&self.snapshot());
+        for c in &changes {
+            c.apply_to_snapshot(&mut next);
+        }
+        *crate::sync::write(&self.current) = Arc::new(next);
+        Ok(Follow::Applied(Seen {
+            document: seen.document.clone(),
+            journal: Some(meta.ino()),
+            applied: from + used as u64,
+        }))
+    }
+
+    /// The store as the document and the journal make it, and what was
+    /// read of them. Read again if the document was replaced meanwhile (a
+    /// writer folding the journal into it), so a reader never applies a
+    /// journal to a document older than the one it was folded into.
+    fn read_state(&self) -> Result<(StoreData, Seen), StoreError> {
+        for _ in 0..8 {
+            let document = stamp(&self.path);
+            let mut data = read_data(&self.path)?;
+            let (journal, applied) = match self.read_journal()? {
+                Some((ino, changes, used)) => {
+                    journal::apply(&mut data, changes);
+                    (Some(ino), used)
+                }
+                None => (None, 0),
+            };
+            if stamp(&self.path) == document {
+                let seen = Seen {
+                    document,
+                    journal,
+                    applied,
+                };
+                return Ok((data, seen));
+            }
+        }
+        Err(StoreError::Conflict(format!(
+            "{} kept being replaced while it was read",
+            self.path.display()
+        )))
+    }
+
+    /// The records `only` names, as the document and the journal make
+    /// them, without building the document's other records (see
+    /// [`super::partial`]). Under the store's lock: nobody replaces the
+    /// files meanwhile.
+    fn read_named(&self, only: Only<'_>) -> Result<StoreData, StoreError> {
+        let mut data = super::partial::read(&self.path, &read_file(&self.path)?, only)?;
+        if let Some((_, changes, _)) = self.read_journal()? {
+            journal::apply(&mut data, changes);
+        }
+        Ok(subset(&data, only))
+    }
+
+    /// The journal's inode, its changes and the bytes they span; None if
+    /// there is no journal.
+    fn read_journal(&self) -> Result<Option<(u64, Vec<Change>, u64)>, StoreError> {
+        let io = |e| StoreError::Io(self.journal.clone(), e);
+        let mut f = match File::open(&self.journal) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(e)),
+        };
+        let ino = f.metadata().map_err(io)?.ino();
+        let mut bytes = Vec::new();
+        f.read_to_end(&mut bytes).map_err(io)?;
+        let (changes, used) = journal::parse(&self.journal, &bytes)?;
+        Ok(Some((ino, changes, used as u64)))
+    }
+
+    /// Re-reads the files every `every` until `stop` flips, on a plain thread
     /// (file I/O stays off the async workers).
     pub fn watch(self: &Arc<Self>, every: Duration, stop: Arc<std::sync::atomic::AtomicBool>) {
         let me = Arc::clone(self);
@@ -129,10 +272,28 @@ impl FileStore {
         }
     }
 
-    /// Applies `f` to the store under an exclusive lock and writes the result
-    /// atomically; safe against concurrent CLIs and running proxies.
+    /// Applies `f` to the whole store under an exclusive lock and journals
+    /// what it changed; safe against concurrent CLIs and running proxies.
     pub fn update<T>(
         &self,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write(None, f)
+    }
+
+    /// [`update`](Self::update) showing `f` only the records `only` names
+    /// (see [`UpdateStore::update_only`]).
+    pub fn update_only<T>(
+        &self,
+        only: Only<'_>,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write(Some(only), f)
+    }
+
+    fn write<T>(
+        &self,
+        only: Option<Only<'_>>,
         f: impl FnOnce(&mut StoreData) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let io = |e| StoreError::Io(self.path.clone(), e);
@@ -147,16 +308,57 @@ impl FileStore {
                 dir.display()
             )));
         }
-        let lock_path = with_suffix(&self.path, ".lock");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(&lock_path)
+            .open(with_suffix(&self.path, ".lock"))
             .map_err(io)?;
         lock.lock().map_err(io)?;
-        let mut data = read_data(&self.path)?;
-        let out = f(&mut data)?;
+        let (out, change, whole) = match only {
+            Some(only) => {
+                let old = self.read_named(only)?;
+                let mut new = old.clone();
+                let out = f(&mut new)?;
+                (out, Change::between(&old, &new), None)
+            }
+            None => {
+                let (mut data, _) = self.read_state()?;
+                let old = data.clone();
+                let out = f(&mut data)?;
+                (out, Change::between(&old, &data), Some(data))
+            }
+        };
+        if !change.is_empty() {
+            let journal_len = journal::append(&self.journal, &change)?;
+            // The first write makes the document (so `keys.db` is there
+            // from the first key on, as it always was).
+            let fold = match stamp(&self.path) {
+                None => true,
+                Some(d) => journal_len >= self.compact_at && journal_len.saturating_mul(4) >= d.len,
+            };
+            if fold {
+                // The change is in the journal: a whole read includes it.
+                let mut data = match whole {
+                    Some(data) => data,
+                    None => self.read_state()?.0,
+                };
+                self.compact(&mut data)?;
+            }
+        }
+        drop(lock);
+        if self.snapshots {
+            self.reload()?;
+        }
+        Ok(out)
+    }
+
+    /// Writes the whole store as the document (temp file, fsync, rename)
+    /// and removes the journal folded into it. The change that prompted
+    /// it is in the journal already: a reader of the new document and the
+    /// old journal replays records to the state the document holds.
+    fn compact(&self, data: &mut StoreData) -> Result<(), StoreError> {
+        let io = |e| StoreError::Io(self.path.clone(), e);
         data.version = 1;
         let text =
             serde_json::to_vec_pretty(&data).map_err(|e| StoreError::Invalid(e.to_string()))?;
@@ -168,30 +370,92 @@ impl FileStore {
             file.sync_all().map_err(io)?;
         }
         fs::rename(&tmp, &self.path).map_err(io)?;
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
+        sync_dir(&self.path);
+        match fs::remove_file(&self.journal) {
+            Ok(()) => sync_dir(&self.path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StoreError::Io(self.journal.clone(), e)),
         }
-        drop(lock);
-        if self.snapshots {
-            self.reload()?;
-        }
-        Ok(out)
+        Ok(())
     }
 
+    /// The whole store: the document with the journal applied.
     pub fn data(&self) -> Result<StoreData, StoreError> {
-        read_data(&self.path)
+        self.read_state().map(|(data, _)| data)
     }
 
-    /// The data and the file's text (for locating records in messages),
-    /// from one read; an empty text for a missing file.
-    pub fn data_and_text(&self) -> Result<(StoreData, String), StoreError> {
-        let bytes = read_file(&self.path)?;
-        let data = parse_data(&self.path, &bytes)?;
-        let text = String::from_utf8(bytes)
-            .map_err(|e| StoreError::Corrupt(self.path.clone(), e.to_string()))?;
-        Ok((data, text))
+    /// The data and the files' text (for locating records in messages).
+    pub fn data_and_text(&self) -> Result<(StoreData, StoreText), StoreError> {
+        let (data, _) = self.read_state()?;
+        Ok((data, StoreText::read(&self.path)))
+    }
+}
+
+enum Follow {
+    Nothing,
+    Applied(Seen),
+    /// The journal is not the one read before: read everything again.
+    Replaced,
+}
+
+/// The records `only` names that exist, as the Redis store reads them.
+fn subset(data: &StoreData, only: Only<'_>) -> StoreData {
+    let mut out = StoreData {
+        version: 1,
+        ..StoreData::default()
+    };
+    for id in only.customers {
+        if let Some(c) = data.customers.get(*id) {
+            out.customers.insert((*id).to_owned(), c.clone());
+        }
+    }
+    if !only.key_ids.is_empty() {
+        out.keys = data
+            .keys
+            .iter()
+            .filter(|k| only.key_ids.contains(&k.id.as_str()))
+            .cloned()
+            .collect();
+    }
+    if only.webhook_events {
+        out.webhook_events = data.webhook_events.clone();
+    }
+    out
+}
+
+/// The text of a store's document and journal, to tell where a record
+/// stands (`tollgate check`'s messages): its newest line in the journal,
+/// else its line in the document. Missing files are empty.
+pub struct StoreText {
+    document: (PathBuf, String),
+    journal: (PathBuf, String),
+}
+
+impl StoreText {
+    pub fn read(store: &Path) -> StoreText {
+        let read = |p: PathBuf| {
+            let text = fs::read_to_string(&p).unwrap_or_default();
+            (p, text)
+        };
+        StoreText {
+            document: read(store.to_path_buf()),
+            journal: read(with_suffix(store, ".journal")),
+        }
+    }
+
+    /// `file:line:column` of `needle`, if it stands in either file.
+    pub fn locate(&self, needle: &str) -> Option<String> {
+        let at = |path: &Path, i: usize, line: &str| {
+            line.find(needle)
+                .map(|c| format!("{}:{}:{}", path.display(), i + 1, c + 1))
+        };
+        let j = &self.journal;
+        let d = &self.document;
+        j.1.lines()
+            .enumerate()
+            .filter_map(|(i, l)| at(&j.0, i, l))
+            .last()
+            .or_else(|| d.1.lines().enumerate().find_map(|(i, l)| at(&d.0, i, l)))
     }
 }
 
@@ -205,6 +469,15 @@ fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
+}
+
+/// Makes a rename or a new file in `path`'s directory durable.
+pub(super) fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }
 
 fn read_data(path: &Path) -> Result<StoreData, StoreError> {
@@ -235,6 +508,13 @@ impl UpdateStore for FileStore {
         f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
     ) -> Result<T, StoreError> {
         FileStore::update(self, f)
+    }
+    fn update_only<T: Send>(
+        &self,
+        only: Only<'_>,
+        f: impl FnOnce(&mut StoreData) -> Result<T, StoreError> + Send,
+    ) -> Result<T, StoreError> {
+        FileStore::update_only(self, only, f)
     }
     fn data(&self) -> Result<StoreData, StoreError> {
         FileStore::data(self)
@@ -279,9 +559,12 @@ mod tests {
     fn only_the_hash_is_stored() {
         let (_d, s) = store();
         let k = create(&s, "cus_1");
-        let text = fs::read_to_string(s.path()).unwrap();
-        assert!(!text.contains(&k.raw), "raw key must never be written");
-        assert!(text.contains(&hex::encode(keys::hash(&k.raw))));
+        let journaled = create(&s, "cus_1");
+        for (key, file) in [(&k, s.path()), (&journaled, s.journal_path())] {
+            let text = fs::read_to_string(file).unwrap();
+            assert!(!text.contains(&key.raw), "raw key must never be written");
+            assert!(text.contains(&hex::encode(keys::hash(&key.raw))));
+        }
         let id = s.snapshot().lookup(&keys::hash(&k.raw), NOW).unwrap();
         assert_eq!((&*id.customer, id.plan.as_deref()), ("cus_1", Some("pro")));
         assert_eq!(&*id.key_id, k.record.id);
@@ -348,9 +631,19 @@ mod tests {
         let cli = FileStore::unsnapshotted(s.path());
         let k = create(&cli, "cus_cli");
         assert_eq!(cli.snapshot().key_count, 0, "no snapshot kept");
+        let second = create(&cli, "cus_cli");
         let (data, text) = cli.data_and_text().unwrap();
-        assert_eq!(data.keys.len(), 1);
-        assert!(text.contains(&k.record.id));
+        assert_eq!(data.keys.len(), 2);
+        let located = |id: &str| text.locate(&format!("\"{id}\"")).unwrap();
+        assert!(located(&k.record.id).starts_with(&format!("{}:", s.path().display())));
+        assert_eq!(
+            located(&second.record.id),
+            format!("{}:1:{}", cli.journal_path().display(), {
+                let line = fs::read_to_string(cli.journal_path()).unwrap();
+                line.find(&format!("\"{}\"", second.record.id)).unwrap() + 1
+            }),
+            "a record written since the document is located in the journal"
+        );
         assert!(s.reload().unwrap());
         assert!(s.snapshot().lookup(&keys::hash(&k.raw), NOW).is_ok());
         fs::write(s.path(), "{ not json").unwrap();
@@ -407,5 +700,182 @@ mod tests {
             }
         });
         assert_eq!(s.data().unwrap().keys.len(), 40);
+    }
+
+    /// A handle that writes as another process would (a CLI), folding the
+    /// journal into the document once it reaches `compact_at` bytes.
+    fn writer(s: &FileStore, compact_at: u64) -> FileStore {
+        FileStore {
+            compact_at,
+            ..FileStore::unsnapshotted(s.path())
+        }
+    }
+
+    #[test]
+    fn a_change_is_one_journal_line_and_leaves_the_document_alone() {
+        let (_d, s) = store();
+        let a = create(&s, "cus_1");
+        let document = fs::read(s.path()).unwrap();
+        assert!(
+            !s.journal_path().exists(),
+            "the first write makes the document"
+        );
+        let b = create(&s, "cus_2");
+        revoke(&s, &a.record.id, NOW).unwrap();
+        set_plan(&s, "cus_2", "enterprise").unwrap();
+        set_plan(&s, "cus_2", "enterprise").unwrap();
+        assert_eq!(
+            fs::read(s.path()).unwrap(),
+            document,
+            "the document is not rewritten"
+        );
+        let journal = fs::read_to_string(s.journal_path()).unwrap();
+        assert_eq!(
+            journal.lines().count(),
+            3,
+            "one line per change, none for no change: {journal}"
+        );
+        let fresh = FileStore::open(s.path()).unwrap();
+        let snap = fresh.snapshot();
+        assert_eq!(
+            snap.lookup(&keys::hash(&a.raw), NOW).err(),
+            Some(KeyRejection::Revoked)
+        );
+        let id = snap.lookup(&keys::hash(&b.raw), NOW).unwrap();
+        assert_eq!(id.plan.as_deref(), Some("enterprise"));
+        assert_eq!(fresh.data().unwrap(), s.data().unwrap());
+    }
+
+    #[test]
+    fn a_running_store_applies_a_change_without_rebuilding_its_snapshot() {
+        let (_d, s) = store();
+        s.update(|d| {
+            for i in 0..300 {
+                d.keys.push(super::super::KeyRecord {
+                    id: format!("key_{i:016}"),
+                    hash: hex::encode(keys::hash(&format!("raw {i}"))),
+                    start: "tg_test_abcd".into(),
+                    customer: format!("cus_{i}"),
+                    name: None,
+                    meta: None,
+                    created: "2026-01-01T00:00:00Z".into(),
+                    expires: None,
+                    revoked: None,
+                });
+            }
+            Ok(())
+        })
+        .unwrap();
+        let cli = writer(&s, COMPACT_AT);
+        let before = s.snapshot();
+        let k = create(&cli, "cus_new");
+        assert!(s.reload().unwrap());
+        let after = s.snapshot();
+        assert_eq!(
+            after.shared_shards(&before),
+            2 * super::super::SHARDS - 2,
+            "one key shard and one customer shard copied"
+        );
+        assert!(after.lookup(&keys::hash(&k.raw), NOW).is_ok());
+        assert_eq!(after.key_count, 301);
+        set_suspended(&cli, "cus_new", true).unwrap();
+        assert!(s.reload().unwrap());
+        assert!(
+            s.snapshot()
+                .lookup(&keys::hash(&k.raw), NOW)
+                .unwrap()
+                .suspended
+        );
+        assert!(!s.reload().unwrap(), "nothing new: nothing applied");
+    }
+
+    #[test]
+    fn an_unfinished_last_line_is_skipped_then_cut_by_the_next_write() {
+        let (_d, s) = store();
+        let a = create(&s, "cus_1");
+        let other = FileStore::open(s.path()).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(s.journal_path())
+            .unwrap();
+        f.write_all(b"{\"keys\":[{\"id\":\"key_").unwrap();
+        assert!(
+            !other.reload().unwrap(),
+            "a line still being written is no change"
+        );
+        assert_eq!(other.data().unwrap().keys.len(), 1);
+        let b = create(&s, "cus_2");
+        let journal = fs::read_to_string(s.journal_path()).unwrap();
+        assert!(
+            journal.starts_with("{\"customers\""),
+            "the torn line was cut: {journal}"
+        );
+        assert!(other.reload().unwrap());
+        for k in [&a, &b] {
+            assert!(other.snapshot().lookup(&keys::hash(&k.raw), NOW).is_ok());
+        }
+    }
+
+    #[test]
+    fn readers_follow_the_journal_through_its_compactions() {
+        let (_d, s) = store();
+        let reader = FileStore::open(s.path()).unwrap();
+        let w = writer(&s, 1_000);
+        let mut made = Vec::new();
+        let mut folded = 0;
+        for i in 0..30 {
+            made.push(create(&w, &format!("cus_{}", i % 7)));
+            if i % 3 == 0 {
+                revoke(&w, &made[i / 2].record.id, NOW).unwrap();
+            }
+            if !w.journal_path().exists() {
+                folded += 1;
+            }
+            if i % 4 == 0 {
+                reader.reload().unwrap();
+            }
+        }
+        assert!(folded >= 3, "the journal was folded {folded} times");
+        reader.reload().unwrap();
+        let data = w.data().unwrap();
+        assert_eq!(data.keys.len(), 30);
+        let want = Snapshot::build(&data);
+        for k in &made {
+            let h = keys::hash(&k.raw);
+            assert_eq!(
+                reader.snapshot().lookup(&h, NOW).map(|i| i.key_id.clone()),
+                want.lookup(&h, NOW).map(|i| i.key_id.clone()),
+                "{}",
+                k.record.id
+            );
+        }
+        assert_eq!(reader.snapshot().key_count, 30);
+    }
+
+    #[test]
+    fn a_whole_store_update_journals_what_it_removed() {
+        let (_d, s) = store();
+        let a = create(&s, "cus_1");
+        create(&s, "cus_2");
+        let reader = FileStore::open(s.path()).unwrap();
+        s.update(|d| {
+            d.keys.retain(|k| k.id != a.record.id);
+            d.customers.remove("cus_1");
+            Ok(())
+        })
+        .unwrap();
+        assert!(reader.reload().unwrap());
+        let snap = reader.snapshot();
+        assert_eq!(
+            snap.lookup(&keys::hash(&a.raw), NOW).err(),
+            Some(KeyRejection::Unknown)
+        );
+        assert_eq!(snap.key_count, 1);
+        assert!(snap.customer("cus_1").is_none());
+        assert_eq!(
+            FileStore::open(s.path()).unwrap().data().unwrap(),
+            s.data().unwrap()
+        );
     }
 }

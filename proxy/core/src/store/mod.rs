@@ -1,7 +1,7 @@
 //! Key and customer storage. The proxy looks keys up in an in-memory
 //! [`Snapshot`]; backends keep that snapshot fresh. The file store (the
-//! embedded default) is a JSON document written atomically (lock, temp file,
-//! fsync, rename) and re-read by running proxies within ~250 ms of a change.
+//! embedded default) is a JSON document and a journal of the changes since
+//! it was written, which running proxies apply within ~250 ms of a change.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,9 +14,11 @@ use crate::keys::KeyHash;
 
 pub mod admin;
 mod file;
+mod journal;
+mod partial;
 mod snapshot;
 
-pub use file::FileStore;
+pub use file::{FileStore, StoreText};
 pub use snapshot::{CustomerView, Snapshot, SHARDS};
 
 /// A stored key: never the key itself, only its SHA-256.
@@ -257,8 +259,8 @@ pub trait UpdateStore {
     /// those `only` names: `f` may be shown a store holding just those (the
     /// ones that exist) and nothing else, and what it adds or changes is
     /// written. A store that reads records one by one (Redis) reads only
-    /// these, so a change costs O(change), not O(keys); the file store,
-    /// which reads its whole document anyway, runs `update`.
+    /// these, so a change costs O(change), not O(keys); the file store
+    /// reads its whole document, then journals only what `f` changed.
     fn update_only<T: Send>(
         &self,
         only: Only<'_>,

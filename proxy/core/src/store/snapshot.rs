@@ -215,11 +215,20 @@ impl Snapshot {
     /// removed). The shards it does not touch are shared with `self`.
     pub fn with_key(&self, hash: &KeyHash, record: Option<&KeyRecord>) -> Snapshot {
         let mut next = self.clone();
+        next.set_key(hash, record);
+        next
+    }
+
+    /// [`with_key`](Self::with_key) in place: a shard already copied by an
+    /// earlier change is changed without another copy, so a run of changes
+    /// (the file store's journal) copies each shard it touches once.
+    pub fn set_key(&mut self, hash: &KeyHash, record: Option<&KeyRecord>) {
+        let next = self;
         let shard = Arc::make_mut(&mut next.keys[key_shard(hash)]);
         if let Some(old) = shard.remove(hash) {
             next.key_count -= 1;
             let cs = Arc::make_mut(
-                &mut next.customers[customer_shard(&self.spread, &old.info.customer)],
+                &mut next.customers[customer_shard(&next.spread, &old.info.customer)],
             );
             if let Some(slot) = cs.get_mut(&*old.info.customer) {
                 slot.keys.retain(|h| h != hash);
@@ -230,19 +239,26 @@ impl Snapshot {
         }
         if let Some(rec) = record {
             let cs =
-                Arc::make_mut(&mut next.customers[customer_shard(&self.spread, &rec.customer)]);
+                Arc::make_mut(&mut next.customers[customer_shard(&next.spread, &rec.customer)]);
             let entry = link(cs, rec, *hash);
             Arc::make_mut(&mut next.keys[key_shard(hash)]).insert(entry);
             next.key_count += 1;
         }
-        next
     }
 
     /// This snapshot with customer `id`'s record as `record` says (None:
     /// it has none, so the default plan), and its keys following it.
     pub fn with_customer(&self, id: &str, record: Option<&CustomerRecord>) -> Snapshot {
         let mut next = self.clone();
-        let cs = Arc::make_mut(&mut next.customers[customer_shard(&self.spread, id)]);
+        next.set_customer(id, record);
+        next
+    }
+
+    /// [`with_customer`](Self::with_customer) in place, as
+    /// [`set_key`](Self::set_key).
+    pub fn set_customer(&mut self, id: &str, record: Option<&CustomerRecord>) {
+        let next = self;
+        let cs = Arc::make_mut(&mut next.customers[customer_shard(&next.spread, id)]);
         let customer: Arc<str> = match cs.get_key_value(id) {
             Some((k, _)) => Arc::clone(k),
             None => id.into(),
@@ -263,7 +279,6 @@ impl Snapshot {
                 e.info = Arc::new(KeyInfo::new(key_id, Arc::clone(&customer), view.clone()));
             }
         }
-        next
     }
 
     /// How many keys are in each [`admin::status`] at `now` (the
@@ -311,6 +326,18 @@ impl Snapshot {
     }
 }
 
+#[cfg(test)]
+impl Snapshot {
+    /// How many of the shards (keys and customers) `self` shares with
+    /// `other`: what an incremental change left uncopied.
+    pub(crate) fn shared_shards(&self, other: &Snapshot) -> usize {
+        fn same<T>(a: &[Arc<T>], b: &[Arc<T>]) -> usize {
+            a.iter().zip(b).filter(|(x, y)| Arc::ptr_eq(x, y)).count()
+        }
+        same(&self.keys, &other.keys) + same(&self.customers, &other.customers)
+    }
+}
+
 fn customer_shard(spread: &std::collections::hash_map::RandomState, id: &str) -> usize {
     (spread.hash_one(id) % SHARDS as u64) as usize
 }
@@ -353,7 +380,7 @@ fn link(shard: &mut CustomerShard, k: &KeyRecord, hash: KeyHash) -> Entry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use proptest::prelude::*;
 
@@ -362,7 +389,7 @@ mod tests {
     /// Hashes chosen to meet in the index: 0 and 1 share their first 8
     /// bytes and their shard (1 goes to the overflow), 2 and 3 their first
     /// 8 bytes but not their shard.
-    fn pool() -> Vec<KeyHash> {
+    pub(crate) fn pool() -> Vec<KeyHash> {
         let mut h1 = [1u8; 32];
         h1[31] = 9;
         let mut h3 = [2u8; 32];
@@ -370,10 +397,10 @@ mod tests {
         vec![[1u8; 32], h1, [2u8; 32], h3, [3u8; 32], [4u8; 32]]
     }
 
-    const CUSTOMERS: [&str; 3] = ["acme", "globex", "initech"];
+    pub(crate) const CUSTOMERS: [&str; 3] = ["acme", "globex", "initech"];
 
     #[derive(Debug, Clone)]
-    enum Op {
+    pub(crate) enum Op {
         PutKey {
             key: usize,
             customer: usize,
@@ -389,7 +416,7 @@ mod tests {
         RemoveCustomer(usize),
     }
 
-    fn op() -> impl Strategy<Value = Op> {
+    pub(crate) fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             (0..6usize, 0..3usize, any::<bool>(), any::<bool>()).prop_map(
                 |(key, customer, revoked, expired)| Op::PutKey {
@@ -411,7 +438,13 @@ mod tests {
         ]
     }
 
-    fn record(n: usize, hash: &KeyHash, customer: &str, revoked: bool, expired: bool) -> KeyRecord {
+    pub(crate) fn record(
+        n: usize,
+        hash: &KeyHash,
+        customer: &str,
+        revoked: bool,
+        expired: bool,
+    ) -> KeyRecord {
         KeyRecord {
             id: format!("key_{n}_{customer}"),
             hash: hex::encode(hash),
@@ -426,7 +459,7 @@ mod tests {
     }
 
     /// Everything a caller can see of a snapshot.
-    fn observe(s: &Snapshot) -> String {
+    pub(crate) fn observe(s: &Snapshot) -> String {
         let mut out = String::new();
         for h in pool() {
             let seen = s.lookup(&h, NOW).map(|i| {

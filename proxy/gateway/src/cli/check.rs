@@ -4,7 +4,7 @@
 use tollgate::app::Keys;
 use tollgate::config::store_check::{problems, store_name};
 use tollgate::config::Config;
-use tollgate_core::store::{StoreData, UpdateStore};
+use tollgate_core::store::{StoreData, StoreText, UpdateStore};
 
 use super::open_store;
 
@@ -15,25 +15,27 @@ pub(super) fn check_store(config: &Config, _now: u64) -> Vec<String> {
         Ok(read) => read,
         Err(e) => return vec![e],
     };
-    problems(config, &data, &path, || text.clone())
+    problems(config, &data, &path, |needle| {
+        text.as_ref().and_then(|t| t.locate(needle))
+    })
 }
 
 /// The store's data, its text (for locating records: the file store's
-/// JSON) and how to name it in messages.
-fn read_store(config: &Config) -> Result<(StoreData, String, String), String> {
+/// document and journal) and how to name it in messages.
+fn read_store(config: &Config) -> Result<(StoreData, Option<StoreText>, String), String> {
     Ok(match open_store(config) {
         Err(e) => return Err(format!("{}:1:1: error: {e}", config.file.display())),
         Ok(Keys::File(store)) => {
             let path = store_name(config);
             match store.data_and_text() {
-                Ok((d, text)) => (d, text, path),
+                Ok((d, text)) => (d, Some(text), path),
                 Err(e) => return Err(format!("{path}:1:1: error: {e}")),
             }
         }
         Ok(store @ Keys::Redis { .. }) => {
             let path = store_name(config);
             match store.data() {
-                Ok(d) => (d, String::new(), path),
+                Ok(d) => (d, None, path),
                 Err(e) => return Err(format!("{path}: error: {e}")),
             }
         }

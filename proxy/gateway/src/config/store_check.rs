@@ -18,34 +18,17 @@ pub fn store_name(config: &Config) -> String {
     }
 }
 
-/// The store's problems; `path` names it in messages, `read_text` gives
-/// its text (the file store's JSON; empty for Redis) when one is to be
-/// located.
+/// The store's problems; `path` names it in messages, `locate` tells
+/// where a record (given as the text that stands in its line) is, when the
+/// store has lines to tell (the file store's document and journal, see
+/// `StoreText`; Redis has none).
 pub fn problems(
     config: &Config,
     data: &StoreData,
     path: &str,
-    read_text: impl Fn() -> String,
+    locate: impl Fn(&str) -> Option<String>,
 ) -> Vec<String> {
-    // The file's text is read only when a problem is to be located.
-    let text = std::cell::OnceCell::new();
-    // The line and column where `needle` first stands in the file.
-    let at = |needle: &str| -> String {
-        let text = text.get_or_init(&read_text);
-        text.lines()
-            .enumerate()
-            .find_map(|(i, l)| {
-                l.find(needle)
-                    .map(|c| format!("{path}:{}:{}", i + 1, c + 1))
-            })
-            .unwrap_or_else(|| {
-                if text.is_empty() {
-                    format!("{path} ({needle})")
-                } else {
-                    format!("{path}:1:1")
-                }
-            })
-    };
+    let at = |needle: &str| locate(needle).unwrap_or_else(|| format!("{path} ({needle})"));
     let mut errors = Vec::new();
     for (id, c) in &data.customers {
         if let Some(plan) = &c.plan {
@@ -61,7 +44,7 @@ pub fn problems(
     let mut ids = std::collections::HashSet::new();
     for k in &data.keys {
         // Located only when there is something to report: a search of the
-        // file per key would make `check` quadratic in keys.
+        // files per key would make `check` quadratic in keys.
         let loc = || at(&format!("\"{}\"", k.id));
         if !tollgate_core::keys::valid_key_id(&k.id) || !ids.insert(&k.id) {
             errors.push(format!(
