@@ -464,16 +464,15 @@ fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
             // Checked on the data the store parses as it opens (`tollgate
             // run` does not parse the file a second time to check it).
             let path = crate::config::store_check::store_name(config);
-            let mut problems = Vec::new();
-            let store = FileStore::open_inspecting(&config.keys_path, |data| {
-                // The files' text is read only when a problem is to be located.
-                let text = std::cell::OnceCell::new();
-                problems = crate::config::store_check::problems(config, data, &path, |needle| {
-                    text.get_or_init(|| StoreText::read(&config.keys_path))
-                        .locate(needle)
-                });
-            })
-            .map_err(|e| e.to_string())?;
+            // The files' text is read only when a problem is to be located.
+            let text = std::cell::OnceCell::new();
+            let mut check = crate::config::store_check::Checker::new(config, &path, |needle| {
+                text.get_or_init(|| StoreText::read(&config.keys_path))
+                    .locate(needle)
+            });
+            let store = FileStore::open_inspecting(&config.keys_path, &mut check)
+                .map_err(|e| e.to_string())?;
+            let problems = check.errors();
             crate::config::store_check::refuse_on(problems, &config.file)?;
             Ok(Keys::File(Arc::new(store)))
         }

@@ -273,6 +273,52 @@ fn run_refuses_to_strand_customers_on_a_plan_that_no_longer_exists() {
     strand_a_customer_then_run(dir.path());
 }
 
+/// A customer stranded by a change made since the store's document was
+/// written stands in the journal: `check` and `run` both say so, at its
+/// line there, and the same of one in the document at its line there.
+#[test]
+fn check_and_run_locate_a_journaled_record_in_the_journal() {
+    let dir = project();
+    listen_on(dir.path(), free_port(), free_port());
+    for customer in ["cus_first", "cus_later"] {
+        let created = tollgate(
+            dir.path(),
+            &["keys", "create", "--customer", customer, "--plan", "pro"],
+        );
+        assert!(created.status.success(), "{}", text(&created.stderr));
+    }
+    let journal = std::fs::read_to_string(dir.path().join("keys.db.journal")).unwrap();
+    assert_eq!(journal.lines().count(), 1, "the second key is journaled");
+    std::fs::write(
+        dir.path().join("plans.yaml"),
+        "default_plan: free\nplans:\n  free:\n    limits:\n      - { name: burst, requests: 5, per: second }\n",
+    )
+    .unwrap();
+    let check = text(&tollgate(dir.path(), &["check"]).stdout);
+    let (code, err) = run_for(dir.path(), 10);
+    assert_eq!(code, Some(1), "{err}");
+    let line = |customer: &str| {
+        check
+            .lines()
+            .find(|l| l.contains(&format!("customer {customer} is on plan `pro`")))
+            .unwrap_or_else(|| panic!("{customer}: {check}"))
+            .to_owned()
+    };
+    let (first, later) = (line("cus_first"), line("cus_later"));
+    let column = journal.find("\"cus_later\"").unwrap() + 1;
+    assert!(
+        later.contains(&format!("keys.db.journal:1:{column}: error")),
+        "{later}"
+    );
+    assert!(
+        first.contains("keys.db:") && !first.contains("journal"),
+        "{first}"
+    );
+    for l in [&first, &later] {
+        assert!(err.contains(l.as_str()), "run says what check says:\n{err}");
+    }
+}
+
 #[test]
 fn a_busy_port_ends_the_process_at_once_with_one_line() {
     let dir = project();

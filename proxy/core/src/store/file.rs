@@ -13,8 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use super::journal::{self, Change};
-use super::{KeyStore, Only, Snapshot, StoreData, StoreError, UpdateStore};
+use super::journal::{self, Change, Folded};
+use super::{
+    CustomerRecord, Inspect, KeyRecord, KeyStore, Only, Snapshot, StoreData, StoreError,
+    UpdateStore,
+};
 
 /// The journal is folded into the document once it holds at least this
 /// many bytes and a quarter of the document's size.
@@ -41,9 +44,10 @@ struct Seen {
     /// re-read four times a second.
     document: Option<Stamp>,
     /// The journal's inode (None: there was none), and how many of its
-    /// bytes were applied.
+    /// bytes and lines were applied.
     journal: Option<u64>,
     applied: u64,
+    lines: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,16 +69,13 @@ fn stamp(path: &Path) -> Option<Stamp> {
 impl FileStore {
     /// Opens the store; a missing file is an empty store.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        Self::open_inspecting(path, |_| ())
+        Self::open_inspecting(path, &mut ())
     }
 
-    /// [`open`](Self::open), showing `inspect` the data it read before
-    /// the snapshot is built from it: `run` checks the store this way, with
-    /// one read of the files instead of two.
-    pub fn open_inspecting(
-        path: &Path,
-        inspect: impl FnOnce(&StoreData),
-    ) -> Result<Self, StoreError> {
+    /// [`open`](Self::open), showing `inspect` each record as the snapshot
+    /// is built from it: `run` checks the store this way, with one read of
+    /// the files instead of two.
+    pub fn open_inspecting(path: &Path, inspect: &mut dyn Inspect) -> Result<Self, StoreError> {
         let store = Self {
             snapshots: true,
             ..Self::unsnapshotted(path)
@@ -111,10 +112,10 @@ impl FileStore {
     /// broken file is reported and the previous snapshot kept: keys keep
     /// working.
     pub fn reload(&self) -> Result<bool, StoreError> {
-        self.reload_inspecting(|_| ())
+        self.reload_inspecting(&mut ())
     }
 
-    fn reload_inspecting(&self, inspect: impl FnOnce(&StoreData)) -> Result<bool, StoreError> {
+    fn reload_inspecting(&self, inspect: &mut dyn Inspect) -> Result<bool, StoreError> {
         let mut seen = crate::lock(&self.seen);
         if let Some(last) = seen.as_ref().filter(|s| s.document == stamp(&self.path)) {
             match self.follow(last)? {
@@ -126,12 +127,45 @@ impl FileStore {
                 Follow::Replaced => {}
             }
         }
-        let (data, now_seen) = self.read_state()?;
-        inspect(&data);
-        let snap = Arc::new(Snapshot::build(&data));
-        *crate::sync::write(&self.current) = snap;
+        let (snap, now_seen) = self.load(inspect)?;
+        *crate::sync::write(&self.current) = Arc::new(snap);
         *seen = Some(now_seen);
         Ok(true)
+    }
+
+    /// The store read straight into a snapshot, as [`read_state`] reads
+    /// it but without a `StoreData` of it beside the snapshot: the journal
+    /// folded first, then the document's records streamed into the
+    /// snapshot (each replaced by the journal's last write of it, if any),
+    /// then the records only the journal holds.
+    ///
+    /// [`read_state`]: Self::read_state
+    fn load(&self, inspect: &mut dyn Inspect) -> Result<(Snapshot, Seen), StoreError> {
+        for _ in 0..8 {
+            let document = stamp(&self.path);
+            let (journal, (applied, lines), folded) = match self.read_journal()? {
+                Some((ino, changes, used)) => (Some(ino), used, Folded::new(changes)),
+                None => (None, (0, 0), Folded::default()),
+            };
+            let mut loader = Loader {
+                snap: Snapshot::default(),
+                folded,
+                inspect: &mut *inspect,
+            };
+            super::document::scan_file(&self.path, &mut loader)?;
+            let snap = loader.finish();
+            if stamp(&self.path) == document {
+                let seen = Seen {
+                    document,
+                    journal,
+                    applied,
+                    lines,
+                };
+                return Ok((snap, seen));
+            }
+            inspect.restart();
+        }
+        Err(self.kept_changing())
     }
 
     /// Applies the journal's lines written since `seen` to the snapshot,
@@ -165,7 +199,7 @@ impl FileStore {
         file.seek(SeekFrom::Start(from)).map_err(io)?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io)?;
-        let (changes, used) = journal::parse(&self.journal, &bytes)?;
+        let (changes, used) = journal::parse(&self.journal, &bytes, seen.lines)?;
         if used == 0 {
             return Ok(Follow::Nothing);
         }
@@ -182,6 +216,7 @@ impl FileStore {
             document: seen.document.clone(),
             journal: Some(meta.ino()),
             applied: from + used as u64,
+            lines: seen.lines + newlines(&bytes[..used]),
         }))
     }
 
@@ -193,43 +228,49 @@ impl FileStore {
         for _ in 0..8 {
             let document = stamp(&self.path);
             let mut data = read_data(&self.path)?;
-            let (journal, applied) = match self.read_journal()? {
+            let (journal, (applied, lines)) = match self.read_journal()? {
                 Some((ino, changes, used)) => {
                     journal::apply(&mut data, changes);
                     (Some(ino), used)
                 }
-                None => (None, 0),
+                None => (None, (0, 0)),
             };
             if stamp(&self.path) == document {
                 let seen = Seen {
                     document,
                     journal,
                     applied,
+                    lines,
                 };
                 return Ok((data, seen));
             }
         }
-        Err(StoreError::Conflict(format!(
+        Err(self.kept_changing())
+    }
+
+    fn kept_changing(&self) -> StoreError {
+        StoreError::Conflict(format!(
             "{} kept being replaced while it was read",
             self.path.display()
-        )))
+        ))
     }
 
     /// The records `only` names, as the document and the journal make
     /// them, without building the document's other records (see
-    /// [`super::partial`]). Under the store's lock: nobody replaces the
+    /// [`super::document`]). Under the store's lock: nobody replaces the
     /// files meanwhile.
     fn read_named(&self, only: Only<'_>) -> Result<StoreData, StoreError> {
-        let mut data = super::partial::read(&self.path, &read_file(&self.path)?, only)?;
+        let mut data = super::document::named(&self.path, &read_file(&self.path)?, only)?;
         if let Some((_, changes, _)) = self.read_journal()? {
             journal::apply(&mut data, changes);
         }
-        Ok(subset(&data, only))
+        Ok(subset(data, only))
     }
 
-    /// The journal's inode, its changes and the bytes they span; None if
-    /// there is no journal.
-    fn read_journal(&self) -> Result<Option<(u64, Vec<Change>, u64)>, StoreError> {
+    /// The journal's inode, its changes and the bytes and lines they
+    /// span; None if there is no journal.
+    #[allow(clippy::type_complexity)]
+    fn read_journal(&self) -> Result<Option<(u64, Vec<Change>, (u64, u64))>, StoreError> {
         let io = |e| StoreError::Io(self.journal.clone(), e);
         let mut f = match File::open(&self.journal) {
             Ok(f) => f,
@@ -239,8 +280,12 @@ impl FileStore {
         let ino = f.metadata().map_err(io)?.ino();
         let mut bytes = Vec::new();
         f.read_to_end(&mut bytes).map_err(io)?;
-        let (changes, used) = journal::parse(&self.journal, &bytes)?;
-        Ok(Some((ino, changes, used as u64)))
+        let (changes, used) = journal::parse(&self.journal, &bytes, 0)?;
+        Ok(Some((
+            ino,
+            changes,
+            (used as u64, newlines(&bytes[..used])),
+        )))
     }
 
     /// Re-reads the files every `every` until `stop` flips, on a plain thread
@@ -331,6 +376,9 @@ impl FileStore {
         };
         if !change.is_empty() {
             let journal_len = journal::append(&self.journal, &change)?;
+            // From here the change is made: whatever fails after this is
+            // logged and left to the next writer, never reported as a
+            // change not made (a `keys create` told so would lose its key).
             // The first write makes the document (so `keys.db` is there
             // from the first key on, as it always was).
             let fold = match stamp(&self.path) {
@@ -339,44 +387,42 @@ impl FileStore {
             };
             if fold {
                 // The change is in the journal: a whole read includes it.
-                let mut data = match whole {
-                    Some(data) => data,
-                    None => self.read_state()?.0,
-                };
-                self.compact(&mut data)?;
+                let folded = match whole {
+                    Some(data) => Ok(data),
+                    None => self.read_state().map(|(data, _)| data),
+                }
+                .and_then(|data| self.compact(data));
+                if let Err(e) = folded {
+                    log::warn!("key store: the change is journaled, but folding the journal into the document failed (the next change tries again): {e}");
+                }
             }
         }
         drop(lock);
         if self.snapshots {
-            self.reload()?;
+            if let Err(e) = self.reload() {
+                log::warn!(
+                    "key store: the change is made, but this process has not read it back yet: {e}"
+                );
+            }
         }
         Ok(out)
     }
 
-    /// Writes the whole store as the document (temp file, fsync, rename)
-    /// and removes the journal folded into it. The change that prompted
-    /// it is in the journal already: a reader of the new document and the
-    /// old journal replays records to the state the document holds.
-    fn compact(&self, data: &mut StoreData) -> Result<(), StoreError> {
-        let io = |e| StoreError::Io(self.path.clone(), e);
+    /// Writes the whole store as the document (temp file, fsync, rename),
+    /// then replaces the journal folded into it by an empty one, also by
+    /// a rename: the journal a reader finds after a fold is always a new
+    /// file (its inode was taken while the old one still existed), so a
+    /// reader that read the new document with the old journal sees it was
+    /// replaced. The change that prompted the fold is in the old journal
+    /// already: a reader of the new document and the old journal replays
+    /// records to the state the document holds.
+    fn compact(&self, mut data: StoreData) -> Result<(), StoreError> {
         data.version = 1;
         let text =
             serde_json::to_vec_pretty(&data).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let tmp = with_suffix(&self.path, &format!(".tmp{}", std::process::id()));
-        {
-            let mut file = File::create(&tmp).map_err(io)?;
-            file.write_all(&text).map_err(io)?;
-            file.write_all(b"\n").map_err(io)?;
-            file.sync_all().map_err(io)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(io)?;
-        sync_dir(&self.path);
-        match fs::remove_file(&self.journal) {
-            Ok(()) => sync_dir(&self.path),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StoreError::Io(self.journal.clone(), e)),
-        }
-        Ok(())
+        drop(data);
+        replace(&self.path, &text)?;
+        replace(&self.journal, b"")
     }
 
     /// The whole store: the document with the journal applied.
@@ -386,8 +432,78 @@ impl FileStore {
 
     /// The data and the files' text (for locating records in messages).
     pub fn data_and_text(&self) -> Result<(StoreData, StoreText), StoreError> {
-        let (data, _) = self.read_state()?;
-        Ok((data, StoreText::read(&self.path)))
+        for _ in 0..8 {
+            let document = stamp(&self.path);
+            let (doc, journal) = (read_file(&self.path)?, read_file(&self.journal)?);
+            let mut data = parse_data(&self.path, &doc)?;
+            journal::apply(&mut data, journal::parse(&self.journal, &journal, 0)?.0);
+            if stamp(&self.path) == document {
+                let text = |path: &Path, bytes: Vec<u8>| {
+                    String::from_utf8(bytes)
+                        .map(|t| (path.to_path_buf(), t))
+                        .map_err(|e| StoreError::Corrupt(path.to_path_buf(), e.to_string()))
+                };
+                let text = StoreText {
+                    document: text(&self.path, doc)?,
+                    journal: text(&self.journal, journal)?,
+                };
+                return Ok((data, text));
+            }
+        }
+        Err(self.kept_changing())
+    }
+}
+
+fn newlines(bytes: &[u8]) -> u64 {
+    bytes.iter().filter(|&&b| b == b'\n').count() as u64
+}
+
+/// The records of a load on their way into the snapshot.
+struct Loader<'a> {
+    snap: Snapshot,
+    folded: Folded,
+    inspect: &'a mut dyn Inspect,
+}
+
+impl Loader<'_> {
+    fn put_key(&mut self, k: &KeyRecord) {
+        self.inspect.key(k);
+        if let Some(hash) = journal::decode(&k.hash) {
+            self.snap.set_key(&hash, Some(k));
+        }
+    }
+
+    /// The snapshot, with what only the journal holds.
+    fn finish(mut self) -> Snapshot {
+        let customers = std::mem::take(&mut self.folded.customers);
+        for (id, c) in &customers {
+            if let Some(c) = c {
+                self.inspect.customer(id, c);
+            }
+            self.snap.set_customer(id, c.as_ref());
+        }
+        let folded = std::mem::take(&mut self.folded);
+        for k in folded.remaining_keys() {
+            self.put_key(&k);
+        }
+        self.snap
+    }
+}
+
+impl super::document::Records for Loader<'_> {
+    fn customer(&mut self, id: String, c: CustomerRecord) {
+        // The journal's last write of it goes in at the end.
+        if !self.folded.customers.contains_key(&id) {
+            self.inspect.customer(&id, &c);
+            self.snap.set_customer(&id, Some(&c));
+        }
+    }
+    fn key(&mut self, k: KeyRecord) {
+        match self.folded.keys.remove(&k.hash) {
+            None => self.put_key(&k),
+            Some(Some(now)) => self.put_key(&now),
+            Some(None) => {}
+        }
     }
 }
 
@@ -398,29 +514,15 @@ enum Follow {
     Replaced,
 }
 
-/// The records `only` names that exist, as the Redis store reads them.
-fn subset(data: &StoreData, only: Only<'_>) -> StoreData {
-    let mut out = StoreData {
-        version: 1,
-        ..StoreData::default()
-    };
-    for id in only.customers {
-        if let Some(c) = data.customers.get(*id) {
-            out.customers.insert((*id).to_owned(), c.clone());
-        }
+/// The records of `data` that `only` names, as the Redis store reads them.
+fn subset(mut data: StoreData, only: Only<'_>) -> StoreData {
+    data.customers
+        .retain(|id, _| only.customers.contains(&id.as_str()));
+    data.keys.retain(|k| only.key_ids.contains(&k.id.as_str()));
+    if !only.webhook_events {
+        data.webhook_events.clear();
     }
-    if !only.key_ids.is_empty() {
-        out.keys = data
-            .keys
-            .iter()
-            .filter(|k| only.key_ids.contains(&k.id.as_str()))
-            .cloned()
-            .collect();
-    }
-    if only.webhook_events {
-        out.webhook_events = data.webhook_events.clone();
-    }
-    out
+    data
 }
 
 /// The text of a store's document and journal, to tell where a record
@@ -463,6 +565,29 @@ impl KeyStore for FileStore {
     fn snapshot(&self) -> Arc<Snapshot> {
         Arc::clone(&crate::sync::read(&self.current))
     }
+}
+
+/// Replaces the file at `path` by one holding `text` (and a final newline
+/// unless empty): a temporary file beside it, fsynced, renamed over it,
+/// the directory fsynced. The temporary file is removed if anything fails.
+fn replace(path: &Path, text: &[u8]) -> Result<(), StoreError> {
+    let io = |e| StoreError::Io(path.to_path_buf(), e);
+    let tmp = with_suffix(path, &format!(".tmp{}", std::process::id()));
+    let written = (|| {
+        let mut file = File::create(&tmp)?;
+        if !text.is_empty() {
+            file.write_all(text)?;
+            file.write_all(b"\n")?;
+        }
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    sync_dir(path);
+    Ok(())
 }
 
 fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
@@ -716,8 +841,9 @@ mod tests {
         let (_d, s) = store();
         let a = create(&s, "cus_1");
         let document = fs::read(s.path()).unwrap();
-        assert!(
-            !s.journal_path().exists(),
+        assert_eq!(
+            fs::metadata(s.journal_path()).unwrap().len(),
+            0,
             "the first write makes the document"
         );
         let b = create(&s, "cus_2");
@@ -829,7 +955,7 @@ mod tests {
             if i % 3 == 0 {
                 revoke(&w, &made[i / 2].record.id, NOW).unwrap();
             }
-            if !w.journal_path().exists() {
+            if fs::metadata(w.journal_path()).unwrap().len() == 0 {
                 folded += 1;
             }
             if i % 4 == 0 {
@@ -877,5 +1003,112 @@ mod tests {
             FileStore::open(s.path()).unwrap().data().unwrap(),
             s.data().unwrap()
         );
+    }
+
+    #[test]
+    fn a_load_of_the_document_and_journal_is_the_snapshot_of_the_store() {
+        let (_d, s) = store();
+        let a = create(&s, "cus_1");
+        let b = create(&s, "cus_2");
+        let c = create(&s, "cus_3");
+        set_plan(&s, "cus_1", "enterprise").unwrap();
+        revoke(&s, &b.record.id, NOW).unwrap();
+        s.update(|d| {
+            d.keys.retain(|k| k.id != c.record.id);
+            d.customers.remove("cus_3");
+            Ok(())
+        })
+        .unwrap();
+        let d = create(&s, "cus_4");
+        assert!(s.journal_path().exists());
+        let data = s.data().unwrap();
+        let (built, loaded) = (
+            Snapshot::build(&data),
+            FileStore::open(s.path()).unwrap().snapshot(),
+        );
+        for k in [&a, &b, &c, &d] {
+            let seen = |snap: &Snapshot| {
+                snap.lookup(&keys::hash(&k.raw), NOW).map(|i| {
+                    (
+                        i.key_id.clone(),
+                        i.customer.clone(),
+                        i.plan.clone(),
+                        i.suspended,
+                    )
+                })
+            };
+            assert_eq!(seen(&loaded), seen(&built), "{}", k.record.id);
+        }
+        assert_eq!(loaded.key_count, 3);
+        let ids = |snap: &Snapshot| {
+            let mut v: Vec<_> = snap.customer_ids().collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&loaded), ids(&built));
+        assert_eq!(loaded.key_statuses(NOW), built.key_statuses(NOW));
+    }
+
+    #[test]
+    fn a_load_shows_each_record_once_as_the_store_holds_it() {
+        #[derive(Default)]
+        struct Seen(Vec<String>);
+        impl Inspect for Seen {
+            fn customer(&mut self, id: &str, c: &CustomerRecord) {
+                self.0.push(format!("{id} {:?}", c.plan));
+            }
+            fn key(&mut self, k: &KeyRecord) {
+                self.0.push(format!("{} {}", k.id, k.revoked.is_some()));
+            }
+        }
+        let (_d, s) = store();
+        let a = create(&s, "cus_1");
+        let b = create(&s, "cus_2");
+        revoke(&s, &a.record.id, NOW).unwrap();
+        set_plan(&s, "cus_2", "enterprise").unwrap();
+        let mut seen = Seen::default();
+        FileStore::open_inspecting(s.path(), &mut seen).unwrap();
+        let mut want = vec![
+            "cus_1 Some(\"pro\")".to_owned(),
+            format!("{} true", a.record.id),
+            "cus_2 Some(\"enterprise\")".to_owned(),
+            format!("{} false", b.record.id),
+        ];
+        want.sort();
+        seen.0.sort();
+        assert_eq!(seen.0, want);
+    }
+
+    #[test]
+    fn a_large_document_is_read_through_a_buffer_as_a_small_one_is_read_whole() {
+        let (_d, s) = store();
+        s.update(|d| {
+            for i in 0..6_000 {
+                d.customers.insert(format!("cus_{i}"), CustomerRecord::default());
+                d.keys.push(KeyRecord {
+                    id: format!("key_{i:016}"),
+                    hash: hex::encode(keys::hash(&format!("raw {i}"))),
+                    start: "tg_test_abcd".into(),
+                    customer: format!("cus_{i}"),
+                    name: Some(format!("the key \"{i}\"")),
+                    meta: None,
+                    created: "2026-01-01T00:00:00Z".into(),
+                    expires: None,
+                    revoked: (i % 3 == 0).then(|| "2026-01-02T00:00:00Z".into()),
+                });
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert!(fs::metadata(s.path()).unwrap().len() > 1 << 20, "over the threshold");
+        let loaded = FileStore::open(s.path()).unwrap().snapshot();
+        let built = Snapshot::build(&s.data().unwrap());
+        assert_eq!(loaded.key_count, 6_000);
+        assert_eq!(loaded.key_statuses(NOW), built.key_statuses(NOW));
+        for i in [0, 1, 2_999, 5_999] {
+            let h = keys::hash(&format!("raw {i}"));
+            let seen = |snap: &Snapshot| snap.lookup(&h, NOW).map(|i| i.customer.clone());
+            assert_eq!(seen(&loaded), seen(&built), "{i}");
+        }
     }
 }

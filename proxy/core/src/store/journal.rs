@@ -3,9 +3,9 @@
 //! instead of a rewrite of the whole JSON document. Readers apply the lines
 //! in order on top of the document; a running proxy applies the lines it
 //! has not seen to its snapshot, change by change. A writer folds the
-//! journal into the document (compaction) once it has grown to a quarter of
-//! the document's size, so a change costs O(change) in the store file and
-//! in the running proxy, amortised.
+//! journal into the document (compaction) once it holds at least 1 MiB and
+//! a quarter of the document's size, so a change costs O(change) in the
+//! store file and in the running proxy, amortised.
 //!
 //! A line is whole records, never a delta of fields, so replaying a line
 //! twice, or replaying a journal onto the document it was folded into,
@@ -91,7 +91,7 @@ impl Change {
     }
 }
 
-fn decode(hex_hash: &str) -> Option<crate::keys::KeyHash> {
+pub(super) fn decode(hex_hash: &str) -> Option<crate::keys::KeyHash> {
     let mut hash = [0u8; 32];
     hex::decode_to_slice(hex_hash, &mut hash).ok()?;
     Some(hash)
@@ -114,62 +114,100 @@ fn changed<V: Clone + PartialEq>(
     out
 }
 
-/// Applies `changes`, in order, to the store's document: one pass over its
-/// keys whatever the number of changes (the last write of each record
-/// wins; new keys go last, in the order they were written, as a rewrite
-/// of the document would have put them).
-pub(super) fn apply(data: &mut StoreData, changes: impl IntoIterator<Item = Change>) {
-    let mut keys: HashMap<String, Option<KeyRecord>> = HashMap::new();
-    let mut order = Vec::new();
-    for c in changes {
-        for (id, v) in c.customers {
+/// Changes folded into the last write of each record they touch.
+#[derive(Debug, Default)]
+pub(super) struct Folded {
+    pub(super) customers: BTreeMap<String, Option<CustomerRecord>>,
+    /// By hash, with the order in which each hash was first written.
+    pub(super) keys: HashMap<String, Option<KeyRecord>>,
+    order: Vec<String>,
+    events: BTreeMap<String, Option<u64>>,
+}
+
+impl Folded {
+    pub(super) fn new(changes: impl IntoIterator<Item = Change>) -> Folded {
+        let mut f = Folded::default();
+        for c in changes {
+            f.customers.extend(c.customers);
+            f.events.extend(c.webhook_events);
+            let written = c.keys.into_iter().map(|k| (k.hash.clone(), Some(k)));
+            let removed = c.removed_keys.into_iter().map(|h| (h, None));
+            for (hash, v) in written.chain(removed) {
+                if !f.keys.contains_key(&hash) {
+                    f.order.push(hash.clone());
+                }
+                f.keys.insert(hash, v);
+            }
+        }
+        f
+    }
+
+    /// The keys not yet taken (with [`HashMap::remove`] on `keys`), in the
+    /// order they were first written: those the document did not hold.
+    pub(super) fn remaining_keys(mut self) -> impl Iterator<Item = KeyRecord> {
+        let order = std::mem::take(&mut self.order);
+        order
+            .into_iter()
+            .filter_map(move |h| self.keys.remove(&h).flatten())
+    }
+
+    /// Applies the changes to the store's document: one pass over its keys
+    /// whatever their number (a changed key stays where it stood; new keys
+    /// go last, in the order they were written, as a rewrite of the
+    /// document would have put them).
+    fn apply(mut self, data: &mut StoreData) {
+        for (id, v) in std::mem::take(&mut self.customers) {
             match v {
                 Some(v) => data.customers.insert(id, v),
                 None => data.customers.remove(&id),
             };
         }
-        for (id, v) in c.webhook_events {
+        for (id, v) in std::mem::take(&mut self.events) {
             match v {
                 Some(v) => data.webhook_events.insert(id, v),
                 None => data.webhook_events.remove(&id),
             };
         }
-        let written = c.keys.into_iter().map(|k| (k.hash.clone(), Some(k)));
-        let removed = c.removed_keys.into_iter().map(|h| (h, None));
-        for (hash, v) in written.chain(removed) {
-            if !keys.contains_key(&hash) {
-                order.push(hash.clone());
+        if self.keys.is_empty() {
+            return;
+        }
+        data.keys.retain_mut(|k| match self.keys.remove(&k.hash) {
+            None => true,
+            Some(Some(now)) => {
+                *k = now;
+                true
             }
-            keys.insert(hash, v);
-        }
+            Some(None) => false,
+        });
+        data.keys.extend(self.remaining_keys());
     }
-    if keys.is_empty() {
-        return;
-    }
-    data.keys.retain_mut(|k| match keys.remove(&k.hash) {
-        None => true,
-        Some(Some(now)) => {
-            *k = now;
-            true
-        }
-        Some(None) => false,
-    });
-    data.keys
-        .extend(order.iter().filter_map(|h| keys.remove(h).flatten()));
+}
+
+/// Applies `changes`, in order, to the store's document (see
+/// [`Folded::apply`]).
+pub(super) fn apply(data: &mut StoreData, changes: impl IntoIterator<Item = Change>) {
+    Folded::new(changes).apply(data);
 }
 
 /// The changes in the complete lines of `bytes` (a line not ended by a
 /// newline is a write still in progress, or one a crash cut short: it is
-/// not a change yet), and how many bytes they span.
-pub(super) fn parse(path: &Path, bytes: &[u8]) -> Result<(Vec<Change>, usize), StoreError> {
+/// not a change yet), and how many bytes they span. `first_line` is the
+/// number of lines before `bytes` in the file, for messages.
+pub(super) fn parse(
+    path: &Path,
+    bytes: &[u8],
+    first_line: u64,
+) -> Result<(Vec<Change>, usize), StoreError> {
     let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let mut changes = Vec::new();
     for (i, line) in bytes[..end].split(|&b| b == b'\n').enumerate() {
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let change = serde_json::from_slice(line)
-            .map_err(|e| StoreError::Corrupt(path.to_path_buf(), format!("line {}: {e}", i + 1)))?;
+        let change = serde_json::from_slice(line).map_err(|e| {
+            let line = first_line + i as u64 + 1;
+            StoreError::Corrupt(path.to_path_buf(), format!("line {line}: {e}"))
+        })?;
         changes.push(change);
     }
     Ok((changes, end))
@@ -299,7 +337,7 @@ mod tests {
                 let change = Change::between(&old, &data);
                 let mut line = serde_json::to_vec(&change).unwrap();
                 line.push(b'\n');
-                let (mut parsed, used) = parse(Path::new("keys.db.journal"), &line).unwrap();
+                let (mut parsed, used) = parse(Path::new("keys.db.journal"), &line, 0).unwrap();
                 prop_assert_eq!(used, line.len());
                 let change = parsed.pop().unwrap();
                 change.apply_to_snapshot(&mut snap);
@@ -320,11 +358,11 @@ mod tests {
         let whole = b"{\"removed_keys\":[\"00\"]}\n";
         let mut bytes = whole.to_vec();
         bytes.extend_from_slice(b"{\"keys\":[{\"id");
-        let (changes, used) = parse(p, &bytes).unwrap();
+        let (changes, used) = parse(p, &bytes, 0).unwrap();
         assert_eq!((changes.len(), used), (1, whole.len()));
-        assert!(matches!(
-            parse(p, b"{\"keys\": nope}\n"),
-            Err(StoreError::Corrupt(..))
-        ));
+        let bad = parse(p, b"{}\n{\"keys\": nope}\n", 7)
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("line 9:"), "{bad}");
     }
 }

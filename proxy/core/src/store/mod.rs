@@ -13,12 +13,13 @@ use crate::clock::Millis;
 use crate::keys::KeyHash;
 
 pub mod admin;
+mod document;
 mod file;
 mod journal;
-mod partial;
 mod snapshot;
 
 pub use file::{FileStore, StoreText};
+
 pub use snapshot::{CustomerView, Snapshot, SHARDS};
 
 /// A stored key: never the key itself, only its SHA-256.
@@ -185,6 +186,23 @@ pub trait KeyStore: Send + Sync {
     ) -> futures_util::future::BoxFuture<'a, Option<Result<Identity, KeyRejection>>> {
         Box::pin(std::future::ready(None))
     }
+}
+
+/// What `run` checks of the store as it loads it: shown each record as the
+/// store now holds it, once; keys in the order [`FileStore::data`] lists
+/// them, customers in any order.
+pub trait Inspect {
+    fn customer(&mut self, id: &str, c: &CustomerRecord);
+    fn key(&mut self, k: &KeyRecord);
+    /// The store changed while it was read, and is read again from the
+    /// start: forget what was shown.
+    fn restart(&mut self) {}
+}
+
+/// Looks at nothing.
+impl Inspect for () {
+    fn customer(&mut self, _: &str, _: &CustomerRecord) {}
+    fn key(&mut self, _: &KeyRecord) {}
 }
 
 /// A fixed snapshot: for benchmarks and embedding.

@@ -4,8 +4,9 @@
 //! [`Snapshot::with_customer`]) copies the shards it touches (1/256 of the
 //! store) and shares the rest with the snapshot before it, instead of
 //! rebuilding everything: the Redis replica applies each published change
-//! that way. The file store, which re-reads its whole file, builds a fresh
-//! one ([`Snapshot::build`]).
+//! that way, and the file store each line of its journal, in place
+//! ([`Snapshot::set_key`], [`Snapshot::set_customer`]); the file store also
+//! loads its document record by record that way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
@@ -223,12 +224,11 @@ impl Snapshot {
     /// earlier change is changed without another copy, so a run of changes
     /// (the file store's journal) copies each shard it touches once.
     pub fn set_key(&mut self, hash: &KeyHash, record: Option<&KeyRecord>) {
-        let next = self;
-        let shard = Arc::make_mut(&mut next.keys[key_shard(hash)]);
+        let shard = Arc::make_mut(&mut self.keys[key_shard(hash)]);
         if let Some(old) = shard.remove(hash) {
-            next.key_count -= 1;
+            self.key_count -= 1;
             let cs = Arc::make_mut(
-                &mut next.customers[customer_shard(&next.spread, &old.info.customer)],
+                &mut self.customers[customer_shard(&self.spread, &old.info.customer)],
             );
             if let Some(slot) = cs.get_mut(&*old.info.customer) {
                 slot.keys.retain(|h| h != hash);
@@ -239,10 +239,10 @@ impl Snapshot {
         }
         if let Some(rec) = record {
             let cs =
-                Arc::make_mut(&mut next.customers[customer_shard(&next.spread, &rec.customer)]);
+                Arc::make_mut(&mut self.customers[customer_shard(&self.spread, &rec.customer)]);
             let entry = link(cs, rec, *hash);
-            Arc::make_mut(&mut next.keys[key_shard(hash)]).insert(entry);
-            next.key_count += 1;
+            Arc::make_mut(&mut self.keys[key_shard(hash)]).insert(entry);
+            self.key_count += 1;
         }
     }
 
@@ -257,8 +257,7 @@ impl Snapshot {
     /// [`with_customer`](Self::with_customer) in place, as
     /// [`set_key`](Self::set_key).
     pub fn set_customer(&mut self, id: &str, record: Option<&CustomerRecord>) {
-        let next = self;
-        let cs = Arc::make_mut(&mut next.customers[customer_shard(&next.spread, id)]);
+        let cs = Arc::make_mut(&mut self.customers[customer_shard(&self.spread, id)]);
         let customer: Arc<str> = match cs.get_key_value(id) {
             Some((k, _)) => Arc::clone(k),
             None => id.into(),
@@ -273,7 +272,7 @@ impl Snapshot {
             slot.keys.clone()
         };
         for h in &hashes {
-            let shard = Arc::make_mut(&mut next.keys[key_shard(h)]);
+            let shard = Arc::make_mut(&mut self.keys[key_shard(h)]);
             if let Some(e) = shard.get_mut(h) {
                 let key_id = Arc::clone(&e.info.key_id);
                 e.info = Arc::new(KeyInfo::new(key_id, Arc::clone(&customer), view.clone()));

@@ -4,7 +4,9 @@
 //! runs it on the store it reads; `run` on the data the file store parses
 //! as it opens (one parse of the file, not two).
 
-use tollgate_core::store::StoreData;
+use std::collections::{BTreeMap, HashSet};
+
+use tollgate_core::store::{CustomerRecord, Inspect, KeyRecord, StoreData};
 
 use super::{Config, StoreKind};
 
@@ -28,33 +30,82 @@ pub fn problems(
     path: &str,
     locate: impl Fn(&str) -> Option<String>,
 ) -> Vec<String> {
-    let at = |needle: &str| locate(needle).unwrap_or_else(|| format!("{path} ({needle})"));
-    let mut errors = Vec::new();
+    let mut check = Checker::new(config, path, locate);
     for (id, c) in &data.customers {
-        if let Some(plan) = &c.plan {
-            if config.plans.get(plan).is_none() {
-                errors.push(format!(
-                    "{}: error: customer {id} is on plan `{plan}`, which {} does not define\n  hint: it gets the default plan until you run `tollgate customers set-plan {id} <plan>`",
-                    at(&format!("\"{id}\"")),
-                    config.plans_file.display()
-                ));
-            }
+        check.customer(id, c);
+    }
+    for k in &data.keys {
+        check.key(k);
+    }
+    check.errors()
+}
+
+/// [`problems`], record by record: `run` shows it each record as the file
+/// store loads it, without a `StoreData` of the whole store.
+pub struct Checker<'a, L> {
+    config: &'a Config,
+    path: &'a str,
+    locate: L,
+    /// By customer id, so they are listed in the same order however the
+    /// customers came.
+    customers: BTreeMap<String, String>,
+    keys: Vec<String>,
+    /// The well-formed key ids seen (all 20 bytes long).
+    ids: HashSet<[u8; 20]>,
+}
+
+impl<'a, L: Fn(&str) -> Option<String>> Checker<'a, L> {
+    pub fn new(config: &'a Config, path: &'a str, locate: L) -> Self {
+        Checker {
+            config,
+            path,
+            locate,
+            customers: BTreeMap::new(),
+            keys: Vec::new(),
+            ids: HashSet::new(),
         }
     }
-    let mut ids = std::collections::HashSet::new();
-    for k in &data.keys {
-        // Located only when there is something to report: a search of the
-        // files per key would make `check` quadratic in keys.
-        let loc = || at(&format!("\"{}\"", k.id));
-        if !tollgate_core::keys::valid_key_id(&k.id) || !ids.insert(&k.id) {
-            errors.push(format!(
+
+    /// Where `needle` stands, located only when there is something to
+    /// report: a search of the files per record would make the check
+    /// quadratic in keys.
+    fn at(&self, needle: &str) -> String {
+        (self.locate)(needle).unwrap_or_else(|| format!("{} ({needle})", self.path))
+    }
+
+    pub fn errors(self) -> Vec<String> {
+        self.customers.into_values().chain(self.keys).collect()
+    }
+}
+
+impl<L: Fn(&str) -> Option<String>> Inspect for Checker<'_, L> {
+    fn customer(&mut self, id: &str, c: &CustomerRecord) {
+        let Some(plan) = &c.plan else { return };
+        if self.config.plans.get(plan).is_none() {
+            let e = format!(
+                "{}: error: customer {id} is on plan `{plan}`, which {} does not define\n  hint: it gets the default plan until you run `tollgate customers set-plan {id} <plan>`",
+                self.at(&format!("\"{id}\"")),
+                self.config.plans_file.display()
+            );
+            self.customers.insert(id.to_owned(), e);
+        }
+    }
+
+    fn key(&mut self, k: &KeyRecord) {
+        let loc = |me: &Self| me.at(&format!("\"{}\"", k.id));
+        let fresh = <[u8; 20]>::try_from(k.id.as_bytes())
+            .is_ok_and(|id| tollgate_core::keys::valid_key_id(&k.id) && self.ids.insert(id));
+        if !fresh {
+            let e = format!(
                 "{}: error: key id `{}` is malformed or duplicated",
-                loc(),
+                loc(self),
                 k.id
-            ));
+            );
+            self.keys.push(e);
         }
         if k.hash.len() != 64 || hex::decode(&k.hash).is_err() {
-            errors.push(format!("{}: error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", loc(), k.id));
+            let e = format!("{}: error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", loc(self), k.id);
+            self.keys.push(e);
         }
         for (field, value) in [
             ("created", Some(&k.created)),
@@ -63,16 +114,22 @@ pub fn problems(
         ] {
             if let Some(v) = value {
                 if tollgate_core::clock::parse_rfc3339(v).is_none() {
-                    errors.push(format!(
+                    let e = format!(
                         "{}: error: key {} has `{field}: {v}`, not a time like 2026-01-31T12:00:00Z\n  hint: an expiry that does not parse is treated as already expired",
-                        loc(),
+                        loc(self),
                         k.id
-                    ));
+                    );
+                    self.keys.push(e);
                 }
             }
         }
     }
-    errors
+
+    fn restart(&mut self) {
+        self.customers.clear();
+        self.keys.clear();
+        self.ids.clear();
+    }
 }
 
 /// `run` starts only where `check` passes: the same errors, the same lines.
