@@ -319,6 +319,35 @@ fn check_and_run_locate_a_journaled_record_in_the_journal() {
     }
 }
 
+/// Two records of one hash (a hand edit) are one key with two sets of
+/// facts: `check` and `run` refuse the store at the second record's line.
+#[test]
+fn check_and_run_refuse_two_records_of_one_key() {
+    let dir = project();
+    listen_on(dir.path(), free_port(), free_port());
+    let created = tollgate(dir.path(), &["keys", "create", "--customer", "cus_1"]);
+    assert!(created.status.success(), "{}", text(&created.stderr));
+    let path = dir.path().join("keys.db");
+    let mut doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut twin = doc["keys"][0].clone();
+    twin["id"] = serde_json::json!("key_BBBBBBBBBBBBBBBB");
+    twin["customer"] = serde_json::json!("cus_2");
+    doc["keys"].as_array_mut().unwrap().push(twin);
+    std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    let check = tollgate(dir.path(), &["check"]);
+    assert_eq!(check.status.code(), Some(1));
+    let stdout = text(&check.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("key key_BBBBBBBBBBBBBBBB has the hash of an earlier key"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("keys.db:"), "{line}");
+    let (code, err) = run_for(dir.path(), 10);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains(line), "run says what check says:\n{err}");
+}
+
 #[test]
 fn a_busy_port_ends_the_process_at_once_with_one_line() {
     let dir = project();

@@ -61,12 +61,25 @@ pub(super) fn scan_file(path: &Path, records: &mut impl Records) -> Result<(), S
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(e)),
     };
-    if file.metadata().map_err(io)?.len() < 1 << 20 {
-        let mut bytes = Vec::new();
+    let len = file.metadata().map_err(io)?.len();
+    if len < 1 << 20 {
+        let mut bytes = Vec::with_capacity(len as usize);
         std::io::Read::read_to_end(&mut &file, &mut bytes).map_err(io)?;
         return scan(path, &bytes, records);
     }
-    let reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    // Blank (however long) is an empty store, as `scan` has it.
+    loop {
+        let buf = std::io::BufRead::fill_buf(&mut reader).map_err(io)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if buf.iter().any(|b| !b.is_ascii_whitespace()) {
+            break;
+        }
+        let n = buf.len();
+        std::io::BufRead::consume(&mut reader, n);
+    }
     scan_with(path, serde_json::Deserializer::from_reader(reader), records)
 }
 
@@ -138,7 +151,7 @@ impl<'de, R: Records> DeserializeSeed<'de> for Document<'_, R> {
 impl<'de, R: Records> Visitor<'de> for Document<'_, R> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a key store document")
+        f.write_str("struct StoreData")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         use serde::de::Error;
@@ -208,7 +221,7 @@ impl<'de, R: Records> DeserializeSeed<'de> for Customers<'_, R> {
 impl<'de, R: Records> Visitor<'de> for Customers<'_, R> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("customers by id")
+        f.write_str("a map")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(id) = map.next_key_seed(Wanted(self.0.customer_ids()))? {
@@ -263,7 +276,7 @@ impl<'de, R: Records> DeserializeSeed<'de> for Keys<'_, R> {
 impl<'de, R: Records> Visitor<'de> for Keys<'_, R> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a list of keys")
+        f.write_str("a sequence")
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         // Owned: the few ids named, while `self.0` takes the keys.
@@ -289,7 +302,9 @@ impl<'de, R: Records> Visitor<'de> for Keys<'_, R> {
 }
 
 /// A key record as [`KeyRecord`] reads it, with its text borrowed from
-/// the document where it holds no escapes.
+/// the document where it holds no escapes. Only for a document read whole
+/// ([`scan`]): `meta` is borrowed raw JSON, which a buffered read
+/// ([`scan_file`]) cannot lend.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyCheck<'a> {
@@ -301,16 +316,25 @@ struct KeyCheck<'a> {
     start: Cow<'a, str>,
     #[serde(borrow)]
     customer: Cow<'a, str>,
-    #[serde(default)]
-    name: Option<String>,
+    #[serde(default, borrow)]
+    name: Option<Text<'a>>,
     #[serde(default, borrow)]
     meta: Option<&'a RawValue>,
     #[serde(borrow)]
     created: Cow<'a, str>,
-    #[serde(default)]
-    expires: Option<String>,
-    #[serde(default)]
-    revoked: Option<String>,
+    #[serde(default, borrow)]
+    expires: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    revoked: Option<Text<'a>>,
+}
+
+/// Text borrowed where it can be (serde borrows a bare `Cow` only, not
+/// one inside an `Option`).
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+fn owned(t: Option<Text<'_>>) -> Option<String> {
+    t.map(|t| t.0.into_owned())
 }
 
 impl KeyCheck<'_> {
@@ -320,14 +344,14 @@ impl KeyCheck<'_> {
             hash: self.hash.into_owned(),
             start: self.start.into_owned(),
             customer: self.customer.into_owned(),
-            name: self.name,
+            name: owned(self.name),
             meta: self
                 .meta
                 .map(|m| serde_json::from_str(m.get()))
                 .transpose()?,
             created: self.created.into_owned(),
-            expires: self.expires,
-            revoked: self.revoked,
+            expires: owned(self.expires),
+            revoked: owned(self.revoked),
         })
     }
 }

@@ -237,8 +237,12 @@ pub(super) fn append(path: &Path, change: &Change) -> Result<u64, StoreError> {
     }
     let mut line = serde_json::to_vec(change).map_err(|e| StoreError::Invalid(e.to_string()))?;
     line.push(b'\n');
-    file.write_all(&line).map_err(io)?;
-    file.sync_data().map_err(io)?;
+    if let Err(e) = file.write_all(&line).and_then(|()| file.sync_data()) {
+        // Not durable, so not made: take back what may have been written,
+        // or readers would apply a change its writer reported as failed.
+        let _ = file.set_len(kept);
+        return Err(io(e));
+    }
     if !existed {
         super::file::sync_dir(path);
     }

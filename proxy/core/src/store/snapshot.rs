@@ -311,6 +311,11 @@ impl Snapshot {
             .and_then(|slot| slot.view.clone())
     }
 
+    /// Whether a key of this hash is in the snapshot (valid or not).
+    pub fn holds(&self, hash: &KeyHash) -> bool {
+        self.keys[key_shard(hash)].get(hash).is_some()
+    }
+
     pub fn lookup(&self, hash: &KeyHash, now: Millis) -> Result<Identity, KeyRejection> {
         let e = self.keys[key_shard(hash)]
             .get(hash)

@@ -41,17 +41,20 @@ pub fn problems(
 }
 
 /// [`problems`], record by record: `run` shows it each record as the file
-/// store loads it, without a `StoreData` of the whole store.
+/// store loads it, without a `StoreData` of the whole store. Problems are
+/// located when asked for ([`errors`](Self::errors)), in the store as it
+/// was finally read.
 pub struct Checker<'a, L> {
     config: &'a Config,
     path: &'a str,
     locate: L,
     /// By customer id, so they are listed in the same order however the
-    /// customers came.
-    customers: BTreeMap<String, String>,
-    keys: Vec<String>,
-    /// The well-formed key ids seen (all 20 bytes long).
+    /// customers came; each as (the text to locate, the message).
+    customers: BTreeMap<String, (String, String)>,
+    keys: Vec<(String, String)>,
+    /// The well-formed key ids and hashes seen.
     ids: HashSet<[u8; 20]>,
+    hashes: HashSet<[u8; 32]>,
 }
 
 impl<'a, L: Fn(&str) -> Option<String>> Checker<'a, L> {
@@ -63,49 +66,55 @@ impl<'a, L: Fn(&str) -> Option<String>> Checker<'a, L> {
             customers: BTreeMap::new(),
             keys: Vec::new(),
             ids: HashSet::new(),
+            hashes: HashSet::new(),
         }
     }
 
-    /// Where `needle` stands, located only when there is something to
-    /// report: a search of the files per record would make the check
-    /// quadratic in keys.
-    fn at(&self, needle: &str) -> String {
-        (self.locate)(needle).unwrap_or_else(|| format!("{} ({needle})", self.path))
-    }
-
+    /// Each problem at `file:line:column` (located only now, and only
+    /// problems: a search of the files per record would make the check
+    /// quadratic in keys).
     pub fn errors(self) -> Vec<String> {
-        self.customers.into_values().chain(self.keys).collect()
+        let at = |needle: &str| {
+            (self.locate)(needle).unwrap_or_else(|| format!("{} ({needle})", self.path))
+        };
+        self.customers
+            .into_values()
+            .chain(self.keys)
+            .map(|(needle, e)| format!("{}: {e}", at(&needle)))
+            .collect()
     }
 }
 
 impl<L: Fn(&str) -> Option<String>> Inspect for Checker<'_, L> {
     fn customer(&mut self, id: &str, c: &CustomerRecord) {
+        // A customer listed twice is as its last record says.
+        self.customers.remove(id);
         let Some(plan) = &c.plan else { return };
         if self.config.plans.get(plan).is_none() {
             let e = format!(
-                "{}: error: customer {id} is on plan `{plan}`, which {} does not define\n  hint: it gets the default plan until you run `tollgate customers set-plan {id} <plan>`",
-                self.at(&format!("\"{id}\"")),
+                "error: customer {id} is on plan `{plan}`, which {} does not define\n  hint: it gets the default plan until you run `tollgate customers set-plan {id} <plan>`",
                 self.config.plans_file.display()
             );
-            self.customers.insert(id.to_owned(), e);
+            self.customers
+                .insert(id.to_owned(), (format!("\"{id}\""), e));
         }
     }
 
     fn key(&mut self, k: &KeyRecord) {
-        let loc = |me: &Self| me.at(&format!("\"{}\"", k.id));
+        let needle = || format!("\"{}\"", k.id);
         let fresh = <[u8; 20]>::try_from(k.id.as_bytes())
             .is_ok_and(|id| tollgate_core::keys::valid_key_id(&k.id) && self.ids.insert(id));
         if !fresh {
-            let e = format!(
-                "{}: error: key id `{}` is malformed or duplicated",
-                loc(self),
-                k.id
-            );
-            self.keys.push(e);
+            let e = format!("error: key id `{}` is malformed or duplicated", k.id);
+            self.keys.push((needle(), e));
         }
-        if k.hash.len() != 64 || hex::decode(&k.hash).is_err() {
-            let e = format!("{}: error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", loc(self), k.id);
-            self.keys.push(e);
+        let mut hash = [0u8; 32];
+        if hex::decode_to_slice(&k.hash, &mut hash).is_err() {
+            let e = format!("error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", k.id);
+            self.keys.push((needle(), e));
+        } else if !self.hashes.insert(hash) {
+            let e = format!("error: key {} has the hash of an earlier key: one key, two records\n  hint: the earlier record is the one in force; remove this one", k.id);
+            self.keys.push((needle(), e));
         }
         for (field, value) in [
             ("created", Some(&k.created)),
@@ -115,11 +124,10 @@ impl<L: Fn(&str) -> Option<String>> Inspect for Checker<'_, L> {
             if let Some(v) = value {
                 if tollgate_core::clock::parse_rfc3339(v).is_none() {
                     let e = format!(
-                        "{}: error: key {} has `{field}: {v}`, not a time like 2026-01-31T12:00:00Z\n  hint: an expiry that does not parse is treated as already expired",
-                        loc(self),
+                        "error: key {} has `{field}: {v}`, not a time like 2026-01-31T12:00:00Z\n  hint: an expiry that does not parse is treated as already expired",
                         k.id
                     );
-                    self.keys.push(e);
+                    self.keys.push((needle(), e));
                 }
             }
         }
@@ -129,6 +137,7 @@ impl<L: Fn(&str) -> Option<String>> Inspect for Checker<'_, L> {
         self.customers.clear();
         self.keys.clear();
         self.ids.clear();
+        self.hashes.clear();
     }
 }
 
