@@ -2,8 +2,10 @@
 # Load comparison in one run, on this machine: nginx as a reverse proxy, a
 # bare Pingora passthrough, Tollgate on memory and Tollgate on Redis, all in
 # front of the same fast upstream (nginx answering 200 itself), each driven
-# by wrk with the same connections and duration. Prints requests/s and
-# ratios, and Redis round trips per request from INFO commandstats.
+# by wrk with the same connections and duration. Prints requests/s, CPU
+# per request of each process, p50/p90/p99 latency (and the p99 added
+# over the passthrough's), ratios, and Redis round trips per request from
+# INFO commandstats.
 #
 #   benches/load.sh [seconds=10] [connections=32] [rounds=3]
 #
@@ -87,7 +89,7 @@ run() { # name url [header] -> appends to "$work/$name.txt" and its CPU use to "
   case " $only " in *" $1 "*|"  ") ;; *) return 0 ;; esac
   local pid_var="pid_$1" p0 r0
   p0=$(ticks "${!pid_var}"); r0=$(ticks "$pid_redis_server")
-  if [ -n "${3:-}" ]; then wrk -t1 -c"$conns" -d"${secs}s" -H "$3" "$2"; else wrk -t1 -c"$conns" -d"${secs}s" "$2"; fi >> "$work/$1.txt"
+  if [ -n "${3:-}" ]; then wrk --latency -t1 -c"$conns" -d"${secs}s" -H "$3" "$2"; else wrk --latency -t1 -c"$conns" -d"${secs}s" "$2"; fi >> "$work/$1.txt"
   echo "$(( $(ticks "${!pid_var}") - p0 )) $(( $(ticks "$pid_redis_server") - r0 ))" >> "$work/$1.cpu"
 }
 echo "warming up…" >&2
@@ -142,7 +144,13 @@ def wrk(name):
             a, b = line.split()
             cpu[0] += int(a); cpu[1] += int(b)
     print(f"  {name}: " + ", ".join(f"{x:.0f}" for x in rps))
-    return rps[len(rps) // 2], n, bad, cpu[0] * tick / n, cpu[1] * tick / n, rounds
+    # wrk --latency: each round's 50/90/99th percentiles; the median round's of each.
+    unit = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    lat = {}
+    for pct, v, u in re.findall(r"^\s+(50|90|99)%\s+([\d.]+)(us|ms|s)$", t, re.M):
+        lat.setdefault(pct, []).append(float(v) * unit[u])
+    lat = {p: sorted(v)[len(v) // 2] for p, v in lat.items()}
+    return rps[len(rps) // 2], n, bad, cpu[0] * tick / n, cpu[1] * tick / n, rounds, lat
 def calls(name):
     out = {}
     path = os.path.join(w, name + ".txt")
@@ -156,12 +164,17 @@ res = {n: r for n, _ in labels if (r := wrk(n))}
 ngx = res.get("nginx", [0])[0] or float("nan")
 pt = res.get("passthrough", [0])[0] or float("nan")
 print("CPU µs/request: of the proxy process (nginx: upstream included), and of redis-server")
-print(f"{'target':<24}{'req/s':>10}{'vs passthrough':>16}{'vs nginx':>10}{'non-2xx':>9}{'CPU µs/req':>12}{'redis µs/req':>14}")
+print("latency in ms (wrk --latency, the median round's): p50 / p90 / p99, and p99 added over the passthrough's")
+print(f"{'target':<24}{'req/s':>10}{'vs passthrough':>16}{'vs nginx':>10}{'non-2xx':>9}{'CPU µs/req':>12}{'redis µs/req':>14}{'p50':>8}{'p90':>8}{'p99':>8}{'+p99':>8}")
+pt99 = res.get("passthrough", [None] * 7)[6]
+pt99 = pt99.get("99") if pt99 else None
 for n, label in labels:
     if n not in res:
         continue
-    rps, _, bad, cpu, rcpu, _ = res[n]
-    print(f"{label:<24}{rps:>10.0f}{rps/pt:>16.2f}{rps/ngx:>10.2f}{bad:>9}{cpu:>12.1f}{rcpu:>14.1f}")
+    rps, _, bad, cpu, rcpu, _, lat = res[n]
+    ms = lambda p: f"{lat[p]:>8.2f}" if p in lat else f"{'-':>8}"
+    added = f"{lat['99'] - pt99:>+8.2f}" if pt99 is not None and "99" in lat else f"{'-':>8}"
+    print(f"{label:<24}{rps:>10.0f}{rps/pt:>16.2f}{rps/ngx:>10.2f}{bad:>9}{cpu:>12.1f}{rcpu:>14.1f}{ms('50')}{ms('90')}{ms('99')}{added}")
 if "memory" in res and "nometer" in res:
     pairs = sorted(a / b for a, b in zip(res["memory"][5], res["nometer"][5]))
     print(f"\nmetering on / off: throughput {res['memory'][0] / res['nometer'][0]:.3f} (medians), "
