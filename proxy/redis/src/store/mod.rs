@@ -53,25 +53,26 @@ pub(super) fn k_customer(p: &str, id: &str) -> String {
     format!("{p}:customer:{id}")
 }
 
-fn record_from(hash: &str, fields: &HashMap<String, String>) -> Option<KeyRecord> {
+/// A key's record from its hash's fields, taking them (no copy of each).
+fn record_from(hash: &str, mut fields: HashMap<String, String>) -> Option<KeyRecord> {
     Some(KeyRecord {
-        id: fields.get("id")?.clone(),
+        id: fields.remove("id")?,
         hash: hash.to_owned(),
-        start: fields.get("start").cloned().unwrap_or_default(),
-        customer: fields.get("customer")?.clone(),
-        name: fields.get("name").cloned(),
+        start: fields.remove("start").unwrap_or_default(),
+        customer: fields.remove("customer")?,
+        name: fields.remove("name"),
         meta: fields
-            .get("meta")
-            .and_then(|m| serde_json::from_str(m).ok()),
-        created: fields.get("created").cloned().unwrap_or_default(),
-        expires: fields.get("expires").cloned(),
-        revoked: fields.get("revoked").cloned(),
+            .remove("meta")
+            .and_then(|m| serde_json::from_str(&m).ok()),
+        created: fields.remove("created").unwrap_or_default(),
+        expires: fields.remove("expires"),
+        revoked: fields.remove("revoked"),
     })
 }
 
-fn customer_from(fields: &HashMap<String, String>) -> CustomerRecord {
+fn customer_from(mut fields: HashMap<String, String>) -> CustomerRecord {
     CustomerRecord {
-        plan: fields.get("plan").cloned(),
+        plan: fields.remove("plan"),
         suspended: fields.get("suspended").is_some_and(|s| s == "1"),
         // A state this version cannot read is dropped, not fatal: the next
         // webhook writes it again.
@@ -104,8 +105,8 @@ fn take_batch(
     let (are_keys, read) = joined.map_err(redis_err)?.map_err(redis_err)?;
     for (id, f) in read {
         if !are_keys {
-            data.customers.insert(id, customer_from(&f));
-        } else if let Some(rec) = record_from(&id, &f) {
+            data.customers.insert(id, customer_from(f));
+        } else if let Some(rec) = record_from(&id, f) {
             data.keys.push(rec);
         }
     }
@@ -353,7 +354,7 @@ impl RedisKeyStore {
                 if hex::decode_to_slice(id, &mut hash).is_ok() {
                     lock(&self.negative).remove(&hash);
                 }
-                self.change_key(id, record_from(id, &f));
+                self.change_key(id, record_from(id, f));
             }
             "customer" => {
                 let f: HashMap<String, String> = self
@@ -361,7 +362,7 @@ impl RedisKeyStore {
                     .admin(Cmd::hgetall(k_customer(p, id)))
                     .await
                     .map_err(redis_err)?;
-                self.change_customer(id, customer_from(&f));
+                self.change_customer(id, customer_from(f));
             }
             _ => return self.full_reload().await,
         }
@@ -473,7 +474,7 @@ impl RedisKeyStore {
             // Redis down: the key stays unknown; nothing is remembered.
             Err(_) => return None,
         };
-        match record_from(&hex, &f) {
+        match record_from(&hex, f) {
             Some(rec) => {
                 let c: HashMap<String, String> = self
                     .conn
@@ -483,7 +484,7 @@ impl RedisKeyStore {
                     )))
                     .await
                     .ok()?;
-                self.change_customer(&rec.customer, customer_from(&c));
+                self.change_customer(&rec.customer, customer_from(c));
                 self.change_key(&hex, Some(rec));
                 Some(self.snapshot().lookup(hash, now))
             }

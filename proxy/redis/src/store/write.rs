@@ -181,7 +181,7 @@ async fn load_some(conn: &RedisConn, only: Only<'_>) -> Result<StoreData, StoreE
             .admin(Cmd::hgetall(k_key(p, &hash)))
             .await
             .map_err(redis_err)?;
-        if let Some(rec) = record_from(&hash, &f).filter(|r| listed && r.id == *id) {
+        if let Some(rec) = record_from(&hash, f).filter(|r| listed && r.id == *id) {
             data.keys.push(rec);
         }
     }
@@ -195,7 +195,7 @@ async fn load_some(conn: &RedisConn, only: Only<'_>) -> Result<StoreData, StoreE
                 .admin(Cmd::hgetall(k_customer(p, id)))
                 .await
                 .map_err(redis_err)?;
-            data.customers.insert((*id).to_owned(), customer_from(&f));
+            data.customers.insert((*id).to_owned(), customer_from(f));
         }
     }
     if only.webhook_events {
