@@ -461,8 +461,8 @@ fn open_keys(config: &Config, redis: Option<&Redis>) -> Result<Keys, String> {
             })
         }
         _ => {
-            // Checked on the data the store parses as it opens (`tollgate
-            // run` does not parse the file a second time to check it).
+            // Checked record by record as the store loads (`tollgate run`
+            // does not read the files a second time to check them).
             let path = crate::config::store_check::store_name(config);
             // The files' text is read only when a problem is to be located.
             let text = std::cell::OnceCell::new();

@@ -1,8 +1,9 @@
 //! The key store checked against the config: customers on plans the
 //! config does not define, malformed or duplicated key ids, hashes and
-//! times, each located at its record's line in the file. `tollgate check`
-//! runs it on the store it reads; `run` on the data the file store parses
-//! as it opens (one parse of the file, not two).
+//! times, two records of one key, each located at its record's line in
+//! the store's files. `tollgate check` runs it on the store it reads; `run`
+//! on each record as the file store loads it (one read of the files, and
+//! no second copy of the store).
 
 use std::collections::{BTreeMap, HashSet};
 
