@@ -176,7 +176,7 @@ impl<'de, R: Records> Visitor<'de> for Document<'_, R> {
                     self.0.events(map.next_value()?);
                 }
                 Field::WebhookEvents => {
-                    map.next_value::<Events>()?;
+                    map.next_value::<ObjectOf<u64>>()?;
                 }
             }
         }
@@ -187,24 +187,25 @@ impl<'de, R: Records> Visitor<'de> for Document<'_, R> {
     }
 }
 
-/// Applied webhook deliveries, checked as `StoreData` reads them (ids and
-/// Unix ms) and not kept.
-struct Events;
+/// An object of `V`s, checked as a map of them reads it and not kept: the
+/// applied webhook deliveries (`V = u64`, Unix ms), a key's `meta`
+/// (`V = IgnoredAny`, any JSON).
+struct ObjectOf<V>(std::marker::PhantomData<V>);
 
-impl<'de> Deserialize<'de> for Events {
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for ObjectOf<V> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Events;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("applied webhook deliveries")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Events, A::Error> {
-                while map.next_entry::<IgnoredAny, u64>()?.is_some() {}
-                Ok(Events)
-            }
-        }
-        d.deserialize_map(V)
+        d.deserialize_map(ObjectOf(std::marker::PhantomData))
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Visitor<'de> for ObjectOf<V> {
+    type Value = ObjectOf<V>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        while map.next_entry::<IgnoredAny, V>()?.is_some() {}
+        Ok(self)
     }
 }
 
@@ -294,7 +295,8 @@ impl<'de, R: Records> Visitor<'de> for Keys<'_, R> {
                 self.0
                     .key(k.into_record().map_err(serde::de::Error::custom)?);
             } else if let Some(meta) = k.meta {
-                serde_json::from_str::<AnyObject>(meta.get()).map_err(serde::de::Error::custom)?;
+                serde_json::from_str::<ObjectOf<IgnoredAny>>(meta.get())
+                    .map_err(serde::de::Error::custom)?;
             }
         }
         Ok(())
@@ -353,26 +355,6 @@ impl KeyCheck<'_> {
             expires: owned(self.expires),
             revoked: owned(self.revoked),
         })
-    }
-}
-
-/// Any JSON object (a key's `meta`), checked and not kept.
-struct AnyObject;
-
-impl<'de> Deserialize<'de> for AnyObject {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = AnyObject;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyObject, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(AnyObject)
-            }
-        }
-        d.deserialize_map(V)
     }
 }
 
