@@ -161,16 +161,12 @@ impl FileStore {
     /// in place of a re-read of everything.
     fn follow(&self, seen: &Seen) -> Result<Follow, StoreError> {
         let io = |e| StoreError::Io(self.journal.clone(), e);
-        let mut file = match File::open(&self.journal) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(match seen.journal {
-                    None => Follow::Nothing,
-                    // Folded into the document, or removed by hand.
-                    Some(_) => Follow::Replaced,
-                });
-            }
-            Err(e) => return Err(io(e)),
+        let Some(mut file) = self.open_journal()? else {
+            return Ok(match seen.journal {
+                None => Follow::Nothing,
+                // Folded into the document, or removed by hand.
+                Some(_) => Follow::Replaced,
+            });
         };
         let meta = file.metadata().map_err(io)?;
         let from = match seen.journal {
@@ -229,9 +225,9 @@ impl FileStore {
     ) -> Result<(T, Seen), StoreError> {
         for _ in 0..8 {
             let document = stamp(&self.path);
-            let (journal, (applied, lines), changes) = match self.read_journal()? {
-                Some((ino, changes, used)) => (Some(ino), used, changes),
-                None => (None, (0, 0), Vec::new()),
+            let (journal, applied, lines, changes) = match self.read_journal()? {
+                Some(j) => (Some(j.ino), j.applied, j.lines, j.changes),
+                None => (None, 0, 0, Vec::new()),
             };
             let out = read(changes)?;
             if stamp(&self.path) == document {
@@ -260,31 +256,37 @@ impl FileStore {
     /// files meanwhile.
     fn read_named(&self, only: Only<'_>) -> Result<StoreData, StoreError> {
         let mut data = super::document::named(&self.path, &read_file(&self.path)?, only)?;
-        if let Some((_, changes, _)) = self.read_journal()? {
-            journal::apply(&mut data, changes);
+        if let Some(j) = self.read_journal()? {
+            journal::apply(&mut data, j.changes);
         }
         Ok(subset(data, only))
     }
 
-    /// The journal's inode, its changes and the bytes and lines they
-    /// span; None if there is no journal.
-    #[allow(clippy::type_complexity)]
-    fn read_journal(&self) -> Result<Option<(u64, Vec<Change>, (u64, u64))>, StoreError> {
+    /// The journal, read whole; None if there is none.
+    fn read_journal(&self) -> Result<Option<JournalRead>, StoreError> {
         let io = |e| StoreError::Io(self.journal.clone(), e);
-        let mut f = match File::open(&self.journal) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(e)),
+        let Some(mut f) = self.open_journal()? else {
+            return Ok(None);
         };
         let ino = f.metadata().map_err(io)?.ino();
         let mut bytes = Vec::new();
         f.read_to_end(&mut bytes).map_err(io)?;
         let (changes, used) = journal::parse(&self.journal, &bytes, 0)?;
-        Ok(Some((
+        Ok(Some(JournalRead {
             ino,
             changes,
-            (used as u64, newlines(&bytes[..used])),
-        )))
+            applied: used as u64,
+            lines: newlines(&bytes[..used]),
+        }))
+    }
+
+    /// The journal file; None if there is none.
+    fn open_journal(&self) -> Result<Option<File>, StoreError> {
+        match File::open(&self.journal) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::Io(self.journal.clone(), e)),
+        }
     }
 
     /// Re-reads the files every `every` until `stop` flips, on a plain thread
@@ -450,6 +452,15 @@ impl FileStore {
         };
         Ok((data, text))
     }
+}
+
+/// What a whole read of the journal found: its inode, its changes, and
+/// the bytes and lines they span.
+struct JournalRead {
+    ino: u64,
+    changes: Vec<Change>,
+    applied: u64,
+    lines: u64,
 }
 
 fn newlines(bytes: &[u8]) -> u64 {
