@@ -63,9 +63,19 @@ fn setup() -> (Gate<MemoryLimiter>, Vec<String>, StoreData) {
     let (data, raw) = store();
     let plans = Plans::parse(&Source::new("plans.yaml".as_ref(), PLANS.into())).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // What the lookup snapshot holds of a key and its customer (issue 16:
+    // a million keys in ≤ 300 MB), printed once.
+    let before = rss();
+    let snapshot = Arc::new(Snapshot::build(&data));
+    let grown = rss().saturating_sub(before);
+    eprintln!(
+        "lookup snapshot, {CUSTOMERS} keys of one customer each: {:.1} MB ({} bytes a key; resident memory grown by building it)",
+        grown as f64 / 1e6,
+        grown / CUSTOMERS as u64
+    );
     let gate = Gate {
         plans: tollgate_core::sync::Shared::new(Arc::new(plans)),
-        keys: Arc::new(StaticKeys(Arc::new(Snapshot::build(&data)))),
+        keys: Arc::new(StaticKeys(snapshot)),
         limiter: Arc::new(MemoryLimiter::new(clock.clone())),
         clock,
         prefix: "tg_live_".into(),

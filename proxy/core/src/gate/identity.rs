@@ -102,16 +102,16 @@ impl<L: Limiter> Gate<L> {
             .unwrap_or(&plans.default_plan);
         match &identity.limits {
             None => Arc::clone(plan),
-            // The customer's own limits: built once per snapshot, and again
+            // The customer's own limits: built once per customer record, and again
             // (uncached) when a reload replaced the plan it was built from.
-            Some(limits) => {
-                let (base, custom) = identity
-                    .custom_plan
-                    .get_or_init(|| (Arc::clone(plan), plan.with_limits(limits.to_vec())));
+            Some(own) => {
+                let (base, custom) = own
+                    .plan
+                    .get_or_init(|| (Arc::clone(plan), plan.with_limits(own.limits.to_vec())));
                 if Arc::ptr_eq(base, plan) {
                     Arc::clone(custom)
                 } else {
-                    plan.with_limits(limits.to_vec())
+                    plan.with_limits(own.limits.to_vec())
                 }
             }
         }

@@ -130,8 +130,8 @@ pub struct StoreData {
     pub webhook_events: BTreeMap<String, u64>,
 }
 
-/// Who a valid key belongs to, resolved when the snapshot is built so a
-/// lookup touches one allocation.
+/// Who a valid key belongs to: the key's id and customer, with that
+/// customer's state, as a lookup found them.
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
     pub key_id: Arc<str>,
@@ -142,10 +142,7 @@ pub struct KeyInfo {
     /// The subscription's state, when billing webhooks drive the plan.
     pub billing: Option<BillingStatus>,
     /// The customer's own limits, replacing its plan's.
-    pub limits: Option<Arc<[crate::plans::Limit]>>,
-    /// Its plan with those limits, built on first use: (the plan it was
-    /// built from, the plan with the customer's limits).
-    pub custom_plan: std::sync::OnceLock<(Arc<crate::plans::Plan>, Arc<crate::plans::Plan>)>,
+    pub limits: Option<Arc<CustomLimits>>,
 }
 
 impl KeyInfo {
@@ -157,9 +154,17 @@ impl KeyInfo {
             suspended: view.suspended,
             billing: view.billing,
             limits: view.limits,
-            custom_plan: std::sync::OnceLock::new(),
         }
     }
+}
+
+/// A customer's own limits, shared by every lookup of its keys, and the
+/// plan they make, built on first use: (the plan it was built from, the
+/// plan with these limits), so a request does not build it again.
+#[derive(Debug, Default)]
+pub struct CustomLimits {
+    pub limits: Box<[crate::plans::Limit]>,
+    pub plan: std::sync::OnceLock<(Arc<crate::plans::Plan>, Arc<crate::plans::Plan>)>,
 }
 
 /// What a successful lookup returns; cheap to clone.

@@ -1,18 +1,27 @@
 //! The lookup snapshot: an immutable, indexed view of the store for the hot
 //! path. Keys and customers sit in [`SHARDS`] shards each, behind their own
 //! `Arc`, so a change to one key or customer ([`Snapshot::with_key`],
-//! [`Snapshot::with_customer`]) copies the shards it touches (1/256 of the
+//! [`Snapshot::with_customer`]) copies the shard it touches (1/256 of the
 //! store) and shares the rest with the snapshot before it, instead of
 //! rebuilding everything: the Redis replica applies each published change
 //! that way, and the file store each line of its journal, in place
 //! ([`Snapshot::set_key`], [`Snapshot::set_customer`]); the file store also
 //! loads its document record by record that way.
+//!
+//! Sized for a million keys: a key is one plain [`Entry`] in its shard's
+//! array (its id inline, its customer's id an `Arc<str>` shared with the
+//! customer's record), found through an index of 16-byte slots;
+//! a customer is its view, in its shard's map. A lookup joins the two into
+//! the [`Identity`] it returns, so a change to a customer touches nothing
+//! but its own record.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
-use super::{admin, CustomerRecord, Identity, KeyInfo, KeyRecord, KeyRejection, StoreData};
+use super::{
+    admin, CustomLimits, CustomerRecord, Identity, KeyInfo, KeyRecord, KeyRejection, StoreData,
+};
 use crate::clock::{parse_rfc3339, Millis};
 use crate::keys::{self, KeyHash};
 
@@ -20,12 +29,61 @@ use crate::keys::{self, KeyHash};
 /// byte, which the in-shard index (the first eight) does not use.
 pub const SHARDS: usize = 256;
 
+/// An [`Entry`]'s expiry when it has none.
+const NEVER: Millis = Millis::MAX;
+
 #[derive(Debug, Clone)]
 struct Entry {
     hash: KeyHash,
-    expires: Option<Millis>,
+    /// [`NEVER`] when the key does not expire.
+    expires: Millis,
     revoked: bool,
-    info: Identity,
+    key_id: KeyId,
+    customer: Arc<str>,
+}
+
+/// A key's id: inline when short (those Tollgate makes are 20 bytes), so
+/// a lookup copies it from the entry it has already read instead of
+/// touching an allocation of its own, and a million keys save a million
+/// allocations.
+#[derive(Debug, Clone)]
+enum KeyId {
+    Inline { len: u8, bytes: [u8; KeyId::INLINE] },
+    Shared(Arc<str>),
+}
+
+impl KeyId {
+    const INLINE: usize = 22;
+
+    fn new(id: &str) -> Self {
+        let mut bytes = [0u8; Self::INLINE];
+        match (bytes.get_mut(..id.len()), u8::try_from(id.len())) {
+            (Some(b), Ok(len)) => {
+                b.copy_from_slice(id.as_bytes());
+                KeyId::Inline { len, bytes }
+            }
+            _ => KeyId::Shared(id.into()),
+        }
+    }
+
+    fn to_arc(&self) -> Arc<str> {
+        match self {
+            KeyId::Inline { len, bytes } => {
+                // Copied whole from a `str`, so always UTF-8.
+                bytes
+                    .get(..usize::from(*len))
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .map_or_else(|| "".into(), Arc::from)
+            }
+            KeyId::Shared(id) => Arc::clone(id),
+        }
+    }
+}
+
+impl Entry {
+    fn expiry(&self) -> Option<Millis> {
+        (self.expires != NEVER).then_some(self.expires)
+    }
 }
 
 /// The first 8 bytes of a SHA-256 are already uniformly distributed: they
@@ -49,12 +107,15 @@ impl std::hash::Hasher for PassThrough {
 
 type PassThroughMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<PassThrough>>;
 
-/// One shard of keys, indexed by the first 8 bytes of the hash; the full
-/// hash is then compared in constant time. Keys sharing those 8 bytes
-/// (never seen in practice) go to `overflow`.
+/// One shard of keys: their entries in one array, indexed by the first 8
+/// bytes of the hash (the index holds positions, not entries, so the
+/// slack of its power-of-two table costs 16 bytes a slot, not an entry);
+/// the full hash is then compared in constant time. Keys sharing those 8
+/// bytes (never seen in practice) go to `overflow`.
 #[derive(Debug, Default, Clone)]
 struct KeyShard {
-    keys: PassThroughMap<Entry>,
+    index: PassThroughMap<u32>,
+    entries: Vec<Entry>,
     overflow: Vec<Entry>,
 }
 
@@ -69,47 +130,59 @@ fn key_shard(hash: &KeyHash) -> usize {
 }
 
 impl KeyShard {
+    fn with_capacity(n: usize) -> Self {
+        KeyShard {
+            index: PassThroughMap::with_capacity_and_hasher(n, Default::default()),
+            entries: Vec::with_capacity(n),
+            overflow: Vec::new(),
+        }
+    }
+
+    /// The position in `entries` of the entry of `hash`, if it is there.
+    fn position(&self, hash: &KeyHash) -> Option<usize> {
+        let i = *self.index.get(&bucket(hash))? as usize;
+        self.entries
+            .get(i)
+            .is_some_and(|e| keys::hashes_equal(&e.hash, hash))
+            .then_some(i)
+    }
+
     fn get(&self, hash: &KeyHash) -> Option<&Entry> {
-        let found = self
-            .keys
-            .get(&bucket(hash))
-            .filter(|e| keys::hashes_equal(&e.hash, hash));
-        if found.is_some() || self.overflow.is_empty() {
-            return found;
+        if let Some(i) = self.position(hash) {
+            return self.entries.get(i);
         }
         self.overflow
             .iter()
             .find(|e| keys::hashes_equal(&e.hash, hash))
     }
 
-    fn get_mut(&mut self, hash: &KeyHash) -> Option<&mut Entry> {
-        let b = bucket(hash);
-        if self.keys.get(&b).is_some_and(|e| e.hash == *hash) {
-            return self.keys.get_mut(&b);
-        }
-        self.overflow.iter_mut().find(|e| e.hash == *hash)
-    }
-
     fn insert(&mut self, entry: Entry) {
-        match self.keys.entry(bucket(&entry.hash)) {
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(entry);
+        let at = u32::try_from(self.entries.len());
+        match (self.index.entry(bucket(&entry.hash)), at) {
+            (std::collections::hash_map::Entry::Vacant(v), Ok(at)) => {
+                v.insert(at);
+                self.entries.push(entry);
             }
-            std::collections::hash_map::Entry::Occupied(_) => self.overflow.push(entry),
+            _ => self.overflow.push(entry),
         }
     }
 
     fn remove(&mut self, hash: &KeyHash) -> Option<Entry> {
-        let b = bucket(hash);
-        if self.keys.get(&b).is_some_and(|e| e.hash == *hash) {
-            return self.keys.remove(&b);
+        if let Some(i) = self.position(hash) {
+            self.index.remove(&bucket(hash));
+            let e = self.entries.swap_remove(i);
+            // The last entry took its place.
+            if let Some(moved) = self.entries.get(i) {
+                self.index.insert(bucket(&moved.hash), i as u32);
+            }
+            return Some(e);
         }
         let i = self.overflow.iter().position(|e| e.hash == *hash)?;
         Some(self.overflow.swap_remove(i))
     }
 
     fn entries(&self) -> impl Iterator<Item = &Entry> {
-        self.keys.values().chain(&self.overflow)
+        self.entries.iter().chain(&self.overflow)
     }
 }
 
@@ -120,35 +193,47 @@ pub struct CustomerView {
     pub plan: Option<Arc<str>>,
     pub suspended: bool,
     pub billing: Option<super::BillingStatus>,
-    pub limits: Option<Arc<[crate::plans::Limit]>>,
+    pub limits: Option<Arc<CustomLimits>>,
 }
 
 impl CustomerView {
-    fn of(c: &CustomerRecord) -> Self {
+    fn of(c: &CustomerRecord, plan_names: &mut Vec<Arc<str>>) -> Self {
         CustomerView {
-            plan: c.plan.as_deref().map(Into::into),
+            plan: c.plan.as_deref().map(|p| intern(plan_names, p)),
             suspended: c.is_suspended(),
             billing: c.billing.as_ref().map(|b| b.status),
             // Stored limits were checked when written; one that no longer
             // parses is left out rather than refusing all.
-            limits: c
-                .limits
-                .as_ref()
-                .map(|l| l.iter().filter_map(|s| s.limit()).collect()),
+            limits: c.limits.as_ref().map(|l| {
+                Arc::new(CustomLimits {
+                    limits: l.iter().filter_map(|s| s.limit()).collect(),
+                    plan: std::sync::OnceLock::new(),
+                })
+            }),
         }
     }
 }
 
-/// A customer: its record as the store has it (None: it has keys but no
-/// record, so the default plan), and its keys, so that a change to the
-/// customer reaches them without a scan of every key.
-#[derive(Debug, Clone, Default)]
-struct Slot {
-    view: Option<CustomerView>,
-    keys: Vec<KeyHash>,
+/// How many plan names a snapshot shares among its customers; past that
+/// (no real store has so many plans), a customer's is its own.
+const PLAN_NAMES: usize = 64;
+
+/// `name` as an `Arc` shared by every customer on that plan: one
+/// allocation, and one cache line a lookup touches, per plan.
+fn intern(names: &mut Vec<Arc<str>>, name: &str) -> Arc<str> {
+    if let Some(n) = names.iter().find(|n| ***n == *name) {
+        return Arc::clone(n);
+    }
+    let n: Arc<str> = name.into();
+    if names.len() < PLAN_NAMES {
+        names.push(Arc::clone(&n));
+    }
+    n
 }
 
-type CustomerShard = HashMap<Arc<str>, Slot>;
+/// The customers with a record in the store. A customer with keys and no
+/// record has the default plan, and is not here.
+type CustomerShard = HashMap<Arc<str>, CustomerView>;
 
 /// An immutable, indexed view of the store for the hot path.
 #[derive(Debug, Clone)]
@@ -158,6 +243,7 @@ pub struct Snapshot {
     /// Picks a customer's shard; kept by every snapshot derived from this
     /// one, so a customer stays in its shard.
     spread: std::collections::hash_map::RandomState,
+    plan_names: Vec<Arc<str>>,
     pub key_count: usize,
 }
 
@@ -167,6 +253,7 @@ impl Default for Snapshot {
             keys: vec![Arc::default(); SHARDS],
             customers: vec![Arc::default(); SHARDS],
             spread: Default::default(),
+            plan_names: Vec::new(),
             key_count: 0,
         }
     }
@@ -176,38 +263,27 @@ impl Snapshot {
     pub fn build(data: &StoreData) -> Self {
         let spread = std::collections::hash_map::RandomState::new();
         let mut customers: Vec<CustomerShard> = vec![HashMap::new(); SHARDS];
+        let mut plan_names = Vec::new();
         for (id, c) in &data.customers {
-            let id: Arc<str> = id.as_str().into();
-            let slot = Slot {
-                view: Some(CustomerView::of(c)),
-                keys: Vec::new(),
-            };
-            customers[customer_shard(&spread, &id)].insert(id, slot);
+            customers[customer_shard(&spread, id)]
+                .insert(id.as_str().into(), CustomerView::of(c, &mut plan_names));
         }
-        let mut shards: Vec<KeyShard> = vec![KeyShard::default(); SHARDS];
         let per_shard = data.keys.len() / SHARDS + data.keys.len() / SHARDS / 8 + 1;
-        for s in &mut shards {
-            s.keys.reserve(per_shard);
-        }
+        let mut shards: Vec<KeyShard> = (0..SHARDS)
+            .map(|_| KeyShard::with_capacity(per_shard))
+            .collect();
         let mut key_count = 0;
         for k in &data.keys {
             let Some(hash) = decode_hash(k) else { continue };
-            let shard = &mut customers[customer_shard(&spread, &k.customer)];
-            let entry = link(shard, k, hash);
+            let entry = entry(&customers[customer_shard(&spread, &k.customer)], k, hash);
             shards[key_shard(&hash)].insert(entry);
             key_count += 1;
-        }
-        // A customer's first key is allocated alone; only customers with
-        // several keys can hold spare room.
-        for shard in &mut customers {
-            for slot in shard.values_mut() {
-                slot.keys.shrink_to_fit();
-            }
         }
         Snapshot {
             keys: shards.into_iter().map(Arc::new).collect(),
             customers: customers.into_iter().map(Arc::new).collect(),
             spread,
+            plan_names,
             key_count,
         }
     }
@@ -224,30 +300,26 @@ impl Snapshot {
     /// earlier change is changed without another copy, so a run of changes
     /// (the file store's journal) copies each shard it touches once.
     pub fn set_key(&mut self, hash: &KeyHash, record: Option<&KeyRecord>) {
+        let new = record.map(|rec| {
+            entry(
+                &self.customers[customer_shard(&self.spread, &rec.customer)],
+                rec,
+                *hash,
+            )
+        });
         let shard = Arc::make_mut(&mut self.keys[key_shard(hash)]);
-        if let Some(old) = shard.remove(hash) {
+        if shard.remove(hash).is_some() {
             self.key_count -= 1;
-            let cs = Arc::make_mut(
-                &mut self.customers[customer_shard(&self.spread, &old.info.customer)],
-            );
-            if let Some(slot) = cs.get_mut(&*old.info.customer) {
-                slot.keys.retain(|h| h != hash);
-                if slot.view.is_none() && slot.keys.is_empty() {
-                    cs.remove(&*old.info.customer);
-                }
-            }
         }
-        if let Some(rec) = record {
-            let cs =
-                Arc::make_mut(&mut self.customers[customer_shard(&self.spread, &rec.customer)]);
-            let entry = link(cs, rec, *hash);
-            Arc::make_mut(&mut self.keys[key_shard(hash)]).insert(entry);
+        if let Some(entry) = new {
+            shard.insert(entry);
             self.key_count += 1;
         }
     }
 
     /// This snapshot with customer `id`'s record as `record` says (None:
-    /// it has none, so the default plan), and its keys following it.
+    /// it has none, so the default plan). Its keys see it on their next
+    /// lookup: nothing of theirs changes.
     pub fn with_customer(&self, id: &str, record: Option<&CustomerRecord>) -> Snapshot {
         let mut next = self.clone();
         next.set_customer(id, record);
@@ -258,24 +330,13 @@ impl Snapshot {
     /// [`set_key`](Self::set_key).
     pub fn set_customer(&mut self, id: &str, record: Option<&CustomerRecord>) {
         let cs = Arc::make_mut(&mut self.customers[customer_shard(&self.spread, id)]);
-        let customer: Arc<str> = match cs.get_key_value(id) {
-            Some((k, _)) => Arc::clone(k),
-            None => id.into(),
-        };
-        let slot = cs.entry(Arc::clone(&customer)).or_default();
-        slot.view = record.map(CustomerView::of);
-        let view = slot.view.clone().unwrap_or_default();
-        let hashes = if slot.view.is_none() && slot.keys.is_empty() {
-            cs.remove(id);
-            Vec::new()
-        } else {
-            slot.keys.clone()
-        };
-        for h in &hashes {
-            let shard = Arc::make_mut(&mut self.keys[key_shard(h)]);
-            if let Some(e) = shard.get_mut(h) {
-                let key_id = Arc::clone(&e.info.key_id);
-                e.info = Arc::new(KeyInfo::new(key_id, Arc::clone(&customer), view.clone()));
+        match (record, cs.get_mut(id)) {
+            (Some(c), Some(view)) => *view = CustomerView::of(c, &mut self.plan_names),
+            (Some(c), None) => {
+                cs.insert(id.into(), CustomerView::of(c, &mut self.plan_names));
+            }
+            (None, _) => {
+                cs.remove(id);
             }
         }
     }
@@ -289,7 +350,7 @@ impl Snapshot {
             .collect();
         for e in self.keys.iter().flat_map(|s| s.entries()) {
             *counts
-                .entry(admin::status_of(e.revoked, e.expires, now))
+                .entry(admin::status_of(e.revoked, e.expiry(), now))
                 .or_default() += 1;
         }
         counts
@@ -297,18 +358,14 @@ impl Snapshot {
 
     /// Every customer the store has a record of.
     pub fn customer_ids(&self) -> impl Iterator<Item = Arc<str>> + '_ {
-        self.customers
-            .iter()
-            .flat_map(|s| s.iter())
-            .filter(|(_, slot)| slot.view.is_some())
-            .map(|(id, _)| Arc::clone(id))
+        self.customers.iter().flat_map(|s| s.keys()).map(Arc::clone)
     }
 
     /// A customer's plan name (None: default), suspension and billing state.
     pub fn customer(&self, id: &str) -> Option<CustomerView> {
         self.customers[customer_shard(&self.spread, id)]
             .get(id)
-            .and_then(|slot| slot.view.clone())
+            .cloned()
     }
 
     /// Whether a key of this hash is in the snapshot (valid or not).
@@ -323,10 +380,15 @@ impl Snapshot {
         if e.revoked {
             return Err(KeyRejection::Revoked);
         }
-        if e.expires.is_some_and(|t| t <= now) {
+        if e.expires <= now {
             return Err(KeyRejection::Expired);
         }
-        Ok(Arc::clone(&e.info))
+        let view = self.customer(&e.customer).unwrap_or_default();
+        Ok(Arc::new(KeyInfo::new(
+            e.key_id.to_arc(),
+            Arc::clone(&e.customer),
+            view,
+        )))
     }
 }
 
@@ -358,28 +420,23 @@ fn decode_hash(k: &KeyRecord) -> Option<KeyHash> {
     Some(hash)
 }
 
-/// The entry of key `k`, resolved against its customer in `shard` (a slot
-/// made for a customer with no record), and noted among that customer's keys.
-fn link(shard: &mut CustomerShard, k: &KeyRecord, hash: KeyHash) -> Entry {
+/// The entry of key `k`; its customer's id shared with the customer's
+/// record in `shard`, when it has one.
+fn entry(shard: &CustomerShard, k: &KeyRecord, hash: KeyHash) -> Entry {
     let customer: Arc<str> = match shard.get_key_value(k.customer.as_str()) {
         Some((c, _)) => Arc::clone(c),
         None => k.customer.as_str().into(),
     };
-    let slot = shard.entry(Arc::clone(&customer)).or_default();
-    if slot.keys.is_empty() {
-        slot.keys.reserve_exact(1);
-    }
-    slot.keys.push(hash);
     Entry {
         hash,
         // An expiry that does not parse fails closed: expired.
-        expires: k.expires.as_deref().map(|e| parse_rfc3339(e).unwrap_or(0)),
+        expires: k
+            .expires
+            .as_deref()
+            .map_or(NEVER, |e| parse_rfc3339(e).unwrap_or(0)),
         revoked: k.revoked.is_some(),
-        info: Arc::new(KeyInfo::new(
-            k.id.as_str().into(),
-            customer,
-            slot.view.clone().unwrap_or_default(),
-        )),
+        key_id: KeyId::new(&k.id),
+        customer,
     }
 }
 
@@ -530,6 +587,31 @@ pub(super) mod tests {
     }
 
     #[test]
+    fn a_key_id_of_any_length_comes_back_as_stored() {
+        let hashes = pool();
+        let ids = [
+            "key_0123456789abcdef".to_string(),
+            "k".repeat(22),
+            "k".repeat(23),
+            "kéy_ünïcode_ідентифікатор".into(),
+        ];
+        let mut data = StoreData::default();
+        for (i, id) in ids.iter().enumerate() {
+            data.keys.push(KeyRecord {
+                id: id.to_string(),
+                ..record(i, &hashes[i + 2], "acme", false, false)
+            });
+        }
+        let snap = Snapshot::build(&data);
+        for (i, id) in ids.iter().enumerate() {
+            let found = snap
+                .lookup(&hashes[i + 2], NOW)
+                .map(|k| k.key_id.to_string());
+            assert_eq!(found.as_deref(), Ok(&**id));
+        }
+    }
+
+    #[test]
     fn a_change_copies_only_the_shards_it_touches() {
         let hashes = pool();
         let data = StoreData {
@@ -551,11 +633,24 @@ pub(super) mod tests {
         assert_eq!(shared(&a, &b), SHARDS - 1, "one key shard copied");
         assert!(b.lookup(&hashes[4], NOW).is_ok());
         assert_eq!(b.lookup(&hashes[0], NOW).err(), Some(KeyRejection::Unknown));
-        let c = b.with_customer("globex", Some(&CustomerRecord::default()));
+        let suspended = CustomerRecord {
+            suspended: true,
+            ..CustomerRecord::default()
+        };
+        let c = b.with_customer("globex", Some(&suspended));
         assert_eq!(
             shared(&b, &c),
-            SHARDS - 1,
-            "the key of the customer's shard copied"
+            SHARDS,
+            "a customer's change copies no key shard"
         );
+        let customers_shared = c
+            .customers
+            .iter()
+            .zip(&b.customers)
+            .filter(|(p, q)| Arc::ptr_eq(p, q))
+            .count();
+        assert_eq!(customers_shared, SHARDS - 1, "and one customer shard");
+        assert!(c.lookup(&hashes[4], NOW).is_ok_and(|i| i.suspended));
+        assert!(b.lookup(&hashes[4], NOW).is_ok_and(|i| !i.suspended));
     }
 }
