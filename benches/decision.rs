@@ -132,6 +132,11 @@ fn decision(c: &mut Criterion) {
             black_box(gate.authenticate_cached(black_box(&raw[i])).is_ok())
         })
     });
+    // One key again and again: a caller whose key and customer stay in
+    // the cache, against the stride above that misses it every time.
+    c.bench_function("part_authenticate_warm", |b| {
+        b.iter(|| black_box(gate.authenticate_cached(black_box(&raw[0])).is_ok()))
+    });
     let (id0, plan0) = gate.authenticate_cached(&raw[0]).unwrap();
     let ids: Vec<_> = raw
         .iter()

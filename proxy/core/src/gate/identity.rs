@@ -70,6 +70,17 @@ impl<L: Limiter> Gate<L> {
             .customer(&v.customer)
             .unwrap_or_default();
         if let Some(p) = v.plan.filter(|p| self.plans.load().get(p).is_some()) {
+            if view.plan.as_deref() != Some(p.as_str()) {
+                // The customer's limits on another plan than its record's:
+                // their own cache of the plan they make, so this token's
+                // plan does not evict the one its keys use.
+                view.limits = view.limits.map(|own| {
+                    Arc::new(crate::store::CustomLimits {
+                        limits: own.limits.clone(),
+                        plan: Default::default(),
+                    })
+                });
+            }
             view.plan = Some(p.into());
         }
         Ok(Arc::new(crate::store::KeyInfo::new(

@@ -491,3 +491,37 @@ routes:
         "given back, released or dropped"
     );
 }
+
+/// A customer's own limits make its plan once: every lookup of its keys
+/// (each a fresh identity) gets that plan, not one built again, and a
+/// change of the customer's record makes a new one.
+#[test]
+fn a_customers_own_plan_is_built_once_for_all_its_lookups() {
+    let s = setup_with(false, None);
+    let own = CustomerRecord {
+        plan: Some("pro".into()),
+        limits: Some(vec![crate::plans::custom::LimitSpec {
+            name: "mine".into(),
+            requests: 7,
+            per: "minute".into(),
+            overage: false,
+            overage_meter: None,
+        }]),
+        ..CustomerRecord::default()
+    };
+    let snap = s.gate.keys.snapshot().with_customer("cus_pro", Some(&own));
+    let hash = keys::hash(&s.pro);
+    let plan_of = |snap: &Snapshot| {
+        let id = snap.lookup(&hash, 0).expect("the pro key");
+        s.gate.plan_of(&id)
+    };
+    let first = plan_of(&snap);
+    assert_eq!(first.limits.len(), 1);
+    assert_eq!(&*first.limits[0].name, "mine");
+    assert!(Arc::ptr_eq(&first, &plan_of(&snap)), "built once");
+    let changed = snap.with_customer("cus_pro", Some(&own));
+    assert!(
+        !Arc::ptr_eq(&first, &plan_of(&changed)),
+        "a new record, a new plan"
+    );
+}

@@ -9,8 +9,9 @@
 //! loads its document record by record that way.
 //!
 //! Sized for a million keys: a key is one plain [`Entry`] in its shard's
-//! array (its id inline, its customer's id an `Arc<str>` shared with the
-//! customer's record), found through an index of 16-byte slots;
+//! array (its id inline; its customer's id an `Arc<str>`, shared with the
+//! customer's record when that was there first), found through an index
+//! of 16-byte slots;
 //! a customer is its view, in its shard's map. A lookup joins the two into
 //! the [`Identity`] it returns, so a change to a customer touches nothing
 //! but its own record.
@@ -20,14 +21,17 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use super::{
-    admin, CustomLimits, CustomerRecord, Identity, KeyInfo, KeyRecord, KeyRejection, StoreData,
+    admin, CustomLimits, CustomerRecord, Identity, KeyId, KeyInfo, KeyRecord, KeyRejection,
+    StoreData,
 };
 use crate::clock::{parse_rfc3339, Millis};
 use crate::keys::{self, KeyHash};
 
 /// Shards of keys, and of customers. A key's shard is its hash's ninth
-/// byte, which the in-shard index (the first eight) does not use.
+/// byte, which the in-shard index (the first eight) does not use; a
+/// customer's the low byte of its id's hash. One byte names either.
 pub const SHARDS: usize = 256;
+const _: () = assert!(SHARDS == 256, "a shard is named by one byte");
 
 /// An [`Entry`]'s expiry when it has none.
 const NEVER: Millis = Millis::MAX;
@@ -38,46 +42,11 @@ struct Entry {
     /// [`NEVER`] when the key does not expire.
     expires: Millis,
     revoked: bool,
+    /// Its customer's shard (in what would be padding), so a lookup
+    /// hashes the customer's id once, in that shard's map.
+    customer_shard: u8,
     key_id: KeyId,
     customer: Arc<str>,
-}
-
-/// A key's id: inline when short (those Tollgate makes are 20 bytes), so
-/// a lookup copies it from the entry it has already read instead of
-/// touching an allocation of its own, and a million keys save a million
-/// allocations.
-#[derive(Debug, Clone)]
-enum KeyId {
-    Inline { len: u8, bytes: [u8; KeyId::INLINE] },
-    Shared(Arc<str>),
-}
-
-impl KeyId {
-    const INLINE: usize = 22;
-
-    fn new(id: &str) -> Self {
-        let mut bytes = [0u8; Self::INLINE];
-        match (bytes.get_mut(..id.len()), u8::try_from(id.len())) {
-            (Some(b), Ok(len)) => {
-                b.copy_from_slice(id.as_bytes());
-                KeyId::Inline { len, bytes }
-            }
-            _ => KeyId::Shared(id.into()),
-        }
-    }
-
-    fn to_arc(&self) -> Arc<str> {
-        match self {
-            KeyId::Inline { len, bytes } => {
-                // Copied whole from a `str`, so always UTF-8.
-                bytes
-                    .get(..usize::from(*len))
-                    .and_then(|b| std::str::from_utf8(b).ok())
-                    .map_or_else(|| "".into(), Arc::from)
-            }
-            KeyId::Shared(id) => Arc::clone(id),
-        }
-    }
 }
 
 impl Entry {
@@ -161,6 +130,13 @@ impl KeyShard {
         match (self.index.entry(bucket(&entry.hash)), at) {
             (std::collections::hash_map::Entry::Vacant(v), Ok(at)) => {
                 v.insert(at);
+                // A shard copied for a change has no spare room, and a
+                // push would double it: past a thousand entries, grow by
+                // an eighth instead (still amortised O(1) a key).
+                let len = self.entries.len();
+                if len == self.entries.capacity() && len >= 1024 {
+                    self.entries.reserve_exact(len / 8);
+                }
                 self.entries.push(entry);
             }
             _ => self.overflow.push(entry),
@@ -215,7 +191,9 @@ impl CustomerView {
 }
 
 /// How many plan names a snapshot shares among its customers; past that
-/// (no real store has so many plans), a customer's is its own.
+/// (no real store has so many plans), a customer's is its own. Names are
+/// kept for the life of the snapshot and those derived from it, the
+/// snapshot a process builds at start or on a full reload.
 const PLAN_NAMES: usize = 64;
 
 /// `name` as an `Arc` shared by every customer on that plan: one
@@ -265,7 +243,7 @@ impl Snapshot {
         let mut customers: Vec<CustomerShard> = vec![HashMap::new(); SHARDS];
         let mut plan_names = Vec::new();
         for (id, c) in &data.customers {
-            customers[customer_shard(&spread, id)]
+            customers[usize::from(customer_shard(&spread, id))]
                 .insert(id.as_str().into(), CustomerView::of(c, &mut plan_names));
         }
         let per_shard = data.keys.len() / SHARDS + data.keys.len() / SHARDS / 8 + 1;
@@ -275,7 +253,8 @@ impl Snapshot {
         let mut key_count = 0;
         for k in &data.keys {
             let Some(hash) = decode_hash(k) else { continue };
-            let entry = entry(&customers[customer_shard(&spread, &k.customer)], k, hash);
+            let cs = customer_shard(&spread, &k.customer);
+            let entry = entry(&customers, cs, k, hash);
             shards[key_shard(&hash)].insert(entry);
             key_count += 1;
         }
@@ -301,11 +280,8 @@ impl Snapshot {
     /// (the file store's journal) copies each shard it touches once.
     pub fn set_key(&mut self, hash: &KeyHash, record: Option<&KeyRecord>) {
         let new = record.map(|rec| {
-            entry(
-                &self.customers[customer_shard(&self.spread, &rec.customer)],
-                rec,
-                *hash,
-            )
+            let cs = customer_shard(&self.spread, &rec.customer);
+            entry(&self.customers, cs, rec, *hash)
         });
         let shard = Arc::make_mut(&mut self.keys[key_shard(hash)]);
         if shard.remove(hash).is_some() {
@@ -329,7 +305,7 @@ impl Snapshot {
     /// [`with_customer`](Self::with_customer) in place, as
     /// [`set_key`](Self::set_key).
     pub fn set_customer(&mut self, id: &str, record: Option<&CustomerRecord>) {
-        let cs = Arc::make_mut(&mut self.customers[customer_shard(&self.spread, id)]);
+        let cs = Arc::make_mut(&mut self.customers[usize::from(customer_shard(&self.spread, id))]);
         match (record, cs.get_mut(id)) {
             (Some(c), Some(view)) => *view = CustomerView::of(c, &mut self.plan_names),
             (Some(c), None) => {
@@ -363,7 +339,7 @@ impl Snapshot {
 
     /// A customer's plan name (None: default), suspension and billing state.
     pub fn customer(&self, id: &str) -> Option<CustomerView> {
-        self.customers[customer_shard(&self.spread, id)]
+        self.customers[usize::from(customer_shard(&self.spread, id))]
             .get(id)
             .cloned()
     }
@@ -383,9 +359,12 @@ impl Snapshot {
         if e.expires <= now {
             return Err(KeyRejection::Expired);
         }
-        let view = self.customer(&e.customer).unwrap_or_default();
+        let view = self.customers[usize::from(e.customer_shard)]
+            .get(&*e.customer)
+            .cloned()
+            .unwrap_or_default();
         Ok(Arc::new(KeyInfo::new(
-            e.key_id.to_arc(),
+            e.key_id.clone(),
             Arc::clone(&e.customer),
             view,
         )))
@@ -404,8 +383,9 @@ impl Snapshot {
     }
 }
 
-fn customer_shard(spread: &std::collections::hash_map::RandomState, id: &str) -> usize {
-    (spread.hash_one(id) % SHARDS as u64) as usize
+fn customer_shard(spread: &std::collections::hash_map::RandomState, id: &str) -> u8 {
+    // SHARDS is 256: the low byte.
+    spread.hash_one(id) as u8
 }
 
 fn decode_hash(k: &KeyRecord) -> Option<KeyHash> {
@@ -422,8 +402,16 @@ fn decode_hash(k: &KeyRecord) -> Option<KeyHash> {
 
 /// The entry of key `k`; its customer's id shared with the customer's
 /// record in `shard`, when it has one.
-fn entry(shard: &CustomerShard, k: &KeyRecord, hash: KeyHash) -> Entry {
-    let customer: Arc<str> = match shard.get_key_value(k.customer.as_str()) {
+fn entry<S: std::borrow::Borrow<CustomerShard>>(
+    customers: &[S],
+    shard: u8,
+    k: &KeyRecord,
+    hash: KeyHash,
+) -> Entry {
+    let found = customers
+        .get(usize::from(shard))
+        .and_then(|s| s.borrow().get_key_value(k.customer.as_str()));
+    let customer: Arc<str> = match found {
         Some((c, _)) => Arc::clone(c),
         None => k.customer.as_str().into(),
     };
@@ -435,6 +423,7 @@ fn entry(shard: &CustomerShard, k: &KeyRecord, hash: KeyHash) -> Entry {
             .as_deref()
             .map_or(NEVER, |e| parse_rfc3339(e).unwrap_or(0)),
         revoked: k.revoked.is_some(),
+        customer_shard: shard,
         key_id: KeyId::new(&k.id),
         customer,
     }
