@@ -269,7 +269,9 @@ pub trait KeyStore: Send + Sync {
 /// them, customers in any order.
 pub trait Inspect {
     fn customer(&mut self, id: &str, c: &CustomerRecord);
-    fn key(&mut self, k: &KeyRecord);
+    /// A key, and what its loader found of its hash (which it decodes and
+    /// indexes anyway, so an inspector keeps no set of every hash).
+    fn key(&mut self, k: &KeyRecord, hash: HashSeen);
     /// The store changed while it was read, and is read again from the
     /// start: forget what was shown.
     fn restart(&mut self) {}
@@ -278,7 +280,18 @@ pub trait Inspect {
 /// Looks at nothing.
 impl Inspect for () {
     fn customer(&mut self, _: &str, _: &CustomerRecord) {}
-    fn key(&mut self, _: &KeyRecord) {}
+    fn key(&mut self, _: &KeyRecord, _: HashSeen) {}
+}
+
+/// A key record's hash, as a load of the store found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HashSeen {
+    /// Not 64 hex digits: the key cannot be used.
+    Malformed,
+    /// The first record of this hash: the one in force.
+    First,
+    /// The hash of an earlier record (a hand edit): ignored.
+    Repeated,
 }
 
 /// A fixed snapshot: for benchmarks and embedding.

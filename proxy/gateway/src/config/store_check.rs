@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use tollgate_core::store::{CustomerRecord, Inspect, KeyRecord, StoreData};
+use tollgate_core::store::{CustomerRecord, HashSeen, Inspect, KeyRecord, StoreData};
 
 use super::{Config, StoreKind};
 
@@ -35,8 +35,18 @@ pub fn problems(
     for (id, c) in &data.customers {
         check.customer(id, c);
     }
+    // What a load finds of each hash, as `FileStore`'s loader tells `run`.
+    let mut hashes = HashSet::new();
     for k in &data.keys {
-        check.key(k);
+        let mut hash = [0u8; 32];
+        let seen = if hex::decode_to_slice(&k.hash, &mut hash).is_err() {
+            HashSeen::Malformed
+        } else if hashes.insert(hash) {
+            HashSeen::First
+        } else {
+            HashSeen::Repeated
+        };
+        check.key(k, seen);
     }
     check.errors()
 }
@@ -53,9 +63,8 @@ pub struct Checker<'a, L> {
     /// customers came; each as (the text to locate, the message).
     customers: BTreeMap<String, (String, String)>,
     keys: Vec<(String, String)>,
-    /// The well-formed key ids and hashes seen.
+    /// The well-formed key ids seen.
     ids: HashSet<[u8; 20]>,
-    hashes: HashSet<[u8; 32]>,
 }
 
 impl<'a, L: Fn(&str) -> Option<String>> Checker<'a, L> {
@@ -67,7 +76,6 @@ impl<'a, L: Fn(&str) -> Option<String>> Checker<'a, L> {
             customers: BTreeMap::new(),
             keys: Vec::new(),
             ids: HashSet::new(),
-            hashes: HashSet::new(),
         }
     }
 
@@ -101,7 +109,7 @@ impl<L: Fn(&str) -> Option<String>> Inspect for Checker<'_, L> {
         }
     }
 
-    fn key(&mut self, k: &KeyRecord) {
+    fn key(&mut self, k: &KeyRecord, hash: HashSeen) {
         let needle = || format!("\"{}\"", k.id);
         let fresh = <[u8; 20]>::try_from(k.id.as_bytes())
             .is_ok_and(|id| tollgate_core::keys::valid_key_id(&k.id) && self.ids.insert(id));
@@ -109,13 +117,16 @@ impl<L: Fn(&str) -> Option<String>> Inspect for Checker<'_, L> {
             let e = format!("error: key id `{}` is malformed or duplicated", k.id);
             self.keys.push((needle(), e));
         }
-        let mut hash = [0u8; 32];
-        if hex::decode_to_slice(&k.hash, &mut hash).is_err() {
-            let e = format!("error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", k.id);
-            self.keys.push((needle(), e));
-        } else if !self.hashes.insert(hash) {
-            let e = format!("error: key {} has the hash of an earlier key: one key, two records\n  hint: the earlier record is the one in force; remove this one", k.id);
-            self.keys.push((needle(), e));
+        match hash {
+            HashSeen::First => {}
+            HashSeen::Malformed => {
+                let e = format!("error: key {} has a malformed hash\n  hint: the key cannot be used; revoke it and create a new one", k.id);
+                self.keys.push((needle(), e));
+            }
+            HashSeen::Repeated => {
+                let e = format!("error: key {} has the hash of an earlier key: one key, two records\n  hint: the earlier record is the one in force; remove this one", k.id);
+                self.keys.push((needle(), e));
+            }
         }
         for (field, value) in [
             ("created", Some(&k.created)),
@@ -138,7 +149,6 @@ impl<L: Fn(&str) -> Option<String>> Inspect for Checker<'_, L> {
         self.customers.clear();
         self.keys.clear();
         self.ids.clear();
-        self.hashes.clear();
     }
 }
 

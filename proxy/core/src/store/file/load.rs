@@ -4,7 +4,7 @@
 //! write of it, then the records only the journal holds.
 
 use super::super::journal::{self, Folded};
-use super::super::{CustomerRecord, Inspect, KeyRecord, Snapshot};
+use super::super::{CustomerRecord, HashSeen, Inspect, KeyRecord, Snapshot};
 
 /// The records of a load on their way into the snapshot.
 pub(super) struct Loader<'a> {
@@ -15,21 +15,27 @@ pub(super) struct Loader<'a> {
 
 impl Loader<'_> {
     fn put_key(&mut self, k: &KeyRecord) {
-        self.inspect.key(k);
         match journal::decode(&k.hash) {
             // A second record of one hash is not the key's (the first is,
             // as `Snapshot::build` has it; `check` reports the second).
             Some(hash) if self.snap.holds(&hash) => {
+                self.inspect.key(k, HashSeen::Repeated);
                 log::warn!(
                     "key store: key {} repeats the hash of an earlier key and is ignored",
                     k.id
                 );
             }
-            Some(hash) => self.snap.set_key(&hash, Some(k)),
-            None => log::warn!(
-                "key store: key {} has a malformed hash and is ignored",
-                k.id
-            ),
+            Some(hash) => {
+                self.inspect.key(k, HashSeen::First);
+                self.snap.set_key(&hash, Some(k));
+            }
+            None => {
+                self.inspect.key(k, HashSeen::Malformed);
+                log::warn!(
+                    "key store: key {} has a malformed hash and is ignored",
+                    k.id
+                );
+            }
         }
     }
 

@@ -5,7 +5,7 @@ use crate::clock::Millis;
 use crate::clock::HOUR;
 use crate::keys;
 use crate::store::admin::*;
-use crate::store::{CustomerRecord, KeyRecord, KeyRejection, KeyStore};
+use crate::store::{CustomerRecord, HashSeen, KeyRecord, KeyRejection, KeyStore};
 
 const NOW: Millis = 1_800_000_000_000;
 
@@ -409,7 +409,8 @@ fn a_load_shows_each_record_once_as_the_store_holds_it() {
         fn customer(&mut self, id: &str, c: &CustomerRecord) {
             self.0.push(format!("{id} {:?}", c.plan));
         }
-        fn key(&mut self, k: &KeyRecord) {
+        fn key(&mut self, k: &KeyRecord, hash: HashSeen) {
+            assert_eq!(hash, HashSeen::First);
             self.0.push(format!("{} {}", k.id, k.revoked.is_some()));
         }
     }
