@@ -254,7 +254,7 @@ impl Snapshot {
         for k in &data.keys {
             let Some(hash) = decode_hash(k) else { continue };
             let cs = customer_shard(&spread, &k.customer);
-            let entry = entry(&customers, cs, k, hash);
+            let entry = entry(&customers[usize::from(cs)], cs, k, hash);
             shards[key_shard(&hash)].insert(entry);
             key_count += 1;
         }
@@ -281,7 +281,7 @@ impl Snapshot {
     pub fn set_key(&mut self, hash: &KeyHash, record: Option<&KeyRecord>) {
         let new = record.map(|rec| {
             let cs = customer_shard(&self.spread, &rec.customer);
-            entry(&self.customers, cs, rec, *hash)
+            entry(&self.customers[usize::from(cs)], cs, rec, *hash)
         });
         let shard = Arc::make_mut(&mut self.keys[key_shard(hash)]);
         if shard.remove(hash).is_some() {
@@ -400,18 +400,11 @@ fn decode_hash(k: &KeyRecord) -> Option<KeyHash> {
     Some(hash)
 }
 
-/// The entry of key `k`; its customer's id shared with the customer's
-/// record in `shard`, when it has one.
-fn entry<S: std::borrow::Borrow<CustomerShard>>(
-    customers: &[S],
-    shard: u8,
-    k: &KeyRecord,
-    hash: KeyHash,
-) -> Entry {
-    let found = customers
-        .get(usize::from(shard))
-        .and_then(|s| s.borrow().get_key_value(k.customer.as_str()));
-    let customer: Arc<str> = match found {
+/// The entry of key `k`, whose customer is in shard `shard`
+/// (`customers`); its customer's id shared with the customer's record
+/// there, when it has one.
+fn entry(customers: &CustomerShard, shard: u8, k: &KeyRecord, hash: KeyHash) -> Entry {
+    let customer: Arc<str> = match customers.get_key_value(k.customer.as_str()) {
         Some((c, _)) => Arc::clone(c),
         None => k.customer.as_str().into(),
     };
